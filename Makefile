@@ -1,0 +1,53 @@
+# The two commands of the README, and the chores that keep the notebooks, the package and the docs in step.
+# `make demo`: set up and run the main job. `make test`: set up and run every test.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is the CPU build pinned here; it is installed first so no dependency can pull a CUDA build.
+TORCH ?= torch==2.13.0
+NB_TEXT := nbs/text
+
+.PHONY: demo test venv venv-dev browser sync check-sync test-oldjax
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+venv-dev: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip check
+
+demo: venv
+	$(BIN)/fsdit demo --out demo
+
+# Headless Chromium for the explorer's browser test (Debian's package; needs root, as on CI).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
+
+test: venv-dev browser
+	$(BIN)/python -m pytest -q tests
+	PATH="$(BIN):$$PATH" $(BIN)/nbdev_test --n_workers 2 --timing
+
+# The notebooks are the source: export the package, clean the notebooks, write their text forms and README.md.
+sync:
+	PATH="$(BIN):$$PATH" $(BIN)/nbdev_export
+	PATH="$(BIN):$$PATH" $(BIN)/nbdev_clean
+	$(BIN)/python tools/text_forms.py write
+
+check-sync:
+	$(BIN)/python tools/text_forms.py check
+
+# The model, sampler and trainer tests again, with the oldest JAX/Flax the package claims (Kaggle's TPU image).
+OLD_VENV := .venv-oldjax
+test-oldjax:
+	[ -x $(OLD_VENV)/bin/python ] || $(PY) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/pip install -q --upgrade pip
+	$(OLD_VENV)/bin/pip install -q "$(TORCH)"
+	$(OLD_VENV)/bin/pip install -q "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0" -e ".[dev]"
+	$(OLD_VENV)/bin/pip check
+	$(OLD_VENV)/bin/python -m pytest -q -m oldjax tests
