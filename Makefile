@@ -30,7 +30,7 @@ browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
 test: venv-dev browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 	PATH="$(BIN):$$PATH" $(BIN)/nbdev_test --n_workers 2 --timing
 
 # The notebooks are the source: export the package, clean the notebooks, write their text forms and README.md.

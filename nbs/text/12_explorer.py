@@ -1,0 +1,392 @@
+# %% [markdown]
+# # Explorer
+#
+# > An ipywidgets explorer of a trained run: pick a run, a split and a class, draw a support set (or pick the images), generate with a CFG slider — CFG 0 beside the chosen scale — and look at the run's t-bin losses and attention entropy.
+#
+# The widget is a thin shell: every action is a plain method (`load`, `set_split`, `set_class`,
+# `draw_supports`, `pick`, `generate`, `metrics_view`) that the buttons and dropdowns call, so tests drive
+# it without a browser and read what it shows. Samples come from the same functions as `fsdit sample`
+# (the EMA weights, the compiled sampler); supports come from the run's feature store, so the condition is
+# exactly the one the model was trained on.
+
+# %%
+#| default_exp explorer
+
+# %%
+#| export
+from __future__ import annotations
+import io, json, os, re, time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import ipywidgets as W
+
+# %%
+import tempfile
+from fastcore.test import test_eq, test_fail, test_ne
+
+# %% [markdown]
+# ## Runs and their stores
+#
+# A run is a folder with `config.json` and `checkpoints/` (what `fsdit train --out RUN` writes). Its
+# feature store is the one its `config.json` names, else a `feats` folder beside it (the demo's layout),
+# else the one passed in.
+
+# %%
+#| export
+def is_run(path) -> bool:
+    "Whether `path` is a run directory of `fsdit train`."
+    p = Path(path)
+    return (p / 'config.json').is_file() and (p / 'checkpoints').is_dir()
+
+
+def find_runs(root) -> list[Path]:
+    "`root` itself if it is a run, else the runs up to two levels below it, sorted."
+    root = Path(root)
+    if is_run(root): return [root]
+    return sorted(p for p in list(root.glob('*')) + list(root.glob('*/*')) if is_run(p))
+
+
+def find_store(run_dir, config: dict | None = None) -> Path | None:
+    "The feature store of a run: named in its config, or `feats` beside the run."
+    config = config if config is not None else json.loads((Path(run_dir) / 'config.json').read_text())
+    for cand in (config.get('feats'), Path(run_dir).parent / 'feats'):
+        if cand and (Path(cand) / 'metadata.json').exists(): return Path(cand)
+    return None
+
+# %% [markdown]
+# ## What the explorer needs from a run
+#
+# `RunView` holds the loaded run (EMA parameters), its store and its codecs. Images of the store are
+# shown as the model sees them: the posterior means decoded (in pixel space, the images themselves).
+# `generate` uses the store's support embeddings and latents, tiled over the `n` episodes, through
+# `fsdit.sample.generate`, and decodes.
+
+# %%
+#| export
+class RunView:
+    "A run, its feature store and codecs: classes, images and samples for the explorer."
+    def __init__(self, run_dir, feats=None):
+        from fsdit.sample import load_run, run_codecs
+        from fsdit.features import open_store
+        self.run = load_run(run_dir)
+        feats = feats or find_store(run_dir, self.run.config)
+        if feats is None: raise ValueError(f"no feature store found for {run_dir}: pass feats=")
+        self.store = open_store(feats)
+        self.codecs = run_codecs(self.run, self.store.path)
+        self._paths = np.asarray(self.store.index['path'])
+
+    @property
+    def splits(self) -> list[str]: return [s for s in ('train', 'val', 'test') if len(self.store.rows(s))]
+
+    def classes(self, split: str) -> list[str]: return self.store.classes(split)
+
+    def rows(self, split: str, cls: str) -> np.ndarray:
+        "Store rows of the images of class `cls` in `split`."
+        return self.store.class_rows(split)[self.classes(split).index(cls)]
+
+    def names(self, rows) -> list[str]: return [Path(p).name for p in self._paths[np.asarray(rows)]]
+
+    def images(self, rows) -> np.ndarray:
+        "uint8 (K, H, W, 3) images of store rows, as the model sees them."
+        from fsdit.train import to_uint8
+        lat = np.asarray(self.store.moments[np.asarray(rows), 0, 0], np.float32)
+        return to_uint8(np.asarray(self.codecs.decode(lat), np.float32))
+
+    def generate(self, rows, n: int, cfg_scale: float, steps: int, seed: int) -> np.ndarray:
+        "uint8 (n, H, W, 3): `n` samples conditioned on the supports at store `rows`."
+        from fsdit.sample import generate
+        from fsdit.train import to_uint8
+        rows = np.asarray(rows)
+        tile = lambda a: np.repeat(np.asarray(a, np.float32)[None], n, 0)
+        z = generate(self.run.params, self.run.mc, tile(self.store.embeds[rows]), tile(self.store.moments[rows, 0, 0]),
+                     latent_scale=self.run.latent_scale, seed=seed, steps=steps, cfg_scale=cfg_scale)
+        return to_uint8(np.asarray(self.codecs.decode(z), np.float32))
+
+    def metrics(self) -> list[dict]:
+        "The run's logged records (RUN/metrics.jsonl)."
+        p = self.run.path / 'metrics.jsonl'
+        return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+
+# %% [markdown]
+# ## The run's training curves
+#
+# From `metrics.jsonl`: the loss per t-bin (10 bins of $t \in [0, 1]$, 0 = noise, 1 = data) of the last
+# record that has them, for the training interval and the validation episodes (live and EMA weights;
+# empty bins are `null` and stay gaps), and the attention entropy of the early, middle and late layers
+# over the steps.
+
+# %%
+#| export
+def metrics_view(records: list[dict]) -> dict:
+    "{'step', 't_bins': {prefix: [10 values]}, 'entropy': {layer: ([steps], [values])}} from metrics records."
+    tb, ent, step = {}, {}, None
+    for r in records:
+        bins = {}
+        for k, v in r.items():
+            m = re.fullmatch(r'(.+)/loss_tbin_(\d+)', k)
+            if m: bins.setdefault(m[1], {})[int(m[2])] = np.nan if v is None else float(v)
+        if bins: tb, step = {p: [b[i] for i in sorted(b)] for p, b in bins.items()}, r['step']
+        for k, v in r.items():
+            m = re.fullmatch(r'attn/entropy_(early|mid|late)', k)
+            if m and v is not None: ent.setdefault(m[1], ([], [])); ent[m[1]][0].append(r['step']); ent[m[1]][1].append(float(v))
+    return {'step': step, 't_bins': tb, 'entropy': ent}
+
+
+def metrics_png(view: dict) -> bytes:
+    "A two-panel PNG: t-bin losses, attention entropy over steps."
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 2.8))
+    for p, v in view['t_bins'].items(): a.plot((np.arange(len(v)) + 0.5) / len(v), v, 'o-', ms=3, label=p)
+    a.set(xlabel='t (0 noise, 1 data)', ylabel='loss', title=f"loss per t-bin (step {view['step']})"); a.legend(fontsize=7)
+    for name, (s, v) in view['entropy'].items(): b.plot(s, v, '.-', label=name)
+    b.set(xlabel='step', ylabel='nats', title='attention entropy'); b.legend(fontsize=7)
+    fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=80); plt.close(fig)
+    return buf.getvalue()
+
+# %%
+recs = [{'step': 5, 'train/loss_tbin_0': 1.0, 'train/loss_tbin_1': None, 'attn/entropy_late': 2.0},
+        {'step': 10, 'val/loss_tbin_1': 0.5, 'val/loss_tbin_0': 0.7, 'attn/entropy_late': 1.5, 'attn/entropy_early': 3.0}]
+v = metrics_view(recs)
+test_eq((v['step'], v['t_bins'], v['entropy']['late']), (10, {'val': [0.7, 0.5]}, ([5, 10], [2.0, 1.5])))
+assert metrics_view(recs[:1])['t_bins']['train'][0] == 1.0 and np.isnan(metrics_view(recs[:1])['t_bins']['train'][1])
+assert metrics_png(v)[:4] == b'\x89PNG'
+
+# %% [markdown]
+# ## The widget
+#
+# Small images are enlarged with nearest-neighbour so that pixels stay pixels. Every image carries a CSS
+# class (`fsdit-support`, `fsdit-sample`) and the status line `fsdit-status`, which the browser test
+# looks for.
+
+# %%
+#| export
+def png(image: np.ndarray, min_side: int = 72) -> bytes:
+    "PNG bytes of a uint8 image (H, W, 3), enlarged (nearest) to at least `min_side` pixels."
+    from PIL import Image
+    im = Image.fromarray(np.asarray(image, np.uint8))
+    k = max(1, -(-min_side // min(im.size)))
+    buf = io.BytesIO(); im.resize((im.width * k, im.height * k), Image.NEAREST).save(buf, 'png')
+    return buf.getvalue()
+
+
+def _image_row(images, css: str) -> list:
+    "Image widgets with the CSS class `css` (no tooltips: an Image with a tooltip does not render in Voilà 0.5)."
+    out = []
+    for im in images:
+        w = W.Image(value=png(im), format='png'); w.add_class(css); out.append(w)
+    return out
+
+# %% [markdown]
+# The actions. Loading a run sets the controls to its training settings (shots, CFG scale, sampler
+# steps) and starts on the held-out split when it has one; changing the split or the class draws a fresh
+# support set.
+#
+# `generate` draws `n` samples from the support set at CFG 0 (the unconditional model) and at the chosen
+# scale, from the same noise, and shows the two rows one above the other.
+
+# %%
+#| export
+class Explorer:
+    "Browse a run's classes and support sets and generate with CFG; every control calls a plain method."
+    def __init__(self, root, feats=None, split: str | None = None, n: int = 6, cfg_scale: float | None = None,
+                 steps: int | None = None, seed: int = 0):
+        self.feats, self.view, self.supports, self.last = feats, None, np.zeros(0, int), {}
+        self._draws, self._busy = 0, False
+        runs = find_runs(root)
+        if not runs: raise ValueError(f"no run directory (config.json + checkpoints/) at or below {root}")
+        self.run_w = W.Dropdown(options=[(str(p), str(p)) for p in runs], description='run', layout=W.Layout(width='60%'))
+        self.split_w, self.class_w = W.Dropdown(description='split'), W.Dropdown(description='class')
+        self.pick_w = W.SelectMultiple(description='images', rows=6)
+        self.draw_w = W.Button(description='Draw supports', icon='random')
+        self.cfg_w = W.FloatSlider(value=3.0, min=0.0, max=10.0, step=0.5, description='CFG scale')
+        self.steps_w = W.IntSlider(value=50, min=1, max=200, description='steps')
+        self.seed_w = W.IntText(value=seed, description='seed')
+        self.n_w = W.IntSlider(value=n, min=1, max=16, description='samples')
+        self.gen_w = W.Button(description='Generate', button_style='primary', icon='play')
+        self.status = W.HTML(); self.status.add_class('fsdit-status')
+        self.support_box, self.sample_box, self.metrics_w = W.HBox(), W.VBox(), W.Image(format='png')
+        self._wire()
+        self.load(runs[0], split, cfg_scale, steps)
+
+    def _wire(self):
+        guard = lambda f: (lambda ch: None if self._busy else self._safe(f, ch['new']))
+        self.run_w.observe(guard(self.load), 'value')
+        self.split_w.observe(guard(self.set_split), 'value')
+        self.class_w.observe(guard(self.set_class), 'value')
+        self.pick_w.observe(guard(lambda names: self.pick(names) if names else None), 'value')
+        self.draw_w.on_click(lambda _: self._safe(self.draw_supports))
+        self.gen_w.on_click(lambda _: self._safe(self.generate))
+
+    def _safe(self, f, *a):
+        "Run a control's action; show an error in the status line instead of losing it in a callback."
+        try: return f(*a)
+        except Exception as e: self._say(f"<b style='color:#b00'>{type(e).__name__}: {e}</b>")
+
+    def _say(self, html: str): self.status.value = html
+
+    def _set(self, widget, **kw):
+        "Change a control without triggering its action."
+        self._busy = True
+        try:
+            for k, v in kw.items(): setattr(widget, k, v)
+        finally: self._busy = False
+
+    def load(self, run_dir, split: str | None = None, cfg_scale: float | None = None, steps: int | None = None):
+        "Load the run at `run_dir` and show its first class of `split` (default: test, else the first split)."
+        self.view = RunView(run_dir, self.feats)
+        tc = self.view.run.tc
+        self._set(self.run_w, value=str(run_dir))
+        self._set(self.cfg_w, value=cfg_scale if cfg_scale is not None else tc.cfg_scale)
+        self._set(self.steps_w, value=steps or tc.sample_steps)
+        self.metrics_w.value = metrics_png(self.metrics_view())
+        splits = self.view.splits
+        self._set(self.split_w, options=splits, value=None)
+        self.set_split(split or ('test' if 'test' in splits else splits[0]))
+
+    def set_split(self, split: str):
+        "Show the classes of `split` and select the first."
+        if split not in self.view.splits: raise ValueError(f"split {split!r} not in this run's store: {self.view.splits}")
+        classes = self.view.classes(split)
+        self._set(self.split_w, value=split)
+        self._set(self.class_w, options=classes, value=None)
+        self.set_class(classes[0])
+
+    def set_class(self, cls: str):
+        "Show the images of class `cls` of the current split and draw a support set."
+        rows = self.view.rows(self.split_w.value, cls)
+        self._set(self.class_w, value=cls)
+        self._set(self.pick_w, options=list(zip(self.view.names(rows), rows.tolist())), value=())
+        self.draw_supports()
+
+    @property
+    def shots(self) -> int: return self.view.run.tc.shots
+
+    def draw_supports(self, seed: int | None = None) -> np.ndarray:
+        "Draw `shots` random images of the current class as the support set (seeded by the seed box and draw count)."
+        rows = np.asarray([r for _, r in self.pick_w.options])
+        if seed is None: seed, self._draws = self.seed_w.value * 10_007 + self._draws, self._draws + 1
+        k = min(self.shots, len(rows))
+        return self.set_supports(np.sort(np.random.default_rng(seed).choice(rows, k, replace=False)))
+
+    def pick(self, names: Sequence) -> np.ndarray:
+        "Use the images named `names` (file names or store rows of the current class) as the support set."
+        by_name = dict(self.pick_w.options)
+        rows = [by_name.get(x, -1) if isinstance(x, str) else int(x) for x in names]
+        if not rows or any(r not in by_name.values() for r in rows):
+            raise ValueError(f"pick needs images of class {self.class_w.value!r}; got {list(names)}")
+        return self.set_supports(np.asarray(rows))
+
+    def set_supports(self, rows) -> np.ndarray:
+        "Show the support set (store rows) as thumbnails; the last samples no longer apply."
+        self.supports, self.last = np.asarray(rows), {}
+        self.support_box.children = _image_row(self.view.images(self.supports), 'fsdit-support')
+        self.sample_box.children = ()
+        self._say(f"{len(self.supports)} supports of <b>{self.class_w.value}</b> ({self.split_w.value}); press Generate")
+        return self.supports
+
+    def generate(self) -> dict:
+        "Samples {0.0: (n, H, W, 3) uint8, cfg: ...} of the support set, shown as two rows."
+        if not len(self.supports): raise ValueError('no support set: draw or pick one first')
+        self._say('generating...'); t0 = time.time()
+        scales = sorted({0.0, float(self.cfg_w.value)})
+        kw = dict(n=self.n_w.value, steps=self.steps_w.value, seed=self.seed_w.value)
+        self.last = {s: self.view.generate(self.supports, cfg_scale=s, **kw) for s in scales}
+        rows = []
+        for s, ims in self.last.items():
+            label = W.HTML(f"<b>CFG {s:g}</b>" + (' (unconditional)' if s == 0 else ''), layout=W.Layout(width='140px'))
+            rows.append(W.HBox([label] + _image_row(ims, 'fsdit-sample')))
+        self.sample_box.children = rows
+        self._say(f"generated {self.n_w.value} images at CFG {' and '.join(f'{s:g}' for s in scales)}, "
+                  f"{self.steps_w.value} steps, in {time.time() - t0:.1f} s")
+        return self.last
+
+    def metrics_view(self) -> dict:
+        "The run's t-bin losses and attention entropy (see `metrics_view`)."
+        return metrics_view(self.view.metrics())
+
+    @property
+    def widget(self) -> W.Widget:
+        "The explorer as one widget."
+        box = lambda *c: W.HBox(list(c))
+        return W.VBox([self.run_w, box(self.split_w, self.class_w), box(self.draw_w, self.pick_w),
+                       W.HTML('<b>supports</b>'), self.support_box,
+                       box(W.VBox([self.cfg_w, self.steps_w]), W.VBox([self.n_w, self.seed_w])),
+                       self.gen_w, self.status, self.sample_box, W.HTML('<b>training</b>'), self.metrics_w])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+# %% [markdown]
+# ## A tiny run to explore
+#
+# The demo's `tiny` size trains a run in seconds (glyphs at 16 px, 30 steps: expect noise, not
+# characters). `fsdit demo --out DEMO` makes a real one to point the explorer at. The folder comes from
+# `FSDIT_EXPLORER_DIR` when set (the browser test sets it), else a temporary one.
+
+# %%
+from fsdit.demo import demo
+root = Path(os.environ.get('FSDIT_EXPLORER_DIR') or tempfile.mkdtemp()) / 'demo'
+run_dir = demo(root, 'tiny', until='train', progress=False)['run']
+test_eq(find_runs(root), [run_dir]); test_eq(find_store(run_dir), root / 'feats')
+
+# %%
+ex = Explorer(root)
+test_eq((ex.split_w.value, ex.class_w.value, len(ex.supports)), ('test', ex.view.classes('test')[0], 5))
+test_eq(len(ex.support_box.children), 5)
+test_eq(ex.support_box.children[0]._dom_classes, ('fsdit-support',))
+
+# %% [markdown]
+# Clicking Generate (what a user does) fills the two rows, CFG 0 above CFG 3:
+
+# %%
+ex.n_w.value, ex.steps_w.value = 3, 4
+ex.gen_w.click()
+test_eq(sorted(ex.last), [0.0, 3.0]); test_eq(ex.last[3.0].shape, (3, 16, 16, 3))
+test_eq([len(r.children) for r in ex.sample_box.children], [4, 4])          # label + 3 images per row
+assert 'generated 3 images at CFG 0 and 3' in ex.status.value
+assert not np.array_equal(ex.last[0.0], ex.last[3.0]) or ex.view.run.step == 0
+
+# %% [markdown]
+# The same seed gives the same images; changing the class through its dropdown draws a new support set
+# of that class and clears the samples; picking images by name uses exactly those.
+
+# %%
+again = ex.generate()
+test_eq(again[3.0], ex.last[3.0])
+first_sup = ex.supports.copy()
+ex.class_w.value = ex.view.classes('test')[1]
+assert set(ex.supports) <= set(ex.view.rows('test', ex.class_w.value)) and not set(ex.supports) & set(first_sup)
+test_eq((ex.last, ex.sample_box.children), ({}, ()))
+names = [n for n, _ in ex.pick_w.options[:2]]
+ex.pick_w.value = tuple(r for _, r in ex.pick_w.options[:2])
+test_eq(ex.view.names(ex.supports), names)
+test_fail(lambda: ex.pick(['not-an-image.png']), contains='pick needs images of class')
+
+# %% [markdown]
+# An error in a control's action shows in the status line; the split dropdown switches to seen classes:
+
+# %%
+ex.supports = np.zeros(0, int); ex.gen_w.click()
+assert 'no support set' in ex.status.value
+ex.split_w.value = 'train'
+test_eq((ex.class_w.value, len(ex.supports)), (ex.view.classes('train')[0], 5))
+
+# %% [markdown]
+# The training curves of the run (the tiny run logs every 10 steps and validates at step 30):
+
+# %%
+mv = ex.metrics_view()
+test_eq(mv['step'], 30); assert {'train', 'val', 'val_ema'} <= set(mv['t_bins']) and len(mv['t_bins']['val']) == 10
+test_eq(sorted(mv['entropy']), ['early', 'late', 'mid'])
+assert ex.metrics_w.value[:4] == b'\x89PNG'
+
+# %% [markdown]
+# The explorer itself (live in Jupyter or Voilà; in the docs the controls are inert):
+
+# %%
+ex.split_w.value = 'test'
+ex.widget

@@ -1,0 +1,213 @@
+# %% [markdown]
+# # Training on a Kaggle TPU v5e-8
+#
+# > Install fsdit next to the JAX that Kaggle ships, split miniImageNet, run every image once through SigLIP2 and the SD-VAE, train the seed's DiT-B/2, resume after a session ends, and look at samples.
+#
+# Open this notebook on Kaggle with the accelerator set to **TPU v5e-8**, internet **on**, and the
+# miniImageNet dataset attached (*Add Input* -> `arjunashok33/miniimagenet`, 100 class folders of 600
+# JPEGs — the seed's source). Cells marked `#| kaggle` only run there: `nbdev_test` skips them, and
+# every function they call is tested in the package's own notebooks and in `tests/`. The cells without
+# the mark run anywhere and check what they can.
+#
+# The steps are the same commands as on any other machine:
+#
+# | step | command | output | time on a v5e-8 |
+# |---|---|---|---|
+# | split 96 classes 60/16/20 | `fsdit prepare` | `/kaggle/working/miniimagenet` (symlinks) | seconds |
+# | encoders, once per image | `fsdit precompute` | `/kaggle/working/feats` (a few GB, float16) | tens of minutes |
+# | train DiT-B/2, 200k steps | `fsdit train` | `/kaggle/working/run` (checkpoints, `metrics.jsonl`) | several sessions; resumes |
+# | samples, metrics | `fsdit sample`, `fsdit eval` | PNG grids, JSON | minutes |
+
+# %%
+import importlib.metadata as md, re
+
+# %% [markdown]
+# ## 1. Install, keeping Kaggle's JAX
+#
+# Kaggle's TPU image ships JAX about 0.7 together with the `libtpu` it was built against. A plain
+# `pip install` of the newest Flax would pull JAX 0.10 and a TPU runtime that does not match the image,
+# and the TPU stops working. So the install is *constrained* to the versions already there: pip then
+# picks the newest Flax that works with that JAX (flax 0.12.0 for jax 0.7.2; the package's
+# `settings.ini` claims that range, and CI runs the model, sampler and trainer tests on exactly those
+# versions). The constraints are written from the installed distributions' metadata rather than from
+# `pip freeze`, whose `name @ file://...` lines pip refuses as constraints.
+
+# %%
+PINNED = ('jax', 'jaxlib', 'libtpu', 'libtpu-nightly', 'torch', 'torch-xla')
+
+
+def constraints(dists=PINNED) -> str:
+    "pip constraint lines `name==version` for those of `dists` that are installed."
+    lines = []
+    for name in dists:
+        try: lines.append(f"{name}=={md.version(name)}")
+        except md.PackageNotFoundError: pass
+    return '\n'.join(lines) + '\n'
+
+# %% [markdown]
+# Here (not on Kaggle) the same function pins whatever JAX this machine has, and leaves out what is not
+# installed:
+
+# %%
+c = constraints()
+assert f"jax=={md.version('jax')}" in c.splitlines()
+assert all(re.fullmatch(r'[A-Za-z0-9_.-]+==[^\s=]+', line) for line in c.splitlines())
+assert 'not-a-package' not in constraints(('jax', 'not-a-package'))
+
+# %%
+#| kaggle
+from pathlib import Path
+Path('/kaggle/working/constraints.txt').write_text(constraints())
+print(Path('/kaggle/working/constraints.txt').read_text())
+# !pip install -q -c /kaggle/working/constraints.txt "fsdit @ git+https://github.com/fsdit/fsdit.git"
+
+# %% [markdown]
+# JAX must still be the version the image shipped and see all 8 TPU cores; if it does not, the install
+# upgraded it: restart the kernel, fix the constraints and install again.
+
+# %%
+#| kaggle
+import jax, flax, fsdit
+assert f"jax=={jax.__version__}" in Path('/kaggle/working/constraints.txt').read_text().splitlines()
+print('jax', jax.__version__, 'flax', flax.__version__, 'fsdit', fsdit.__version__)
+assert jax.device_count() == 8 and jax.devices()[0].platform == 'tpu', jax.devices()
+
+# %% [markdown]
+# ## 2. Split the classes
+#
+# The Kaggle dataset is flat: one folder per class. `fsdit prepare` splits it by class exactly as the
+# seed did for the same seed (a `RandomState(42)` permutation of the sorted class names, 60 train / 16
+# val / 20 test, so 4 of the 100 classes go unused; `--split ravi` gives the field's standard 64/16/20
+# lists instead). It writes symlinks, so it takes seconds and no disk. Running it again is a no-op.
+# The dataset is found wherever Kaggle mounted it (the mount path has changed over the years).
+
+# %%
+#| kaggle
+import glob, os
+roots = [os.path.dirname(p) for p in glob.glob('/kaggle/input/**/n01532829', recursive=True)]
+assert roots, 'attach the miniImageNet dataset (Add Input -> arjunashok33/miniimagenet)'
+SRC, SPLIT = roots[0], '/kaggle/working/miniimagenet'
+print('miniImageNet at', SRC)
+# !fsdit prepare --src {SRC} --dst {SPLIT} --train 60 --val 16 --test 20 --seed 42
+assert len(os.listdir(f'{SPLIT}/train')) == 60 and len(os.listdir(f'{SPLIT}/test')) == 20
+
+# %% [markdown]
+# ## 3. The feature store: each image once through the frozen encoders
+#
+# The seed ran SigLIP2 on the 5 supports and the VAE encoder on the target at every training step:
+# about (5 x 34 + 207) GFLOP per sample beside the ~105 GFLOP of the DiT-B/2 step itself. `fsdit
+# precompute` runs each image once instead: its L2-normalised SigLIP2 B/16 embedding
+# (`google/siglip2-base-patch16-224`) and the SD-VAE posterior (`stabilityai/sd-vae-ft-mse`, 224 px ->
+# 28x28x4) of the image and of its mirror image, stored in float16. Both checkpoints download from the
+# Hugging Face hub (internet on). It is resumable: if the session ends halfway, run the cell again.
+
+# %%
+#| kaggle
+FEATS = '/kaggle/working/feats'
+# !fsdit precompute --data {SPLIT} --out {FEATS} --encoder google/siglip2-base-patch16-224 --vae stabilityai/sd-vae-ft-mse
+# !du -sh {FEATS}
+assert os.path.exists(f'{FEATS}/metadata.json')
+
+# %% [markdown]
+# To keep the store for later sessions, save this notebook's output as a dataset (or *Save Version*):
+# a later session attaches it and points `FEATS` at it, skipping this step.
+#
+# ## 4. Train with the seed's settings
+#
+# DiT-B/2 (132M parameters), AdamW (0.9, 0.99, weight decay 0.01 on weight matrices), LR 1e-4 with 5k
+# warmup and cosine decay to 1e-6, clip 1.0, EMA 0.9999, global batch 128 (16 per core), 200k steps,
+# CFG dropout 0.1; bfloat16 compute with float32 parameters. Data-parallel over the 8 cores.
+# Checkpoints (params, EMA, optimizer, step, RNG, data position) are written every 5,000 steps, at the
+# end and when the session is stopped; the last 3 are kept. Metrics go to `RUN/metrics.jsonl` and to
+# wandb (offline unless `WANDB_API_KEY` is set, e.g. from Kaggle's *Secrets*).
+
+# %%
+#| kaggle
+RUN = '/kaggle/working/run'
+try:
+    from kaggle_secrets import UserSecretsClient
+    os.environ['WANDB_API_KEY'] = UserSecretsClient().get_secret('WANDB_API_KEY')
+except Exception: print('no WANDB_API_KEY secret: wandb logs offline to', RUN)
+# !fsdit train --feats {FEATS} --out {RUN} --model B/2 --preset seed --model.dtype bfloat16
+
+# %% [markdown]
+# ## 5. Resume in the next session
+#
+# A Kaggle session lasts at most 9 hours; 200k steps take longer. Running the *same command* against
+# a run directory that holds a checkpoint resumes it exactly where it stopped — same step, same RNG,
+# same next batch — so the loss curve continues as if nothing happened. In a new session, attach the
+# previous version's output, copy the run back to `/kaggle/working` (checkpoints must be writable), and
+# run the training cell again.
+
+# %%
+#| kaggle
+import json, shutil
+prev = glob.glob('/kaggle/input/*/run/metrics.jsonl')
+if prev and not os.path.exists(f'{RUN}/metrics.jsonl'): shutil.copytree(os.path.dirname(prev[0]), RUN)
+# !fsdit train --feats {FEATS} --out {RUN} --model B/2 --preset seed --model.dtype bfloat16
+last = json.loads(open(f'{RUN}/metrics.jsonl').read().splitlines()[-1])
+print('step', last['step'], {k: v for k, v in last.items() if 'loss' in k})
+
+# %% [markdown]
+# ## 6. Look at samples
+#
+# `fsdit sample` draws 5 supports from a class the model never saw (a test class), generates 16 images
+# with the EMA weights, 50 Euler steps and CFG 3.0, and writes a grid with the support row on top.
+# `fsdit eval` measures class consistency, Fréchet distance in SigLIP2 space and diversity on the 20
+# test classes beside the same numbers for seen classes (see the eval notebook for the definitions).
+
+# %%
+#| kaggle
+from IPython.display import Image, display
+cls = sorted(os.listdir(f'{SPLIT}/test'))[0]
+# !fsdit sample --run {RUN} --feats {FEATS} --class-dir {SPLIT}/test/{cls} --n 16 --cfg 3.0 --steps 50 --seed 0 --out /kaggle/working/test_{cls}.png
+display(Image(f'/kaggle/working/test_{cls}.png'))
+# !fsdit eval --run {RUN} --feats {FEATS} --split test --shots 1 5 --cfg 1 3 --out /kaggle/working/eval_test
+from fsdit.eval import results_table
+print(results_table(json.load(open('/kaggle/working/eval_test/eval.json'))['records']))
+
+# %% [markdown]
+# ## Checked where it cannot run
+#
+# Every `fsdit` command above is parsed by the package's own CLI parser when this notebook is tested
+# (off Kaggle), stopping right after parsing: a flag the command does not take fails the test, so the
+# Kaggle cells cannot drift from the code. On Kaggle the check is skipped (the notebook file is not in the working directory there).
+
+# %%
+import argparse, contextlib, io, json, os, shlex
+from pathlib import Path
+from fsdit.cli import main as fsdit_main
+
+
+def notebook_commands(path='kaggle_tpu.ipynb') -> list[list[str]]:
+    "The `!fsdit ...` shell lines of a notebook, split into arguments."
+    cells = json.loads(Path(path).read_text())['cells']
+    lines = [l.strip() for c in cells if c['cell_type'] == 'code' for l in ''.join(c['source']).splitlines()]
+    return [shlex.split(l[1:]) for l in lines if l.startswith('!fsdit ')]
+
+
+class _Parsed(Exception): pass
+
+
+def parse_only(argv: list[str]):
+    "Parse `fsdit ARGV` with the command's own parser and stop there: the namespace, or the parser's error."
+    orig = argparse.ArgumentParser.parse_args
+    def spy(self, *a, **k): raise _Parsed(orig(self, *a, **k))
+    argparse.ArgumentParser.parse_args = spy
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err): fsdit_main(argv)
+    except _Parsed as e: return e.args[0]
+    except SystemExit: raise AssertionError(f"`fsdit {' '.join(argv)}` is refused: {err.getvalue().strip()}")
+    finally: argparse.ArgumentParser.parse_args = orig
+    raise AssertionError(f"`fsdit {argv[0]}` did not parse its arguments")
+
+
+if not os.path.exists('/kaggle'):
+    cmds = notebook_commands()
+    assert {c[1] for c in cmds} == {'prepare', 'precompute', 'train', 'sample', 'eval'}, cmds
+    for c in cmds: parse_only(c[1:])
+    ns = parse_only(['train', '--out', 'RUN', '--model', 'B/2', '--model.dtype', 'bfloat16'])
+    assert getattr(ns, 'model.dtype') == 'bfloat16'
+    try: parse_only(['train', '--out', 'RUN', '--dtype', 'bfloat16']); raise RuntimeError('not refused')
+    except AssertionError as e: assert 'unrecognized arguments: --dtype' in str(e)

@@ -1,0 +1,56 @@
+"""`fsdit demo` end to end at the tiny size, through the console entry point, in a subprocess."""
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def fsdit(*args, timeout=600):
+    "Run `fsdit ARGS` as the console script does; returns stdout (fails with the output on a non-zero exit)."
+    r = subprocess.run([sys.executable, '-c', 'import sys; from fsdit.cli import main; sys.exit(main(sys.argv[1:]))', *args],
+                       capture_output=True, text=True, timeout=timeout, env={**os.environ, 'WANDB_MODE': 'disabled'})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_demo_cli_tiny_end_to_end_and_rerun(tmp_path):
+    out = tmp_path / 'demo'
+    log = fsdit('demo', '--out', str(out), '--size', 'tiny', '--until', 'store', '--no-progress')
+    assert (out / 'feats' / 'metadata.json').exists() and not (out / 'run').exists()
+    t0 = time.time()
+    log = fsdit('demo', '--out', str(out), '--size', 'tiny', '--no-progress')
+    first = time.time() - t0
+    lines = log.splitlines()
+    assert lines[0] == f"fsdit demo -> {out.resolve()}"
+    assert [l.split(':')[0] for l in lines[1:6]] == ['data', 'store', 'train', 'samples', 'eval']
+    assert 'reused' in lines[1] and 'reused' in lines[2] and 'reused' not in lines[3]   # resumed after the store
+    assert 'not SigLIP2' in lines[2] and 'proto_acc' in log                              # honest about the stand-in
+    for f in ('samples_seen.png', 'samples_heldout.png', 'eval/eval.json', 'eval/fig_proto_acc.png', 'summary.json'):
+        assert (out / f).exists(), f
+    assert str(out / 'samples_heldout.png') in log and str(out / 'eval' / 'eval.json') in log
+    grid = np.asarray(Image.open(out / 'samples_heldout.png'))
+    assert grid.shape[0] == 3 * (16 + 2) and grid.shape[1] > (5 + 3) * 16             # 3 classes: 5 supports | 3 samples
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['step'] == 30 and s['cond'] == 'support'
+    for split in ('test', 'train'):
+        assert s[split]['classes'] == 4 and s[split]['chance'] == 0.25
+        assert {'real', 'copy', 'mean', 'model_cfg3'} <= set(s[split])
+        assert all(0 <= s[split][k] <= 1 for k in ('real', 'copy', 'mean', 'model_cfg3'))
+    ev = json.loads((out / 'eval' / 'eval.json').read_text())
+    assert ev['step'] == 30 and set(ev['classes']) == {'test', 'train'}
+    assert not set(ev['classes']['test']) & set(ev['classes']['train'])                # held-out means unseen
+
+    t0 = time.time()
+    log2 = fsdit('demo', '--out', str(out), '--size', 'tiny', '--no-progress')
+    assert log2.count('reused') == 5 and time.time() - t0 < first
+    assert json.loads((out / 'summary.json').read_text()) == s
+
+
+def test_demo_cli_help_and_bad_args(tmp_path):
+    r = subprocess.run([sys.executable, '-c', 'import sys; from fsdit.cli import main; sys.exit(main(sys.argv[1:]))',
+                        'demo', '--help'], capture_output=True, text=True)
+    assert r.returncode == 0 and '--size' in r.stdout and '--cond' in r.stdout
+    r = subprocess.run([sys.executable, '-c', 'import sys; from fsdit.cli import main; sys.exit(main(sys.argv[1:]))',
+                        'demo', '--size', 'huge'], capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'huge'" in r.stderr
