@@ -65,6 +65,7 @@ class ModelConfig:
     @property
     def head_dim(self) -> int: return self.hidden // self.heads
 
+
 # %% [markdown]
 # Impossible settings fail when the config is made, with the fix in the message — not deep inside a
 # traced function. (The seed's `debug` preset used patch 8, which does not divide 28.)
@@ -92,6 +93,7 @@ def validate_model(c: ModelConfig):
     _require(0.0 <= c.cfg_drop < 1.0, f"cfg_drop must be in [0, 1), got {c.cfg_drop}")
     _require(c.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {c.dtype!r}")
     _require(c.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {c.attention!r}")
+
 
 # %% [markdown]
 # ## Model presets
@@ -122,6 +124,7 @@ def model_config(name: str = 'B/2', **overrides) -> ModelConfig:
     "The preset `name` with `overrides` applied last (an override always wins)."
     _check_fields(ModelConfig, overrides)
     return ModelConfig(**{**_preset(MODEL_PRESETS, 'model', name), **overrides})
+
 
 # %% [markdown]
 # ## The training run
@@ -170,6 +173,7 @@ class TrainConfig:
 
     def __post_init__(self): validate_train(self)
 
+
 # %%
 #| export
 def validate_train(c: TrainConfig):
@@ -191,6 +195,7 @@ def check_batch(batch_size: int, n_devices: int, n_processes: int = 1):
              f"batch size {batch_size} is not divisible by the {n_devices} devices: use a multiple of {n_devices} "
              f"(for example {max(n_devices, batch_size // n_devices * n_devices)})")
     _require(n_devices % n_processes == 0, f"{n_devices} devices do not split over {n_processes} processes")
+
 
 # %% [markdown]
 # ## Training presets
@@ -221,6 +226,7 @@ def _check_fields(cls, overrides: dict):
     bad = sorted(set(overrides) - names)
     if bad: raise TypeError(f"{cls.__name__} has no field(s) {bad}; fields are {sorted(names)}")
 
+
 # %% [markdown]
 # Overrides win over presets — the seed's code silently replaced them:
 
@@ -231,6 +237,7 @@ t = train_config('short', warmup=7)
 test_eq((t.warmup, t.ema_decay, t.batch_size), (7, 0.999, 64))
 test_eq(train_config().ema_decay, 0.9999)
 for name in MODEL_PRESETS: assert model_config(name).tokens > 0
+
 
 # %% [markdown]
 # Impossible settings are refused with the fix in the message:
@@ -251,6 +258,7 @@ raises(lambda: model_config('mu', cond='class'), 'num_classes')
 raises(lambda: train_config(warmup=10**6), 'warmup')
 check_batch(128, 8); check_batch(128, 8, 2)
 
+
 # %% [markdown]
 # ## Saving and reading configs
 #
@@ -269,9 +277,9 @@ def config_from_dict(cls, d: dict):
     _check_fields(cls, d)
     return cls(**d)
 
+
 # %%
 c = model_config('S/2', cond='context', dtype='bfloat16')
 test_eq(config_from_dict(ModelConfig, json.loads(json.dumps(config_to_dict(c)))), c)
 t = train_config('test', seed=3)
 test_eq(config_from_dict(TrainConfig, config_to_dict(t)), t)
-

@@ -32,6 +32,7 @@ def same(a: dict, b: dict):
     "Assert two dicts of arrays are equal."
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), (a, b)
 
+
 # %% [markdown]
 # ## Images
 #
@@ -100,6 +101,7 @@ def check_image(path) -> str | None:
         return None
     except Exception as e:                                 # PIL raises many types for broken files
         return f"{type(e).__name__}: {e}"
+
 
 # %% [markdown]
 # Odd modes all come back as RGB, and a truncated file is reported rather than crashing:
@@ -177,6 +179,7 @@ def split_classes(classes: Sequence[str], train: int = 60, val: int = 16, test: 
     cut = np.cumsum([train, val])
     return {k: [classes[i] for i in part] for k, part in zip(SPLITS, np.split(idx, cut))}
 
+
 # %% [markdown]
 # The standard lists are the 100 miniImageNet classes, disjoint; the seed's rule leaves 4 classes out:
 
@@ -188,6 +191,7 @@ test_eq([len(s[k]) for k in SPLITS], [60, 16, 20]); test_eq(len(set(sum(s.values
 test_eq(s['train'][0], sorted(_all)[np.random.RandomState(42).permutation(100)[0]])
 test_eq(split_classes(_all, split='ravi')['test'][0], 'n01930112')
 raises(lambda: split_classes(['a', 'b'], 1, 1, 1), 'found only 2')
+
 
 # %%
 #| export
@@ -214,6 +218,7 @@ def _build(dst_tmp: Path, splits: dict, good: dict, copy: bool):
             for p in good[c]:
                 if copy: shutil.copy2(p, d / p.name)
                 else: os.symlink(os.path.abspath(p), d / p.name)
+
 
 # %% [markdown]
 # `prepare` scans before it writes, builds the split in a hidden folder beside `dst` and renames it into
@@ -248,6 +253,7 @@ def prepare(src, dst, train: int = 60, val: int = 16, test: int = 20, seed: int 
         shutil.rmtree(tmp, ignore_errors=True); raise
     return manifest
 
+
 # %% [markdown]
 # A small flat dataset with the usual defects: a truncated file, a hidden file, a text file.
 
@@ -279,6 +285,7 @@ for i in range(2, 7): (src / 'c3' / f'{i}.png').unlink()
 raises(lambda: prepare(src, _root / 'split2', train=3, val=1, test=1, seed=0), "'c3' (2)")
 assert not (_root / 'split2').exists()
 
+
 # %%
 #| export
 def prepare_cli(argv: list[str]) -> int:
@@ -299,11 +306,13 @@ def prepare_cli(argv: list[str]) -> int:
     for path, why in m['skipped']: print(f"skipped {path}: {why}")
     return 0
 
+
 # %%
 import contextlib, io
 with contextlib.redirect_stdout(io.StringIO()) as out:
     test_eq(prepare_cli(['--src', str(src), '--dst', str(_root / 'split'), '--train', '2', '--val', '1', '--test', '1', '--seed', '0']), 0)
 assert 'train: 2 classes' in out.getvalue()
+
 
 # %% [markdown]
 # ## Episodes
@@ -346,6 +355,7 @@ def episode_table(class_rows: Sequence[np.ndarray], shots: int = 5, mode: str = 
     else: raise ValueError(f"episodes must be 'disjoint' or 'fixed', got {mode!r}")
     return out
 
+
 # %%
 _rows = [np.arange(600) + 600 * c for c in range(3)]
 t = episode_table(_rows)
@@ -356,6 +366,7 @@ f = episode_table(_rows, mode='fixed', seed=42)
 test_eq(f[0][0].shape, (600,))
 assert 0.3 < 1 - len(np.unique(f[0][0])) / 600 < 0.45                  # ~37% of the images never used
 assert not (episode_table(_rows, epoch=1)[0][0] == t[0][0]).all()       # a new draw each epoch
+
 
 # %% [markdown]
 # ## Stratified order
@@ -380,10 +391,12 @@ def stratified_order(per_class: Sequence[tuple[np.ndarray, np.ndarray]], rng: np
     idx = np.lexsort((rank[labels], rounds))
     return targets[idx], supports[idx], labels[idx]
 
+
 # %%
 tt, ss, ll = stratified_order([(np.arange(4) + 10 * c, np.zeros((4, 5), int)) for c in range(3)], np.random.default_rng(0))
 test_eq(ll[:3], ll[3:6]); test_eq(sorted(ll[:3]), [0, 1, 2])
 test_eq(tt // 10, ll)
+
 
 # %% [markdown]
 # ## Batches that resume exactly
@@ -432,6 +445,7 @@ class EpisodeBatches:
         self.offset += self.batch_size
         return {'target_index': t[sl].astype(np.int64), 'support_index': s[sl].astype(np.int64), 'labels': l[sl]}
 
+
 # %% [markdown]
 # Equal classes: every batch has `min(B, classes)` distinct classes, counts within one of each other.
 # A copy restored from a saved position gives the same next batches:
@@ -459,6 +473,7 @@ it3 = EpisodeBatches(_rows, batch_size=16, seed=3); it3.restore(it.state_at(30))
 for w in drawn[30:]: same(next(it3), w)
 test_eq(it.state_at(40), it.state())
 
+
 # %% [markdown]
 # Validation uses fixed episodes: the seed's fixed table over the validation classes, interleaved once.
 
@@ -470,10 +485,12 @@ def validation_batches(class_rows: Sequence[np.ndarray], batch_size: int, n_batc
     it = EpisodeBatches(class_rows, batch_size, shots, 'fixed', seed, num_sets)
     return [next(it) for _ in range(min(n_batches, it.batches_per_epoch))]
 
+
 # %%
 v1, v2 = validation_batches(_rows, 16, 3), validation_batches(_rows, 16, 3)
 test_eq(len(v1), 3)
 for a, b in zip(v1, v2): same(a, b)
+
 
 # %% [markdown]
 # ## From indices to a host batch
@@ -495,6 +512,7 @@ def host_batch(embeds: np.ndarray, moments: np.ndarray, idx: dict, latents: bool
         out['support_latents'] = np.asarray(moments[s.reshape(-1), 0, 0]).reshape(*s.shape, *moments.shape[-3:])
     return out
 
+
 # %%
 _N, _D = 7 * 60, 8
 _emb = np.random.RandomState(0).randn(_N, _D).astype(np.float16)
@@ -504,6 +522,7 @@ test_eq({k: (v.shape, v.dtype.name) for k, v in hb.items()},
         {'moments': ((16, 2, 2, 4, 4, 3), 'float16'), 'support_embeds': ((16, 5, 8), 'float16'),
          'labels': ((16,), 'int32'), 'target_index': ((16,), 'int64'), 'support_latents': ((16, 5, 4, 4, 3), 'float16')})
 test_eq(hb['support_latents'][3, 2], _mom[want[0]['support_index'][3, 2], 0, 0])
+
 
 # %% [markdown]
 # ## Per process, per device
@@ -530,12 +549,14 @@ def per_device(batch: dict, n_devices: int) -> dict:
         return x.reshape(n_devices, x.shape[0] // n_devices, *x.shape[1:])
     return {k: f(v) for k, v in batch.items()}
 
+
 # %%
 sh = [process_share(want[0], p, 4) for p in range(4)]
 test_eq(np.concatenate([s['target_index'] for s in sh]), want[0]['target_index'])
 pd = per_device(hb, 8); test_eq(pd['moments'].shape, (8, 2, 2, 2, 4, 4, 3))
 test_eq(pd['moments'].reshape(16, *pd['moments'].shape[2:]), hb['moments'])
 raises(lambda: per_device(hb, 3), 'does not split over 3 devices')
+
 
 # %% [markdown]
 # `host_batches` chains it for a training loop: this process's share of each global batch, gathered from
@@ -549,10 +570,12 @@ def host_batches(embeds: np.ndarray, moments: np.ndarray, batches: Iterator[dict
     for idx in batches:
         yield per_device(host_batch(embeds, moments, process_share(idx, process_index, process_count), latents), n_devices)
 
+
 # %%
 hb2 = next(host_batches(_emb, _mom, iter(want[:1]), 2, process_index=1, process_count=2))
 test_eq(hb2['support_embeds'].shape, (2, 4, 5, _D))
 test_eq(hb2['target_index'].reshape(-1), want[0]['target_index'][8:])
+
 
 # %%
 #| export
@@ -575,12 +598,14 @@ def prefetch_to_device(batches: Iterator[dict], size: int = 2, sharding=None) ->
         if len(buf) > size: yield buf.popleft()
     while buf: yield buf.popleft()
 
+
 # %%
 import jax
 n = jax.local_device_count()
 got = list(prefetch_to_device(per_device(host_batch(_emb, _mom, w), n) for w in want[:3]))
 test_eq(len(got), 3)
 test_eq(np.asarray(got[2]['support_embeds']).reshape(16, 5, _D), host_batch(_emb, _mom, want[2])['support_embeds'])
+
 
 # %% [markdown]
 # ## Encoding images
@@ -614,6 +639,7 @@ def online_batch(paths: Sequence, idx: dict, embed: Callable, moments: Callable,
     where = np.searchsorted(rows, np.arange(rows.max() + 1))            # store row -> position in `rows`
     return host_batch(e, m, {**idx, 'target_index': where[t], 'support_index': where[s]}, latents) | {
         'target_index': t.astype(np.int64)}
+
 
 # %% [markdown]
 # ## An offline dataset: glyphs of matplotlib's fonts
@@ -671,12 +697,14 @@ def glyph_name(ch: str) -> str:
     import unicodedata
     return f"u{ord(ch):04x}_" + unicodedata.name(ch, 'glyph').lower().replace(' ', '_').replace('-', '_')
 
+
 # %%
 g = render_glyph('A', 'DejaVuSans', 32)
 test_eq((g.shape, g.dtype), ((32, 32), np.uint8))
 assert g.min() < 50 and g[0, 0] == 255 and (g < 128).mean() > 0.05        # dark glyph on white
 assert (render_glyph('A', 'DejaVuSans', 32, stroke=2) < 128).sum() > (g < 128).sum()
 test_eq(glyph_name('λ'), 'u03bb_greek_small_letter_lamda')
+
 
 # %%
 #| export
@@ -709,6 +737,7 @@ def make_offline_dataset(dst, per_class: int = 24, size: int = 32, seed: int = 0
         shutil.rmtree(tmp, ignore_errors=True); raise
     return counts
 
+
 # %% [markdown]
 # The held-out classes come from the same `prepare` rule as miniImageNet's:
 # `prepare(dst, split, **offline_split_sizes(n_classes))`, about 70/10/20% of the classes (130 -> 91/13/26).
@@ -720,6 +749,7 @@ def offline_split_sizes(n_classes: int) -> dict[str, int]:
     val, test = max(1, n_classes // 10), max(1, n_classes // 5)
     return dict(train=n_classes - val - test, val=val, test=test)
 
+
 # %%
 import time
 _t0 = time.time()
@@ -730,6 +760,7 @@ test_eq(make_offline_dataset(_root / 'glyphs'), _gl)                        # re
 assert time.time() - _t0 < 10
 m = prepare(_root / 'glyphs', _root / 'glyph_split', **offline_split_sizes(6), seed=0)
 test_eq([len(m['classes'][k]) for k in SPLITS], [4, 1, 1])
+
 
 # %% [markdown]
 # ## Stand-in encoders for the offline dataset
@@ -786,6 +817,7 @@ class PixelSpace:
         if self.channels == 1: x = x.mean(-1, keepdims=True)
         return x, jnp.full_like(x, -30.0)
 
+
 # %%
 pe, ps = PixelEncoder(dim=16), PixelSpace(size=16)
 imgs = np.stack([load_image(p, 16) for p in list_images(_root / 'glyphs' / glyph_name('0'))])
@@ -807,6 +839,7 @@ _E, _M = encode_images(np.stack([load_image(p, 16) for p in _paths]), pe.embed, 
 ob, sb = online_batch(_paths, _idx, pe.embed, ps.moments, 16), host_batch(_E, _M, _idx)
 for k in sb: test_close(ob[k].astype(np.float32), sb[k].astype(np.float32), eps=2e-3)
 
+
 # %% [markdown]
 # A pixel-space model for the offline data: 32x32x3 images, patch 4 (64 tokens), the stand-in's width.
 
@@ -817,6 +850,7 @@ def offline_model_config(preset: str = 'mu', size: int = 32, channels: int = 3, 
     from fsdit.config import model_config
     return model_config(preset, **{'input_size': size, 'in_channels': channels, 'patch': 4,
                                    'support_dim': embed_dim, **overrides})
+
 
 # %%
 c = offline_model_config(); test_eq((c.input_size, c.in_channels, c.tokens, c.support_dim), (32, 3, 64, 64))

@@ -85,10 +85,12 @@ class VisionSpec:
         "From a transformers `SiglipVisionConfig` (or anything with its fields)."
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
+
 # %%
 test_eq(VisionSpec.from_hf(transformers.SiglipVisionConfig()), VisionSpec())  # our defaults are the library's = B/16 at 224
 test_eq((VisionSpec().num_patches, VisionSpec().head_dim), (196, 64))
 test_fail(lambda: VisionSpec(hidden_size=30, num_attention_heads=4), contains='does not divide')
+
 
 # %% [markdown]
 # The module follows `modeling_siglip.py` line for line: a `patch x patch` convolution with stride `patch`
@@ -145,6 +147,7 @@ class EncoderLayer(nn.Module):
         h = h + Attention(self.spec.num_attention_heads, self.dtype, name='self_attn')(x, x)
         return h + MLP(self.spec, self.dtype, name='mlp')(ln(name='layer_norm2')(h))
 
+
 # %%
 #| export
 class MAPHead(nn.Module):
@@ -181,6 +184,7 @@ class SiglipVision(nn.Module):
         pooled = MAPHead(s, self.dtype, name='head')(h) if s.vision_use_head else None
         return h, pooled
 
+
 # %% [markdown]
 # Random weights for tests and benchmarks are drawn with numpy from the parameter shapes:
 
@@ -197,11 +201,13 @@ def random_params(spec: VisionSpec, seed: int = 0) -> dict:
         return (0.02 * rng.normal(size=s.shape) if name != 'probe' else rng.normal(size=s.shape)).astype(np.float32)
     return jax.tree_util.tree_map_with_path(draw, shapes['params'])
 
+
 # %%
 tiny = VisionSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 _h, _p = jax.eval_shape(SiglipVision(tiny).apply, {'params': random_params(tiny)}, jnp.zeros((3, 32, 32, 3)))
 test_eq((_h.shape, _p.shape), ((3, 16, 32), (3, 32)))
 test_eq(jax.tree.structure(random_params(tiny)), jax.tree.structure(jax.eval_shape(SiglipVision(tiny).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']))
+
 
 # %% [markdown]
 # ## From a transformers checkpoint
@@ -231,6 +237,7 @@ def torch_keys(spec: VisionSpec) -> list[str]:
         ks += ['head.probe', 'head.attention.in_proj_weight', 'head.attention.in_proj_bias']
         ks += _dense_keys('head.attention.out_proj') + _dense_keys('head.layernorm') + _mlp_keys('head.mlp')
     return ks
+
 
 # %% [markdown]
 # The conversion walks the Flax parameter tree and the torch names together, so one table serves both
@@ -283,6 +290,7 @@ def to_torch(params: dict, spec: VisionSpec) -> dict[str, np.ndarray]:
         sd['head.attention.in_proj_bias'] = np.concatenate([np.asarray(att[n]['bias']) for n in ('q_proj', 'k_proj', 'v_proj')])
     return sd
 
+
 # %% [markdown]
 # The round trip is exact and covers every tensor the reference model has, no more and no fewer:
 
@@ -292,6 +300,7 @@ _sd = to_torch(_params, tiny)
 test_eq(sorted(_sd), sorted(torch_keys(tiny)))
 test_eq(sorted(_sd), sorted(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**asdict(tiny))).state_dict()))
 assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(to_flax(_sd, tiny)), jax.tree.leaves(_params)))
+
 
 # %% [markdown]
 # ## Reading a checkpoint directory
@@ -332,6 +341,7 @@ def _safetensors_files(d: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {d} (found {found}); "
                           "resave the model with save_pretrained(..., safe_serialization=True)")
 
+
 # %%
 #| export
 def _get(f, k) -> np.ndarray:
@@ -369,6 +379,7 @@ def expected_shapes(spec: VisionSpec) -> dict[str, tuple]:
     shapes = jax.eval_shape(SiglipVision(spec).init, jax.random.key(0), jnp.zeros((1, spec.image_size, spec.image_size, spec.num_channels)))
     zeros = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), shapes['params'])   # views: nothing allocated
     return {k: v.shape for k, v in to_torch(zeros, spec).items()}
+
 
 # %% [markdown]
 # ## Hub ids and the offline case
@@ -408,6 +419,7 @@ def resolve_checkpoint(repo_id_or_dir: str | Path, patterns=HUB_PATTERNS) -> Pat
             f"could not fetch {s!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"Without network, download it elsewhere (huggingface-cli download {s} --local-dir DIR) and pass that "
             f"directory instead of the id: from_pretrained('DIR').") from None
+
 
 # %%
 #| hide
@@ -452,6 +464,7 @@ def preprocess_siglip(images, size: int = 224) -> Float[np.ndarray, 'N size size
         out[i] = (r * np.float32(1 / 255) - 0.5) / 0.5
     return out
 
+
 # %%
 _rng = np.random.default_rng(0)
 _imgs = [_rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((300, 200), (64, 97), (224, 224))]
@@ -462,6 +475,7 @@ test_eq(_ours.shape, (3, 224, 224, 3))
 test_close(_ours, _ref, eps=1e-6)
 assert -1 <= _ours.min() and _ours.max() <= 1
 test_fail(lambda: preprocess_siglip(np.zeros((8, 8, 3), np.float32)), contains='uint8')
+
 
 # %% [markdown]
 # ## `SigLIPEncoder`
@@ -511,7 +525,6 @@ def _pool(module, params, x):
 _embed = jax.jit(lambda module, params, x: _normalize(_pool(module, params, x)), static_argnums=0)
 _encode_supports = jax.jit(lambda module, params, s: _normalize(_pool(module, params, s.reshape(-1, *s.shape[2:])))
                            .reshape(*s.shape[:2], -1).mean(1), static_argnums=0)   # (B, K, H, W, C) -> (B, D)
-
 
 # %%
 #| export
@@ -574,6 +587,7 @@ class SigLIPEncoder:
         (d / 'config.json').write_text(json.dumps(cfg, indent=2))
         save_file({k: np.ascontiguousarray(v) for k, v in to_torch(self.params, self.spec).items()}, str(d / 'model.safetensors'))
         return d
+
 
 # %% [markdown]
 # ## Equal to transformers
@@ -657,6 +671,7 @@ _d = np.linalg.norm(np.asarray(e16) - np.asarray(e), axis=-1)
 test_eq(e16.dtype, jnp.float32)  # outputs are float32 in both modes
 assert 0 < _d.max() < 0.05, _d
 
+
 # %% [markdown]
 # ## Speed
 #
@@ -701,6 +716,7 @@ def bench_encoder(batch: int = 64, iters: int = 3, dtypes=('float32', 'bfloat16'
         with torch.inference_mode():
             out['torch_float32_cpu'] = batch / _time(lambda: m(pixel_values=xt).pooler_output, iters)
     return out
+
 
 # %%
 _b = bench_encoder(batch=4, iters=1, spec=tiny)   # batch 4 as above: reuses the compiled functions

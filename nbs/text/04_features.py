@@ -33,6 +33,7 @@ def raises(f, match, exc=Exception):
         assert match in str(e), f"{match!r} not in {e!r}"; return str(e)
     raise AssertionError('no error raised')
 
+
 # %% [markdown]
 # ## Layout
 #
@@ -68,6 +69,7 @@ def store_index(data, splits: Sequence[str] = SPLITS) -> dict[str, list]:
                 idx['path'].append(f"{s}/{c}/{p.name}")
     if not idx['path']: raise ValueError(f"no images under {data}/{{{','.join(splits)}}}/<class>/: run `fsdit prepare` first")
     return idx
+
 
 # %% [markdown]
 # ## Reading a store
@@ -118,6 +120,7 @@ def open_store(path, expect: dict | None = None, mmap: bool = True) -> Store:
     return Store(path, meta, json.loads((path / 'index.json').read_text()),
                  np.load(path / 'embeds.npy', mmap_mode=mode), np.load(path / 'moments.npy', mmap_mode=mode))
 
+
 # %% [markdown]
 # ## Precompute
 #
@@ -160,6 +163,7 @@ def _plan(data: Path, encoder, vae, image_size: int, space: str, chunk_size: int
     return dict(format_version=FORMAT_VERSION, encoder=encoder.name, vae=vae.name, image_size=image_size,
                 resize=resize_rule(image_size), space=space, chunk_size=chunk_size, rows=len(index['path']), index_sha256=digest)
 
+
 # %%
 #| export
 def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'latent', chunk_size: int = 512,
@@ -192,6 +196,7 @@ def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'lat
             bar.update(e - s)
     return _assemble(part, out, plan, index, len(starts))
 
+
 # %%
 #| export
 def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> Store:
@@ -218,6 +223,7 @@ def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> 
     shutil.rmtree(part)
     return open_store(out)
 
+
 # %% [markdown]
 # A tiny prepared split of 16 px images, encoded with the stand-ins in pixel space:
 
@@ -240,6 +246,7 @@ test_close(np.linalg.norm(st.embeds.astype(np.float32), axis=-1), 1, eps=1e-2)
 img = load_image(data / st.index['path'][7], 16) / 127.5 - 1
 test_close(st.moments[7, 0, 0], img, eps=1e-2); test_close(st.moments[7, 1, 0], img[:, ::-1], eps=1e-2)
 assert not Path(f"{_root / 'feats'}.partial").exists()
+
 
 # %% [markdown]
 # Interrupted after two chunks and run again, it finishes from the third and gives the same store:
@@ -267,6 +274,7 @@ raises(lambda: open_store(_root / 'feats', {'encoder': 'google/siglip2-base-patc
        "encoder is 'stand-in/pixel-randproj-g4-d8-s0', the run asks for 'google/siglip2-base-patch16-224'")
 raises(lambda: precompute(data, _root / 'feats', PixelEncoder(dim=16), vae, 16, 'pixel', progress=False), 'does not match')
 test_eq(precompute(data, _root / 'feats', enc, vae, 16, 'pixel', progress=False).meta, st.meta)   # same call: reused
+
 
 # %% [markdown]
 # ## Command line
@@ -311,6 +319,7 @@ def precompute_cli(argv: list[str]) -> int:
         print(f"fsdit precompute: {e}"); return 1
     print(f"{a.out}: {len(st.embeds)} images, embeds {st.embeds.shape[1:]}, moments {st.moments.shape[1:]}, {st.meta['splits']}")
     return 0
+
 
 # %%
 import contextlib, io

@@ -19,6 +19,7 @@ from fsdit.config import ModelConfig, model_config, MODEL_PRESETS
 # %%
 from fastcore.test import test_eq, test_close
 
+
 # %% [markdown]
 # ## Tokens and positions
 #
@@ -45,6 +46,7 @@ def grid_pos(dim: int, side: int) -> np.ndarray:
     "Positions of a `side x side` token grid, row-major like the tokens: `(side**2, dim)`."
     return sincos_pos_2d(dim, np.arange(side), np.arange(side))
 
+
 # %% [markdown]
 # The table is a constant of the traced function, not a parameter. (Deviation: the seed, like jax-flow,
 # stored it as a parameter behind `stop_gradient`, so AdamW's weight decay shrank it a little every step,
@@ -55,6 +57,7 @@ pe = grid_pos(8, 3)
 test_eq(pe.shape, (9, 8))
 test_close(pe[0], [0, 0, 1, 1, 0, 0, 1, 1])        # position (0, 0): sin 0, cos 0
 test_eq(pe[1, :4], pe[0, :4]); assert not np.allclose(pe[1, 4:], pe[0, 4:])   # token 1 = row 0, column 1
+
 
 # %%
 #| export
@@ -79,6 +82,7 @@ def unpatchify(x, patch: int, channels: int):
     x = x.reshape(B, side, side, patch, patch, channels)                   # (B, h, w, p, q, C)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, side * patch, side * patch, channels)
 
+
 # %% [markdown]
 # `unpatchify` inverts a plain reshape-patchify of the grid:
 
@@ -86,6 +90,7 @@ def unpatchify(x, patch: int, channels: int):
 x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
 tok = x.reshape(2, 4, 2, 4, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 12)   # (B, T, p*p*C)
 test_eq(np.asarray(unpatchify(jnp.asarray(tok), 2, 3)), x)
+
 
 # %% [markdown]
 # ## Condition embeddings
@@ -141,10 +146,12 @@ class LabelEmbedder(nn.Module):
         return nn.Embed(self.num_classes + 1, self.hidden, embedding_init=nn.initializers.normal(0.02),
                         dtype=self.dtype)(labels)                             # (B, D)
 
+
 # %%
 e = timestep_sinusoid(jnp.array([0.0, 0.5]), 8)
 test_close(np.asarray(e[0]), np.array([1, 1, 1, 1, 0, 0, 0, 0.]))
 test_close(float(e[1, 0]), math.cos(5000.0), eps=1e-3)
+
 
 # %% [markdown]
 # ## adaLN-Zero blocks
@@ -245,6 +252,7 @@ class FinalLayer(nn.Module):
         return nn.Dense(self.patch * self.patch * self.channels, kernel_init=nn.initializers.zeros,
                         dtype=self.dtype, name='linear')(x)                  # (B, T, p*p*C)
 
+
 # %% [markdown]
 # A block with zero gates is the identity, whatever the input:
 
@@ -253,6 +261,7 @@ blk = DiTBlock(16, 2)
 xb, cb = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16)), jnp.ones((2, 16))
 out = jax.jit(lambda k: blk.apply(blk.init(k, xb, cb), xb, cb)[0])(jax.random.PRNGKey(1))
 test_eq(np.asarray(out), np.asarray(xb))
+
 
 # %% [markdown]
 # ## Support tokens (`cond='context'`)
@@ -287,6 +296,7 @@ class SupportTokens(nn.Module):
         seg = self.param('segment', nn.initializers.normal(0.02), (cfg.hidden,))
         tok = tok + support_pos(cfg.hidden, H, cfg.patch, cfg.context_patch).astype(dt) + seg.astype(dt)
         return tok.reshape(B, K * tok.shape[1], cfg.hidden)                  # (B, K*T_s, D)
+
 
 # %% [markdown]
 # ## The model
@@ -341,6 +351,7 @@ class DiT(nn.Module):
         if not return_intermediates: return v
         return v, {'attn_entropy': jnp.stack(ents), 'act_rms': jnp.stack(rms)}   # (depth, heads), (depth,)
 
+
 # %% [markdown]
 # Helpers: a null condition of the right shapes (for `init`), a random example condition, parameters,
 # and the training-time CFG drop mask.
@@ -393,6 +404,7 @@ def perturb(params, scale: float = 0.05, seed: int = 0):
 def random_drop(key, B: int, p: float):
     "The CFG training mask `(B,)`: True (use the null condition) with probability `p`."
     return jax.random.bernoulli(key, p, (B,))
+
 
 # %% [markdown]
 # ## Invariants
@@ -472,6 +484,7 @@ vb = jit_apply(model_config('mu', dtype='bfloat16'))({'params': pp}, x, t, cond,
 test_eq(vb.dtype, jnp.float32)
 assert float(jnp.abs(vb - v_c).max()) < 0.05 * float(jnp.abs(v_c).max()) + 1e-3
 test_close(jit_apply(model_config('mu', remat=True))({'params': pp}, x, t, cond, zeros), v_c, eps=1e-6)
+
 
 # %% [markdown]
 # ## Sizes

@@ -19,6 +19,7 @@ from fastcore.test import test_eq, test_close
 from fsdit.config import model_config
 from fsdit.dit import DiT, init_params, example_cond
 
+
 # %% [markdown]
 # ## The straight path
 #
@@ -47,12 +48,14 @@ def velocity_target(x1, eps):
     "The straight path's velocity `x1 - eps` (independent of t)."
     return x1 - eps
 
+
 # %%
 k1, k2 = jax.random.split(jax.random.PRNGKey(0))
 x1, eps = jax.random.normal(k1, (4, 8, 8, 3)), jax.random.normal(k2, (4, 8, 8, 3))
 test_close(interpolate(x1, eps, jnp.zeros(4)), eps); test_close(interpolate(x1, eps, jnp.ones(4)), x1)
 h = 1e-3; t0 = jnp.full(4, 0.3)   # the target is the path's derivative
 test_close((interpolate(x1, eps, t0 + h) - interpolate(x1, eps, t0)) / h, velocity_target(x1, eps), eps=1e-2)
+
 
 # %% [markdown]
 # ## Timesteps
@@ -68,12 +71,14 @@ def sample_t(key, shape, mode: str = 'logit_normal'):
     if mode == 'uniform': return jax.random.uniform(key, shape)
     raise ValueError(f"t sampling must be 'logit_normal' or 'uniform', got {mode!r}")
 
+
 # %%
 ts = np.asarray(sample_t(jax.random.PRNGKey(0), (20_000,)))
 assert 0 < ts.min() and ts.max() < 1 and abs(np.median(ts) - 0.5) < 0.01
 assert ((ts > 0.25) & (ts < 0.75)).mean() > 0.65        # uniform would give 0.5
 tu = np.asarray(sample_t(jax.random.PRNGKey(0), (20_000,), 'uniform'))
 assert abs(((tu > 0.25) & (tu < 0.75)).mean() - 0.5) < 0.02
+
 
 # %% [markdown]
 # ## Loss, overall and per t-bin
@@ -107,6 +112,7 @@ def bin_means(sums, counts):
     with np.errstate(invalid='ignore', divide='ignore'):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
+
 # %%
 loss = jnp.array([1., 2., 3., 4., 6.]); tt = jnp.array([0.05, 0.5, 0.55, 0.99, 1.0])
 s, n = t_bin_stats(loss, tt)
@@ -114,6 +120,7 @@ test_eq(np.asarray(n), [1, 0, 0, 0, 0, 2, 0, 0, 0, 2])
 m = bin_means(s, n)
 test_eq(m[[0, 5, 9]], [1., 2.5, 5.]); assert np.isnan(m[1:5]).all()
 test_close(np.nansum(m * np.asarray(n)) / np.asarray(n).sum(), float(loss.mean()))   # count-weighted = overall
+
 
 # %% [markdown]
 # ## The loss function
@@ -138,6 +145,7 @@ def flow_loss(apply_fn: Callable, params, x1, cond: dict, drop=None, *, key=None
     loss = per_example_loss(v, velocity_target(x1, eps))
     return loss.mean(), {'loss': loss, 't': t}
 
+
 # %% [markdown]
 # The loss of the true velocity is zero, and a fresh DiT (which outputs 0) has loss $E|x_1 - \varepsilon|^2$:
 
@@ -157,6 +165,7 @@ test_close(float(lf), float(jnp.mean(jnp.square(xb - e0))), eps=1e-5)
 s, n = t_bin_stats(aux['loss'], aux['t'])
 test_close(float(np.nansum(bin_means(s, n) * np.asarray(n)) / 4), float(lf), eps=1e-5)
 
+
 # %% [markdown]
 # ## A `mu` DiT fits a batch
 #
@@ -175,6 +184,7 @@ def fit_step(apply_fn, opt):
         upd, state = opt.update(g, state, params)
         return optax.apply_updates(params, upd), state, l
     return step
+
 
 # %%
 opt = optax.adam(optax.cosine_decay_schedule(1e-2, 300))   # decaying lr: converges, not oscillates

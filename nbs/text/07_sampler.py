@@ -20,6 +20,7 @@ from fastcore.test import test_eq, test_close
 from fsdit.config import model_config
 from fsdit.dit import DiT, init_params, example_cond, perturb
 
+
 # %% [markdown]
 # ## Integrating the ODE
 #
@@ -50,6 +51,7 @@ def integrate(velocity_fn: Callable, x0, steps: int, method: str = 'euler'):
 
     return jax.lax.fori_loop(0, steps, body, (x0, jnp.zeros_like(x0)))[0]
 
+
 # %% [markdown]
 # Both are exact on a constant field; on a curved one Heun's error is far smaller (second order):
 
@@ -68,6 +70,7 @@ for xc in r['const'].values(): test_close(xc, x0 + c, eps=1e-6)
 err = {m: float(jnp.abs(r['exp'][m] - x0 * np.e).max()) for m in ('euler', 'heun')}
 assert err['heun'] < err['euler'] / 20, err
 test_close(r['lin_t'], x0 + 1, eps=1e-6)   # the trapezoid rule is exact for v linear in t
+
 
 # %% [markdown]
 # ## Classifier-free guidance
@@ -122,6 +125,7 @@ def sample(apply_fn: Callable, params, noise, cond: dict, *, steps: int = 50, cf
     "Generate from `noise (B, H, W, C)` at t=0 to t=1 with CFG; one compiled program per (model, shapes, steps, method)."
     if cfg_scale is not None: cfg_scale = jnp.asarray(cfg_scale, jnp.float32)   # traced: a new scale does not recompile
     return _sample(_static(apply_fn), params, noise, cond, cfg_scale, steps, method)
+
 
 # %% [markdown]
 # With a `mu` DiT (perturbed away from its all-zero start), guidance at $s = 1$ reproduces the

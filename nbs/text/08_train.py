@@ -30,6 +30,7 @@ from fsdit.sampler import sample
 import tempfile
 from fastcore.test import test_eq, test_close
 
+
 # %% [markdown]
 # ## The optimizer
 #
@@ -45,11 +46,13 @@ def lr_schedule(c: TrainConfig) -> optax.Schedule:
     # optax needs at least one cosine step; warmup == max_steps then ends at `lr` without decaying
     return optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup, max(c.max_steps, c.warmup + 1), end_value=c.min_lr)
 
+
 # %%
 tc = train_config('seed')
 s = lr_schedule(tc)
 test_close([float(s(i)) for i in (0, 2_500, 5_000, 102_500, 200_000, 250_000)],
            [0.0, 5e-5, 1e-4, (1e-4 + 1e-6) / 2, 1e-6, 1e-6], eps=1e-9)
+
 
 # %% [markdown]
 # Weight decay applies to weight matrices only. The seed decays every parameter, including biases,
@@ -71,6 +74,7 @@ def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(c.grad_clip),
                        optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=decay_mask))
 
+
 # %% [markdown]
 # With zero gradients only weight decay moves a parameter, so one step shows the mask: kernels shrink by
 # $\eta\lambda$, everything else stays put.
@@ -83,6 +87,7 @@ u, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
 q = optax.apply_updates(p, u)
 test_close(q['dense']['kernel'], 1 - 0.1 * 0.5)
 for leaf in (q['dense']['bias'], q['norm']['scale'], q['pos_embed']): test_eq(leaf, jnp.ones_like(leaf))
+
 
 # %% [markdown]
 # ## The train state
@@ -116,6 +121,7 @@ def ema_update(ema, params, decay: float):
     "EMA of the parameters: `decay * ema + (1 - decay) * params`."
     return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
 
+
 # %%
 mc = model_config('mu')
 tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_every=5, keep=1, sample_steps=2)
@@ -145,6 +151,7 @@ def example_keys(key: jax.Array, step, n: int, axis_name: str | None = AXIS) -> 
     step_key = jax.random.fold_in(key, step)
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
 
+
 # %% [markdown]
 # On the device a batch becomes the model's inputs. The target latent is a fresh posterior sample of the
 # chosen mirror state, $x_1 = (\mu + e^{\frac12 \log\sigma^2} n)\cdot s$ with $s$ = 0.18215 (1 in pixel
@@ -173,6 +180,7 @@ def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig,
     x1, t, eps, drop = jax.vmap(one)(keys, batch['moments'])
     return x1, t, eps, drop, condition(batch, mc, latent_scale)
 
+
 # %% [markdown]
 # A batch as the data iterator hands it over (float16 moments of both mirror states, K support embeddings),
 # here from a store of random arrays with the real layout:
@@ -200,6 +208,7 @@ def synthetic_batch(n: int, mc: ModelConfig, shots: int = 5, seed: int = 0, spac
            'labels': np.zeros(n, np.int32)}
     return host_batch(embeds, moments, idx)
 
+
 # %%
 b = synthetic_batch(4, mc)
 keys = example_keys(jax.random.PRNGKey(0), 3, 4, axis_name=None)
@@ -214,6 +223,7 @@ test_eq(np.asarray(rev[0][::-1]), np.asarray(x1)); test_eq(np.asarray(rev[1][::-
 pb = synthetic_batch(4, mc, space='pixel')
 x1p = np.asarray(inputs(pb, keys, mc, tc, 1.0)[0])[:, None]
 assert np.all(np.isclose(x1p, pb['moments'][:, :, 0].astype(np.float32), atol=1e-5).all((2, 3, 4)).any(1))
+
 
 # %% [markdown]
 # ## The step
@@ -249,6 +259,7 @@ def compute_grads(state, batch, *, model, mc, tc, latent_scale, axis_name=AXIS):
         state.params, model, batch, keys, mc, tc, latent_scale)
     return _pmean(loss, axis_name), _pmean(grads, axis_name), per_example, t
 
+
 # %% [markdown]
 # The step itself is a pure function of (state, device batch): no host sync, no Python side effects.
 # Its metrics stay on the device until a log step fetches them; `finite` is the NaN/Inf check. The grad
@@ -269,6 +280,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scal
                    finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm), bin_sums=bin_sums, bin_counts=bin_counts)
     return state.replace(params=params, ema_params=ema_update(state.ema_params, params, tc.ema_decay),
                          opt_state=opt_state, step=state.step + 1), metrics
+
 
 # %% [markdown]
 # `data_parallel` is the one place that knows how the step is spread over devices: `jax.pmap` over the
@@ -306,6 +318,7 @@ def shard(batch: dict, n_devices: int) -> dict:
     "Split a host batch (B, ...) into (n_devices, B / n_devices, ...)."
     return {k: v.reshape(n_devices, v.shape[0] // n_devices, *v.shape[1:]) for k, v in batch.items()}
 
+
 # %% [markdown]
 # One step on the `mu` model: the loss is finite, the step counter moves, clipping caps the norm, and the
 # EMA moved by exactly $1 - d$ of the update.
@@ -322,6 +335,7 @@ test_eq(int(unreplicate(state.step)), 1); test_eq(float(m['lr']), 0.0)  # the fi
 test_eq(m['bin_counts'].sum(), tc.batch_size)
 ema, p1 = unreplicate(state.ema_params), unreplicate(state.params)
 for e, a, b_ in zip(jax.tree.leaves(ema), jax.tree.leaves(p0), jax.tree.leaves(p1)): test_close(e, tc.ema_decay * a + (1 - tc.ema_decay) * b_, eps=1e-6)
+
 
 # %% [markdown]
 # ## Evaluation
@@ -346,6 +360,7 @@ def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, latent_scal
 def make_eval_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float) -> Callable:
     "The data-parallel eval step: (replicated params, sharded batch, replicated key) -> summed metrics."
     return data_parallel(partial(eval_step, model=DiT(mc), mc=mc, tc=tc, latent_scale=latent_scale), donate=False)
+
 
 # %% [markdown]
 # On the host, the sums of every validation batch add up; the bin means come from `flow.bin_means`
@@ -375,6 +390,7 @@ def evaluate(eval_fn: Callable, params, val_batches: list, key, prefix: str) -> 
     out.update({f'{prefix}/loss_tbin_{i}': float(v) for i, v in enumerate(bins)})
     return {**out, **entropy_metrics(tot['attn_entropy'] / len(val_batches))}
 
+
 # %%
 eval_fn = make_eval_step(mc, tc, 0.18215)
 vb = [shard(synthetic_batch(8, mc, seed=1), n_dev)]
@@ -382,6 +398,7 @@ vkey = replicate(jax.random.PRNGKey(1))
 ev = evaluate(eval_fn, state.params, vb, vkey, 'val')
 np.testing.assert_equal(ev, evaluate(eval_fn, state.params, vb, vkey, 'val'))  # fixed episodes and keys: same numbers
 assert np.isfinite(ev['val/loss']) and {'attn/entropy_early', 'attn/entropy_late', 'attn/entropy_last_head1'} <= set(ev)
+
 
 # %% [markdown]
 # ## Data
@@ -415,6 +432,7 @@ class EpisodeSource:
         "The fixed validation batches (the same episodes every call)."
         return [self._gather(i) for i in validation_batches(self.val_rows, self.tc.batch_size, self.n_val, self.tc.shots, seed=self.tc.seed)]
 
+
 # %% [markdown]
 # For tests and this notebook, a source over a random store:
 
@@ -426,6 +444,7 @@ def synthetic_source(mc: ModelConfig, tc: TrainConfig, seed: int = 0, space: str
     k = len(rows) * 2 // 3
     return EpisodeSource(embeds, moments, rows[:k], rows[k:], tc, space)
 
+
 # %%
 src = synthetic_source(mc, tc)
 it = src.batches()
@@ -433,6 +452,7 @@ it = src.batches()
 test_eq(b1['moments'].shape, (tc.batch_size, 2, 2, 28, 28, 4)); test_eq(b1['support_embeds'].shape, (tc.batch_size, 5, 768))
 b2_again, _ = next(src.batches(p1))  # restarting at a saved position gives the next batch
 np.testing.assert_equal(b2_again, b2)
+
 
 # %% [markdown]
 # ## Metrics on the host
@@ -466,6 +486,7 @@ def train_summary(pending: list[dict], loss_ema: float | None, alpha: float = 0.
            'train/grad_norm_clipped': mean('grad_norm_clipped'), 'train/param_norm': float(ms[-1]['param_norm']),
            'train/lr': float(ms[-1]['lr'])}
     return {**out, **{f'train/loss_tbin_{i}': float(v) for i, v in enumerate(bins)}}, loss_ema
+
 
 # %% [markdown]
 # ## Logging
@@ -524,6 +545,7 @@ def _run_id(out_dir) -> str:
     if not p.exists(): p.write_text(f"fsdit-{os.urandom(6).hex()}")
     return p.read_text().strip()
 
+
 # %%
 test_eq(wandb_mode('online', {}), 'offline'); test_eq(wandb_mode('online', {'WANDB_API_KEY': 'x'}), 'online')
 with tempfile.TemporaryDirectory() as d:
@@ -532,6 +554,7 @@ with tempfile.TemporaryDirectory() as d:
     log.truncate(5)
     recs = [json.loads(l) for l in open(Path(d) / 'metrics.jsonl')]
 test_eq(recs, [{'step': 5, 'train/loss': 1.5, 'train/loss_tbin_0': None}])
+
 
 # %% [markdown]
 # ## Sample grids
@@ -578,6 +601,7 @@ def save_png(image: np.ndarray, path) -> Path:
     Image.fromarray(image).save(path)
     return path
 
+
 # %% [markdown]
 # ## Checkpoints
 #
@@ -613,6 +637,7 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, template: TrainState) -> tup
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return flax.serialization.from_state_dict(template, got['state']), dict(got['meta'])
 
+
 # %%
 with tempfile.TemporaryDirectory() as d:
     mngr = checkpoint_manager(d, keep=2)
@@ -624,6 +649,7 @@ with tempfile.TemporaryDirectory() as d:
     for a, b_ in zip(jax.tree.leaves(back), jax.tree.leaves(unreplicate(state))): test_eq(np.asarray(a), b_)
     test_eq(meta['data'], {'epoch': 0, 'offset': 8})
     mngr.close()
+
 
 # %% [markdown]
 # ## Stopping cleanly
@@ -648,10 +674,12 @@ class StopSignal:
     def __exit__(self, *exc):
         for s, h in self._old.items(): signal.signal(s, h)
 
+
 # %%
 with StopSignal() as stop:
     os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)
     assert stop.requested
+
 
 # %% [markdown]
 # ## The run
@@ -682,6 +710,7 @@ def read_run_config(out_dir) -> tuple[ModelConfig, TrainConfig] | None:
     if not p.exists(): return None
     d = json.loads(p.read_text())
     return config_from_dict(ModelConfig, d['model']), config_from_dict(TrainConfig, d['train'])
+
 
 # %%
 #| export
@@ -768,6 +797,7 @@ class Trainer:
     def close(self):
         self.ckpt.close(); self.log.close()
 
+
 # %% [markdown]
 # `train` is the whole run. A NaN or Inf loss raises `NonFiniteLoss` at the next log or save step, before
 # anything is written: the checkpoints on disk are all from before the failure.
@@ -780,6 +810,7 @@ def train(mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | 
     try:
         with StopSignal() as stop: return trainer.run(stop)
     finally: trainer.close()
+
 
 # %% [markdown]
 # A short run on the synthetic store: the loss falls, every metric lands in `metrics.jsonl` (empty t-bins as
@@ -848,6 +879,7 @@ def resolve_configs(args, store_meta: dict | None) -> tuple[ModelConfig, TrainCo
     mc = config_from_dict(ModelConfig, {**mc0, **shape, **dim, **pick('model')})
     return mc, config_from_dict(TrainConfig, {**tc0, **pick('train')})
 
+
 # %%
 #| export
 def lazy_vae_decode(name: str) -> Callable:
@@ -886,6 +918,7 @@ def train_cli(argv: list[str]) -> int:
         print(f"fsdit train: {e}", file=sys.stderr); return 1
     return 0
 
+
 # %% [markdown]
 # The flags: seed names and new names reach the same field, a preset is the base, flags win:
 
@@ -895,6 +928,7 @@ a = train_parser().parse_args(['--out', '/nonexistent/run', '--model', 'mu', '--
 m_, t_ = resolve_configs(a, {'latent_shape': [16, 16, 3], 'embed_dim': 64})
 test_eq((t_.batch_size, t_.wandb_name, t_.ema_decay, t_.warmup), (16, 'r1', 0.5, 2))
 test_eq((m_.hidden, m_.input_size, m_.in_channels, m_.support_dim, m_.remat), (32, 16, 3, 64, True))
+
 
 # %% [markdown]
 # ## Memory: B/2 at 16 per core on a 16 GB TPU v5e
@@ -927,4 +961,3 @@ def memory_estimate(mc: ModelConfig, per_device_batch: int, tc: TrainConfig | No
     return dict(params=p, ema=p, adam=nbytes(state.opt_state), grads=p, arguments=ma.argument_size_in_bytes,
                 temporaries=ma.temp_size_in_bytes, outputs=ma.output_size_in_bytes, aliased=ma.alias_size_in_bytes,
                 peak=ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
-

@@ -33,6 +33,7 @@ from fsdit.config import model_config, train_config, TrainConfig, ModelConfig
 import tempfile
 from fastcore.test import test_eq, test_fail
 
+
 # %% [markdown]
 # ## Sizes
 #
@@ -79,6 +80,7 @@ def demo_size(name: str = 'full', **overrides) -> DemoSize:
     if name not in DEMO_SIZES: raise KeyError(f"unknown demo size {name!r}; choose one of {sorted(DEMO_SIZES)}")
     return replace(DEMO_SIZES[name], **overrides)
 
+
 # %% [markdown]
 # The configs the sizes make, through the same preset functions a user calls:
 
@@ -92,6 +94,7 @@ def demo_configs(s: DemoSize, cond: str = 'support') -> tuple[ModelConfig, Train
     tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, wandb_mode='disabled', **t)
     return mc, tc
 
+
 # %%
 mc, tc = demo_configs(DEMO_SIZES['full'])
 test_eq((mc.input_size, mc.in_channels, mc.tokens, mc.support_dim, mc.cond), (32, 3, 64, 64, 'support'))
@@ -99,6 +102,7 @@ test_eq((tc.batch_size, tc.max_steps, tc.ema_decay, tc.sample_steps), (32, 700, 
 mc_t, tc_t = demo_configs(demo_size('tiny'), cond='context')
 test_eq((mc_t.input_size, mc_t.tokens, mc_t.cond, tc_t.max_steps), (16, 16, 'context', 30))
 test_fail(lambda: demo_size('huge'), contains="unknown demo size 'huge'")
+
 
 # %% [markdown]
 # ## The stages
@@ -146,6 +150,7 @@ def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = T
     _log(log, f"store:   {out / 'feats'}  ({len(st.embeds)} images, stand-in encoder {st.meta['encoder']} "
               f"(not SigLIP2); {'reused' if reused else f'{time.time() - t0:.0f} s'})")
     return st
+
 
 # %% [markdown]
 # Training goes through `fsdit.train.train` on episodes from the store. The trainer logs to
@@ -203,6 +208,7 @@ def demo_train(out, s: DemoSize, store, cond: str = 'support', log: Callable | N
               f"val loss {last.get('val/loss', float('nan')):.4f})")
     return run
 
+
 # %% [markdown]
 # The grids show, one class a row, the 5 supports (left of the gap) and images generated from them at
 # the run's CFG scale; the supports are drawn from the store, each class with its own seed. A grid is
@@ -238,6 +244,7 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
         sups.append(sup); gens.append(to_uint8(gen))
     return class_rows_grid(sups, gens)
 
+
 # %%
 #| export
 def _stamp_ok(path: Path, step: int | None) -> bool:
@@ -271,6 +278,7 @@ def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: 
     _log(log, f"samples: {files['seen']}, {files['heldout']}  (supports | samples at CFG {run.tc.cfg_scale}; "
               f"{time.time() - t0:.0f} s)")
     return files
+
 
 # %% [markdown]
 # The evaluation is `fsdit.eval.evaluate` on the held-out test classes and as many seen (train) classes:
@@ -306,6 +314,7 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
     _log(log, f"eval:    {ev}  ({time.time() - t0:.0f} s)\n" + results_table(res['records'], ('proto_acc', 'fd_embed', 'nn_support_pixel')))
     return summary
 
+
 # %% [markdown]
 # ## The whole chain
 
@@ -333,6 +342,7 @@ def demo(out='demo', size: str | DemoSize = 'full', cond: str = 'support', until
     if stop('samples'): return res
     res['summary'] = demo_eval(out, s, store, log, get_run)
     return res
+
 
 # %% [markdown]
 # At the `tiny` size the whole chain takes seconds. A second call reuses every stage:
@@ -368,6 +378,7 @@ g = np.asarray(Image.open(d / 'samples_heldout.png'))
 test_eq(g.shape[0], 3 * (16 + 2))
 Image.open(d / 'samples_heldout.png').resize((g.shape[1] * 3, g.shape[0] * 3), Image.NEAREST)
 
+
 # %% [markdown]
 # ## Command line
 #
@@ -396,6 +407,7 @@ def demo_cli(argv: list[str]) -> int:
     except (ValueError, FileExistsError) as e:
         print(f"fsdit demo: {e}"); return 1
     return 0
+
 
 # %%
 import contextlib, io

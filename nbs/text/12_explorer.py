@@ -26,6 +26,7 @@ import ipywidgets as W
 import tempfile
 from fastcore.test import test_eq, test_fail, test_ne
 
+
 # %% [markdown]
 # ## Runs and their stores
 #
@@ -54,6 +55,7 @@ def find_store(run_dir, config: dict | None = None) -> Path | None:
     for cand in (config.get('feats'), Path(run_dir).parent / 'feats'):
         if cand and (Path(cand) / 'metadata.json').exists(): return Path(cand)
     return None
+
 
 # %% [markdown]
 # ## What the explorer needs from a run
@@ -109,6 +111,7 @@ class RunView:
         p = self.run.path / 'metrics.jsonl'
         return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
+
 # %% [markdown]
 # ## The run's training curves
 #
@@ -146,6 +149,7 @@ def metrics_png(view: dict) -> bytes:
     fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=80); plt.close(fig)
     return buf.getvalue()
 
+
 # %%
 recs = [{'step': 5, 'train/loss_tbin_0': 1.0, 'train/loss_tbin_1': None, 'attn/entropy_late': 2.0},
         {'step': 10, 'val/loss_tbin_1': 0.5, 'val/loss_tbin_0': 0.7, 'attn/entropy_late': 1.5, 'attn/entropy_early': 3.0}]
@@ -153,6 +157,7 @@ v = metrics_view(recs)
 test_eq((v['step'], v['t_bins'], v['entropy']['late']), (10, {'val': [0.7, 0.5]}, ([5, 10], [2.0, 1.5])))
 assert metrics_view(recs[:1])['t_bins']['train'][0] == 1.0 and np.isnan(metrics_view(recs[:1])['t_bins']['train'][1])
 assert metrics_png(v)[:4] == b'\x89PNG'
+
 
 # %% [markdown]
 # ## The widget
@@ -178,6 +183,7 @@ def _image_row(images, css: str) -> list:
     for im in images:
         w = W.Image(value=png(im), format='png'); w.add_class(css); out.append(w)
     return out
+
 
 # %% [markdown]
 # The actions. Loading a run sets the controls to its training settings (shots, CFG scale, sampler
@@ -319,6 +325,7 @@ class Explorer:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
 
 # %% [markdown]
 # ## A tiny run to explore

@@ -35,6 +35,7 @@ def usage() -> str:
     rows = '\n'.join(f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items())
     return f"usage: fsdit <command> [options]\n\ncommands:\n{rows}\n\n`fsdit <command> --help` for a command's options."
 
+
 # %%
 #| export
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fsdit: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr); return 2
     module, func, _ = COMMANDS[cmd]
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
 
 # %% [markdown]
 # Every command resolves to a function of the module that owns it:

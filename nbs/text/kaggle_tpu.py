@@ -44,6 +44,7 @@ def constraints(dists=PINNED) -> str:
         except md.PackageNotFoundError: pass
     return '\n'.join(lines) + '\n'
 
+
 # %% [markdown]
 # Here (not on Kaggle) the same function pins whatever JAX this machine has, and leaves out what is not
 # installed:
