@@ -12,14 +12,14 @@ NB_TEXT := nbs/text
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --no-compile --upgrade pip
 
 venv: $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-compile -e .
 
 venv-dev: $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-compile "$(TORCH)"
+	$(BIN)/pip install -q --no-compile -e ".[dev]"
 	$(BIN)/pip check
 
 demo: venv
@@ -46,8 +46,8 @@ check-sync:
 OLD_VENV := .venv-oldjax
 test-oldjax:
 	[ -x $(OLD_VENV)/bin/python ] || $(PY) -m venv $(OLD_VENV)
-	$(OLD_VENV)/bin/pip install -q --upgrade pip
-	$(OLD_VENV)/bin/pip install -q "$(TORCH)"
-	$(OLD_VENV)/bin/pip install -q "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0" -e ".[dev]"
+	$(OLD_VENV)/bin/pip install -q --no-compile --upgrade pip
+	$(OLD_VENV)/bin/pip install -q --no-compile "$(TORCH)"
+	$(OLD_VENV)/bin/pip install -q --no-compile "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0" -e ".[dev]"
 	$(OLD_VENV)/bin/pip check
-	$(OLD_VENV)/bin/python -m pytest -q -m oldjax tests
+	$(OLD_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m oldjax tests

@@ -211,7 +211,6 @@ _PROCESS = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.oldjax
 def test_two_processes_match_one(train_store, train_run, tmp_path):
     "Two JAX processes on loopback CPU (1 device each, half the batch each) give the one-process run."
     with socket.socket() as s:
@@ -231,7 +230,6 @@ def test_two_processes_match_one(train_store, train_run, tmp_path):
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)): np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.oldjax
 def test_memory_estimate_counts_the_state():
     from fsdit.config import model_config, train_config
     from fsdit.train import memory_estimate
