@@ -42,12 +42,15 @@ sync:
 check-sync:
 	$(BIN)/python tools/text_forms.py check
 
-# The model, sampler and trainer tests again, with the oldest JAX/Flax the package claims (Kaggle's TPU image).
+# A second environment: the oldest JAX/Flax the package claims (Kaggle's TPU image) for the model, sampler and
+# trainer tests, plus the fid extra for the FID feature-path test. torchvision is pinned to the release made for
+# the pinned torch, so pip never swaps the CPU torch for another build.
 OLD_VENV := .venv-oldjax
+TORCHVISION ?= torchvision==0.28.0
 test-oldjax:
 	[ -x $(OLD_VENV)/bin/python ] || $(PY) -m venv $(OLD_VENV)
 	$(OLD_VENV)/bin/pip install -q --no-compile --upgrade pip
 	$(OLD_VENV)/bin/pip install -q --no-compile "$(TORCH)"
-	$(OLD_VENV)/bin/pip install -q --no-compile "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0" -e ".[dev]"
+	$(OLD_VENV)/bin/pip install -q --no-compile "$(TORCHVISION)" "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0" -e ".[dev,fid]"
 	$(OLD_VENV)/bin/pip check
-	$(OLD_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m oldjax tests
+	$(OLD_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "oldjax or fid" tests

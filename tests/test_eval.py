@@ -1,5 +1,7 @@
 """fsdit.eval and fsdit.sample: metrics with known answers, the FID feature path, and the whole eval on a tiny trained run."""
 import json
+import sys
+import types
 import urllib.error
 
 import numpy as np
@@ -42,19 +44,63 @@ def test_prototypes_and_distances():
 
 # ---------------------------------------------------------------- FID feature path
 
-@pytest.mark.skipif(not fid_available(), reason="the fid extra (torch + torchvision + pytorch-fid) does not import here")
-def test_fid_inception_random_weights(tmp_path, monkeypatch):
-    import torch
-    from pytorch_fid import inception as inc
+def _fid_installed() -> bool:
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ('torch', 'torchvision', 'pytorch_fid'))
+
+
+@pytest.fixture
+def fid_modules(monkeypatch):
+    """torch and pytorch-fid's `inception` module.
+
+    Where only the CUDA build of torchvision is at hand beside a CPU torch (as in this project's CI registry), its
+    compiled detection operators (nms, roi_align, ...) cannot load and `import torchvision` fails while registering
+    their fake/autograd kernels. Inception uses none of them: the registrations are left out and torchvision's
+    pure-Python model code, which pytorch-fid builds on, is imported as it is."""
+    if not fid_available():
+        for m in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
+            monkeypatch.delitem(sys.modules, m)
+        for m in ('torchvision._meta_registrations', 'torchvision._autograd_registrations'):
+            monkeypatch.setitem(sys.modules, m, types.ModuleType(m))
+    from fsdit.eval import _import_fid
+    return _import_fid()
+
+
+@pytest.mark.fid
+@pytest.mark.skipif(not _fid_installed(), reason="the fid extra (torch + torchvision + pytorch-fid) is not installed here")
+def test_fid_inception_random_weights(tmp_path, monkeypatch, fid_modules):
+    torch, inc = fid_modules
+    from PIL import Image
+    from pytorch_fid.fid_score import get_activations
     from fsdit.eval import _fid_inception_net
-    imgs = np.random.default_rng(0).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    imgs = np.random.default_rng(0).integers(0, 255, (5, 48, 40, 3), dtype=np.uint8)
     net = _fid_inception_net(inc)
+    # random weights with their batch-norm statistics set on random images, so activations stay near unit scale
+    # (with the initial statistics the pool3 features shrink to ~1e-8 and every comparison below would pass)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d): m.momentum = None; m.reset_running_stats()
+    with torch.no_grad(): net.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
+    net.eval()
     torch.save(net.state_dict(), tmp_path / 'w.pth')              # the layout of pytorch-fid's weight file
-    model = fid_inception(str(tmp_path / 'w.pth'))
-    a, b = inception_features(imgs, model, batch_size=2), inception_features(imgs, model, batch_size=3)
-    assert a.shape == (3, 2048) and np.isfinite(a).all() and np.allclose(a, b, atol=1e-6)
+    model = fid_inception(str(tmp_path / 'w.pth'), device='cpu')
     assert torch.equal(model.blocks[0][0].conv.weight, net.Conv2d_1a_3x3.conv.weight)   # the file's weights
     assert torch.equal(model.blocks[3][1].branch_pool.conv.weight, net.Mixed_7b.branch_pool.conv.weight)
+    a, b = inception_features(imgs, model, batch_size=2), inception_features(imgs, model, batch_size=5)
+    assert a.shape == (5, 2048) and np.isfinite(a).all() and a.std() > 1e-2
+    close = lambda x, y: np.abs(x - y).max() <= 1e-5 * np.abs(y).max()
+    assert close(a, b)
+    # pytorch-fid's own path: PNG files -> its dataset and transforms -> the same model
+    files = []
+    for i, im in enumerate(imgs):
+        files.append(tmp_path / f'{i}.png'); Image.fromarray(im).save(files[-1])
+    ref = get_activations(files, model, batch_size=2, dims=2048, device='cpu', num_workers=0)
+    assert close(a, ref), np.abs(a - ref).max()
+    assert np.abs(a - a[::-1]).max() > 1e-2 * np.abs(a).max()    # the features depend on the image (1000x the tolerance)
+    # grayscale is repeated to three channels; float input in [-1, 1] is the same image
+    g = imgs[..., :1]
+    assert close(inception_features(g, model), inception_features(np.repeat(g, 3, -1), model))
+    assert close(inception_features(imgs / 127.5 - 1, model), a)
 
     def offline(*a, **k): raise urllib.error.URLError('no network')
     monkeypatch.setattr(inc, 'load_state_dict_from_url', offline)

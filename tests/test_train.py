@@ -44,11 +44,12 @@ def _records(run: Path) -> dict:
     return {r['step']: r for r in (json.loads(l, parse_constant=bad) for l in (run / 'metrics.jsonl').read_text().splitlines())}
 
 
-def _final_params(run: Path):
+def _final_params(run: Path, step: int | None = None):
+    "The run's state and meta at `step` (default: its latest checkpoint)."
     from fsdit.train import read_run_config, checkpoint_manager, restore_checkpoint, create_state
     mc, tc = read_run_config(run)
     m = checkpoint_manager(run, tc.keep)
-    state, meta = restore_checkpoint(m, create_state(mc, tc)); m.close()
+    state, meta = restore_checkpoint(m, create_state(mc, tc), step); m.close()
     return state, meta
 
 
@@ -201,32 +202,41 @@ def test_one_vs_eight_devices(tmp_path):
 
 
 _PROCESS = textwrap.dedent('''
-    import sys, jax
+    import os, signal, sys, jax
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    port, pid, feats, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    port, pid, feats, out, term_after = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
     assert jax.process_count() == 2 and jax.device_count() == 2
-    from fsdit.train import train_cli
-    sys.exit(train_cli(['--feats', feats, '--out', out, *sys.argv[5:]]))
+    import fsdit.train as T
+    if pid == 1 and term_after:   # a preemption notice that reaches process 1 only, after step `term_after`
+        after_step = T.Trainer.after_step
+        def after_then_term(self):
+            after_step(self)
+            if self.step == term_after: os.kill(os.getpid(), signal.SIGTERM)
+        T.Trainer.after_step = after_then_term
+    sys.exit(T.train_cli(['--feats', feats, '--out', out, *sys.argv[6:]]))
 ''')
 
 
 def test_two_processes_match_one(train_store, train_run, tmp_path):
-    "Two JAX processes on loopback CPU (1 device each, half the batch each) give the one-process run."
+    """Two JAX processes on loopback CPU (1 device each, half the batch each) give the one-process run.
+    SIGTERM reaches process 1 only, after step 5: both processes stop together at the next log step (6), save
+    it and exit cleanly (a process stopping alone would leave the other waiting in a collective)."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     run = tmp_path / 'run_2p'
-    procs = [subprocess.Popen([sys.executable, '-c', _PROCESS, str(port), str(i), str(train_store), str(run), *FLAGS],
+    procs = [subprocess.Popen([sys.executable, '-c', _PROCESS, str(port), str(i), str(train_store), str(run), '5', *FLAGS],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outs)
     ra, rb = _records(train_run), _records(run)
-    assert sorted(ra) == sorted(rb)
-    for s in ra:
+    assert sorted(rb) == [2, 4, 6] and sorted(ra) == [2, 4, 6, 8]
+    for s in rb:
         for k in ('train/loss', 'train/grad_norm', 'val/loss', 'val_ema/loss'):
             if k in ra[s]: assert rb[s][k] == pytest.approx(ra[s][k], rel=1e-4), (s, k)
     import jax
-    (a, _), (b, _) = _final_params(train_run), _final_params(run)
+    (a, _), (b, meta) = _final_params(train_run, 6), _final_params(run)
+    assert int(b.step) == 6 and meta['data'] == _final_params(train_run, 6)[1]['data']
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)): np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 

@@ -165,6 +165,9 @@ class TrainConfig:
     eval_every: int = 5_000
     sample_every: int = 10_000
     save_every: int = 5_000
+    fewshot_every: int = 10_000  # few-shot metrics on val classes (fsdit.eval.quick_eval); 0: off
+    fewshot_classes: int = 16    # val classes they use
+    fewshot_n: int = 8           # images generated per class (real ones: 2 fewshot_n + shots)
     keep: int = 3                # checkpoints kept
     seed: int = 0
     wandb_mode: str = 'online'   # falls back to 'offline' when no API key is set
@@ -180,6 +183,9 @@ def validate_train(c: TrainConfig):
     "Raise `ValueError` naming the field and the fix if `c` cannot run."
     for name in ('batch_size', 'max_steps', 'shots', 'log_every', 'eval_every', 'sample_every', 'save_every', 'keep', 'sample_steps'):
         _require(getattr(c, name) > 0, f"TrainConfig.{name} must be positive, got {getattr(c, name)}")
+    _require(c.fewshot_every >= 0, f"TrainConfig.fewshot_every must be 0 (off) or positive, got {c.fewshot_every}")
+    _require(c.fewshot_classes >= 2 and c.fewshot_n >= 1,
+             f"few-shot metrics need fewshot_classes >= 2 and fewshot_n >= 1, got {c.fewshot_classes}, {c.fewshot_n}")
     _require(0 <= c.warmup <= c.max_steps, f"warmup {c.warmup} must be between 0 and max_steps {c.max_steps}")
     _require(0 < c.min_lr <= c.lr, f"need 0 < min_lr ({c.min_lr}) <= lr ({c.lr})")
     _require(0.0 <= c.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {c.ema_decay}")
@@ -209,9 +215,9 @@ def check_batch(batch_size: int, n_devices: int, n_processes: int = 1):
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     'seed':  dict(),
     'short': dict(batch_size=64, max_steps=3_000, lr=3e-4, warmup=200, ema_decay=0.999, log_every=50,
-                  eval_every=500, sample_every=1_000, save_every=500, wandb_mode='offline'),
+                  eval_every=500, sample_every=1_000, save_every=500, fewshot_every=1_000, wandb_mode='offline'),
     'test':  dict(batch_size=8, max_steps=20, lr=1e-3, warmup=2, ema_decay=0.9, log_every=5, eval_every=10,
-                  sample_every=20, save_every=10, sample_steps=4, wandb_mode='disabled'),
+                  sample_every=20, save_every=10, sample_steps=4, fewshot_every=0, wandb_mode='disabled'),
 }
 
 

@@ -629,10 +629,11 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict):
     mngr.wait_until_finished()
 
 
-def restore_checkpoint(mngr: ocp.CheckpointManager, template: TrainState) -> tuple[TrainState, dict] | None:
-    "The latest (host) state and meta, shaped like `template`; None when there is no checkpoint."
-    step = mngr.latest_step()
+def restore_checkpoint(mngr: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> tuple[TrainState, dict] | None:
+    "The (host) state and meta at `step` (default: the latest), shaped like `template`; None when there is no checkpoint."
+    step = mngr.latest_step() if step is None else step
     if step is None: return None
+    if step not in mngr.all_steps(): raise ValueError(f"no checkpoint of step {step}; kept: {sorted(mngr.all_steps())}")
     target = jax.tree.map(np.asarray, flax.serialization.to_state_dict(template))
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return flax.serialization.from_state_dict(template, got['state']), dict(got['meta'])
@@ -656,6 +657,12 @@ with tempfile.TemporaryDirectory() as d:
 #
 # SIGTERM (a Kaggle session ending, a pod preempted) and Ctrl-C only set a flag; the loop saves and stops at
 # the next step boundary. A second Ctrl-C stops at once.
+#
+# With several processes (a TPU pod) the signal may reach only some of them, and a process that stopped alone
+# would leave the others waiting in the next collective. So there the processes agree: at every log step they
+# all-gather their flags and all stop if any was set (a log step fetches metrics anyway, so this adds no host
+# sync to the other steps). A stop then waits for the next log step: keep `log_every` × step time below the
+# grace period of the preemption (Kaggle's and TPU VMs' are 30 s or more).
 
 # %%
 #| export
@@ -716,12 +723,13 @@ def read_run_config(out_dir) -> tuple[ModelConfig, TrainConfig] | None:
 #| export
 class Trainer:
     "One run in `out_dir`: state on the local devices, data stream, checkpoints, metrics; resumes if it can."
-    def __init__(self, mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None, extra: dict | None = None):
+    def __init__(self, mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None,
+                 extra: dict | None = None, embed: Callable | None = None):
         check_batch(tc.batch_size, jax.device_count(), jax.process_count())
         self.mc, self.tc, self.source, self.out = mc, tc, source, Path(out_dir)
         self.main, self.n_dev = jax.process_index() == 0, jax.local_device_count()
         self.scale = 1.0 if source.space == 'pixel' else tc.latent_scale
-        self.decode = decode or (lambda z: z)
+        self.decode, self.embed, self.fewshot_set = decode or (lambda z: z), embed, None
         if self.main: write_run_config(self.out, mc, tc, source.space, extra)
         self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scale), make_eval_step(mc, tc, self.scale)
         self.ckpt = checkpoint_manager(self.out, tc.keep)
@@ -738,7 +746,7 @@ class Trainer:
     def run(self, stop: StopSignal | None = None) -> dict:
         "Train until `max_steps` or a stop request, then save; returns the last logged metrics."
         batches = self.source.batches(self.position)
-        while self.step < self.tc.max_steps and not (stop and stop.requested):
+        while self.step < self.tc.max_steps and not self.stop_requested(stop):
             batch, self.position = next(batches)
             self.state, m = self.step_fn(self.state, shard(batch, self.n_dev))
             self.pending.append(m); self.step += 1
@@ -746,6 +754,14 @@ class Trainer:
         if self.pending: self.log.log(self.step, self.train_metrics())  # stopped between log steps
         self.save()
         return self.last
+
+    def stop_requested(self, stop: StopSignal | None) -> bool:
+        "Whether to stop now; several processes decide together at log steps (any one asked: all stop)."
+        if stop is None: return False
+        if jax.process_count() == 1: return stop.requested
+        if self.step % self.tc.log_every: return False
+        from jax.experimental import multihost_utils
+        return bool(np.asarray(multihost_utils.process_allgather(np.int32(stop.requested))).any())
 
     def after_step(self):
         "Log, evaluate, draw samples and save when their intervals come round."
@@ -755,6 +771,7 @@ class Trainer:
         if s % tc.log_every == 0 or last: rec.update(self.train_metrics())
         if s % tc.eval_every == 0 or last: rec.update(self.eval_metrics(rec.get('train/loss')))
         if (s % tc.sample_every == 0 or last) and self.main: images = self.samples()
+        if tc.fewshot_every and (s % tc.fewshot_every == 0 or last) and self.main and self.embed: rec.update(self.fewshot())
         if s % tc.save_every == 0: self.save()
         if rec or images:
             self.log.log(s, rec, images); self.last = {'step': s, **rec, **images}
@@ -788,6 +805,24 @@ class Trainer:
         grid = sample_grid(self.mc, self.tc, unreplicate(self.state.ema_params), self.val_host[0], self.decode, self.scale)
         return {'samples/grid': str(save_png(grid, self.out / 'samples' / f'step_{self.step:07d}.png'))}
 
+    def fewshot(self) -> dict:
+        "Few-shot metrics of the EMA parameters on val classes (`fsdit.eval.quick_eval`); {} once they cannot run."
+        from fsdit.eval import quick_eval, class_set_from_arrays
+        tc, rows = self.tc, self.source.val_rows
+        try:
+            if self.fewshot_set is None:   # the same classes and real images every time
+                r = np.random.default_rng(tc.seed)
+                classes = np.sort(r.choice(len(rows), min(tc.fewshot_classes, len(rows)), replace=False))
+                self.fewshot_set = class_set_from_arrays(self.source.embeds, self.source.moments, rows,
+                                                         max_per_class=2 * tc.fewshot_n + tc.shots, classes=classes, seed=tc.seed)
+            return quick_eval(unreplicate(self.state.ema_params), self.mc, self.fewshot_set, self.decode, self.embed,
+                              latent_scale=self.scale, n_per_class=tc.fewshot_n, shots=tc.shots, cfg_scale=tc.cfg_scale,
+                              steps=tc.sample_steps, seed=tc.seed)
+        except (OSError, ValueError) as e:  # an encoder that cannot load (offline hub) must not end the run
+            print(f"fsdit train: few-shot metrics are off for this run: {e}", file=sys.stderr)
+            self.embed = None
+            return {}
+
     def save(self):
         "Checkpoint the current step, unless it is saved already; a non-finite state is never saved."
         check_finite(self.pending, self.step - len(self.pending) + 1)
@@ -804,9 +839,12 @@ class Trainer:
 
 # %%
 #| export
-def train(mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None, extra: dict | None = None) -> dict:
-    "Train (or resume) the run in `out_dir` until `tc.max_steps`; returns the last logged metrics."
-    trainer = Trainer(mc, tc, source, out_dir, decode, extra)
+def train(mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None, extra: dict | None = None,
+          embed: Callable | None = None) -> dict:
+    """Train (or resume) the run in `out_dir` until `tc.max_steps`; returns the last logged metrics.
+    `decode` turns latents into images in [-1, 1] (sample grids); `embed` maps uint8 images to support
+    embeddings and, with `decode`, turns on the few-shot metrics every `tc.fewshot_every` steps."""
+    trainer = Trainer(mc, tc, source, out_dir, decode, extra, embed)
     try:
         with StopSignal() as stop: return trainer.run(stop)
     finally: trainer.close()
@@ -825,6 +863,42 @@ with tempfile.TemporaryDirectory() as run_dir:
 test_eq([r['step'] for r in recs], [5, 10]); test_eq(ckpts, ['10']); assert grid_ok
 assert recs[1]['train/loss'] < recs[0]['train/loss'] and recs[1]['train/samples_per_s'] > 0
 assert {'val/loss', 'val_ema/loss', 'val/train_val_gap', 'attn/entropy_late', 'train/loss_tbin_9'} <= set(recs[1])
+
+# %% [markdown]
+# ### Few-shot metrics during training
+#
+# Given an `embed` (the store's support encoder), every `fewshot_every` steps the trainer draws
+# `fewshot_n` images for each of `fewshot_classes` validation classes from the EMA model, each from its own
+# random `shots`-shot support set, and logs `fsdit.eval.quick_eval`'s cheap metrics under `val_fs/`: class
+# consistency (nearest-prototype accuracy among those classes, beside the same for real images and chance),
+# Fréchet distance and diversity in embedding space, and the distance to the nearest support. The classes
+# and their real images (`2 fewshot_n + shots` per class) are drawn once, so the numbers are comparable along a run.
+# `fsdit train` passes the store's encoder (SigLIP2 loads at the first evaluation; if it cannot, the run goes
+# on without these metrics and says why). Here the stand-in pixel encoder plays that part:
+
+# %%
+from fsdit.data import PixelEncoder
+src = synthetic_source(mc, tc, space='pixel', n_classes=9)   # 6 train, 3 val classes
+tc_fs = train_config('test', max_steps=4, log_every=2, eval_every=4, sample_every=4, save_every=4, sample_steps=2,
+                     fewshot_every=2, fewshot_classes=3, fewshot_n=2)
+with tempfile.TemporaryDirectory() as run_dir:
+    train(mc, tc_fs, src, run_dir, embed=PixelEncoder(dim=mc.support_dim, grid=4).embed)
+    recs = [json.loads(l) for l in open(Path(run_dir) / 'metrics.jsonl')]
+test_eq([r['step'] for r in recs], [2, 4])
+for r in recs:
+    test_eq(r['val_fs/chance'], 1 / 3)
+    assert 0 <= r['val_fs/proto_acc'] <= 1 and 0 <= r['val_fs/real_proto_acc'] <= 1 and r['val_fs/fd_embed'] >= 0
+
+
+# %% [markdown]
+# An encoder that cannot load switches the metrics off with a message instead of ending the run:
+
+# %%
+def offline(images): raise OSError("google/siglip2-base-patch16-224: not on disk and the hub cannot be reached")
+with tempfile.TemporaryDirectory() as run_dir:
+    tr = Trainer(mc, tc_fs, src, run_dir, embed=offline)
+    test_eq(tr.fewshot(), {}); assert tr.embed is None
+    tr.close()
 
 # %% [markdown]
 # ## Command line
@@ -893,6 +967,19 @@ def lazy_vae_decode(name: str) -> Callable:
     return decode
 
 
+def store_embed(meta: dict) -> Callable | None:
+    "The store's support encoder as images -> embeddings, loaded at its first call; None for an unknown stand-in."
+    name, enc = meta.get('encoder'), []
+    if not name or (meta.get('space') == 'pixel' and not str(name).startswith('stand-in/')): return None
+    def embed(images):
+        if not enc:
+            from fsdit.sample import stand_in_encoder
+            from fsdit.encoder import SigLIPEncoder
+            enc.append(stand_in_encoder(name) if name.startswith('stand-in/') else SigLIPEncoder.from_pretrained(name))
+        return enc[0].embed(images)
+    return embed
+
+
 def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:
     "Episodes of the feature store at `feats`: train split for training, val split for validation."
     from fsdit.features import open_store
@@ -913,11 +1000,22 @@ def train_cli(argv: list[str]) -> int:
         mc, tc = resolve_configs(args, meta)
         source = store_source(feats, tc, n_val)
         decode = lazy_vae_decode(args.vae or meta.get('vae')) if source.space == 'latent' else None
-        train(mc, tc, source, args.out, decode, extra={'feats': str(Path(feats).absolute()), 'val_batches': n_val})
+        train(mc, tc, source, args.out, decode, extra={'feats': str(Path(feats).absolute()), 'val_batches': n_val},
+              embed=store_embed(meta))
     except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
         print(f"fsdit train: {e}", file=sys.stderr); return 1
     return 0
 
+
+# %% [markdown]
+# The store names its encoder: a stand-in is rebuilt from its name, SigLIP2 loads at the first use, and a name
+# that is neither (a hand-made store) leaves the few-shot metrics off.
+
+# %%
+e = store_embed({'encoder': PixelEncoder(dim=32, grid=4).name, 'space': 'pixel'})
+test_eq(e(np.zeros((3, 16, 16, 3), np.uint8)).shape, (3, 32))
+test_eq(store_embed({'encoder': 'hand-made', 'space': 'pixel'}), None)
+assert callable(store_embed({'encoder': 'google/siglip2-base-patch16-224', 'space': 'latent'}))   # nothing loaded yet
 
 # %% [markdown]
 # The flags: seed names and new names reach the same field, a preset is the base, flags win:

@@ -111,9 +111,13 @@ def _import_fid():
     try:
         import torch
         from pytorch_fid import inception
-    except Exception as e:  # ImportError, or a torchvision built for another torch (RuntimeError)
-        raise ImportError("FID needs torch, torchvision and pytorch-fid: pip install 'fsdit[fid]' "
-                          f"(with a torchvision that matches your torch). Import failed: {e!r}") from e
+    except ImportError as e:
+        raise ImportError(f"FID needs torch, torchvision and pytorch-fid: pip install 'fsdit[fid]'. Import failed: {e!r}") from e
+    except Exception as e:  # typically RuntimeError "operator torchvision::nms does not exist"
+        raise ImportError("torchvision does not load beside this torch: its compiled operators were built for another "
+                          "torch (for example PyPI's CUDA torchvision beside a CPU torch). Install the torchvision that "
+                          "matches your torch from the same index (for a CPU torch: pip install torchvision "
+                          f"--index-url https://download.pytorch.org/whl/cpu). Import failed: {e!r}") from e
     return torch, inception
 
 
@@ -183,8 +187,9 @@ def inception_features(images, model, batch_size: int = 50) -> np.ndarray:
 
 
 # %% [markdown]
-# With the extra installed, random weights give 2048-d features for any image size; without it, the
-# error names the extra.
+# With the extra installed, random weights give 2048-d features for any image size; without it (or with a
+# torchvision built for another torch), the error says what to install. `tests/test_eval.py` checks this path
+# against pytorch-fid's own file-reading `get_activations` in CI's second environment, which has the extra.
 
 # %%
 imgs = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
@@ -192,7 +197,7 @@ if fid_available():
     feats = inception_features(imgs, fid_inception(weights=None), batch_size=1)
     test_eq(feats.shape, (2, 2048)); assert np.isfinite(feats).all()
 else:
-    test_fail(lambda: fid_inception(weights=None), contains="fsdit[fid]")
+    test_fail(lambda: fid_inception(weights=None), contains="torchvision")
 test_eq(to_uint8(np.array([-1., 0., 1.])), np.array([0, 128, 255], np.uint8))
 
 

@@ -71,8 +71,12 @@
 #
 # ```bash
 # pip install -e .            # runtime: jax, flax, optax, orbax-checkpoint, transformers (configs only), safetensors, ...
-# pip install -e ".[fid]"     # + torch and pytorch-fid for Inception FID
+# pip install -e ".[fid]"     # + torch, torchvision and pytorch-fid for Inception FID
 # ```
+#
+# For FID install torch first and then the torchvision made for it from the same index (for a CPU machine:
+# `pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu`); a CUDA torchvision beside a
+# CPU torch does not import, and `fsdit eval --fid` says so.
 #
 # Supported JAX/Flax: `jax>=0.7.2`, `flax>=0.12.0` — Kaggle's TPU image (JAX 0.7 tied to its libtpu,
 # Flax 0.12.0) up to the newest release (CI runs the model, sampler and trainer tests under both).
