@@ -184,7 +184,7 @@ def _key_mask(kv_len, n_keys):
 
 
 class Attention(nn.Module):
-    "Multi-head self-attention with a fused qkv projection; optionally the mean entropy per head."
+    "Multi-head self-attention (q, k, v projected separately to heads); optionally the mean entropy per head."
     hidden: int
     heads: int
     dtype: Any = jnp.float32
@@ -195,8 +195,12 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, kv_len=None):
         B, T, D = x.shape
-        qkv = nn.Dense(3 * D, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name='qkv')(x)
-        q, k, v = jnp.split(qkv.reshape(B, T, 3 * self.heads, D // self.heads), 3, axis=2)   # (B, T, H, d)
+        # Three projections straight to (B, T, H, d), as the seed's Flax attention has them: a fused (D, 3D)
+        # projection split along the head axis leaves strided q, k, v that XLA copies; on CPU that made the
+        # attention sublayer 5-10% slower (BENCHMARKS.md). xavier_uniform sees each kernel as (D, D).
+        proj = lambda name: nn.DenseGeneral((self.heads, D // self.heads), kernel_init=nn.initializers.xavier_uniform(),
+                                            dtype=self.dtype, name=name)(x)
+        q, k, v = proj('q'), proj('k'), proj('v')                             # (B, T, H, d)
         ent = None
         if self.with_weights:
             logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(D // self.heads)

@@ -284,22 +284,32 @@ def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scal
 
 # %% [markdown]
 # `data_parallel` is the one place that knows how the step is spread over devices: `jax.pmap` over the
-# local devices with the named axis, the state's buffers donated. Moving to `jax.shard_map` means
-# changing this wrapper only. The state is replicated with `jax.device_put` and a `NamedSharding`
+# local devices with the named axis. Moving to `jax.shard_map` means changing this wrapper only.
+#
+# On accelerators the state's buffers are donated: the step updates them in place and the peak holds two
+# parameter-sized buffers fewer. On the CPU backend they are not: there XLA, given the donated state, keeps the
+# gradients and the updates in two parameter-sized temporaries of their own (1.25 GB more at B/2), and the step
+# was slower in every interleaved round at B/2 (`BENCHMARKS.md`). The state is replicated with `jax.device_put` and a `NamedSharding`
 # (`device_put_replicated` is gone from current JAX).
 
 # %%
 #| export
-def data_parallel(step_fn: Callable, donate: bool = True) -> Callable:
-    "Run a per-device step on every local device along `AXIS` (state donated)."
+def donate_state() -> bool:
+    "Whether the train step donates the state by default: on accelerators yes, on the CPU backend no."
+    return jax.default_backend() != 'cpu'
+
+
+def data_parallel(step_fn: Callable, donate: bool | None = None) -> Callable:
+    "Run a per-device step on every local device along `AXIS`; the state (argument 0) donated if `donate` (default `donate_state()`)."
+    donate = donate_state() if donate is None else donate
     return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,) if donate else ())
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float) -> Callable:
+def make_train_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float, donate: bool | None = None) -> Callable:
     "The data-parallel train step: (replicated state, sharded batch) -> (state, metrics)."
     return data_parallel(partial(train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
-                                 latent_scale=latent_scale))
+                                 latent_scale=latent_scale), donate)
 
 
 def replicate(tree, devices=None):

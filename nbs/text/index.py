@@ -120,8 +120,12 @@
 # offline when no API key is set): loss, loss EMA, grad norm before/after clipping, param norm, lr,
 # samples/s, loss per t-bin (sum/count over the interval, empty bins NaN); validation loss for the live and
 # EMA models, the train-val gap and their t-bins; attention entropy per layer (early/mid/late) and per
-# head of the last layer; sample grids at CFG 0 and 3. Checkpoints (orbax) keep the last 3, are written
-# atomically, on SIGTERM/Ctrl-C too, and hold the RNG and data position so a resumed run continues exactly.
+# head of the last layer; sample grids at CFG 0 and 3; and every `--fewshot-every` steps (default 10,000)
+# few-shot metrics of the EMA model on 16 validation classes under `val_fs/` (class consistency beside real
+# images and chance, embedding Fréchet distance, diversity, distance to the nearest support), with the store's
+# encoder. Checkpoints (orbax) keep the last 3, are written atomically, on SIGTERM/Ctrl-C too, and hold the RNG
+# and data position so a resumed run continues exactly. On several hosts the processes agree on a stop at
+# the next log step, so a preemption signal that reaches one host stops them all.
 #
 # ## Explorer
 #
