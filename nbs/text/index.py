@@ -157,14 +157,14 @@
 #
 # `BENCHMARKS.md` has every figure with its method, the machine and the load at the time, and the
 # commands to re-run them (`fsdit bench ...`, `bench/compare_original.py`). Measured on a 2-core AMD EPYC
-# (Zen 3) CPU, float32, shared with other jobs (so only interleaved ratios, FLOP counts and memory plans
-# are firm); no accelerator was available, so no bfloat16/MFU figures yet:
+# (Zen 3) CPU, float32, with nothing else running unless the row says otherwise; no accelerator was
+# available, so no bfloat16/MFU figures yet:
 #
 # | what | figure |
 # |---|---|
-# | train step S/2, batch 16, ours vs the original FSDiT (same run, 5 interleaved rounds) | ratio 0.995 (0.963-1.038): equal; 27.5 GFLOP/sample, 44-45% of the measured matmul peak for both |
-# | train step B/2, batch 16 (2 rounds) | ours 1.2-1.7x slower than the original in both rounds — not yet explained (XLA plans +1.2 GB temporaries with the donated state) |
-# | feature store vs encoders per step (SigLIP2 x5 + VAE encoder at 224 px) | predicted 14.8x (S/2) and 4.61x (B/2) from FLOPs; measured 10.7x and 3.6x |
+# | train step, batch 16, ours vs the original FSDiT (same run, 5 interleaved rounds) | S/2: 5.31 vs 5.38 s, B/2: 21.87 vs 23.34 s (paired ratios, median 1.03 and 1.00): as fast; ours at 66% / 50% of the matmul peak measured in the same run |
+# | sampling, 16 images, 50 Euler steps with CFG, one compiled loop | 0.075 images/s at S/2, 0.024 at B/2; loop vs its steps timed alone -2.1% / +1.2% (within the ±5% noise) |
+# | feature store vs encoders per step (SigLIP2 x5 + VAE encoder at 224 px) | predicted 14.8x (S/2) and 4.61x (B/2) from FLOPs; measured 10.7x and 3.6x (loaded machine) |
 # | B/2 train-step memory per device (compiled plan) | 7.06 GB at batch 16 (fits a 16 GB v5e core), 12.4 GB at batch 32 |
 # | host batch assembly, B=128, miniImageNet-sized store | 1.6-1.8 ms median (target < 10 ms) |
 
