@@ -1,7 +1,5 @@
 """fsdit.eval and fsdit.sample: metrics with known answers, the FID feature path, and the whole eval on a tiny trained run."""
 import json
-import sys
-import types
 import urllib.error
 
 import numpy as np
@@ -50,18 +48,8 @@ def _fid_installed() -> bool:
 
 
 @pytest.fixture
-def fid_modules(monkeypatch):
-    """torch and pytorch-fid's `inception` module.
-
-    Where only the CUDA build of torchvision is at hand beside a CPU torch (as in this project's CI registry), its
-    compiled detection operators (nms, roi_align, ...) cannot load and `import torchvision` fails while registering
-    their fake/autograd kernels. Inception uses none of them: the registrations are left out and torchvision's
-    pure-Python model code, which pytorch-fid builds on, is imported as it is."""
-    if not fid_available():
-        for m in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
-            monkeypatch.delitem(sys.modules, m)
-        for m in ('torchvision._meta_registrations', 'torchvision._autograd_registrations'):
-            monkeypatch.setitem(sys.modules, m, types.ModuleType(m))
+def fid_modules():
+    "torch and pytorch-fid's `inception` module (conftest makes torchvision importable beside a CPU torch)."
     from fsdit.eval import _import_fid
     return _import_fid()
 
