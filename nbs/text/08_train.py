@@ -1052,7 +1052,9 @@ test_eq((m_.hidden, m_.input_size, m_.in_channels, m_.support_dim, m_.remat), (3
 # batch), temporaries 4.15 GiB, outputs 1.97 GiB, all aliased to the donated inputs, so the peak is about
 # **6.1 GiB of the 16 GiB** of a v5e core. The TPU compiler fuses and lays out differently (and pads the
 # 196 tokens to its tiles), so read it as "fits with more than 2x to spare", not as an exact figure;
-# `remat=True` cuts the activation share further if a larger batch per core is wanted.
+# `remat=True` should cut the activation share on the TPU if a larger batch per core is wanted. This CPU plan
+# cannot show that: the CPU compiler expands the recomputation's optimization barriers before it schedules
+# (`BENCHMARKS.md` §4).
 
 # %%
 #| export

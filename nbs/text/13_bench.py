@@ -612,6 +612,7 @@ def bench_cli(argv: list[str] | None = None) -> int:
     ap.add_argument('--profile', action='store_true', help='op-class shares of the train step from a profile')
     ap.add_argument('--dtype', default='float32', help="compute dtype of the DiT and the matmul peak ('bfloat16' on accelerators)")
     ap.add_argument('--attention', default='xla', help="jax.nn.dot_product_attention implementation ('cudnn' on GPU)")
+    ap.add_argument('--remat', action='store_true', help='rematerialise the DiT blocks (ModelConfig.remat)')
     ap.add_argument('--out', type=Path, help='also append the JSON records to this file (JSON lines)')
     try: a = ap.parse_args(argv)
     except SystemExit as e: return int(e.code or 0)   # --help, or a usage error (2) already printed
@@ -627,7 +628,7 @@ def bench_cli(argv: list[str] | None = None) -> int:
     peak = None
     if what & {'peak', 'train'}:
         p = matmul_peak(a.peak_n, a.dtype, reps=a.reps); peak = p['flops_per_s']; emit(dict(bench='peak', **p))
-    kw = dict(dtype=a.dtype, attention=a.attention)
+    kw = dict(dtype=a.dtype, attention=a.attention, **({'remat': True} if a.remat else {}))
     for size in a.sizes:
         if 'train' in what: emit(dict(bench='train', **kw, **_train_record(size, a.batch, a.reps, peak, a.profile, **kw)))
         if 'online' in what:
