@@ -164,7 +164,7 @@
 # |---|---|
 # | train step, batch 16, ours vs the original FSDiT (same run, 5 interleaved rounds) | S/2: 5.31 vs 5.38 s, B/2: 21.87 vs 23.34 s (paired ratios, median 1.03 and 1.00): as fast; ours at 66% / 50% of the matmul peak measured in the same run |
 # | sampling, 16 images, 50 Euler steps with CFG, one compiled loop | 0.075 images/s at S/2, 0.024 at B/2; loop vs its steps timed alone -2.1% / +1.2% (within the ±5% noise) |
-# | feature store vs encoders per step (SigLIP2 x5 + VAE encoder at 224 px) | predicted 14.8x (S/2) and 4.61x (B/2) from FLOPs; measured 10.7x and 3.6x (loaded machine) |
+# | feature store vs encoders per step (SigLIP2 x5 + VAE encoder at 224 px), batch 4 | predicted 14.8x (S/2) and 4.61x (B/2) from FLOPs; measured 14.1x and 5.7x (the VAE's convolutions run at 3/4 of the step's FLOP/s) |
 # | B/2 train-step memory per device (compiled plan) | 7.06 GB at batch 16 (fits a 16 GB v5e core), 12.4 GB at batch 32 |
 # | host batch assembly, B=128, miniImageNet-sized store | 1.6-1.8 ms median (target < 10 ms) |
 
