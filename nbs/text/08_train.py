@@ -739,7 +739,7 @@ class Trainer:
         self.mc, self.tc, self.source, self.out = mc, tc, source, Path(out_dir)
         self.main, self.n_dev = jax.process_index() == 0, jax.local_device_count()
         self.scale = 1.0 if source.space == 'pixel' else tc.latent_scale
-        self.decode, self.embed, self.fewshot_set = decode or (lambda z: z), embed, None
+        self.decode, self.embed, self.fewshot_set, self.fewshot_real = decode or (lambda z: z), embed, None, None
         if self.main: write_run_config(self.out, mc, tc, source.space, extra)
         self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scale), make_eval_step(mc, tc, self.scale)
         self.ckpt = checkpoint_manager(self.out, tc.keep)
@@ -817,7 +817,7 @@ class Trainer:
 
     def fewshot(self) -> dict:
         "Few-shot metrics of the EMA parameters on val classes (`fsdit.eval.quick_eval`); {} once they cannot run."
-        from fsdit.eval import quick_eval, class_set_from_arrays
+        from fsdit.eval import quick_eval, class_set_from_arrays, images_of, Pipeline
         tc, rows = self.tc, self.source.val_rows
         try:
             if self.fewshot_set is None:   # the same classes and real images every time
@@ -825,9 +825,11 @@ class Trainer:
                 classes = np.sort(r.choice(len(rows), min(tc.fewshot_classes, len(rows)), replace=False))
                 self.fewshot_set = class_set_from_arrays(self.source.embeds, self.source.moments, rows,
                                                          max_per_class=2 * tc.fewshot_n + tc.shots, classes=classes, seed=tc.seed)
+                cs = self.fewshot_set   # their decoded images and embeddings do not change either: computed once
+                self.fewshot_real = images_of(cs.latents, cs.labels, Pipeline(self.decode, self.embed))
             return quick_eval(unreplicate(self.state.ema_params), self.mc, self.fewshot_set, self.decode, self.embed,
                               latent_scale=self.scale, n_per_class=tc.fewshot_n, shots=tc.shots, cfg_scale=tc.cfg_scale,
-                              steps=tc.sample_steps, seed=tc.seed)
+                              steps=tc.sample_steps, seed=tc.seed, real=self.fewshot_real)
         except (OSError, ValueError) as e:  # an encoder that cannot load (offline hub) must not end the run
             print(f"fsdit train: few-shot metrics are off for this run: {e}", file=sys.stderr)
             self.embed = None
@@ -966,28 +968,31 @@ def resolve_configs(args, store_meta: dict | None) -> tuple[ModelConfig, TrainCo
 
 # %%
 #| export
+def lazy_call(load: Callable[[], Any], method: str) -> Callable:
+    "A callable running `load().<method>(...)`; `load` runs at the first call only (nothing loads if it is never called)."
+    obj = []
+    def call(*args, **kwargs):
+        if not obj: obj.append(load())
+        return getattr(obj[0], method)(*args, **kwargs)
+    return call
+
+
 def lazy_vae_decode(name: str) -> Callable:
     "A decode callable that loads the SD-VAE `name` at its first call (only when a sample grid is drawn)."
-    vae = []
-    def decode(z):
-        if not vae:
-            from fsdit.vae import SDVAE
-            vae.append(SDVAE.from_pretrained(name))
-        return vae[0].decode(z)
-    return decode
+    def load():
+        from fsdit.vae import SDVAE
+        return SDVAE.from_pretrained(name)
+    return lazy_call(load, 'decode')
 
 
 def store_embed(meta: dict) -> Callable | None:
     "The store's support encoder as images -> embeddings, loaded at its first call; None for an unknown stand-in."
-    name, enc = meta.get('encoder'), []
+    name = meta.get('encoder')
     if not name or (meta.get('space') == 'pixel' and not str(name).startswith('stand-in/')): return None
-    def embed(images):
-        if not enc:
-            from fsdit.sample import stand_in_encoder
-            from fsdit.encoder import SigLIPEncoder
-            enc.append(stand_in_encoder(name) if name.startswith('stand-in/') else SigLIPEncoder.from_pretrained(name))
-        return enc[0].embed(images)
-    return embed
+    def load():
+        from fsdit.sample import load_encoder
+        return load_encoder(name)
+    return lazy_call(load, 'embed')
 
 
 def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:

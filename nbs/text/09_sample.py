@@ -223,6 +223,13 @@ def stand_in_encoder(name: str):
     return enc
 
 
+def load_encoder(name: str):
+    "The support encoder a store names: a stand-in rebuilt from its name, else SigLIP(2) from a hub id or folder."
+    if name.startswith('stand-in/'): return stand_in_encoder(name)
+    from fsdit.encoder import SigLIPEncoder
+    return SigLIPEncoder.from_pretrained(name)
+
+
 def store_meta(run: Run | None = None, feats=None) -> dict | None:
     "The feature store's metadata for a run: from `feats`, else from the store its config.json names."
     path = feats or (run.config.get('feats') if run is not None else None)
@@ -240,10 +247,9 @@ def run_codecs(run: Run, feats=None, encoder: str | None = None, vae: str | None
         space = PixelSpace(size=mc.input_size, channels=mc.in_channels)
         size = int(meta.get('image_size', mc.input_size))
         return Codecs(enc.embed, space.moments, lambda z: np.asarray(z), size, {'encoder': enc.name, 'vae': space.name})
-    from fsdit.encoder import SigLIPEncoder
     from fsdit.vae import SDVAE
     enc_name, vae_name = enc_name or DEFAULT_ENCODER, vae_name or DEFAULT_VAE
-    enc = stand_in_encoder(enc_name) if enc_name.startswith('stand-in/') else SigLIPEncoder.from_pretrained(enc_name)
+    enc = load_encoder(enc_name)
     v = SDVAE.from_pretrained(vae_name)
     return Codecs(enc.embed, v.moments, v.decode, int(meta.get('image_size', 224)), {'encoder': enc_name, 'vae': vae_name})
 

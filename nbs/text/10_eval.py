@@ -491,9 +491,11 @@ def images_of(latents, labels, pipe: Pipeline) -> Images:
 
 def evaluate_classes(pipe: Pipeline, cs: ClassSet, *, n_per_class: int = 128, shots: Sequence[int] = (5,),
                      cfg_scales: Sequence[float] = (3.0,), seed: int = 0, split: str = 'test',
-                     baselines: bool = True) -> list[dict]:
-    "Records {split, method, shots, cfg, metrics...} of real images, baselines and the model on one class set."
-    real, C, out = images_of(cs.latents, cs.labels, pipe), cs.n_classes, []
+                     baselines: bool = True, real: Images | None = None) -> list[dict]:
+    """Records {split, method, shots, cfg, metrics...} of real images, baselines and the model on one class set.
+    `real`: the class set's images through `pipe` (`images_of(cs.latents, cs.labels, pipe)`) when already at hand."""
+    real = images_of(cs.latents, cs.labels, pipe) if real is None else real
+    C, out = cs.n_classes, []
     tag = lambda method, k, cfg=None: dict(split=split, method=method, shots=int(k), cfg=cfg, classes=C)
     for k in shots:
         sup, held, lab = draw_episodes(cs.labels, n_per_class, k, seed + 1000 * k)
@@ -719,12 +721,12 @@ assert tbl.splitlines()[0].split()[:5] == ['split', 'method', 'shots', 'cfg', 'p
 #| export
 def quick_eval(params, mc, cs: ClassSet, decode: Callable, embed: Callable, *, latent_scale: float = 1.0,
                n_per_class: int = 8, shots: int = 5, cfg_scale: float = 3.0, steps: int = 20, seed: int = 0,
-               prefix: str = 'val_fs') -> dict:
-    "Cheap few-shot metrics of `params` on a class set: {prefix/proto_acc, .../fd_embed, ...}."
+               prefix: str = 'val_fs', real: Images | None = None) -> dict:
+    "Cheap few-shot metrics of `params` on a class set: {prefix/proto_acc, .../fd_embed, ...}; `real` as in `evaluate_classes`."
     from fsdit.sample import generate
     gen = lambda emb, lat, cfg, s: generate(params, mc, emb, lat, latent_scale=latent_scale, seed=s, steps=steps, cfg_scale=cfg)
     recs = evaluate_classes(Pipeline(decode, embed, gen), cs, n_per_class=n_per_class, shots=(shots,),
-                            cfg_scales=(cfg_scale,), seed=seed, baselines=False)
+                            cfg_scales=(cfg_scale,), seed=seed, baselines=False, real=real)
     real, model = recs
     keys = ('proto_acc', 'fd_embed', 'diversity_embed', 'nn_support_embed')
     return {**{f'{prefix}/{k}': model[k] for k in keys}, f'{prefix}/real_proto_acc': real['proto_acc'],
