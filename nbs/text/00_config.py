@@ -27,11 +27,14 @@ from fastcore.test import test_eq, test_fail
 #   through an MLP and is added to the timestep embedding that drives adaLN (the default and the reference);
 # - `'class'` — the seed's class-label mode (a label embedder with a null class): an oracle baseline
 #   for seen classes, useless for unseen ones by construction;
-# - `'context'` — the support images' latents also enter every block as extra tokens.
+# - `'context'` — the support images' latents also enter every block as extra tokens;
+# - `'aligned'` — the supports' per-position mean and spread enter beside the noisy target as extra input
+#   channels of the patch embedding (no extra tokens: the cheapest way for the supports' pixels to reach
+#   the model), and the mean embedding drives adaLN as in `'support'`.
 
 # %%
 #| export
-CONDS = ('support', 'class', 'context')
+CONDS = ('support', 'class', 'context', 'aligned')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION = ('xla', 'cudnn')
 
@@ -46,7 +49,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     input_size: int = 28         # latent (or pixel) grid side
     in_channels: int = 4         # 4 for SD-VAE latents, 3 (or 1) in pixel mode
-    cond: str = 'support'        # 'support' | 'class' | 'context'
+    cond: str = 'support'        # 'support' | 'class' | 'context' | 'aligned'
     support_dim: int = 768       # SigLIP2 B/16 embedding width
     num_classes: int = 0         # only for cond='class'
     context_patch: int = 4       # patch of the support latents for cond='context' (49 tokens each at 28x28)

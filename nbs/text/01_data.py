@@ -698,17 +698,89 @@ def glyph_name(ch: str) -> str:
     return f"u{ord(ch):04x}_" + unicodedata.name(ch, 'glyph').lower().replace(' ', '_').replace('-', '_')
 
 
+def glyph_char(name: str) -> str:
+    "The character of a `glyph_name` folder."
+    return chr(int(name.split('_', 1)[0][1:], 16))
+
+
+def glyph_fonts(ch: str, fonts: Sequence[str] = GLYPH_FONTS) -> list[str]:
+    "The fonts of `fonts` that draw `ch`."
+    return [f for f in fonts if _has_glyph(_font_path(f), ch)]
+
+
+def glyph_jitter(rng: np.random.RandomState) -> dict:
+    "One image's random jitter: shift, scale, rotation and (a quarter of the time) a heavier stroke."
+    return dict(shift=tuple(rng.uniform(-0.06, 0.06, 2)), scale=rng.uniform(0.85, 1.1),
+                angle=rng.uniform(-10, 10), stroke=int(rng.rand() < 0.25))
+
+
+def render_class(ch: str, n: int, size: int, rng: np.random.RandomState, fonts: Sequence[str] = GLYPH_FONTS):
+    "`n` jittered images (n, size, size) uint8 of `ch`, cycling through the fonts that draw it, and their fonts."
+    have = glyph_fonts(ch, fonts)
+    names = [have[i % len(have)] for i in range(n)]
+    return np.stack([render_glyph(ch, f, size, **glyph_jitter(rng)) for f in names]), names
+
+
 # %%
 g = render_glyph('A', 'DejaVuSans', 32)
 test_eq((g.shape, g.dtype), ((32, 32), np.uint8))
 assert g.min() < 50 and g[0, 0] == 255 and (g < 128).mean() > 0.05        # dark glyph on white
 assert (render_glyph('A', 'DejaVuSans', 32, stroke=2) < 128).sum() > (g < 128).sum()
-test_eq(glyph_name('λ'), 'u03bb_greek_small_letter_lamda')
+test_eq(glyph_name('λ'), 'u03bb_greek_small_letter_lamda'); test_eq(glyph_char(glyph_name('λ')), 'λ')
+
+
+# %% [markdown]
+# 130 characters are few: with few classes a model can learn a lookup of class identity instead of
+# drawing what the supports show (Omniglot, the classic few-shot set, has 1,623 characters). The fonts
+# cover far more: 5,865 characters are drawn by at least 4 of the 16. `glyph_classes(n)` picks `n` of
+# them that look different from each other: the classic set first, then the rest in a seeded random
+# order, keeping a character only if its rendering (one font, `size` px, centred and unit-normalised)
+# is at least `min_distance` from every character kept so far. That drops exact look-alikes (Latin A and
+# Greek Alpha, Cyrillic O and Latin O), accented near-copies and marks too small or too big to read.
+
+# %%
+#| export
+GLYPH_CATEGORIES = ('Lu', 'Ll', 'Lt', 'Lo', 'Nd', 'No', 'Sm', 'So', 'Sc', 'Po', 'Ps', 'Pe')
+
+
+def _candidates(fonts: Sequence[str], min_fonts: int) -> list[str]:
+    import unicodedata
+    maps = [set(_ft2font(_font_path(f)).get_charmap()) for f in fonts]
+    cps = sorted(cp for cp in set().union(*maps) if sum(cp in m for m in maps) >= min_fonts)
+    return [chr(cp) for cp in cps if unicodedata.category(chr(cp)) in GLYPH_CATEGORIES]
+
+
+def glyph_classes(n: int, size: int = 16, min_fonts: int = 4, min_distance: float = 0.35, seed: int = 0,
+                  fonts: Sequence[str] = GLYPH_FONTS) -> str:
+    "`n` characters drawn by at least `min_fonts` fonts whose renderings differ (see above), as a string."
+    cands = _candidates(fonts, min_fonts); have = set(cands)
+    first = [c for c in GLYPHS if c in have]
+    rest = [c for c in cands if c not in set(first)]
+    order = first + [rest[i] for i in np.random.RandomState(seed).permutation(len(rest))]
+    kept, vecs = [], np.zeros((0, size * size), np.float32)
+    for ch in order:
+        ink = 1 - render_glyph(ch, glyph_fonts(ch, fonts)[0], size).astype(np.float32) / 255
+        if not 0.03 < ink.mean() < 0.6: continue                       # unreadably small, or a solid block
+        v = (ink - ink.mean()).ravel(); v /= np.linalg.norm(v)
+        if len(kept) and np.linalg.norm(vecs - v, axis=1).min() < min_distance: continue
+        kept.append(ch); vecs = np.concatenate([vecs, v[None]])
+        if len(kept) == n: break
+    if len(kept) < n: raise ValueError(f"only {len(kept)} distinct characters at min_distance={min_distance}; ask for fewer")
+    return ''.join(kept)
+
+
+# %%
+_gc = glyph_classes(300)
+test_eq(len(_gc), 300); test_eq(len(set(_gc)), 300)
+assert _gc.startswith('0123456789') and 'Α' not in _gc                  # Greek capital Alpha looks like A
+assert all(len(glyph_fonts(c)) >= 4 for c in _gc)
+test_eq(glyph_classes(300), _gc)                                        # deterministic
+raises(lambda: glyph_classes(20, min_distance=5.0), 'distinct characters')
 
 
 # %%
 #| export
-def make_offline_dataset(dst, per_class: int = 24, size: int = 32, seed: int = 0, chars: str = GLYPHS,
+def make_offline_dataset(dst, per_class: int = 24, size: int = 32, seed: int = 0, chars: str | Sequence[str] = GLYPHS,
                          fonts: Sequence[str] = GLYPH_FONTS) -> dict[str, int]:
     "Write the glyph dataset flat into `dst/<class>/*.png` (atomic; a complete `dst` is reused); class -> images."
     dst = Path(dst)
@@ -720,17 +792,14 @@ def make_offline_dataset(dst, per_class: int = 24, size: int = 32, seed: int = 0
     counts = {}
     try:
         for ch in chars:
-            have = [f for f in fonts if _has_glyph(_font_path(f), ch)]
-            if len(have) < 4: continue                      # too few typefaces to be a class
+            if len(glyph_fonts(ch, fonts)) < 4: continue         # too few typefaces to be a class
             d = tmp / glyph_name(ch); d.mkdir()
-            for i in range(per_class):
-                font = have[i % len(have)]
-                jit = dict(shift=tuple(rng.uniform(-0.06, 0.06, 2)), scale=rng.uniform(0.85, 1.1),
-                           angle=rng.uniform(-10, 10), stroke=int(rng.rand() < 0.25))
-                g = render_glyph(ch, font, size, **jit)
-                Image.fromarray(np.repeat(g[..., None], 3, -1)).save(d / f"{i:02d}_{font}.png")
+            images, names = render_class(ch, per_class, size, rng, fonts)
+            for i, (g, font) in enumerate(zip(images, names)):
+                Image.fromarray(g).save(d / f"{i:02d}_{font}.png")   # gray PNG; `load_image` gives RGB
             counts[d.name] = per_class
         (tmp / 'glyphs.json').write_text(json.dumps(dict(per_class=per_class, size=size, seed=seed, classes=counts)))
+        os.chmod(tmp, 0o755)
         if dst.exists(): dst.rmdir()
         os.rename(tmp, dst)
     except BaseException:

@@ -303,6 +303,40 @@ class SupportTokens(nn.Module):
 
 
 # %% [markdown]
+# ## Aligned supports (`cond='aligned'`)
+#
+# Joint attention over support tokens makes every block pay for `K * T_s` more tokens. `'aligned'` hands
+# the supports' pixels to the model at no token cost: their per-position mean and standard deviation over
+# the K supports `(B, H, W, 2C)`, and a channel that says whether supports are present, are concatenated to
+# the noisy target before the patch embedding, so each target token sees what the supports hold at its
+# place. Both statistics are order-free and defined for any K >= 1 (one support has zero spread). A
+# dropped example (CFG's null) gets zeros in all of them, as if no supports were given. It assumes the
+# supports' content sits roughly where the target's does — true of centred glyphs and of object-centric
+# photos at the coarse scale of a latent grid; the mean embedding still enters through adaLN.
+
+# %%
+#| export
+SUPPORT_LATENT_CONDS = ('context', 'aligned')
+
+
+def support_stats(latents, drop=None):
+    "Support latents `(B, K, H, W, C)` -> `(B, H, W, 2C + 1)`: mean, std over K, presence; zeros where `drop`."
+    latents = latents.astype(jnp.float32)
+    stats = jnp.concatenate([latents.mean(1), latents.std(1), jnp.ones(latents.shape[:1] + latents.shape[2:4] + (1,))], -1)
+    if drop is None: return stats
+    return jnp.where(jnp.asarray(drop, bool)[:, None, None, None], 0.0, stats)
+
+
+# %%
+_sl = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 4, 2))
+_st = support_stats(_sl, jnp.array([False, True]))
+test_eq(_st.shape, (2, 4, 4, 5))
+test_close(_st[0, ..., :2], _sl[0].mean(0)); test_close(_st[0, ..., 2:4], _sl[0].std(0)); test_eq(float(_st[1].max()), 0.0)
+test_close(support_stats(_sl[:, ::-1]), support_stats(_sl), eps=1e-6)     # order-free
+test_eq(float(support_stats(_sl[:, :1])[..., 2:4].max()), 0.0)            # one support: no spread
+
+
+# %% [markdown]
 # ## The model
 #
 # `c = t_emb + y_emb`, where `y_emb` is `SupportProjector(support_embed)` (`'support'`, `'context'`) or
@@ -328,7 +362,9 @@ class DiT(nn.Module):
             raise ValueError("attention='cudnn' needs dtype 'bfloat16' or 'float16'")
         B, H, W, C = x.shape
         drop = jnp.zeros((B,), bool) if drop is None else jnp.asarray(drop, bool)
-        tok = PatchEmbed(cfg.patch, D, dt, name='x_embed')(x.astype(dt))    # (B, T, D)
+        inp = x.astype(dt)
+        if cfg.cond == 'aligned': inp = jnp.concatenate([inp, support_stats(cond['support_latents'], drop).astype(dt)], -1)
+        tok = PatchEmbed(cfg.patch, D, dt, name='x_embed')(inp)              # (B, T, D)
         n_target = tok.shape[1]
         tok = tok + grid_pos(D, H // cfg.patch).astype(dt)                   # constant, see above
         c = TimestepEmbedder(D, dtype=dt, name='t_embed')(t)                 # (B, D)
@@ -366,7 +402,7 @@ def null_cond(cfg: ModelConfig, B: int, K: int = 1) -> dict:
     "The null condition for a batch of `B`: zero support embedding / the null label (`'context'`: K zero supports)."
     if cfg.cond == 'class': return {'labels': jnp.full((B,), cfg.num_classes, jnp.int32)}
     cond = {'support_embed': jnp.zeros((B, cfg.support_dim), jnp.float32)}
-    if cfg.cond == 'context':
+    if cfg.cond in SUPPORT_LATENT_CONDS:
         cond['support_latents'] = jnp.zeros((B, K, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
     return cond
 
@@ -377,7 +413,7 @@ def example_cond(cfg: ModelConfig, B: int, seed: int = 0, K: int = 5) -> dict:
     if cfg.cond == 'class': return {'labels': jnp.asarray(rng.integers(0, cfg.num_classes, B), jnp.int32)}
     e = rng.normal(size=(B, cfg.support_dim))
     cond = {'support_embed': jnp.asarray(e / np.linalg.norm(e, axis=-1, keepdims=True), jnp.float32)}
-    if cfg.cond == 'context':
+    if cfg.cond in SUPPORT_LATENT_CONDS:
         shape = (B, K, cfg.input_size, cfg.input_size, cfg.in_channels)
         cond['support_latents'] = jnp.asarray(rng.normal(size=shape), jnp.float32)
     return cond
@@ -478,6 +514,21 @@ mixed = jnp.array([True, False, True])
 vi, xi = xapply({'params': xp}, x, t, xc, mixed, return_intermediates=True)
 test_close(vi, xapply({'params': xp}, x, t, xc, mixed), eps=1e-5)
 test_eq(xi['attn_entropy'].shape, (xcfg.depth, xcfg.heads))
+
+# %% [markdown]
+# Aligned supports: a fresh model outputs zero; the supports' order does not matter, K can change, and a
+# dropped example sees neither its supports nor their number:
+
+# %%
+acfg = model_config('mu', cond='aligned'); aapply = jit_apply(acfg)
+ap = init_params(acfg, jax.random.PRNGKey(0))
+ac = example_cond(acfg, 3, seed=5, K=5)
+assert (np.asarray(aapply({'params': ap}, x, t, ac, zeros)) == 0).all()
+ap = perturb(ap, seed=6)
+va = aapply({'params': ap}, x, t, ac, zeros)
+test_close(aapply({'params': ap}, x, t, dict(ac, support_latents=ac['support_latents'][:, ::-1]), zeros), va, eps=1e-5)
+assert not np.allclose(aapply({'params': ap}, x, t, dict(ac, support_latents=ac['support_latents'][:, :1]), zeros), va, atol=1e-4)
+test_close(aapply({'params': ap}, x, t, ac, ones), aapply({'params': ap}, x, t, example_cond(acfg, 3, seed=9, K=2), ones), eps=1e-5)
 
 # %% [markdown]
 # `bfloat16` compute keeps float32 parameters and output, and stays close to float32; `remat` changes

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse, dataclasses, functools, json, math, os, signal, sys, threading, time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import jax, jax.numpy as jnp
@@ -23,7 +23,7 @@ from flax import struct
 from fsdit.config import (ModelConfig, TrainConfig, model_config, train_config, check_batch,
                           config_to_dict, config_from_dict, MODEL_PRESETS, TRAIN_PRESETS)
 from fsdit import flow
-from fsdit.dit import DiT, init_params
+from fsdit.dit import DiT, init_params, SUPPORT_LATENT_CONDS
 from fsdit.sampler import sample
 
 # %%
@@ -163,9 +163,9 @@ def example_keys(key: jax.Array, step, n: int, axis_name: str | None = AXIS) -> 
 def condition(batch: dict, mc: ModelConfig, latent_scale: float) -> dict:
     "The model's condition from a batch: mean support embedding (B, D), labels (B,), scaled support latents."
     cond = {}
-    if mc.cond in ('support', 'context'): cond['support_embed'] = batch['support_embeds'].astype(jnp.float32).mean(1)
+    if mc.cond != 'class': cond['support_embed'] = batch['support_embeds'].astype(jnp.float32).mean(1)
     if mc.cond == 'class': cond['labels'] = batch['labels']
-    if mc.cond == 'context': cond['support_latents'] = batch['support_latents'].astype(jnp.float32) * latent_scale
+    if mc.cond in SUPPORT_LATENT_CONDS: cond['support_latents'] = batch['support_latents'].astype(jnp.float32) * latent_scale
     return cond
 
 
@@ -424,9 +424,10 @@ assert np.isfinite(ev['val/loss']) and {'attn/entropy_early', 'attn/entropy_late
 class EpisodeSource:
     "Train and validation episode batches gathered from store arrays, this process's share only."
     def __init__(self, embeds, moments, train_rows, val_rows, tc: TrainConfig, space: str = 'latent',
-                 val_batches: int = 2, latents: bool = True):
+                 val_batches: int = 2, latents: bool = True, val_names: Sequence[str] | None = None):
         self.embeds, self.moments, self.train_rows, self.val_rows = embeds, moments, train_rows, val_rows
         self.tc, self.space, self.n_val, self.latents = tc, space, val_batches, latents
+        self.val_names = val_names          # class names of val_rows (folder names), when known
 
     def _gather(self, idx: dict) -> dict:
         return host_batch(self.embeds, self.moments, process_share(idx, jax.process_index(), jax.process_count()), self.latents)
@@ -734,12 +735,13 @@ def read_run_config(out_dir) -> tuple[ModelConfig, TrainConfig] | None:
 class Trainer:
     "One run in `out_dir`: state on the local devices, data stream, checkpoints, metrics; resumes if it can."
     def __init__(self, mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None,
-                 extra: dict | None = None, embed: Callable | None = None):
+                 extra: dict | None = None, embed: Callable | None = None, judge=None):
         check_batch(tc.batch_size, jax.device_count(), jax.process_count())
         self.mc, self.tc, self.source, self.out = mc, tc, source, Path(out_dir)
         self.main, self.n_dev = jax.process_index() == 0, jax.local_device_count()
         self.scale = 1.0 if source.space == 'pixel' else tc.latent_scale
         self.decode, self.embed, self.fewshot_set, self.fewshot_real = decode or (lambda z: z), embed, None, None
+        self.judge = judge
         if self.main: write_run_config(self.out, mc, tc, source.space, extra)
         self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scale), make_eval_step(mc, tc, self.scale)
         self.ckpt = checkpoint_manager(self.out, tc.keep)
@@ -823,13 +825,13 @@ class Trainer:
             if self.fewshot_set is None:   # the same classes and real images every time
                 r = np.random.default_rng(tc.seed)
                 classes = np.sort(r.choice(len(rows), min(tc.fewshot_classes, len(rows)), replace=False))
-                self.fewshot_set = class_set_from_arrays(self.source.embeds, self.source.moments, rows,
+                self.fewshot_set = class_set_from_arrays(self.source.embeds, self.source.moments, rows, self.source.val_names,
                                                          max_per_class=2 * tc.fewshot_n + tc.shots, classes=classes, seed=tc.seed)
                 cs = self.fewshot_set   # their decoded images and embeddings do not change either: computed once
-                self.fewshot_real = images_of(cs.latents, cs.labels, Pipeline(self.decode, self.embed))
+                self.fewshot_real = images_of(cs.latents, cs.labels, Pipeline(self.decode, self.embed, judge=self.judge))
             return quick_eval(unreplicate(self.state.ema_params), self.mc, self.fewshot_set, self.decode, self.embed,
                               latent_scale=self.scale, n_per_class=tc.fewshot_n, shots=tc.shots, cfg_scale=tc.cfg_scale,
-                              steps=tc.sample_steps, seed=tc.seed, real=self.fewshot_real)
+                              steps=tc.sample_steps, seed=tc.seed, real=self.fewshot_real, judge=self.judge)
         except (OSError, ValueError) as e:  # an encoder that cannot load (offline hub) must not end the run
             print(f"fsdit train: few-shot metrics are off for this run: {e}", file=sys.stderr)
             self.embed = None
@@ -852,11 +854,12 @@ class Trainer:
 # %%
 #| export
 def train(mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None, extra: dict | None = None,
-          embed: Callable | None = None) -> dict:
+          embed: Callable | None = None, judge=None) -> dict:
     """Train (or resume) the run in `out_dir` until `tc.max_steps`; returns the last logged metrics.
     `decode` turns latents into images in [-1, 1] (sample grids); `embed` maps uint8 images to support
-    embeddings and, with `decode`, turns on the few-shot metrics every `tc.fewshot_every` steps."""
-    trainer = Trainer(mc, tc, source, out_dir, decode, extra, embed)
+    embeddings and, with `decode`, turns on the few-shot metrics every `tc.fewshot_every` steps (with a glyph
+    `judge`, `fsdit.judge.GlyphJudge`, they include its class consistency and glyph-FD)."""
+    trainer = Trainer(mc, tc, source, out_dir, decode, extra, embed, judge)
     try:
         with StopSignal() as stop: return trainer.run(stop)
     finally: trainer.close()
@@ -999,7 +1002,8 @@ def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:
     "Episodes of the feature store at `feats`: train split for training, val split for validation."
     from fsdit.features import open_store
     st = open_store(feats)
-    return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'], val_batches)
+    return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'],
+                         val_batches, val_names=st.classes('val'))
 
 
 def train_cli(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fsdit.config import ModelConfig, TrainConfig
-from fsdit.dit import DiT
+from fsdit.dit import DiT, SUPPORT_LATENT_CONDS
 from fsdit.sampler import sample
 from fsdit.train import (condition, read_run_config, checkpoint_manager, restore_checkpoint, create_state,
                          image_grid, save_png, to_uint8 as grid_uint8)
@@ -155,7 +155,7 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
     given = {'support_embeds': support_embeds, 'support_latents': support_latents, 'labels': labels}
     given = {k: np.asarray(v) for k, v in given.items() if v is not None}
     check_supports(mc, None if 'support_embeds' not in given else given['support_embeds'].shape[1])
-    if mc.cond == 'context' and 'support_latents' not in given: raise ValueError("cond='context' needs support_latents")
+    if mc.cond in SUPPORT_LATENT_CONDS and 'support_latents' not in given: raise ValueError(f"cond={mc.cond!r} needs support_latents")
     if mc.cond == 'class' and 'labels' not in given: raise ValueError("cond='class' needs labels")
     M, n_dev, mesh = len(next(iter(given.values()))), jax.local_device_count(), _mesh()
     bs = -(-min(batch_size, M) // n_dev) * n_dev                  # every batch one shape: one compilation

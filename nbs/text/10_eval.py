@@ -418,11 +418,14 @@ class Images:
     pixels: np.ndarray
     embeds: np.ndarray
     labels: np.ndarray
-    inception: np.ndarray | None = None   # (M, 2048) when FID is on
+    inception: np.ndarray | None = None     # (M, 2048) when FID is on
+    judge_logits: np.ndarray | None = None  # (M, n_judge_classes) when a judge is on
+    judge_feats: np.ndarray | None = None   # (M, F) the judge's penultimate features
 
     def take(self, idx) -> Images:
-        return Images(self.pixels[idx], self.embeds[idx], self.labels[idx],
-                      None if self.inception is None else self.inception[idx])
+        pick = lambda a: None if a is None else a[idx]
+        return Images(self.pixels[idx], self.embeds[idx], self.labels[idx], pick(self.inception),
+                      pick(self.judge_logits), pick(self.judge_feats))
 
 
 def _px(u8) -> np.ndarray: return u8.astype(np.float32) / 127.5 - 1
@@ -442,7 +445,22 @@ def _halves(labels, seed: int = 0):
     return np.concatenate(a), np.concatenate(b)
 
 
-def image_record(im: Images, real: Images, supports, n_classes: int, real_ref: bool = False) -> dict:
+def judge_record(im: Images, real: Images, supports, judge_labels, real_ref: bool = False) -> dict:
+    """The judge's metrics of `im`: class consistency (its verdict against the supports' class `judge_labels[label]`),
+    glyph-FD to half `b` of every real class (real half `a` against `b` is the floor), diversity and nearest support."""
+    a, b = _halves(real.labels)
+    x = real.take(a) if real_ref else im
+    rec = {'judge_acc': float((x.judge_logits.argmax(1) == np.asarray(judge_labels)[x.labels]).mean()),
+           'glyph_fd': frechet_distance(x.judge_feats, real.judge_feats[b]),
+           'judge_chance': 1.0 / im.judge_logits.shape[1]}
+    div = real if real_ref else im
+    rec['diversity_judge'] = class_diversity(div.judge_feats, div.labels, 'rms')
+    rec['nn_support_judge'] = _nn_support(im.judge_feats, real.judge_feats, supports, 'rms')
+    return rec
+
+
+def image_record(im: Images, real: Images, supports, n_classes: int, real_ref: bool = False,
+                 judge_labels=None) -> dict:
     "Few-shot metrics of images `im` against the real images of the same classes; supports (M, K) index real."
     rec = {'n': int(len(im.labels))}
     if real_ref:  # real images: leave-one-out prototypes, Fréchet distances between two halves
@@ -461,6 +479,8 @@ def image_record(im: Images, real: Images, supports, n_classes: int, real_ref: b
     rec['nn_support_embed'] = _nn_support(im.embeds, real.embeds, supports, 'cosine')
     rec['nn_support_pixel'] = _nn_support(_px(im.pixels), _px(real.pixels), supports, 'rms')
     rec['chance'] = 1.0 / n_classes
+    if judge_labels is not None and im.judge_feats is not None:
+        rec.update(judge_record(im, real, supports, judge_labels, real_ref))
     return rec
 
 
@@ -478,6 +498,7 @@ class Pipeline:
     generate: Callable | None = None   # (support_embeds (M,K,D), support_latents (M,K,h,w,c), cfg_scale, seed) -> latents
     fid_model: Any = None              # pytorch-fid InceptionV3, or None to skip FID
     batch_size: int = 64
+    judge: Any = None                  # images -> (logits, features), with .index(class names): `fsdit.judge.GlyphJudge`
 
 
 def images_of(latents, labels, pipe: Pipeline) -> Images:
@@ -486,7 +507,8 @@ def images_of(latents, labels, pipe: Pipeline) -> Images:
     px = np.concatenate([to_uint8(pipe.decode(latents[i:i + bs])) for i in range(0, len(latents), bs)])
     emb = np.concatenate([np.asarray(pipe.embed(_px(px[i:i + bs])), np.float64) for i in range(0, len(px), bs)])
     inc = None if pipe.fid_model is None else inception_features(px, pipe.fid_model, bs)
-    return Images(px, emb, np.asarray(labels), inc)
+    jl, jf = (None, None) if pipe.judge is None else pipe.judge(_px(px))
+    return Images(px, emb, np.asarray(labels), inc, jl, jf)
 
 
 def evaluate_classes(pipe: Pipeline, cs: ClassSet, *, n_per_class: int = 128, shots: Sequence[int] = (5,),
@@ -496,19 +518,20 @@ def evaluate_classes(pipe: Pipeline, cs: ClassSet, *, n_per_class: int = 128, sh
     `real`: the class set's images through `pipe` (`images_of(cs.latents, cs.labels, pipe)`) when already at hand."""
     real = images_of(cs.latents, cs.labels, pipe) if real is None else real
     C, out = cs.n_classes, []
+    jl = None if pipe.judge is None else pipe.judge.index(cs.names)
     tag = lambda method, k, cfg=None: dict(split=split, method=method, shots=int(k), cfg=cfg, classes=C)
+    record = lambda im, sup, **kw: image_record(im, real, sup, C, judge_labels=jl, **kw)
     for k in shots:
         sup, held, lab = draw_episodes(cs.labels, n_per_class, k, seed + 1000 * k)
-        out.append({**tag('real', k), **image_record(real.take(held), real, sup, C, real_ref=True)})
+        out.append({**tag('real', k), **record(real.take(held), sup, real_ref=True)})
         if baselines:
-            out.append({**tag('copy', k), **image_record(real.take(sup[:, 0]), real, sup, C)})
-            mean = images_of(cs.latents[sup].mean(1), lab, pipe)
-            out.append({**tag('mean', k), **image_record(mean, real, sup, C)})
+            out.append({**tag('copy', k), **record(real.take(sup[:, 0]), sup)})
+            out.append({**tag('mean', k), **record(images_of(cs.latents[sup].mean(1), lab, pipe), sup)})
         if pipe.generate is None: continue
         emb = None if cs.embeds is None else cs.embeds[sup]
         for cfg in cfg_scales:
             lat = pipe.generate(emb, cs.latents[sup], float(cfg), seed + k)
-            out.append({**tag('model', k, float(cfg)), **image_record(images_of(lat, lab, pipe), real, sup, C)})
+            out.append({**tag('model', k, float(cfg)), **record(images_of(lat, lab, pipe), sup)})
     return out
 
 
@@ -596,31 +619,37 @@ test_eq(cs2.latents, mom_a[cs2.rows, 0, 0].astype(np.float32))
 METRICS = {'proto_acc': 'prototype accuracy (class consistency)', 'fd_embed': 'Fréchet distance, embedding space',
            'fid': 'FID (Inception, pytorch-fid)', 'diversity_embed': 'diversity: mean pairwise cosine distance',
            'diversity_pixel': 'diversity: mean pairwise pixel RMS', 'nn_support_embed': 'distance to nearest support (cosine)',
-           'nn_support_pixel': 'distance to nearest support (pixel RMS)'}
+           'nn_support_pixel': 'distance to nearest support (pixel RMS)',
+           'judge_acc': 'class consistency by the judge (its verdict = the supports\' class)',
+           'glyph_fd': 'glyph-FD: Fréchet distance in the judge\'s features', 'diversity_judge': 'diversity: judge features, RMS',
+           'nn_support_judge': 'distance to nearest support (judge features, RMS)'}
+JUDGE_METRICS = ('judge_acc', 'glyph_fd', 'diversity_judge', 'nn_support_judge')   # with a `Pipeline.judge` only
 
 
-def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch_size: int = 256, fid_model=None) -> Pipeline:
+def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch_size: int = 256, fid_model=None,
+                   judge=None) -> Pipeline:
     "A `Pipeline` that samples a loaded `fsdit.sample.Run` and decodes/embeds with its codecs."
     from fsdit.sample import generate   # the metrics above need neither jax nor flax
     if run.mc.cond == 'class': raise ValueError("a class-conditioned run (cond='class') cannot generate unseen classes from supports")
     gen = lambda emb, lat, cfg, seed: generate(run.params, run.mc, emb, lat, latent_scale=run.latent_scale, seed=seed,
                                                steps=steps, cfg_scale=cfg, method=method, batch_size=batch_size)
-    return Pipeline(codecs.decode, codecs.embed, gen, fid_model, batch_size=min(batch_size, 64))
+    return Pipeline(codecs.decode, codecs.embed, gen, fid_model, batch_size=min(batch_size, 64), judge=judge)
 
 
 def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train', n_per_class: int = 128,
              shots: Sequence[int] = (5,), cfg_scales: Sequence[float] = (3.0,), steps: int = 50, seed: int = 0,
              max_real_per_class: int | None = 128, fid: bool = False, fid_weights: str | None = 'download',
-             method: str = 'euler', batch_size: int = 256, codecs=None, out=None) -> dict:
-    "Few-shot metrics of a run (dir or `Run`) on `split` and on seen classes; writes eval.json + figures to `out`."
+             method: str = 'euler', batch_size: int = 256, codecs=None, judge=None, n_classes: int | None = None,
+             out=None) -> dict:
+    "Few-shot metrics of a run (dir or `Run`) on `split` (`n_classes` of them, drawn at random; default all) and as many seen classes; writes eval.json + figures to `out`."
     from fsdit.sample import load_run, run_codecs
     from fsdit.features import open_store
     run = load_run(run) if isinstance(run, (str, Path)) else run
     store = open_store(store) if isinstance(store, (str, Path)) else store
     codecs = codecs or run_codecs(run, store.path)
     pipe = model_pipeline(run, codecs, steps=steps, method=method, batch_size=batch_size,
-                          fid_model=fid_inception(fid_weights) if fid else None)
-    unseen = class_set(store, split, max_real_per_class, seed=seed)
+                          fid_model=fid_inception(fid_weights) if fid else None, judge=judge)
+    unseen = class_set(store, split, max_real_per_class, n_classes, seed=seed)
     sets = {split: unseen}
     if seen_split: sets[seen_split] = class_set(store, seen_split, max_real_per_class, unseen.n_classes, seed)
     records = []
@@ -630,7 +659,8 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
     res = dict(run=str(run.path), step=run.step, store=str(store.path), space=run.space, cond=run.mc.cond,
                trained_shots=run.tc.shots, codecs=codecs.names, classes={k: v.names for k, v in sets.items()},
                settings=dict(n_per_class=n_per_class, shots=list(shots), cfg_scales=list(map(float, cfg_scales)),
-                             steps=steps, method=method, seed=seed, max_real_per_class=max_real_per_class, fid=fid),
+                             steps=steps, method=method, seed=seed, max_real_per_class=max_real_per_class, fid=fid,
+                             judge=None if judge is None else dict(classes=len(judge.chars), accuracy=judge.accuracy)),
                records=records)
     if out is not None: write_results(res, out)
     return res
@@ -702,7 +732,7 @@ def results_table(records: list[dict], metrics: Sequence[str] = tuple(METRICS)) 
 # %%
 tmp_out = Path(tempfile.mkdtemp())
 files = write_results({'records': recs}, tmp_out)
-test_eq(sorted(f.name for f in files), sorted(['eval.json'] + [f'fig_{m}.png' for m in METRICS if m != 'fid']))
+test_eq(sorted(f.name for f in files), sorted(['eval.json'] + [f'fig_{m}.png' for m in METRICS if m != 'fid' and m not in JUDGE_METRICS]))
 back = json.loads((tmp_out / 'eval.json').read_text())['records']
 test_eq(len(back), len(recs)); test_close(back[0]['proto_acc'], recs[0]['proto_acc'])
 tbl = results_table(recs)
@@ -721,16 +751,17 @@ assert tbl.splitlines()[0].split()[:5] == ['split', 'method', 'shots', 'cfg', 'p
 #| export
 def quick_eval(params, mc, cs: ClassSet, decode: Callable, embed: Callable, *, latent_scale: float = 1.0,
                n_per_class: int = 8, shots: int = 5, cfg_scale: float = 3.0, steps: int = 20, seed: int = 0,
-               prefix: str = 'val_fs', real: Images | None = None) -> dict:
+               prefix: str = 'val_fs', real: Images | None = None, judge=None) -> dict:
     "Cheap few-shot metrics of `params` on a class set: {prefix/proto_acc, .../fd_embed, ...}; `real` as in `evaluate_classes`."
     from fsdit.sample import generate
     gen = lambda emb, lat, cfg, s: generate(params, mc, emb, lat, latent_scale=latent_scale, seed=s, steps=steps, cfg_scale=cfg)
-    recs = evaluate_classes(Pipeline(decode, embed, gen), cs, n_per_class=n_per_class, shots=(shots,),
+    recs = evaluate_classes(Pipeline(decode, embed, gen, judge=judge), cs, n_per_class=n_per_class, shots=(shots,),
                             cfg_scales=(cfg_scale,), seed=seed, baselines=False, real=real)
     real, model = recs
-    keys = ('proto_acc', 'fd_embed', 'diversity_embed', 'nn_support_embed')
-    return {**{f'{prefix}/{k}': model[k] for k in keys}, f'{prefix}/real_proto_acc': real['proto_acc'],
-            f'{prefix}/real_nn_support_embed': real['nn_support_embed'], f'{prefix}/chance': model['chance']}
+    keys = ('proto_acc', 'fd_embed', 'diversity_embed', 'nn_support_embed', 'judge_acc', 'glyph_fd')
+    return {**{f'{prefix}/{k}': model[k] for k in keys if k in model},
+            **{f'{prefix}/real_{k}': real[k] for k in ('proto_acc', 'nn_support_embed', 'judge_acc', 'glyph_fd') if k in real},
+            f'{prefix}/chance': model['chance']}
 
 
 # %% [markdown]

@@ -4,11 +4,12 @@
 # > `fsdit demo --out DEMO`: the whole chain offline in minutes on a CPU — a glyph dataset rendered from the fonts matplotlib ships, split by class, a pixel-space feature store, a short training run, sample grids for seen and held-out classes, and the few-shot metrics beside real images and trivial baselines.
 #
 # Our machines reach no model hub and no dataset site, so the demo runs on data a dependency ships:
-# **characters as classes, fonts as images** (`fsdit.data.make_offline_dataset`, 130 classes of 20
-# images). It is the same code path as a miniImageNet run — `prepare`, `precompute`, `train`,
-# `sample`, `eval` — with two stand-ins: the images themselves are the "latents" (pixel space), and the
-# support encoder is a fixed random projection of downsampled pixels (`fsdit.data.PixelEncoder`),
-# **not SigLIP2**. The numbers it prints measure this small setting, not the real model.
+# **characters as classes, fonts as images** (`fsdit.data.make_offline_dataset`: 1,000 visually distinct
+# characters of the fonts matplotlib ships, 20 images each). It is the same code path as a miniImageNet
+# run — `prepare`, `precompute`, `train`, `sample`, `eval` — with two stand-ins: the images themselves are
+# the "latents" (pixel space, gray), and the support encoder is a fixed random projection of downsampled
+# pixels (`fsdit.data.PixelEncoder`), **not SigLIP2**. Its referee is a glyph classifier trained on every
+# class (`fsdit.judge`): class consistency is the judge's verdict, glyph-FD is measured in its features.
 #
 # Each stage writes its output completely or not at all, and is skipped when its output is already
 # there: running the demo again reuses what is done (an interrupted training run resumes from its last
@@ -20,7 +21,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, json, threading, time
+import argparse, json, math, threading, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -37,13 +38,13 @@ from fastcore.test import test_eq, test_fail
 # %% [markdown]
 # ## Sizes
 #
-# `full` is the README's demo: all 130 glyph classes at 32x32 (91 train / 13 val / 26 held-out test
-# classes), a DiT of width 128 and depth 4 on 64 patch tokens (patch 4), 700 steps of 32 episodes
-# (EMA 0.99, whose horizon of 100 steps fits the run), 25 Euler steps for samples, and the evaluation
-# on the 26 held-out classes and on 26 seen ones. Measured: about 550 CPU-seconds in all (on a 2-core
-# CPU shared with other jobs that was 18 minutes of wall time: training 11.5, evaluation 5.4). `tiny` runs the same stages in seconds
-# (this notebook, the tests and the explorer's notebook use it). The conditioning is the seed's
-# (`cond='support'`: the mean support embedding through adaLN) unless `cond` says otherwise.
+# `full` is the README's demo: 1,000 glyph classes at 16x16 gray (700 train / 100 val / 200 held-out
+# test classes), a DiT of width 128 and depth 4 on 64 patch tokens (patch 2) with the supports aligned
+# beside the target (`cond='aligned'`, `fsdit.dit.support_stats`), `max_steps` steps of 64 episodes at
+# lr 1e-3, 25 Euler steps for samples, and the evaluation on the 200 held-out classes and on 200 seen
+# ones. `long` trains the same model ten times longer. `tiny` runs the same stages in seconds (this
+# notebook, the tests and the explorer's notebook use it). `cond` picks another conditioning (`'support'`
+# is the seed's: the mean support embedding through adaLN only).
 
 # %%
 #| export
@@ -51,27 +52,36 @@ from fastcore.test import test_eq, test_fail
 class DemoSize:
     "Everything the demo's size decides."
     per_class: int = 20                   # images per glyph class
-    image_size: int = 32                  # pixels (the model's input grid)
-    chars: str | None = None              # None: every character of fsdit.data.GLYPHS
+    image_size: int = 16                  # pixels (the model's input grid)
+    classes: int = 1000                   # glyph classes (`fsdit.data.glyph_classes`), unless `chars` is given
+    chars: str | None = None              # the characters themselves
+    channels: int = 1                     # 1: gray pixels; 3: RGB
     embed_dim: int = 64                   # stand-in support embedding width
-    model: dict = field(default_factory=lambda: dict(preset='mu', hidden=128, depth=4, heads=4, patch=4))
-    train: dict = field(default_factory=lambda: dict(preset='short', batch_size=32, max_steps=700, warmup=50,
-                                                     ema_decay=0.99, log_every=50, eval_every=350, sample_every=350,
-                                                     save_every=350, keep=2))
-    grid_classes: int = 6                 # classes in each sample grid
-    grid_samples: int = 6                 # samples per class in the grids
-    eval_per_class: int = 8               # generated images per class in the eval
-    eval_cfg: tuple = (1.0, 3.0)          # CFG scales evaluated
+    cond: str = 'aligned'                 # the conditioning (see `fsdit.config.CONDS`)
+    model: dict = field(default_factory=lambda: dict(preset='mu', hidden=128, depth=4, heads=4, patch=2))
+    train: dict = field(default_factory=lambda: dict(
+        preset='short', batch_size=64, max_steps=1200, lr=1e-3, warmup=100, ema_decay=0.995, log_every=50,
+        eval_every=600, sample_every=1200, save_every=600, fewshot_every=400, fewshot_classes=16, fewshot_n=6, keep=2))
+    judge: dict = field(default_factory=lambda: dict(per_class=16, epochs=10))   # `fsdit.judge.train_judge`
+    cfg: float = 2.0                      # CFG of the grids and the headline (chosen on validation classes)
+    grid_classes: int = 8                 # classes in each sample grid
+    grid_samples: int = 8                 # samples per class in the grids
+    eval_classes: int = 50                # classes of each split in the eval (drawn at random)
+    eval_per_class: int = 10              # generated images per class (half a class's real images: see glyph-FD)
+    eval_cfg: tuple = (1.0, 2.0)          # CFG scales evaluated
     sample_steps: int = 25                # Euler steps for grids and eval (the seed samples with 50)
 
 
 DEMO_SIZES = {
     'full': DemoSize(),
-    'tiny': DemoSize(per_class=6, image_size=16, chars='0123456789ABCDEFGHIJKLMN', embed_dim=16,
-                     model=dict(preset='mu', patch=4),
+    'long': DemoSize(train=dict(preset='short', batch_size=64, max_steps=12000, lr=1e-3, warmup=100, ema_decay=0.999,
+                                log_every=100, eval_every=3000, sample_every=6000, save_every=1000,
+                                fewshot_every=1000, fewshot_classes=16, fewshot_n=6, keep=2)),
+    'tiny': DemoSize(per_class=6, chars='0123456789ABCDEFGHIJKLMN', embed_dim=16, model=dict(preset='mu', patch=4),
                      train=dict(preset='test', batch_size=8, max_steps=30, log_every=10, eval_every=30,
                                 sample_every=30, save_every=30, keep=1),
-                     grid_classes=3, grid_samples=8, eval_per_class=2, eval_cfg=(3.0,), sample_steps=4),
+                     judge=dict(per_class=8, epochs=4, batch_size=32), cfg=3.0,
+                     grid_classes=3, grid_samples=8, eval_classes=4, eval_per_class=2, eval_cfg=(3.0,), sample_steps=4),
 }
 
 
@@ -86,19 +96,21 @@ def demo_size(name: str = 'full', **overrides) -> DemoSize:
 
 # %%
 #| export
-def demo_configs(s: DemoSize, cond: str = 'support') -> tuple[ModelConfig, TrainConfig]:
-    "The pixel-space model and the training recipe of a demo size."
+def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
+    "The pixel-space model and the training recipe of a demo size (`cond`: the size's unless given)."
     from fsdit.data import offline_model_config
     m, t = dict(s.model), dict(s.train)
-    mc = offline_model_config(m.pop('preset'), size=s.image_size, channels=3, embed_dim=s.embed_dim, cond=cond, **m)
-    tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, wandb_mode='disabled', **t)
+    mc = offline_model_config(m.pop('preset'), size=s.image_size, channels=s.channels, embed_dim=s.embed_dim,
+                              cond=cond or s.cond, **m)
+    tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, wandb_mode='disabled', **t)
     return mc, tc
 
 
 # %%
 mc, tc = demo_configs(DEMO_SIZES['full'])
-test_eq((mc.input_size, mc.in_channels, mc.tokens, mc.support_dim, mc.cond), (32, 3, 64, 64, 'support'))
-test_eq((tc.batch_size, tc.max_steps, tc.ema_decay, tc.sample_steps), (32, 700, 0.99, 25))
+test_eq((mc.input_size, mc.in_channels, mc.tokens, mc.support_dim, mc.cond), (16, 1, 64, 64, 'aligned'))
+test_eq((tc.batch_size, tc.max_steps, tc.sample_steps, tc.cfg_scale), (64, 1200, 25, 2.0))
+test_eq(demo_configs(DEMO_SIZES['full'], 'support')[0].cond, 'support')
 mc_t, tc_t = demo_configs(demo_size('tiny'), cond='context')
 test_eq((mc_t.input_size, mc_t.tokens, mc_t.cond, tc_t.max_steps), (16, 16, 'context', 30))
 test_fail(lambda: demo_size('huge'), contains="unknown demo size 'huge'")
@@ -114,6 +126,7 @@ test_fail(lambda: demo_size('huge'), contains="unknown demo size 'huge'")
 # DEMO/glyphs/         the flat dataset (class folders of PNGs)
 # DEMO/split/          train / val / test class folders (symlinks)       fsdit prepare
 # DEMO/feats/          the pixel-space feature store                     fsdit precompute --stand-in
+# DEMO/judge/          the glyph classifier that scores the samples      fsdit.judge
 # DEMO/run/            config.json, checkpoints/, metrics.jsonl, samples/   fsdit train
 # DEMO/samples_seen.png, DEMO/samples_heldout.png    supports | samples, one class a row
 # DEMO/eval/           eval.json and one figure per metric               fsdit eval
@@ -128,11 +141,11 @@ def _log(log: Callable | None, msg: str):
 
 def demo_data(out, s: DemoSize, log: Callable | None = None) -> Path:
     "Render the glyph dataset and split it by class (both reused when complete); returns the split folder."
-    from fsdit.data import make_offline_dataset, prepare, offline_split_sizes, GLYPHS
+    from fsdit.data import make_offline_dataset, prepare, offline_split_sizes, glyph_classes
     out = Path(out); t0 = time.time()
     reused = (out / 'glyphs' / 'glyphs.json').exists() and (out / 'split' / 'prepare.json').exists()
-    kw = dict(per_class=s.per_class, size=s.image_size, chars=s.chars or GLYPHS)
-    counts = make_offline_dataset(out / 'glyphs', **kw)
+    chars = s.chars if s.chars or reused else glyph_classes(s.classes)
+    counts = make_offline_dataset(out / 'glyphs', per_class=s.per_class, size=s.image_size, chars=chars)
     sizes = offline_split_sizes(len(counts))
     prepare(out / 'glyphs', out / 'split', **sizes, seed=0)
     _log(log, f"data:    {out / 'split'}  ({len(counts)} glyph classes x {s.per_class} images: "
@@ -145,11 +158,19 @@ def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = T
     from fsdit.data import PixelEncoder, PixelSpace
     from fsdit.features import precompute
     out = Path(out); t0 = time.time(); reused = (out / 'feats' / 'metadata.json').exists()
-    st = precompute(out / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(size=s.image_size),
+    st = precompute(out / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
                     image_size=s.image_size, space='pixel', chunk_size=1024, batch_size=256, progress=progress)
     _log(log, f"store:   {out / 'feats'}  ({len(st.embeds)} images, stand-in encoder {st.meta['encoder']} "
               f"(not SigLIP2); {'reused' if reused else f'{time.time() - t0:.0f} s'})")
     return st
+
+
+def demo_judge(out, s: DemoSize, log: Callable | None = None):
+    "The glyph judge of every class of the dataset, trained once and kept in DEMO/judge (`fsdit.judge.glyph_judge`)."
+    from fsdit.data import glyph_char
+    from fsdit.judge import glyph_judge
+    names = sorted(json.loads((Path(out) / 'glyphs' / 'glyphs.json').read_text())['classes'])
+    return glyph_judge(Path(out) / 'judge', ''.join(map(glyph_char, names)), s.image_size, log=log, **s.judge)
 
 
 # %% [markdown]
@@ -191,16 +212,19 @@ class _Follow(threading.Thread):
         self.done.set(); self.join(); self.run_once(); self.bar.close()
 
 
-def demo_train(out, s: DemoSize, store, cond: str = 'support', log: Callable | None = None, progress: bool = True) -> Path:
-    "Train (or resume, or reuse) the demo run in DEMO/run; returns its folder."
+def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable | None = None, progress: bool = True,
+               judge=None) -> Path:
+    "Train (or resume, or reuse) the demo run in DEMO/run; returns its folder. With a `judge` the few-shot metrics score by it."
     from fsdit.train import train, store_source
+    from fsdit.sample import stand_in_encoder
     out = Path(out); run = out / 'run'; mc, tc = demo_configs(s, cond)
     if tc.max_steps in _saved_steps(run) and _last_step(run) >= tc.max_steps:
         _log(log, f"train:   {run}  (done: {tc.max_steps} steps, reused)"); return run
     t0, step0 = time.time(), _last_step(run)
     feats = str(Path(store.path).absolute())
     follow = _Follow(run, tc.max_steps, progress); follow.start()
-    try: train(mc, tc, store_source(feats, tc), run, extra={'feats': feats})   # as `fsdit train --feats` does
+    embed = stand_in_encoder(store.meta['encoder']).embed
+    try: train(mc, tc, store_source(feats, tc), run, extra={'feats': feats}, embed=embed, judge=judge)   # as `fsdit train --feats` does
     finally: follow.stop()
     last = json.loads((run / 'metrics.jsonl').read_text().splitlines()[-1])
     _log(log, f"train:   {run}  ({mc.cond} conditioning, {tc.max_steps - step0} steps of {tc.batch_size} in "
@@ -239,7 +263,7 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
     for c in pick:
         rows = np.sort(rng.choice(crs[c], run.tc.shots, replace=False))
         sup = to_uint8(np.asarray(store.moments[rows, 0, 0], np.float32))          # pixel mode: the images
-        gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=run.tc.cfg_scale,
+        gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=s.cfg,
                                    steps=s.sample_steps, seed=seed + int(c))
         sups.append(sup); gens.append(to_uint8(gen))
     return class_rows_grid(sups, gens)
@@ -274,33 +298,53 @@ def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: 
     codecs, t0 = run_codecs(run, store.path), time.time()
     for (name, path), split in zip(files.items(), ('train', 'test')):
         save_png(demo_grid(run, codecs, store, split, s), path)
-        path.with_suffix('.json').write_text(json.dumps({'step': run.step, 'split': split, 'cfg': run.tc.cfg_scale}))
-    _log(log, f"samples: {files['seen']}, {files['heldout']}  (supports | samples at CFG {run.tc.cfg_scale}; "
+        path.with_suffix('.json').write_text(json.dumps({'step': run.step, 'split': split, 'cfg': s.cfg}))
+    _log(log, f"samples: {files['seen']}, {files['heldout']}  (supports | samples at CFG {s.cfg:g}; "
               f"{time.time() - t0:.0f} s)")
     return files
 
 
 # %% [markdown]
-# The evaluation is `fsdit.eval.evaluate` on the held-out test classes and as many seen (train) classes:
-# class consistency (nearest-prototype accuracy in the stand-in embedding space), Fréchet distance in
-# that space, diversity and the distance to the nearest support, for the model at each CFG scale, for
-# real images, and for the two trivial baselines (*copy* returns a support, *mean* the supports' mean).
-# `summary.json` keeps the headline: class consistency per split and method.
+# The evaluation is `fsdit.eval.evaluate` on the held-out test classes and as many seen (train) classes,
+# with the judge: its class consistency (`judge_acc`), glyph-FD (`glyph_fd`), diversity and distance to the
+# nearest support in its features, for the model at each CFG scale, for real images (the judge never
+# trained on them: they are its held-out accuracy and the FD floor), and for the two trivial baselines
+# (*copy* returns a support, *mean* the supports' pixel mean). The stand-in embedding's numbers are in
+# `eval.json` too. `summary.json` keeps the headline at the size's CFG: each figure of the model beside
+# real images', and the ratios the demo is judged by (`vs_real`).
 
 # %%
 #| export
-def demo_summary(res: dict) -> dict:
-    "Class consistency (prototype accuracy) per split and method, with chance, from an eval result."
+from fsdit.eval import JUDGE_METRICS as HEADLINE
+
+
+def demo_summary(res: dict, cfg: float) -> dict:
+    "Per split: the judge's metrics of real images, both baselines and the model at `cfg`, and model / real ratios."
     out = {}
     for r in res['records']:
-        name = r['method'] if r['cfg'] is None else f"model_cfg{r['cfg']:g}"
-        out.setdefault(r['split'], {'chance': r['chance'], 'classes': r['classes']})[name] = r['proto_acc']
+        if r['cfg'] is not None and not math.isclose(r['cfg'], cfg): continue
+        d = out.setdefault(r['split'], {'classes': r['classes'], 'judge_chance': r.get('judge_chance')})
+        d[r['method']] = {k: r.get(k) for k in HEADLINE}
+    for d in out.values():
+        if 'model' in d and 'real' in d:
+            d['vs_real'] = {k: d['model'][k] / d['real'][k] if d['real'][k] else None for k in HEADLINE}
     return out
 
 
-def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
+def summary_table(summary: dict) -> str:
+    "The headline as text: a row per split and method."
+    rows = [['split', 'method', *HEADLINE]]
+    for split, d in summary.items():
+        if not isinstance(d, dict) or 'real' not in d: continue
+        for m in ('real', 'copy', 'mean', 'model', 'vs_real'):
+            if m in d: rows.append([split, m, *('-' if d[m][k] is None else f"{d[m][k]:.3f}" for k in HEADLINE)])
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return '\n'.join(' '.join(c.rjust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None, judge=None) -> dict:
     "DEMO/eval/eval.json and figures (remade when the run moved on); returns the summary."
-    from fsdit.eval import evaluate, results_table
+    from fsdit.eval import evaluate
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None); ev = out / 'eval' / 'eval.json'
     if ev.exists() and json.loads(ev.read_text()).get('step') == step and (out / 'summary.json').exists():
         _log(log, f"eval:    {ev}  (reused)")
@@ -308,10 +352,11 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
     run, t0 = (get_run or _loader(out / 'run'))(), time.time()
     res = evaluate(run, store, split='test', seen_split='train', n_per_class=s.eval_per_class,
                    shots=(run.tc.shots,), cfg_scales=s.eval_cfg, steps=s.sample_steps, max_real_per_class=None,
-                   out=out / 'eval')
-    summary = {'step': run.step, 'cond': run.mc.cond, **demo_summary(res)}
+                   judge=judge, n_classes=s.eval_classes, out=out / 'eval')
+    summary = {'step': run.step, 'cond': run.mc.cond, 'cfg': s.cfg, **demo_summary(res, s.cfg)}
     (out / 'summary.json').write_text(json.dumps(summary, indent=1))
-    _log(log, f"eval:    {ev}  ({time.time() - t0:.0f} s)\n" + results_table(res['records'], ('proto_acc', 'fd_embed', 'nn_support_pixel')))
+    _log(log, f"eval:    {ev}  ({time.time() - t0:.0f} s; CFG {s.cfg:g}, the judge's metrics; vs_real = model / real)\n"
+              + summary_table(summary))
     return summary
 
 
@@ -320,28 +365,36 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
 
 # %%
 #| export
-STAGES = ('data', 'store', 'train', 'samples', 'eval')
+STAGES = ('data', 'store', 'judge', 'train', 'samples', 'eval')
 
 
-def demo(out='demo', size: str | DemoSize = 'full', cond: str = 'support', until: str = 'eval',
+def demo(out='demo', size: str | DemoSize = 'full', cond: str | None = None, until: str = 'eval',
          log: Callable | None = None, progress: bool = True) -> dict:
-    "Run the demo's stages into `out` up to `until` (each reused when done); returns what each made."
+    "Run the demo's stages into `out` up to `until` (each reused when done); returns what each made and `timings`."
     if until not in STAGES: raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     s = demo_size(size) if isinstance(size, str) else size
+    if cond: s = replace(s, cond=cond)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     _log(log, f"fsdit demo -> {out.resolve()}")
-    res: dict[str, Any] = {'split': demo_data(out, s, log)}
-    stop = lambda name: STAGES.index(name) >= STAGES.index(until)
-    if stop('data'): return res
-    store = res['store'] = demo_store(out, s, log, progress)
-    if stop('store'): return res
-    res['run'] = demo_train(out, s, store, cond, log, progress)
-    if stop('train'): return res
+    res: dict[str, Any] = {'timings': {}}
+    def stage(name, fn, *args):
+        t0 = time.time(); res[name] = fn(*args); res['timings'][name] = round(time.time() - t0, 1)
+        return STAGES.index(name) >= STAGES.index(until)
     get_run = _loader(out / 'run')                  # loaded once, only if a later stage has work to do
-    res['samples'] = demo_samples(out, s, store, log, get_run)
-    if stop('samples'): return res
-    res['summary'] = demo_eval(out, s, store, log, get_run)
+    done = (stage('data', demo_data, out, s, log) or stage('store', demo_store, out, s, log, progress)
+            or stage('judge', demo_judge, out, s, log)
+            or stage('train', demo_train, out, s, res['store'], s.cond, log, progress, res['judge'])
+            or stage('samples', demo_samples, out, s, res['store'], log, get_run)
+            or stage('eval', demo_eval, out, s, res['store'], log, get_run, res['judge']))
+    _log(log, 'minutes: ' + ', '.join(f"{k} {v / 60:.1f}" for k, v in res['timings'].items()))
+    _keep_timings(out / 'timings.json', res['timings'])
     return res
+
+
+def _keep_timings(path: Path, now: dict):
+    "DEMO/timings.json: the seconds of each stage the last time it did work (a reused stage keeps its figure)."
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**old, **{k: v for k, v in now.items() if v >= 1.0 or k not in old}}, indent=1))
 
 
 # %% [markdown]
@@ -354,17 +407,19 @@ msgs = []
 r = demo(d, 'tiny', log=msgs.append, progress=False)
 first = time.time() - t0
 test_eq(sorted(p.name for p in d.iterdir()),
-        ['eval', 'feats', 'glyphs', 'run', 'samples_heldout.json', 'samples_heldout.png', 'samples_seen.json',
-         'samples_seen.png', 'split', 'summary.json'])
+        ['eval', 'feats', 'glyphs', 'judge', 'run', 'samples_heldout.json', 'samples_heldout.png', 'samples_seen.json',
+         'samples_seen.png', 'split', 'summary.json', 'timings.json'])
 sm = json.loads((d / 'summary.json').read_text())
-test_eq((sm['step'], set(sm)), (30, {'step', 'cond', 'test', 'train'}))
-assert {'real', 'copy', 'mean', 'model_cfg3'} <= set(sm['test']) and sm['test']['classes'] == 4
+test_eq((sm['step'], set(sm)), (30, {'step', 'cond', 'cfg', 'test', 'train'}))
+assert {'real', 'copy', 'mean', 'model', 'vs_real'} <= set(sm['test']) and sm['test']['classes'] == 4
+assert sm['test']['copy']['nn_support_judge'] < 1e-6 and sm['test']['real']['nn_support_judge'] > 0
+test_eq(list(r['timings']), list(STAGES))
 print('\n'.join(msgs)); print(f"{first:.1f} s")
 
 # %%
 msgs2 = []
 t0 = time.time(); demo(d, 'tiny', log=msgs2.append, progress=False)
-assert all('reused' in m for m in msgs2[1:]) and len(msgs2) == 6, msgs2
+assert all('reused' in m for m in msgs2[1:-1]) and len(msgs2) == 8, msgs2
 assert time.time() - t0 < first
 
 # %% [markdown]
@@ -383,7 +438,7 @@ Image.open(d / 'samples_heldout.png').resize((g.shape[1] * 3, g.shape[0] * 3), I
 # ## Command line
 #
 # `fsdit demo --out DEMO` (default `demo`) runs the `full` size; `--size tiny` the seconds-long one;
-# `--cond context` the supports-as-tokens conditioning; `--until STAGE` stops early.
+# `--cond support` the seed's conditioning (`context`: supports as tokens); `--until STAGE` stops early.
 
 # %%
 #| export
@@ -391,9 +446,11 @@ def demo_cli(argv: list[str]) -> int:
     "`fsdit demo`: the whole chain offline on the glyph dataset — data, store, train, samples, eval."
     p = argparse.ArgumentParser(prog='fsdit demo', description=demo_cli.__doc__)
     p.add_argument('--out', default='demo', help='demo folder (reused: finished stages are skipped)')
-    p.add_argument('--size', default='full', choices=sorted(DEMO_SIZES), help="'full' (minutes on a CPU) or 'tiny' (seconds)")
-    p.add_argument('--cond', default='support', choices=('support', 'context'),
-                   help="'support': the seed's mean embedding via adaLN; 'context': supports also as tokens")
+    p.add_argument('--size', default='full', choices=sorted(DEMO_SIZES),
+                   help="'full' (minutes on a CPU), 'long' (about ten times longer) or 'tiny' (seconds)")
+    p.add_argument('--cond', default=None, choices=('aligned', 'support', 'context'),
+                   help="default (the size's): 'aligned', the supports' pixels beside the target; 'support': the seed's mean "
+                        "embedding via adaLN only; 'context': supports also as tokens")
     p.add_argument('--steps', type=int, default=None, help='training steps (default: the size\'s)')
     p.add_argument('--until', default='eval', choices=STAGES, help='last stage to run')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
@@ -412,4 +469,4 @@ def demo_cli(argv: list[str]) -> int:
 # %%
 import contextlib, io
 with contextlib.redirect_stdout(io.StringIO()) as o: test_eq(demo_cli(['--out', str(d), '--size', 'tiny', '--no-progress']), 0)
-assert o.getvalue().startswith('fsdit demo -> ') and o.getvalue().count('reused') == 5
+assert o.getvalue().startswith('fsdit demo -> ') and o.getvalue().count('reused') == 6

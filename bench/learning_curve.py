@@ -1,0 +1,66 @@
+"""Learning curves of demo runs: the judge's class consistency and glyph-FD on validation classes against
+training minutes, read from each run's metrics.jsonl (the trainer's few-shot metrics, `val_fs/*`).
+
+    python bench/learning_curve.py NAME=DEMO_OR_RUN_DIR ... [--out nbs/images/learning_curve.png] [--json curve.json]
+
+Training minutes are the sum of the logged step times (`train/step_time` x steps in each log window), so
+evaluation, checkpointing and compilation are not counted and runs on a loaded machine compare by their
+own step times.
+"""
+import argparse, json, sys
+from pathlib import Path
+
+
+def curve(run: Path) -> list[dict]:
+    "Records of the few-shot metrics with the training minutes spent up to their step."
+    run = run / 'run' if (run / 'run' / 'metrics.jsonl').exists() else run
+    out, minutes, prev = [], 0.0, 0
+    for line in (run / 'metrics.jsonl').read_text().splitlines():
+        if not line.strip(): continue
+        r = json.loads(line)
+        if 'train/step_time' in r:
+            minutes += r['train/step_time'] * (r['step'] - prev) / 60; prev = r['step']
+        if 'val_fs/judge_acc' in r:
+            out.append(dict(step=r['step'], minutes=round(minutes, 2), judge_acc=r['val_fs/judge_acc'],
+                            real_judge_acc=r.get('val_fs/real_judge_acc'), glyph_fd=r.get('val_fs/glyph_fd'),
+                            real_glyph_fd=r.get('val_fs/real_glyph_fd')))
+    return out
+
+
+def plot(curves: dict, path: Path):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, c in curves.items():
+        if not c: continue
+        m = [r['minutes'] for r in c]
+        a.plot(m, [r['judge_acc'] for r in c], 'o-', label=name)
+        b.plot(m, [r['glyph_fd'] for r in c], 'o-', label=name)
+    real = next((c[-1] for c in curves.values() if c), None)
+    if real and real['real_judge_acc'] is not None: a.axhline(real['real_judge_acc'], color='k', ls='--', lw=1, label='real images')
+    if real and real['real_glyph_fd'] is not None: b.axhline(real['real_glyph_fd'], color='k', ls='--', lw=1, label='real vs real')
+    a.set(xlabel='training minutes (2-core CPU)', ylabel='judge class consistency', title='validation classes', ylim=(0, 1))
+    b.set(xlabel='training minutes (2-core CPU)', ylabel='glyph-FD (log)', yscale='log', title='validation classes')
+    a.legend(fontsize=8); b.legend(fontsize=8)
+    fig.tight_layout(); path.parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('runs', nargs='+', help='NAME=FOLDER (a demo folder or a run folder)')
+    ap.add_argument('--out', default='learning_curve.png')
+    ap.add_argument('--json', default=None)
+    a = ap.parse_args(argv)
+    curves = {}
+    for spec in a.runs:
+        name, _, folder = spec.partition('=')
+        curves[name] = curve(Path(folder or name))
+    plot(curves, Path(a.out))
+    text = json.dumps(curves, indent=1)
+    if a.json: Path(a.json).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
