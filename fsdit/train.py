@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #2e47246a
 from __future__ import annotations
-import argparse, dataclasses, functools, json, math, os, shutil, signal, sys, threading, time
+import argparse, contextlib, dataclasses, functools, json, logging, math, os, re, shutil, signal, sys, threading, time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,11 +27,11 @@ __all__ = ['AXIS', 'SEED_ALIASES', 'lr_schedule', 'decay_mask', 'make_optimizer'
            'compute_grads', 'train_step', 'donate_state', 'data_parallel', 'make_train_step', 'replicate',
            'unreplicate', 'shard', 'eval_step', 'make_eval_step', 'entropy_metrics', 'evaluate', 'EpisodeSource',
            'synthetic_source', 'NonFiniteLoss', 'check_finite', 'train_summary', 'wandb_mode', 'RunLog', 'read_records',
-           'to_uint8', 'image_grid', 'sample_grid', 'save_png', 'checkpoint_manager', 'save_checkpoint',
-           'restore_checkpoint', 'CheckpointError', 'error_line', 'restore_latest', 'StopSignal', 'write_run_config',
-           'run_json', 'read_run_config', 'RunInUse', 'RunLock', 'Trainer', 'train', 'train_parser', 'resolve_configs',
-           'lazy_call', 'lazy_vae_decode', 'store_embed', 'store_source', 'parse_train_args', 'train_cli',
-           'memory_estimate']
+           'to_uint8', 'image_grid', 'sample_grid', 'save_png', 'checkpoint_manager', 'save_checkpoint', 'quiet_orbax',
+           'ignore_closed_loops', 'restore_checkpoint', 'CheckpointError', 'error_line', 'os_reason', 'restore_latest',
+           'StopSignal', 'write_run_config', 'run_json', 'read_run_config', 'RunInUse', 'RunLock', 'Trainer', 'train',
+           'train_parser', 'resolve_configs', 'lazy_call', 'lazy_vae_decode', 'store_embed', 'store_source',
+           'parse_train_args', 'train_cli', 'memory_estimate']
 
 # %% ../nbs/08_train.ipynb #cb98c32c
 def lr_schedule(c: TrainConfig) -> optax.Schedule:
@@ -423,8 +423,27 @@ def checkpoint_manager(out_dir, keep: int) -> ocp.CheckpointManager:
 def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict):
     "Save a replicated state (first device's copy) and JSON `meta` under the state's step."
     host = flax.serialization.to_state_dict(unreplicate(state))
-    mngr.save(int(host['step']), args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
+    with quiet_orbax():
+        mngr.save(int(host['step']), args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    "Silence orbax's log while it writes: a failed write (a full disk) is logged with a traceback by each of its threads."
+    # the error still reaches the caller, which reports it once, in one line
+    log = logging.getLogger('absl'); level = log.level
+    log.setLevel(logging.CRITICAL)
+    try: yield
+    finally: log.setLevel(level)
+
+
+def ignore_closed_loops(hook=None):
+    "An unraisable-exception hook that drops the 'Event loop is closed' errors orbax's futures raise at exit after a failed write."
+    hook = hook or sys.unraisablehook
+    def drop(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == 'Event loop is closed'): hook(u)
+    return drop
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> tuple[TrainState, dict] | None:
@@ -445,6 +464,12 @@ def error_line(e: BaseException, limit: int = 200) -> str:
     "The first line of an error, without tensorstore's spec dump, at most `limit` characters."
     msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e).split('\n')[0].split(' [tensorstore_spec=')[0]
     return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
+
+
+def os_reason(e: BaseException) -> str:
+    "The operating system's reason inside an error (tensorstore writes it as os_error_code), else its first line."
+    m = re.search(r"os_error_code='(\d+)'", str(e))
+    return os.strerror(int(m[1])) if m else e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template: TrainState) -> tuple[TrainState, dict, dict[int, str]] | None:
@@ -668,8 +693,12 @@ class Trainer:
     def save(self):
         "Checkpoint the current step, unless it is saved already; a non-finite state is never saved."
         check_finite(self.pending, self.step - len(self.pending) + 1)
-        if self.ckpt.latest_step() == self.step: return
-        save_checkpoint(self.ckpt, self.state, {'data': self.position, 'loss_ema': self.loss_ema})
+        before = self.ckpt.latest_step()
+        if before == self.step: return
+        try: save_checkpoint(self.ckpt, self.state, {'data': self.position, 'loss_ema': self.loss_ema})
+        except Exception as e:   # a full disk: orbax keeps the earlier checkpoints, its half-written one is not taken
+            raise CheckpointError(f"checkpoint {self.step} could not be written ({os_reason(e)}); the earlier ones are intact: "
+                                  f"make room and run the same command again (it resumes from step {before or 0})") from e
 
     def close(self):
         "Close the checkpoints and the log, and release the run directory."
@@ -781,6 +810,7 @@ def train_cli(argv: list[str]) -> int:
     "`fsdit train`: check every setting, open the store, train or resume; 1 with a one-line message when refused."
     from fsdit.cli import CLIError, check_out_dir, fail
     args = parse_train_args(argv)
+    sys.unraisablehook = ignore_closed_loops()
     try:
         if args.distributed: jax.distributed.initialize()
         check_out_dir(args.out)
