@@ -21,9 +21,13 @@ TIMING = ('train/step_time', 'train/samples_per_s', 'samples/grid')
 RENAMED = {'test': ['ёжик', '猫 cat'], 'val': ['κλάση']}   # class folders renamed into other scripts
 
 
-def _env():
+def _env(cache: Path | None = None):
+    "Subprocess environment; `cache`: a persistent compilation cache, so later trainers skip the first one's compiling."
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'WANDB_MODE': 'disabled'}
     env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
     return env
 
 
@@ -101,7 +105,7 @@ def faults(tmp_path_factory):
                  '--embed-dim', '16']) == 0
     marker = root / 'waiting'
     proc = subprocess.Popen([sys.executable, '-c', _WAIT_AT_RECORD, str(marker), 'train', '--feats', str(root / 'feats'),
-                             '--out', str(root / 'run_killed'), *FLAGS], env=_env(), stdout=subprocess.PIPE,
+                             '--out', str(root / 'run_killed'), *FLAGS], env=_env(root.parent / 'jax cache'), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert main(['train', '--feats', str(root / 'feats'), '--out', str(root / 'run'), *FLAGS]) == 0
     yield root, proc, marker
@@ -128,6 +132,61 @@ def test_second_trainer_refused_then_sigkill_resumes_exactly(faults, capsys):
     refused(fsdit(capsys, *cmd), 'train', 'in use by another `fsdit train`', f'process {proc.pid}', str(run))
     assert (run / 'metrics.jsonl').read_text() == before
     proc.send_signal(signal.SIGKILL); proc.wait()
+    assert fsdit(capsys, *cmd)[0] == 0
+    assert_same_run(root / 'run', run)
+
+
+_KILL_WHILE_SAVING = textwrap.dedent('''
+    import os, signal, sys
+    try: from orbax.checkpoint._src.path import atomicity
+    except ImportError: sys.exit(3)
+    finalize = getattr(atomicity.AtomicRenameTemporaryPath, 'finalize', None)
+    if finalize is None: sys.exit(3)
+    async def kill_at_4(self, *a, **kw):   # step 4 written in full, not yet renamed into place
+        if self._final_path.name == '4': os.kill(os.getpid(), signal.SIGKILL)
+        return await finalize(self, *a, **kw)
+    atomicity.AtomicRenameTemporaryPath.finalize = kill_at_4
+    from fsdit.cli import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+_DISK_FULL = textwrap.dedent('''
+    import resource, signal, sys
+    import fsdit.train as T
+    save = T.save_checkpoint
+    def full_at_4(mngr, state, meta):   # no room left for step 4 (a file-size limit: the write fails as on a full disk)
+        if int(T.unreplicate(state.step)) == 4:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+        return save(mngr, state, meta)
+    T.save_checkpoint = full_at_4
+    from fsdit.cli import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def test_sigkill_while_checkpoint_is_written_resumes_exactly(faults, tmp_path, capsys):
+    root, run = faults[0], tmp_path / 'run'
+    cmd = ['train', '--feats', str(root / 'feats'), '--out', str(run), *FLAGS]
+    r = subprocess.run([sys.executable, '-c', _KILL_WHILE_SAVING, *cmd], env=_env(root.parent / 'jax cache'),
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode == 3: pytest.skip('this orbax has no AtomicRenameTemporaryPath.finalize to stop at')
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert sorted(p.name for p in (run / 'checkpoints').iterdir() if p.name.isdigit()) == ['2']
+    assert fsdit(capsys, *cmd)[0] == 0
+    assert_same_run(root / 'run', run)
+
+
+def test_disk_full_while_checkpoint_is_written(faults, tmp_path, capsys):
+    "One line naming the reason, the earlier checkpoint intact, and the same command finishes once there is room."
+    root, run = faults[0], tmp_path / 'run'
+    cmd = ['train', '--feats', str(root / 'feats'), '--out', str(run), *FLAGS]
+    r = subprocess.run([sys.executable, '-c', _DISK_FULL, *cmd], env=_env(root.parent / 'jax cache'),
+                       capture_output=True, text=True, timeout=600)
+    refused((r.returncode, r.stdout, r.stderr), 'train', 'checkpoint 4 could not be written (File too large)',
+            'resumes from step 2')
+    assert 'Traceback' not in r.stderr
+    assert final_state(run)[0].step == 2
     assert fsdit(capsys, *cmd)[0] == 0
     assert_same_run(root / 'run', run)
 
