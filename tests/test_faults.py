@@ -2,8 +2,9 @@
 one line on stderr naming what was wrong, and leaves nothing a corrected rerun would trip over; a killed or
 damaged run resumes exactly.
 
-One small data set serves every test: the tiny glyph split under a folder whose name holds a space, with some
-class folders renamed into non-Latin scripts, its store, and one uninterrupted 4-step run. Refusals run
+One small data set serves every test: the tiny glyph set under a folder whose name holds a space, its class
+folders renamed into non-Latin scripts (with spaces) before `fsdit prepare`, its store, and one uninterrupted
+4-step run. Refusals run
 in-process through `fsdit.cli.main` (the console script's function); kills and a second concurrent trainer
 run in subprocesses."""
 import json, os, shutil, signal, subprocess, sys, textwrap, time
@@ -18,7 +19,7 @@ FLAGS = ['--model', 'mu', '--model.patch', '4', '--preset', 'test', '--batch-siz
          '--log-every', '2', '--eval-every', '4', '--sample-every', '4', '--save-every', '2', '--keep', '2',
          '--sample-steps', '2', '--val-batches', '1']
 TIMING = ('train/step_time', 'train/samples_per_s', 'samples/grid')
-RENAMED = {'test': ['ёжик', '猫 cat'], 'val': ['κλάση']}   # class folders renamed into other scripts
+SCRIPTS = ['ёж', 'κλάση', '猫', 'قط']   # every class folder is renamed '<word> <glyph name>'
 
 
 def _env(cache: Path | None = None):
@@ -93,15 +94,17 @@ _WAIT_AT_RECORD = textwrap.dedent('''
 
 @pytest.fixture(scope='module')
 def faults(tmp_path_factory):
-    """DIR/'with space': split (some classes renamed into other scripts), feats, run (4 steps, uninterrupted),
-    and a second trainer into run_killed, still running and waiting at step 4's record."""
+    """DIR/'with space': split (class folders in other scripts), feats, run (4 steps, uninterrupted), and a second
+    trainer into run_killed, still running and waiting at step 4's record."""
     from fsdit.cli import main
-    from fsdit.demo import demo_data, demo_size
+    from fsdit.data import make_offline_dataset
     root = tmp_path_factory.mktemp('faults') / 'with space'
-    split = demo_data(root, demo_size('tiny'))
-    for s, names in RENAMED.items():
-        for old, new in zip(sorted(p.name for p in (split / s).iterdir() if p.is_dir()), names): (split / s / old).rename(split / s / new)
-    assert main(['precompute', '--data', str(split), '--out', str(root / 'feats'), '--stand-in', '--image-size', '16',
+    make_offline_dataset(root / 'glyphs', per_class=6, size=16, chars='0123456789ABCDEFGHIJKLMN')
+    for i, c in enumerate(sorted(p for p in (root / 'glyphs').iterdir() if p.is_dir())):
+        c.rename(c.with_name(f"{SCRIPTS[i % len(SCRIPTS)]} {c.name}"))
+    assert main(['prepare', '--src', str(root / 'glyphs'), '--dst', str(root / 'split'), '--train', '18', '--val', '2',
+                 '--test', '4']) == 0
+    assert main(['precompute', '--data', str(root / 'split'), '--out', str(root / 'feats'), '--stand-in', '--image-size', '16',
                  '--embed-dim', '16']) == 0
     marker = root / 'waiting'
     proc = subprocess.Popen([sys.executable, '-c', _WAIT_AT_RECORD, str(marker), 'train', '--feats', str(root / 'feats'),
@@ -114,6 +117,11 @@ def faults(tmp_path_factory):
 
 @pytest.fixture
 def root(faults): return faults[0]
+
+
+def held_out_class(root: Path, i: int = 0) -> Path:
+    "The i-th class folder of the test split (held out from training)."
+    return sorted((root / 'split' / 'test').iterdir())[i]
 
 
 # ---------------------------------------------------------------- train: a second trainer, SIGKILL, resume
@@ -246,7 +254,7 @@ def test_out_paths_refused_naming_them(root, tmp_path, capsys):
     refused(fsdit(capsys, 'precompute', '--data', root / 'split', '--out', ro / 'feats', '--stand-in'), 'precompute', str(ro))
     refused(fsdit(capsys, 'eval', '--run', run, '--out', f / 'eval'), 'eval', str(f), 'lies under the file')
     refused(fsdit(capsys, 'eval', '--run', run, '--out', ro / 'eval'), 'eval', str(ro), 'cannot write')
-    sup = sorted((root / 'split' / 'test' / 'ёжик').iterdir())[:2]
+    sup = sorted(held_out_class(root).iterdir())[:2]
     refused(fsdit(capsys, 'sample', '--run', run, '--support', *sup, '--out', f / 'grid.png'), 'sample', str(f))
     refused(fsdit(capsys, 'sample', '--run', run, '--support', *sup, '--out', ro / 'grid.png'), 'sample', str(ro))
     refused(fsdit(capsys, 'sample', '--run', run, '--support', *sup, '--out', tmp_path), 'sample', 'is a folder')
@@ -276,7 +284,7 @@ def test_damaged_newest_checkpoint_falls_back(root, tmp_path, capsys, how):
     run = _copy_run(root, tmp_path)
     _damage(run / 'checkpoints' / '4', how)
     if how == 'state':
-        sup = sorted((root / 'split' / 'test' / 'ёжик').iterdir())[:3]
+        sup = sorted(held_out_class(root).iterdir())[:3]
         rc, out, err = fsdit(capsys, 'sample', '--run', run, '--support', *sup, '--n', '2', '--steps', '2', '--out', tmp_path / 'g.png')
         assert rc == 0 and 'step 2' in out and 'checkpoint 4' in err and 'damaged' in err, err
     rc, _, err = fsdit(capsys, 'train', '--out', run)
@@ -294,7 +302,7 @@ def test_every_checkpoint_damaged_is_refused_not_restarted(root, tmp_path, capsy
     log = (run / 'metrics.jsonl').read_text()
     refused(fsdit(capsys, 'train', '--out', run), 'train', 'no checkpoint in', 'steps [2, 4] are damaged')
     assert (run / 'metrics.jsonl').read_text() == log and sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['2', '4']
-    refused(fsdit(capsys, 'sample', '--run', run, '--class-dir', root / 'split' / 'test' / 'ёжик', '--out', tmp_path / 'g.png'),
+    refused(fsdit(capsys, 'sample', '--run', run, '--class-dir', held_out_class(root), '--out', tmp_path / 'g.png'),
             'sample', 'steps [2, 4] are damaged')
     assert not (tmp_path / 'g.png').exists()
 
@@ -329,7 +337,7 @@ def test_run_config_damaged_refused(root, tmp_path, capsys):
 
 def test_sample_any_number_of_supports(root, tmp_path, capsys):
     "1, 3, 4 and 6 supports, and --class-dir; outputs in folders that do not exist yet; a negative --cfg."
-    files = sorted((root / 'split' / 'test' / '猫 cat').iterdir())
+    files = sorted(held_out_class(root, 1).iterdir())
     assert len(files) == 6
     for k in (1, 3, 4, 6):
         out, npz = tmp_path / f'new {k}' / 'grid.png', tmp_path / f'npz {k}' / 's.npz'
@@ -337,13 +345,13 @@ def test_sample_any_number_of_supports(root, tmp_path, capsys):
                            '--out', out, '--npz', npz)
         assert rc == 0, err
         assert f'from {k} supports' in o and out.exists() and np.load(npz)['supports'].shape[0] == k
-    rc, o, err = fsdit(capsys, 'sample', '--run', root / 'run', '--class-dir', root / 'split' / 'test' / '猫 cat',
+    rc, o, err = fsdit(capsys, 'sample', '--run', root / 'run', '--class-dir', held_out_class(root, 1),
                        '--shots', '4', '--n', '2', '--steps', '2', '--cfg', '-1.5', '--out', tmp_path / 'cd' / 'g.png')
     assert rc == 0 and 'from 4 supports' in o and 'cfg -1.5' in o, err
 
 
 def test_sample_bad_input_refused_and_nothing_written(root, tmp_path, capsys):
-    cls = root / 'split' / 'test' / 'ёжик'
+    cls = held_out_class(root)
     good = sorted(cls.iterdir())[:2]
     trunc = tmp_path / 'cut.png'; data = good[0].read_bytes(); trunc.write_bytes(data[:len(data) // 2])
     text = tmp_path / 'notes.png'; text.write_text('not an image')
@@ -386,7 +394,7 @@ def test_damaged_store_refused_by_train_eval_sample(root, tmp_path, capsys):
         refused(fsdit(capsys, 'eval', '--run', root / 'run', '--feats', store, '--out', tmp_path / name / 'eval'), 'eval', *need)
         if name == 'metadata.json':   # sampling reads only the store's metadata
             refused(fsdit(capsys, 'sample', '--run', root / 'run', '--feats', store, '--class-dir',
-                          root / 'split' / 'test' / 'ёжик', '--out', tmp_path / 'g.png'), 'sample', *need)
+                          held_out_class(root), '--out', tmp_path / 'g.png'), 'sample', *need)
 
 
 _KILL_WHILE_ASSEMBLING = textwrap.dedent('''
@@ -445,4 +453,5 @@ def test_eval_names_classes_as_their_folders(root, tmp_path, capsys):
                        '--max-real', '6', '--no-seen', '--out', out)
     assert rc == 0, err
     classes = json.loads((out / 'eval.json').read_text())['classes']['test']
-    assert set(RENAMED['test']) <= set(classes) and set(classes) == {p.name for p in (root / 'split' / 'test').iterdir()}
+    assert sorted(classes) == sorted(p.name for p in (root / 'split' / 'test').iterdir())
+    assert all(' ' in c and not c.isascii() for c in classes)
