@@ -441,8 +441,10 @@ def quiet_orbax():
 def ignore_closed_loops(hook=None):
     "An unraisable-exception hook that drops the 'Event loop is closed' errors orbax's futures raise at exit after a failed write."
     hook = hook or sys.unraisablehook
+    if getattr(hook, 'drops_closed_loops', False): return hook      # installed already
     def drop(u):
         if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == 'Event loop is closed'): hook(u)
+    drop.drops_closed_loops = True
     return drop
 
 

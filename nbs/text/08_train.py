@@ -28,7 +28,7 @@ from fsdit.sampler import sample
 
 # %%
 import tempfile
-from fastcore.test import test_eq, test_close
+from fastcore.test import test_eq, test_close, test_fail
 
 
 # %% [markdown]
@@ -476,6 +476,8 @@ it = src.batches()
 test_eq(b1['moments'].shape, (tc.batch_size, 2, 2, 28, 28, 4)); test_eq(b1['support_embeds'].shape, (tc.batch_size, 5, 768))
 b2_again, _ = next(src.batches(p1))  # restarting at a saved position gives the next batch
 np.testing.assert_equal(b2_again, b2)
+src.check()   # settings the classes cannot meet are refused before a run writes anything:
+test_fail(lambda: synthetic_source(mc, train_config('test', shots=12)).check(), contains='shots 12 needs 13 images per class')
 
 
 # %% [markdown]
@@ -690,8 +692,10 @@ def quiet_orbax():
 def ignore_closed_loops(hook=None):
     "An unraisable-exception hook that drops the 'Event loop is closed' errors orbax's futures raise at exit after a failed write."
     hook = hook or sys.unraisablehook
+    if getattr(hook, 'drops_closed_loops', False): return hook      # installed already
     def drop(u):
         if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == 'Event loop is closed'): hook(u)
+    drop.drops_closed_loops = True
     return drop
 
 
@@ -761,6 +765,16 @@ with tempfile.TemporaryDirectory() as d:
     try: restore_latest(mngr, create_state(mc, tc)); raise AssertionError('restored')
     except CheckpointError as e: assert 'steps [3, 4] are damaged' in str(e)
     mngr.close()
+
+# %%
+#| hide
+import types
+test_eq(os_reason(ValueError("Failed to write 512 bytes to file 17: ... [os_error_code='28']")), os.strerror(28))
+test_eq(error_line(KeyError('Item "state" was not found\nmore')), 'KeyError: Item "state" was not found')
+seen = []
+hook = ignore_closed_loops(seen.append)
+for e in (RuntimeError('Event loop is closed'), ValueError('kept')): hook(types.SimpleNamespace(exc_value=e))
+test_eq([str(u.exc_value) for u in seen], ['kept']); assert ignore_closed_loops(hook) is hook
 
 
 # %% [markdown]
