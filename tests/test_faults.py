@@ -428,6 +428,35 @@ def test_precompute_killed_while_assembling(root, tmp_path, capsys):
     assert (out.stat().st_mode & 0o777) == (0o777 & ~umask) == ((root / 'feats').stat().st_mode & 0o777)
 
 
+_KILL_AFTER_CHUNKS = textwrap.dedent('''
+    import os, signal, sys
+    import fsdit.features as F
+    save, saved = F._save_chunk, []
+    def save_then_kill(d, i, arrays):   # SIGKILL once two chunks are on disk
+        save(d, i, arrays); saved.append(i)
+        if len(saved) == 2: os.kill(os.getpid(), signal.SIGKILL)
+    F._save_chunk = save_then_kill
+    from fsdit.cli import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def test_precompute_sigkill_after_chunks(root, tmp_path, capsys):
+    "SIGKILL after 2 of 3 chunks, then the same command: the chunks on disk are kept and the store is the same."
+    out = tmp_path / 'feats'
+    cmd = ['precompute', '--data', root / 'split', '--out', out, '--stand-in', '--image-size', '16', '--embed-dim', '16',
+           '--chunk-size', '50']
+    r = subprocess.run([sys.executable, '-c', _KILL_AFTER_CHUNKS, *map(str, cmd)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / 'feats.partial').glob('chunk_*')) == ['chunk_000000.npz', 'chunk_000001.npz']
+    assert fsdit(capsys, *cmd)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['feats']
+    for f in ('embeds.npy', 'moments.npy', 'index.json'):
+        assert (out / f).read_bytes() == (root / 'feats' / f).read_bytes(), f
+    meta, whole = (json.loads((d / 'metadata.json').read_text()) for d in (out, root / 'feats'))
+    assert meta == {**whole, 'chunk_size': 50}
+
+
 def test_precompute_bad_numbers_refused(root, tmp_path, capsys):
     for flag in ('--chunk-size', '--batch-size', '--image-size'):
         refused(fsdit(capsys, 'precompute', '--data', root / 'split', '--out', tmp_path / 'f', '--stand-in', flag, '0'),
