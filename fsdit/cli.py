@@ -4,10 +4,11 @@
 
 # %% ../nbs/14_cli.ipynb #24ceb2be
 from __future__ import annotations
-import importlib, sys
+import argparse, importlib, sys, tempfile
+from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'usage', 'main']
+__all__ = ['COMMANDS', 'usage', 'main', 'CLIError', 'fail', 'Parser', 'positive_int', 'check_out_dir', 'check_out_file']
 
 # %% ../nbs/14_cli.ipynb #defe783d
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -39,3 +40,65 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fsdit: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr); return 2
     module, func, _ = COMMANDS[cmd]
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+# %% ../nbs/14_cli.ipynb #f3b38439
+class CLIError(ValueError):
+    "A command refused its input; the message says what was wrong and what to do."
+
+
+def fail(cmd: str, e: BaseException | str) -> int:
+    "Print `fsdit CMD: MESSAGE` as one line on stderr; returns 1 (the exit status of a refusal)."
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e   # KeyError's str() quotes its message
+    print(f"fsdit {cmd}: {' '.join(str(msg).split())}", file=sys.stderr)
+    return 1
+
+
+class Parser(argparse.ArgumentParser):
+    "argparse with one-line errors: `fsdit CMD: argument --x: ... (see fsdit CMD --help)`, exit status 2."
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    "An argparse type: an integer >= 1."
+    try: v = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1: raise argparse.ArgumentTypeError(f"must be 1 or more, got {v}")
+    return v
+
+# %% ../nbs/14_cli.ipynb #a9ea05c1
+def _existing_ancestor(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent: p = p.parent
+    return p
+
+
+def _writable(folder: Path) -> str | None:
+    "None if a file can be created in `folder`, else why not."
+    try:
+        with tempfile.TemporaryFile(dir=folder): return None
+    except OSError as e: return e.strerror or type(e).__name__
+
+
+def _check_parent(p: Path, start: Path, flag: str):
+    "Refuse `p` when the nearest existing folder at or above `start` is a file or cannot be written."
+    q = _existing_ancestor(start)
+    if not q.is_dir(): raise CLIError(f"{flag} {p} lies under the file {q}: no folder can be made there; give another path")
+    why = _writable(q)
+    if why: raise CLIError(f"{flag} {p}: cannot write in {q} ({why}): give a writable folder")
+
+
+def check_out_dir(path, flag: str = '--out') -> Path:
+    "Refuse (`CLIError`) an output folder that is a file, lies under a file or cannot be written; creates nothing."
+    p = Path(path)
+    if p.exists() and not p.is_dir(): raise CLIError(f"{flag} {p} is a file, not a folder: give a folder path")
+    _check_parent(p, p, flag)
+    return p
+
+
+def check_out_file(path, flag: str = '--out') -> Path:
+    "Refuse (`CLIError`) an output file that is a folder, lies under a file or cannot be written; creates nothing."
+    p = Path(path)
+    if p.is_dir(): raise CLIError(f"{flag} {p} is a folder: give a file name")
+    _check_parent(p, p.parent, flag)
+    return p

@@ -190,7 +190,7 @@ def validate_train(c: TrainConfig):
     _require(c.fewshot_classes >= 2 and c.fewshot_n >= 1,
              f"few-shot metrics need fewshot_classes >= 2 and fewshot_n >= 1, got {c.fewshot_classes}, {c.fewshot_n}")
     _require(0 <= c.warmup <= c.max_steps, f"warmup {c.warmup} must be between 0 and max_steps {c.max_steps}")
-    _require(0 < c.min_lr <= c.lr, f"need 0 < min_lr ({c.min_lr}) <= lr ({c.lr})")
+    _require(0 < c.min_lr <= c.lr, f"lr must be positive and at least min_lr: got lr {c.lr}, min_lr {c.min_lr}")
     _require(0.0 <= c.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {c.ema_decay}")
     _require(c.grad_clip > 0, f"grad_clip must be positive, got {c.grad_clip}")
     _require(c.t_sampling in T_SAMPLING, f"t_sampling must be one of {T_SAMPLING}, got {c.t_sampling!r}")

@@ -728,7 +728,6 @@ assert g.min() < 50 and g[0, 0] == 255 and (g < 128).mean() > 0.05        # dark
 assert (render_glyph('A', 'DejaVuSans', 32, stroke=2) < 128).sum() > (g < 128).sum()
 test_eq(glyph_name('λ'), 'u03bb_greek_small_letter_lamda'); test_eq(glyph_char(glyph_name('λ')), 'λ')
 
-
 # %% [markdown]
 # 130 characters are few: with few classes a model can learn a lookup of class identity instead of
 # drawing what the supports show (Omniglot, the classic few-shot set, has 1,623 characters). The fonts

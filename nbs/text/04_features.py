@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, hashlib, json, os, shutil, tempfile, types
+import argparse, hashlib, json, os, shutil, types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +75,9 @@ def store_index(data, splits: Sequence[str] = SPLITS) -> dict[str, list]:
 # ## Reading a store
 #
 # `open_store` refuses a folder that is not a complete store and, given `expect`, a store made with other
-# encoders, image size or format than the run asks for — with what differs in the message.
+# encoders, image size or format than the run asks for — with what differs in the message. A store whose
+# files were damaged after it was made (a file truncated or emptied, a disk that filled up while it was
+# copied) is refused naming the store and the file, rather than failing later inside numpy or json.
 
 # %%
 #| export
@@ -103,22 +105,42 @@ class Store:
         return [r[lab == c] for c in range(int(lab.max()) + 1)] if len(r) else []
 
 
+def _damaged(path: Path, name: str, why: str) -> ValueError:
+    return ValueError(f"feature store {path} is damaged: {name} {why}; delete the store and run `fsdit precompute` again")
+
+
+def _store_json(path: Path, name: str):
+    try: return json.loads((path / name).read_text())
+    except FileNotFoundError: raise _damaged(path, name, 'is missing') from None
+    except (OSError, ValueError) as e: raise _damaged(path, name, f"cannot be read ({type(e).__name__}: empty or cut off)") from None
+
+
+def _store_array(path: Path, name: str, rows: int, mode) -> np.ndarray:
+    try: a = np.load(path / name, mmap_mode=mode)
+    except FileNotFoundError: raise _damaged(path, name, 'is missing') from None
+    except (OSError, ValueError, EOFError) as e:      # truncated: numpy says "mmap length ...", "cannot reshape", EOF
+        raise _damaged(path, name, f"is truncated or empty ({path / name}: {os.path.getsize(path / name)} bytes)") from None
+    if len(a) != rows: raise _damaged(path, name, f"holds {len(a)} rows, its index {rows}")
+    return a
+
+
 def open_store(path, expect: dict | None = None, mmap: bool = True) -> Store:
-    "Open the store at `path`; raise `ValueError` if it is incomplete or differs from `expect`."
-    path = Path(path); mf = path / 'metadata.json'
-    if not mf.exists() or not json.loads(mf.read_text()).get('complete'):
+    "Open the store at `path`; raise `ValueError` if it is incomplete, damaged or differs from `expect`."
+    path = Path(path)
+    meta = _store_json(path, 'metadata.json') if (path / 'metadata.json').exists() else {}
+    if not meta.get('complete'):
         hint = f" (an interrupted precompute left {path}.partial: run it again to finish)" if Path(f"{path}.partial").exists() else ''
         raise ValueError(f"{path} is not a complete feature store{hint}")
-    meta = json.loads(mf.read_text())
     want = {'format_version': FORMAT_VERSION, **(expect or {})}
     diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if diff:
         raise ValueError(f"feature store {path} does not match this run: " + '; '.join(
             f"{k} is {have!r}, the run asks for {need!r}" for k, (have, need) in diff.items())
             + ". Run `fsdit precompute` for these settings into another folder.")
-    mode = 'r' if mmap else None
-    return Store(path, meta, json.loads((path / 'index.json').read_text()),
-                 np.load(path / 'embeds.npy', mmap_mode=mode), np.load(path / 'moments.npy', mmap_mode=mode))
+    index, mode = _store_json(path, 'index.json'), 'r' if mmap else None
+    rows = len(index.get('path', [])) if isinstance(index, dict) else -1
+    if rows != meta.get('rows', rows) or rows < 1: raise _damaged(path, 'index.json', f"lists {rows} rows, metadata.json {meta.get('rows')}")
+    return Store(path, meta, index, _store_array(path, 'embeds.npy', rows, mode), _store_array(path, 'moments.npy', rows, mode))
 
 
 # %% [markdown]
@@ -128,8 +150,11 @@ def open_store(path, expect: dict | None = None, mmap: bool = True) -> Store:
 # batches whose leading axis is split over the local devices, and saved as its own file, renamed into
 # place when complete — the file's presence is the chunk's done-marker. A killed run leaves
 # `FEATS.partial/`; run again, it checks the plan is the same, skips the finished chunks and does the
-# rest. The store is assembled beside `FEATS` and renamed into place at the end, so `FEATS` is either
-# absent or whole, and equals what one uninterrupted run gives.
+# rest. The store is assembled beside `FEATS` (in the hidden `.FEATS.assembling/`) and renamed into place at
+# the end, so `FEATS` is either absent or whole, and equals what one uninterrupted run gives. A run killed
+# while assembling leaves the hidden folder; the next run deletes it before assembling again, and a run that
+# finds the store complete deletes what is left of `FEATS.partial/`. Folders get the usual permissions
+# (0755 under the usual umask), as runs do.
 
 # %%
 #| export
@@ -171,11 +196,15 @@ def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'lat
                on_chunk: Callable[[int], None] | None = None) -> Store:
     "Encode every image of the prepared split `data` once into the store `out` (resumable); returns it opened."
     import jax
+    if chunk_size < 1 or batch_size < 1: raise ValueError(f"chunk_size and batch_size must be 1 or more, got {chunk_size}, {batch_size}")
     data, out = Path(data).resolve(), Path(out)
     index = store_index(data, splits)
     plan = _plan(data, encoder, vae, image_size, space, chunk_size, index)
     expect = {k: plan[k] for k in ('encoder', 'vae', 'image_size', 'resize', 'space')}
-    if (out / 'metadata.json').exists(): return open_store(out, {**expect, 'index_sha256': plan['index_sha256']})
+    if (out / 'metadata.json').exists():
+        st = open_store(out, {**expect, 'index_sha256': plan['index_sha256']})
+        shutil.rmtree(f"{out}.partial", ignore_errors=True)       # a run killed after the rename left it
+        return st
     if out.exists() and any(out.iterdir()): raise ValueError(f"{out} exists and is not a feature store; choose another --out")
     part = Path(f"{out}.partial"); part.mkdir(parents=True, exist_ok=True)
     pf = part / 'plan.json'
@@ -203,7 +232,9 @@ def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> 
     "Concatenate the chunk files into the store beside `out`, then rename it into place."
     first = np.load(part / 'chunk_000000.npz')
     N = plan['rows']
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.assembling-', dir=out.parent))
+    for stale in out.parent.glob(f'.{out.name}.assembling*'): shutil.rmtree(stale)   # left by a run killed here
+    tmp = out.parent / f'.{out.name}.assembling'
+    tmp.mkdir()                                            # the umask's permissions (mkdtemp would give 0700)
     try:
         E = np.lib.format.open_memmap(tmp / 'embeds.npy', 'w+', np.float16, (N, *first['embeds'].shape[1:]))
         M = np.lib.format.open_memmap(tmp / 'moments.npy', 'w+', np.float16, (N, *first['moments'].shape[1:]))
@@ -245,7 +276,9 @@ test_eq([len(r) for r in st.class_rows('train')], [6, 6, 6]); test_eq(st.classes
 test_close(np.linalg.norm(st.embeds.astype(np.float32), axis=-1), 1, eps=1e-2)
 img = load_image(data / st.index['path'][7], 16) / 127.5 - 1
 test_close(st.moments[7, 0, 0], img, eps=1e-2); test_close(st.moments[7, 1, 0], img[:, ::-1], eps=1e-2)
-assert not Path(f"{_root / 'feats'}.partial").exists()
+assert not Path(f"{_root / 'feats'}.partial").exists() and not list(_root.glob('.feats.assembling*'))
+_mask = os.umask(0); os.umask(_mask)                                  # folders as mkdir makes them, not 0700
+test_eq(oct((_root / 'feats').stat().st_mode & 0o777), oct(0o777 & ~_mask))
 
 
 # %% [markdown]
@@ -275,6 +308,16 @@ raises(lambda: open_store(_root / 'feats', {'encoder': 'google/siglip2-base-patc
 raises(lambda: precompute(data, _root / 'feats', PixelEncoder(dim=16), vae, 16, 'pixel', progress=False), 'does not match')
 test_eq(precompute(data, _root / 'feats', enc, vae, 16, 'pixel', progress=False).meta, st.meta)   # same call: reused
 
+# %% [markdown]
+# A damaged copy of the store — an array file cut short, the index emptied — is refused naming the store and the file:
+
+# %%
+bad = _root / 'feats_damaged'; shutil.copytree(_root / 'feats', bad)
+with open(bad / 'moments.npy', 'r+b') as f: f.truncate(1000)
+raises(lambda: open_store(bad), f"feature store {bad} is damaged: moments.npy is truncated")
+(bad / 'index.json').write_text('')
+raises(lambda: open_store(bad), 'index.json cannot be read')
+
 
 # %% [markdown]
 # ## Command line
@@ -292,31 +335,34 @@ def _named(obj, name: str, method: str):
 
 def precompute_cli(argv: list[str]) -> int:
     "`fsdit precompute`: every image of a prepared split once through the frozen encoders."
-    p = argparse.ArgumentParser(prog='fsdit precompute', description=precompute.__doc__)
+    from fsdit.cli import Parser, positive_int, check_out_dir, fail
+    p = Parser(prog='fsdit precompute', description=precompute.__doc__)
     p.add_argument('--data', required=True, help='prepared split (output of `fsdit prepare`)')
     p.add_argument('--out', required=True, help='feature store folder to write')
     p.add_argument('--encoder', default='google/siglip2-base-patch16-224', help='SigLIP(2) hub id or local folder')
     p.add_argument('--vae', default='stabilityai/sd-vae-ft-mse', help='SD-VAE hub id or local folder')
-    p.add_argument('--image-size', type=int, default=None, help='224 (latent) or 32 (--stand-in)')
-    p.add_argument('--chunk-size', type=int, default=1024); p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--image-size', type=positive_int, default=None, help='224 (latent) or 32 (--stand-in)')
+    p.add_argument('--chunk-size', type=positive_int, default=1024); p.add_argument('--batch-size', type=positive_int, default=64)
     p.add_argument('--stand-in', action='store_true', help='offline stand-ins: pixel space + PixelEncoder (NOT SigLIP2)')
-    p.add_argument('--embed-dim', type=int, default=64, help='stand-in embedding width')
+    p.add_argument('--embed-dim', type=positive_int, default=64, help='stand-in embedding width')
     p.add_argument('--channels', type=int, default=3, help='stand-in pixel channels (3 or 1)')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='encoder compute dtype')
     a = p.parse_args(argv)
-    if a.stand_in:
-        size = a.image_size or 32
-        enc, vae, space = PixelEncoder(dim=a.embed_dim), PixelSpace(size=size, channels=a.channels), 'pixel'
-    else:
-        from fsdit.encoder import SigLIPEncoder          # imported here: heavy, and only this path needs them
-        from fsdit.vae import SDVAE
-        size, space = a.image_size or 224, 'latent'
-        enc = _named(SigLIPEncoder.from_pretrained(a.encoder, dtype=a.dtype), a.encoder, 'embed')
-        vae = _named(SDVAE.from_pretrained(a.vae, dtype=a.dtype), a.vae, 'moments')
     try:
+        check_out_dir(a.out)
+        store_index(a.data)                                  # a split to read, before any encoder loads
+        if a.stand_in:
+            size = a.image_size or 32
+            enc, vae, space = PixelEncoder(dim=a.embed_dim), PixelSpace(size=size, channels=a.channels), 'pixel'
+        else:
+            from fsdit.encoder import SigLIPEncoder          # imported here: heavy, and only this path needs them
+            from fsdit.vae import SDVAE
+            size, space = a.image_size or 224, 'latent'
+            enc = _named(SigLIPEncoder.from_pretrained(a.encoder, dtype=a.dtype), a.encoder, 'embed')
+            vae = _named(SDVAE.from_pretrained(a.vae, dtype=a.dtype), a.vae, 'moments')
         st = precompute(a.data, a.out, enc, vae, size, space, a.chunk_size, a.batch_size)
-    except ValueError as e:
-        print(f"fsdit precompute: {e}"); return 1
+    except (ValueError, OSError) as e:
+        return fail('precompute', e)
     print(f"{a.out}: {len(st.embeds)} images, embeds {st.embeds.shape[1:]}, moments {st.moments.shape[1:]}, {st.meta['splits']}")
     return 0
 

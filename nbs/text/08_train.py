@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, dataclasses, functools, json, math, os, signal, sys, threading, time
+import argparse, contextlib, dataclasses, functools, json, logging, math, os, re, shutil, signal, sys, threading, time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -28,7 +28,7 @@ from fsdit.sampler import sample
 
 # %%
 import tempfile
-from fastcore.test import test_eq, test_close
+from fastcore.test import test_eq, test_close, test_fail
 
 
 # %% [markdown]
@@ -424,10 +424,23 @@ assert np.isfinite(ev['val/loss']) and {'attn/entropy_early', 'attn/entropy_late
 class EpisodeSource:
     "Train and validation episode batches gathered from store arrays, this process's share only."
     def __init__(self, embeds, moments, train_rows, val_rows, tc: TrainConfig, space: str = 'latent',
-                 val_batches: int = 2, latents: bool = True, val_names: Sequence[str] | None = None):
+                 val_batches: int = 2, latents: bool = True, names: dict | None = None):
         self.embeds, self.moments, self.train_rows, self.val_rows = embeds, moments, train_rows, val_rows
         self.tc, self.space, self.n_val, self.latents = tc, space, val_batches, latents
-        self.val_names = val_names          # class names of val_rows (folder names), when known
+        self.names = names or {}   # class names per split, for messages
+
+    def check(self):
+        "Raise `ValueError` naming the setting when the classes cannot make the episodes it asks for."
+        tc, need = self.tc, self.tc.shots + 1
+        for split, rows in (('train', self.train_rows), ('val', self.val_rows)):
+            if not len(rows): raise ValueError(f"the store has no {split} classes: run `fsdit prepare` with {split} classes")
+            small = sorted((len(r), i) for i, r in enumerate(rows) if len(r) < need)
+            if small:
+                n, i = small[0]; name = self.names.get(split, [])[i] if i < len(self.names.get(split, [])) else f"#{i}"
+                raise ValueError(f"shots {tc.shots} needs {need} images per class (a target and {tc.shots} supports), but "
+                                 f"{len(small)} {split} class(es) have fewer (the smallest, {name!r}, has {n}): "
+                                 f"use --shots {n - 1} or less, or classes with more images")
+        EpisodeBatches(self.train_rows, tc.batch_size, tc.shots, tc.episodes, tc.seed)   # an epoch must fill a batch
 
     def _gather(self, idx: dict) -> dict:
         return host_batch(self.embeds, self.moments, process_share(idx, jax.process_index(), jax.process_count()), self.latents)
@@ -463,6 +476,8 @@ it = src.batches()
 test_eq(b1['moments'].shape, (tc.batch_size, 2, 2, 28, 28, 4)); test_eq(b1['support_embeds'].shape, (tc.batch_size, 5, 768))
 b2_again, _ = next(src.batches(p1))  # restarting at a saved position gives the next batch
 np.testing.assert_equal(b2_again, b2)
+src.check()   # settings the classes cannot meet are refused before a run writes anything:
+test_fail(lambda: synthetic_source(mc, train_config('test', shots=12)).check(), contains='shots 12 needs 13 images per class')
 
 
 # %% [markdown]
@@ -540,14 +555,34 @@ class RunLog:
             self.run.log({**{k: v for k, v in rec.items() if isinstance(v, float)},
                           **{k: wandb.Image(str(p)) for k, p in (images or {}).items()}}, step=step)
 
-    def truncate(self, step: int):
-        "Drop records after `step` (a resumed run rewrites them)."
+    def truncate(self, step: int, warn: Callable[[str], None] | None = None):
+        "Drop records after `step` (a resumed run rewrites them), and a last line cut off by a crash."
         if not self.active or not self.path.exists(): return
-        keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)['step'] <= step]
-        self.path.write_text(''.join(l + '\n' for l in keep))
+        keep = [l for l, r in read_records(self.path, warn) if r['step'] <= step]
+        _write_atomic(self.path, ''.join(l + '\n' for l in keep))
 
     def close(self):
         if self.run is not None: self.run.finish()
+
+
+def read_records(path, warn: Callable[[str], None] | None = None) -> list[tuple[str, dict]]:
+    "(line, record) of a metrics.jsonl; a last line cut off (a crash, a full disk) is dropped and `warn`ed, any other bad line refused."
+    lines, out = Path(path).read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except ValueError: rec = None
+        if isinstance(rec, dict) and isinstance(rec.get('step'), int): out.append((line, rec)); continue
+        if any(l.strip() for l in lines[i + 1:]):
+            raise ValueError(f"{path}, line {i + 1}, is not a metrics record: delete that line (or the file) and run again")
+        if warn: warn(f"{path}: its last line was cut off (a crash or a full disk); dropped, the resumed run writes it again")
+    return out
+
+
+def _write_atomic(path: Path, text: str):
+    "Replace `path` by `text` in one rename: a kill leaves the old file or the new one, never half of one."
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text); os.replace(tmp, path)
 
 
 def _run_id(out_dir) -> str:
@@ -564,6 +599,9 @@ with tempfile.TemporaryDirectory() as d:
     log.log(5, {'train/loss': 1.5, 'train/loss_tbin_0': float('nan')}); log.log(10, {'train/loss': 1.0})
     log.truncate(5)
     recs = [json.loads(l) for l in open(Path(d) / 'metrics.jsonl')]
+    with open(Path(d) / 'metrics.jsonl', 'a') as f: f.write('{"step": 10, "train/lo')      # a crash cut this line
+    said = []; log.truncate(10, said.append)
+    test_eq([r for _, r in read_records(Path(d) / 'metrics.jsonl')], recs); assert 'cut off' in said[0]
 test_eq(recs, [{'step': 5, 'train/loss': 1.5, 'train/loss_tbin_0': None}])
 
 
@@ -636,8 +674,29 @@ def checkpoint_manager(out_dir, keep: int) -> ocp.CheckpointManager:
 def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict):
     "Save a replicated state (first device's copy) and JSON `meta` under the state's step."
     host = flax.serialization.to_state_dict(unreplicate(state))
-    mngr.save(int(host['step']), args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
+    with quiet_orbax():
+        mngr.save(int(host['step']), args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    "Silence orbax's log while it writes: a failed write (a full disk) is logged with a traceback by each of its threads."
+    # the error still reaches the caller, which reports it once, in one line
+    log = logging.getLogger('absl'); level = log.level
+    log.setLevel(logging.CRITICAL)
+    try: yield
+    finally: log.setLevel(level)
+
+
+def ignore_closed_loops(hook=None):
+    "An unraisable-exception hook that drops the 'Event loop is closed' errors orbax's futures raise at exit after a failed write."
+    hook = hook or sys.unraisablehook
+    if getattr(hook, 'drops_closed_loops', False): return hook      # installed already
+    def drop(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == 'Event loop is closed'): hook(u)
+    drop.drops_closed_loops = True
+    return drop
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> tuple[TrainState, dict] | None:
@@ -650,6 +709,45 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, template: TrainState, step: 
     return flax.serialization.from_state_dict(template, got['state']), dict(got['meta'])
 
 
+# %% [markdown]
+# A checkpoint can be damaged after it was committed — a file cut short or deleted, its folder emptied by
+# hand. `restore_latest` then falls back to the newest checkpoint that restores and reports the damaged ones
+# (step -> the first line of the reason; tensorstore's own messages run to thousands of characters); when
+# none restores it refuses naming them, rather than start again from step 0.
+
+# %%
+#| export
+class CheckpointError(ValueError):
+    "Checkpoints exist but none can be restored."
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+    "The first line of an error, without tensorstore's spec dump, at most `limit` characters."
+    msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e).split('\n')[0].split(' [tensorstore_spec=')[0]
+    return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
+
+
+def os_reason(e: BaseException) -> str:
+    "The operating system's reason inside an error (tensorstore writes it as os_error_code), else its first line."
+    m = re.search(r"os_error_code='(\d+)'", str(e))
+    return os.strerror(int(m[1])) if m else e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, template: TrainState) -> tuple[TrainState, dict, dict[int, str]] | None:
+    "The newest checkpoint that restores: (state, meta, {damaged newer step: reason}); None when there is none."
+    damaged = {}
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try: state, meta = restore_checkpoint(mngr, template, step)
+        except Exception as e:   # orbax and tensorstore raise KeyError, ValueError, OSError, ... for damaged files
+            damaged[step] = error_line(e); continue
+        return state, meta, damaged
+    if damaged:
+        s = max(damaged)
+        raise CheckpointError(f"no checkpoint in {mngr.directory} can be read: steps {sorted(damaged)} are damaged (step {s}: "
+                              f"{damaged[s]}); move them away to start from step 0, or put back a good copy")
+    return None
+
+
 # %%
 with tempfile.TemporaryDirectory() as d:
     mngr = checkpoint_manager(d, keep=2)
@@ -660,7 +758,23 @@ with tempfile.TemporaryDirectory() as d:
     back, meta = restore_checkpoint(mngr, create_state(mc, tc))
     for a, b_ in zip(jax.tree.leaves(back), jax.tree.leaves(unreplicate(state))): test_eq(np.asarray(a), b_)
     test_eq(meta['data'], {'epoch': 0, 'offset': 8})
+    shutil.rmtree(Path(d) / 'checkpoints' / '4' / 'state')                 # the newest checkpoint loses its state
+    back, meta, damaged = restore_latest(mngr, create_state(mc, tc))
+    test_eq((int(back.step), list(damaged)), (3, [4])); assert 'state' in damaged[4]
+    shutil.rmtree(Path(d) / 'checkpoints' / '3' / 'meta')
+    try: restore_latest(mngr, create_state(mc, tc)); raise AssertionError('restored')
+    except CheckpointError as e: assert 'steps [3, 4] are damaged' in str(e)
     mngr.close()
+
+# %%
+#| hide
+import types
+test_eq(os_reason(ValueError("Failed to write 512 bytes to file 17: ... [os_error_code='28']")), os.strerror(28))
+test_eq(error_line(KeyError('Item "state" was not found\nmore')), 'KeyError: Item "state" was not found')
+seen = []
+hook = ignore_closed_loops(seen.append)
+for e in (RuntimeError('Event loop is closed'), ValueError('kept')): hook(types.SimpleNamespace(exc_value=e))
+test_eq([str(u.exc_value) for u in seen], ['kept']); assert ignore_closed_loops(hook) is hook
 
 
 # %% [markdown]
@@ -703,10 +817,15 @@ with StopSignal() as stop:
 # ## The run
 #
 # `Trainer` holds one run: the replicated state, the data stream and its position, the checkpoints and the
-# log. A new `Trainer` on a run directory with checkpoints continues from the latest one — parameters, EMA,
+# log. A new `Trainer` on a run directory with checkpoints continues from the newest readable one — parameters, EMA,
 # optimizer state, step, key, data position and loss EMA — so the losses after a resume are those of an
 # uninterrupted run. The run directory also keeps the configs as `config.json`; resuming with a different
 # model is refused.
+#
+# Nothing is written before every setting has been checked against the data (shots per class, episodes per
+# batch, batch per device), so a refused command leaves no `config.json` for the corrected one to trip over.
+# A step's record goes to `metrics.jsonl` before its checkpoint: a run killed between the two resumes from
+# the checkpoint before and writes the record again, equal to the lost one.
 
 # %%
 #| export
@@ -714,20 +833,72 @@ def write_run_config(out_dir, mc: ModelConfig, tc: TrainConfig, space: str, extr
     "Write `RUN/config.json` (model, train, space, `extra` such as the store path); refuse a model that differs from a saved one."
     p = Path(out_dir) / 'config.json'
     if p.exists():
-        old = config_from_dict(ModelConfig, json.loads(p.read_text())['model'])
+        old = config_from_dict(ModelConfig, run_json(out_dir)['model'])
         if old != mc:
             diff = {k: (v, getattr(mc, k)) for k, v in config_to_dict(old).items() if v != getattr(mc, k)}
             raise ValueError(f"{out_dir} holds a run of another model (saved, given): {diff}; use a new --out")
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({'model': config_to_dict(mc), 'train': config_to_dict(tc), 'space': space, **(extra or {})}, indent=1))
+    _write_atomic(p, json.dumps({'model': config_to_dict(mc), 'train': config_to_dict(tc), 'space': space, **(extra or {})}, indent=1))
+
+
+def run_json(out_dir) -> dict:
+    "`RUN/config.json` as saved ({} when there is none); `ValueError` naming the file when it cannot be read."
+    p = Path(out_dir) / 'config.json'
+    if not p.exists(): return {}
+    try:
+        d = json.loads(p.read_text())
+        if isinstance(d, dict) and isinstance(d.get('model'), dict) and isinstance(d.get('train'), dict): return d
+        why = 'no model and train configs'
+    except ValueError as e: why = error_line(e)
+    raise ValueError(f"{p} cannot be read ({why}): put back a good copy, or use a new --out")
 
 
 def read_run_config(out_dir) -> tuple[ModelConfig, TrainConfig] | None:
     "The configs saved in a run directory, or None."
-    p = Path(out_dir) / 'config.json'
-    if not p.exists(): return None
-    d = json.loads(p.read_text())
+    d = run_json(out_dir)
+    if not d: return None
     return config_from_dict(ModelConfig, d['model']), config_from_dict(TrainConfig, d['train'])
+
+
+# %% [markdown]
+# One run directory, one trainer: `RunLock` holds an exclusive `flock` on `RUN/train.lock` for the life of
+# the run, so a second `fsdit train` into the same `--out` is refused instead of interleaving checkpoints and
+# log lines. The operating system drops the lock when the process ends, however it ends (SIGKILL included),
+# so a lock left by a killed run never blocks the next one.
+
+# %%
+#| export
+class RunInUse(RuntimeError):
+    "Another process is training in this run directory."
+
+
+class RunLock:
+    "An exclusive lock on a run directory (`RUN/train.lock`, `fcntl.flock`), released when the process ends."
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / 'train.lock'
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, 'a+')
+        try:
+            import fcntl                                     # POSIX; elsewhere runs are not locked
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError: pass
+        except OSError:
+            self.file.seek(0); holder = self.file.read().strip() or 'unknown'; self.file.close()
+            raise RunInUse(f"{out_dir} is in use by another `fsdit train` (process {holder}): "
+                           "wait for it to end or stop it; two runs cannot share one --out") from None
+        self.file.seek(0); self.file.truncate(); self.file.write(f"{os.getpid()}\n"); self.file.flush()
+
+    def release(self):
+        "Let the next run in (closing the file drops the lock)."
+        self.file.close()
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    lock = RunLock(d)
+    try: RunLock(d); raise AssertionError('locked twice')
+    except RunInUse as e: assert f"process {os.getpid()}" in str(e)
+    lock.release(); RunLock(d).release()                   # free again once released
 
 
 # %%
@@ -742,18 +913,46 @@ class Trainer:
         self.scale = 1.0 if source.space == 'pixel' else tc.latent_scale
         self.decode, self.embed, self.fewshot_set, self.fewshot_real = decode or (lambda z: z), embed, None, None
         self.judge = judge
-        if self.main: write_run_config(self.out, mc, tc, source.space, extra)
+        if hasattr(source, 'check'): source.check()       # settings the data cannot meet: refused before any write
+        self.val_host = source.val_batches()
+        self.lock, self.ckpt, self.log = RunLock(self.out) if self.main else None, None, None
+        try: self.open_run(extra)
+        except BaseException: self.close(); raise
+
+    def open_run(self, extra: dict | None):
+        "Save the configs, restore the newest readable checkpoint (or start), open the log."
+        mc, tc = self.mc, self.tc
+        if self.main: write_run_config(self.out, mc, tc, self.source.space, extra)
         self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scale), make_eval_step(mc, tc, self.scale)
         self.ckpt = checkpoint_manager(self.out, tc.keep)
-        state, meta = restore_checkpoint(self.ckpt, create_state(mc, tc)) or (create_state(mc, tc), {})
+        state, meta = self.restore()
         self.step, self.position, self.loss_ema = int(state.step), meta.get('data'), meta.get('loss_ema')
         self.start_step, self.state, self.pending, self.clock = self.step, replicate(state), [], None
-        self.val_host = source.val_batches()
         self.val = [shard(b, self.n_dev) for b in self.val_host]
         self.val_key = replicate(jax.random.PRNGKey(tc.seed + 1))
         self.log = RunLog(self.out, {'model': config_to_dict(mc), 'train': config_to_dict(tc)}, tc, active=self.main)
-        self.log.truncate(self.step)
+        self.log.truncate(self.step, self.warn)
         self.last: dict = {}
+
+    def warn(self, msg: str):
+        if self.main: print(f"fsdit train: {msg}", file=sys.stderr)
+
+    def restore(self) -> tuple[TrainState, dict]:
+        "The newest readable checkpoint; damaged newer ones are moved to RUN/checkpoints_damaged/. A fresh state if none."
+        fresh = create_state(self.mc, self.tc)
+        got = restore_latest(self.ckpt, fresh)
+        if got is None: return fresh, {}
+        state, meta, damaged = got
+        for step, why in sorted(damaged.items(), reverse=True):
+            dst = self.out / 'checkpoints_damaged' / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if self.main: dst.parent.mkdir(exist_ok=True); shutil.move(self.out / 'checkpoints' / str(step), dst)
+            self.warn(f"checkpoint {step} is damaged ({why}); moved to {dst}, resuming from step {int(state.step)}")
+        if damaged:   # a manager that has not seen the move would count the damaged steps as kept
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices('fsdit: damaged checkpoints moved')
+            self.ckpt.close(); self.ckpt = checkpoint_manager(self.out, self.tc.keep)
+        return state, meta
 
     def run(self, stop: StopSignal | None = None) -> dict:
         "Train until `max_steps` or a stop request, then save; returns the last logged metrics."
@@ -784,10 +983,9 @@ class Trainer:
         if s % tc.eval_every == 0 or last: rec.update(self.eval_metrics(rec.get('train/loss')))
         if (s % tc.sample_every == 0 or last) and self.main: images = self.samples()
         if tc.fewshot_every and (s % tc.fewshot_every == 0 or last) and self.main and self.embed: rec.update(self.fewshot())
-        if s % tc.save_every == 0: self.save()
-        if rec or images:
-            self.log.log(s, rec, images); self.last = {'step': s, **rec, **images}
-            self.restart_clock(None)
+        if rec or images: self.log.log(s, rec, images); self.last = {'step': s, **rec, **images}
+        if s % tc.save_every == 0: self.save()   # after the step's record: a kill between the two loses nothing
+        if rec or images: self.restart_clock(None)
 
     def restart_clock(self, wait_for):
         if wait_for is not None: jax.block_until_ready(wait_for)
@@ -825,7 +1023,7 @@ class Trainer:
             if self.fewshot_set is None:   # the same classes and real images every time
                 r = np.random.default_rng(tc.seed)
                 classes = np.sort(r.choice(len(rows), min(tc.fewshot_classes, len(rows)), replace=False))
-                self.fewshot_set = class_set_from_arrays(self.source.embeds, self.source.moments, rows, self.source.val_names,
+                self.fewshot_set = class_set_from_arrays(self.source.embeds, self.source.moments, rows, self.source.names.get('val'),
                                                          max_per_class=2 * tc.fewshot_n + tc.shots, classes=classes, seed=tc.seed)
                 cs = self.fewshot_set   # their decoded images and embeddings do not change either: computed once
                 self.fewshot_real = images_of(cs.latents, cs.labels, Pipeline(self.decode, self.embed, judge=self.judge))
@@ -840,11 +1038,18 @@ class Trainer:
     def save(self):
         "Checkpoint the current step, unless it is saved already; a non-finite state is never saved."
         check_finite(self.pending, self.step - len(self.pending) + 1)
-        if self.ckpt.latest_step() == self.step: return
-        save_checkpoint(self.ckpt, self.state, {'data': self.position, 'loss_ema': self.loss_ema})
+        before = self.ckpt.latest_step()
+        if before == self.step: return
+        try: save_checkpoint(self.ckpt, self.state, {'data': self.position, 'loss_ema': self.loss_ema})
+        except Exception as e:   # a full disk: orbax keeps the earlier checkpoints, its half-written one is not taken
+            raise CheckpointError(f"checkpoint {self.step} could not be written ({os_reason(e)}); the earlier ones are intact: "
+                                  f"make room and run the same command again (it resumes from step {before or 0})") from e
 
     def close(self):
-        self.ckpt.close(); self.log.close()
+        "Close the checkpoints and the log, and release the run directory."
+        for part in (self.ckpt, self.log):
+            if part is not None: part.close()
+        if self.lock is not None: self.lock.release(); self.lock = None
 
 
 # %% [markdown]
@@ -939,13 +1144,14 @@ def _flag_type(f: dataclasses.Field):
 
 def train_parser() -> argparse.ArgumentParser:
     "The parser of `fsdit train` (flags default to None: only given flags override)."
-    p = argparse.ArgumentParser(prog='fsdit train', description='Train (or resume) a few-shot DiT on a feature store.')
+    from fsdit.cli import Parser, positive_int
+    p = Parser(prog='fsdit train', description='Train (or resume) a few-shot DiT on a feature store.')
     p.add_argument('--feats', '--data_dir', help='feature store (output of `fsdit precompute`); default: the one the run used')
     p.add_argument('--out', '--save_dir', required=True, help='run directory; an existing run resumes from its latest checkpoint')
     p.add_argument('--model', help="model preset (default B/2): " + ', '.join(MODEL_PRESETS))
     p.add_argument('--preset', help="training preset (default seed): " + ', '.join(TRAIN_PRESETS))
     p.add_argument('--vae', help='VAE for decoding sample grids (default: the store\'s)')
-    p.add_argument('--val-batches', type=int, help='fixed validation batches per evaluation (default 4)')
+    p.add_argument('--val-batches', type=positive_int, help='fixed validation batches per evaluation (default 4)')
     p.add_argument('--distributed', action='store_true', help='call jax.distributed.initialize() (multi-host)')
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", f"--{f.name}", *SEED_ALIASES.get(f.name, []), dest=f"train.{f.name}",
@@ -999,30 +1205,43 @@ def store_embed(meta: dict) -> Callable | None:
 
 
 def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:
-    "Episodes of the feature store at `feats`: train split for training, val split for validation."
-    from fsdit.features import open_store
-    st = open_store(feats)
-    return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'],
-                         val_batches, val_names=st.classes('val'))
+    "Episodes of the feature store at `feats` (a path or an open store): train split for training, val split for validation."
+    from fsdit.features import open_store, Store
+    st = feats if isinstance(feats, Store) else open_store(feats)
+    return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'], val_batches,
+                         names={s: st.classes(s) for s in ('train', 'val')})
+
+
+def parse_train_args(argv: list[str]) -> argparse.Namespace:
+    "`fsdit train`'s flags; an unknown `--model.<field>` is refused naming the fields there are."
+    p = train_parser()
+    args, rest = p.parse_known_args(argv)
+    bad = [a.split('=')[0] for a in rest if a.startswith('--model.')]
+    if bad: p.error(f"unknown model field(s) {bad}: fields are {[f.name for f in dataclasses.fields(ModelConfig)]}")
+    if rest: p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def train_cli(argv: list[str]) -> int:
-    "`fsdit train`: parse flags, open the store, train or resume; 1 with a message on NaN or a bad setting."
-    args = train_parser().parse_args(argv)
-    if args.distributed: jax.distributed.initialize()
-    saved = Path(args.out) / 'config.json'
-    run = json.loads(saved.read_text()) if saved.exists() else {}
-    feats, n_val = args.feats or run.get('feats'), args.val_batches or run.get('val_batches', 4)
-    if feats is None: print("fsdit train: --feats is required for a new run", file=sys.stderr); return 2
+    "`fsdit train`: check every setting, open the store, train or resume; 1 with a one-line message when refused."
+    from fsdit.cli import CLIError, check_out_dir, fail
+    args = parse_train_args(argv)
+    sys.unraisablehook = ignore_closed_loops()
     try:
-        meta = json.loads((Path(feats) / 'metadata.json').read_text())
-        mc, tc = resolve_configs(args, meta)
-        source = store_source(feats, tc, n_val)
-        decode = lazy_vae_decode(args.vae or meta.get('vae')) if source.space == 'latent' else None
+        if args.distributed: jax.distributed.initialize()
+        check_out_dir(args.out)
+        run = run_json(args.out)
+        feats, n_val = args.feats or run.get('feats'), args.val_batches or run.get('val_batches', 4)
+        if feats is None: raise CLIError("--feats is required for a new run: the folder `fsdit precompute` wrote")
+        from fsdit.features import open_store
+        store = open_store(feats)
+        mc, tc = resolve_configs(args, store.meta)
+        source = store_source(store, tc, n_val)
+        decode = lazy_vae_decode(args.vae or store.meta.get('vae')) if source.space == 'latent' else None
         train(mc, tc, source, args.out, decode, extra={'feats': str(Path(feats).absolute()), 'val_batches': n_val},
-              embed=store_embed(meta))
-    except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
-        print(f"fsdit train: {e}", file=sys.stderr); return 1
+              embed=store_embed(store.meta))
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError) as e:   # NonFiniteLoss, RunInUse: RuntimeError
+        return fail('train', e)
     return 0
 
 

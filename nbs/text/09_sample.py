@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fsdit.config import ModelConfig, TrainConfig
 from fsdit.dit import DiT, SUPPORT_LATENT_CONDS
 from fsdit.sampler import sample
-from fsdit.train import (condition, read_run_config, checkpoint_manager, restore_checkpoint, create_state,
+from fsdit.train import (condition, read_run_config, run_json, checkpoint_manager, restore_latest, create_state,
                          image_grid, save_png, to_uint8 as grid_uint8)
 
 # %%
@@ -35,7 +35,8 @@ from fsdit.config import model_config, train_config
 #
 # A run directory (written by `fsdit train`) holds `config.json` (model and train configs, the space) and
 # orbax checkpoints under `checkpoints/`. Sampling uses the EMA parameters of the latest checkpoint,
-# restored through the trainer's own `restore_checkpoint`, so there is one reader of the format.
+# restored through the trainer's own `restore_latest`, so there is one reader of the format: a damaged newest
+# checkpoint gives way to the one before it, with a message, and a run whose checkpoints are all damaged is refused.
 
 # %%
 #| export
@@ -60,24 +61,26 @@ class Run:
         return 1.0 if self.space == 'pixel' else self.tc.latent_scale
 
 
-def load_run(run_dir, ema: bool = True) -> Run:
-    "Configs and the latest checkpoint's (EMA) parameters of the run at `run_dir`."
+def load_run(run_dir, ema: bool = True, warn: Callable[[str], None] | None = None) -> Run:
+    "Configs and the newest readable checkpoint's (EMA) parameters of the run at `run_dir`; damaged newer ones are `warn`ed."
     d = Path(run_dir)
     if not (d / 'config.json').exists():
         raise RunError(f"{d} is not a run directory (no config.json): pass the --out folder of `fsdit train`")
     mc, tc = read_run_config(d)
-    cfg = json.loads((d / 'config.json').read_text())
+    cfg = run_json(d)
     if not (d / 'checkpoints').is_dir() or not any((d / 'checkpoints').iterdir()):
         raise RunError(f"{d} has no checkpoint yet (no {d / 'checkpoints'}): train it for at least `save_every` steps")
     # the template only gives shapes: zeros of the state's abstract shapes, no initialisation is run
     template = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), jax.eval_shape(lambda: create_state(mc, tc)))
     mngr = checkpoint_manager(d, keep=max(tc.keep, 1))
     try:
-        got = restore_checkpoint(mngr, template)
+        got = restore_latest(mngr, template)
     finally:
         mngr.close()
-    if got is None: raise RunError(f"{d / 'checkpoints'} holds no complete checkpoint")
-    state, _ = got
+    if got is None: raise RunError(f"{d / 'checkpoints'} holds no complete checkpoint: train the run for at least `save_every` steps")
+    state, _, damaged = got
+    for step, why in sorted(damaged.items(), reverse=True):
+        if warn: warn(f"checkpoint {step} of {d} is damaged ({why}); using step {int(state.step)}")
     params = state.ema_params if ema else state.params
     return Run(d, mc, tc, cfg.get('space', 'latent'), params, int(state.step), cfg)
 
@@ -231,10 +234,11 @@ def load_encoder(name: str):
 
 
 def store_meta(run: Run | None = None, feats=None) -> dict | None:
-    "The feature store's metadata for a run: from `feats`, else from the store its config.json names."
+    "The feature store's metadata for a run: from `feats`, else from the store its config.json names (a damaged store is refused)."
+    from fsdit.features import open_store
     path = feats or (run.config.get('feats') if run is not None else None)
     if path is None or not (Path(path) / 'metadata.json').exists(): return None
-    return json.loads((Path(path) / 'metadata.json').read_text())
+    return open_store(path).meta
 
 
 def run_codecs(run: Run, feats=None, encoder: str | None = None, vae: str | None = None) -> Codecs:
@@ -276,7 +280,7 @@ def class_dir_supports(d, k: int, seed: int = 0) -> list[Path]:
     from fsdit.data import list_images
     if not Path(d).is_dir(): raise ValueError(f"--class-dir {d} is not a folder")
     files = list_images(d)
-    if len(files) < k: raise ValueError(f"{d} holds {len(files)} images; {k} supports were asked for")
+    if len(files) < k: raise ValueError(f"{d} holds {len(files)} images; {k} supports were asked for: use --shots {len(files)} or less")
     return [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), k, replace=False))]
 
 
@@ -316,21 +320,25 @@ def support_grid(supports, samples, ncol: int | None = None) -> np.ndarray:
 #
 # `fsdit sample --run RUN --support a.jpg b.jpg ... --n 16 --cfg 3.0 --steps 50 --seed 0 --out grid.png`, or
 # `--class-dir DIR` (with `--shots K`, default the run's training shots) to draw the supports from a
-# folder. Writes the grid, and with `--npz` the raw samples. Errors print one line and exit 1.
+# folder. Writes the grid, and with `--npz` the raw samples; folders that do not exist yet are made. Every input
+# and output path is checked before the run loads, and nothing is written until the samples exist: a refusal
+# prints one line, exits 1 and leaves no file behind. (A negative `--cfg` is guidance *away* from the
+# supports, $v_u + s\,(v_c - v_u)$ with $s < 0$: well defined, so accepted.)
 
 # %%
 #| export
 def sample_cli(argv: list[str]) -> int:
     "`fsdit sample`: images of a class from a few support images, as a grid with the supports on top."
-    p = argparse.ArgumentParser(prog='fsdit sample', description=sample_cli.__doc__)
+    from fsdit.cli import Parser, positive_int, check_out_file, fail
+    p = Parser(prog='fsdit sample', description=sample_cli.__doc__)
     p.add_argument('--run', required=True, help='run directory of `fsdit train`')
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument('--support', nargs='+', help='support image files')
     g.add_argument('--class-dir', help='folder of images of one class to draw the supports from')
-    p.add_argument('--shots', type=int, default=None, help="supports drawn from --class-dir (default: the run's shots)")
-    p.add_argument('--n', type=int, default=16, help='images to generate')
-    p.add_argument('--cfg', type=float, default=3.0, help='classifier-free guidance scale')
-    p.add_argument('--steps', type=int, default=50, help='sampler steps')
+    p.add_argument('--shots', type=positive_int, default=None, help="supports drawn from --class-dir (default: the run's shots)")
+    p.add_argument('--n', type=positive_int, default=16, help='images to generate')
+    p.add_argument('--cfg', type=float, default=3.0, help='classifier-free guidance scale (negative: away from the supports)')
+    p.add_argument('--steps', type=positive_int, default=50, help='sampler steps')
     p.add_argument('--method', default='euler', choices=('euler', 'heun'))
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='grid.png', help='grid image to write')
@@ -340,19 +348,23 @@ def sample_cli(argv: list[str]) -> int:
     p.add_argument('--vae', default=None, help='VAE id or folder (overrides the store)')
     p.add_argument('--raw', action='store_true', help='live instead of EMA parameters')
     a = p.parse_args(argv)
+    say = lambda msg: print(f"fsdit sample: {msg}", file=sys.stderr)
     try:
-        run = load_run(a.run, ema=not a.raw)
+        outs = [check_out_file(a.out)] + ([check_out_file(a.npz, '--npz')] if a.npz else [])
+        if a.support: read_supports(a.support, 8)             # every file readable, before the run loads
+        run = load_run(a.run, ema=not a.raw, warn=say)
         if run.mc.cond == 'class': check_supports(run.mc, 1)
-        codecs = run_codecs(run, a.feats, a.encoder, a.vae)
         files = a.support or class_dir_supports(a.class_dir, a.shots or run.tc.shots, a.seed)
+        codecs = run_codecs(run, a.feats, a.encoder, a.vae)
         sup = read_supports(files, codecs.image_size)
         x = sample_from_supports(run, codecs, sup, a.n, cfg_scale=a.cfg, steps=a.steps, seed=a.seed, method=a.method)
+        if len(sup) != run.tc.shots:
+            say(f"note: the run was trained on {run.tc.shots}-shot episodes; sampled from {len(sup)} supports")
+        for o in outs: o.parent.mkdir(parents=True, exist_ok=True)
+        if a.npz: np.savez_compressed(a.npz, samples=grid_uint8(x), supports=sup)
+        save_png(support_grid(sup, x), a.out)
     except (ValueError, OSError) as e:
-        print(f"fsdit sample: {e}", file=sys.stderr); return 1
-    if len(sup) != run.tc.shots:
-        print(f"note: the run was trained on {run.tc.shots}-shot episodes; sampled from {len(sup)} supports", file=sys.stderr)
-    save_png(support_grid(sup, x), a.out)
-    if a.npz: np.savez_compressed(a.npz, samples=grid_uint8(x), supports=sup)
+        return fail('sample', e)
     print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {a.cfg}, {a.steps} steps)")
     return 0
 

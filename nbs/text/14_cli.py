@@ -13,7 +13,8 @@
 # %%
 #| export
 from __future__ import annotations
-import importlib, sys
+import argparse, importlib, sys, tempfile
+from pathlib import Path
 
 # %%
 #| export
@@ -63,3 +64,110 @@ with contextlib.redirect_stdout(buf): test_eq(main([]), 0)
 assert 'precompute' in buf.getvalue() and 'fsdit <command> --help' in buf.getvalue()
 with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(['trian']), 2)
 assert "unknown command 'trian'" in err.getvalue()
+
+
+# %% [markdown]
+# ## Refusing clearly
+#
+# Every command ends either in success or in exit status 1 with **one line** on stderr, `fsdit <command>: ...`,
+# that names what was wrong and what to do — never a traceback, and nothing written that a corrected rerun
+# would trip over. The commands share the pieces for that: `CLIError` for a refusal, `fail` to print one,
+# `Parser` whose argument errors are one line too (exit status 2), `positive_int` for counts, and
+# `check_out_dir` / `check_out_file`, which look at an output path before anything is computed or written.
+
+# %%
+#| export
+class CLIError(ValueError):
+    "A command refused its input; the message says what was wrong and what to do."
+
+
+def fail(cmd: str, e: BaseException | str) -> int:
+    "Print `fsdit CMD: MESSAGE` as one line on stderr; returns 1 (the exit status of a refusal)."
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e   # KeyError's str() quotes its message
+    print(f"fsdit {cmd}: {' '.join(str(msg).split())}", file=sys.stderr)
+    return 1
+
+
+class Parser(argparse.ArgumentParser):
+    "argparse with one-line errors: `fsdit CMD: argument --x: ... (see fsdit CMD --help)`, exit status 2."
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    "An argparse type: an integer >= 1."
+    try: v = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1: raise argparse.ArgumentTypeError(f"must be 1 or more, got {v}")
+    return v
+
+
+# %% [markdown]
+# An output path is checked where it will be written: it must not be a file where a folder is wanted (or the
+# reverse), and the folder that holds it — or the nearest one that exists, for a path to be created — must
+# take a new file. Writing a throwaway file is the test, so a read-only mount is caught as well as a
+# read-only folder. Nothing is created.
+
+# %%
+#| export
+def _existing_ancestor(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent: p = p.parent
+    return p
+
+
+def _writable(folder: Path) -> str | None:
+    "None if a file can be created in `folder`, else why not."
+    try:
+        with tempfile.TemporaryFile(dir=folder): return None
+    except OSError as e: return e.strerror or type(e).__name__
+
+
+def _check_parent(p: Path, start: Path, flag: str):
+    "Refuse `p` when the nearest existing folder at or above `start` is a file or cannot be written."
+    q = _existing_ancestor(start)
+    if not q.is_dir(): raise CLIError(f"{flag} {p} lies under the file {q}: no folder can be made there; give another path")
+    why = _writable(q)
+    if why: raise CLIError(f"{flag} {p}: cannot write in {q} ({why}): give a writable folder")
+
+
+def check_out_dir(path, flag: str = '--out') -> Path:
+    "Refuse (`CLIError`) an output folder that is a file, lies under a file or cannot be written; creates nothing."
+    p = Path(path)
+    if p.exists() and not p.is_dir(): raise CLIError(f"{flag} {p} is a file, not a folder: give a folder path")
+    _check_parent(p, p, flag)
+    return p
+
+
+def check_out_file(path, flag: str = '--out') -> Path:
+    "Refuse (`CLIError`) an output file that is a folder, lies under a file or cannot be written; creates nothing."
+    p = Path(path)
+    if p.is_dir(): raise CLIError(f"{flag} {p} is a folder: give a file name")
+    _check_parent(p, p.parent, flag)
+    return p
+
+
+# %% [markdown]
+# A refusal is one line with the command's name; argparse's errors are one line too; an output path under a
+# file, or a folder given for a file, is refused before anything is made:
+
+# %%
+with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(fail('sample', CLIError('bad\nthing')), 1)
+test_eq(err.getvalue(), 'fsdit sample: bad thing\n')
+with contextlib.redirect_stderr(io.StringIO()) as err: fail('train', KeyError("unknown model preset 'C/2'"))
+test_eq(err.getvalue(), "fsdit train: unknown model preset 'C/2'\n")
+p = Parser(prog='fsdit x'); p.add_argument('--n', type=positive_int)
+test_eq(p.parse_args(['--n', '3']).n, 3)
+for bad in ('0', '-2', 'x'):
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try: p.parse_args(['--n', bad]); raise AssertionError('accepted')
+        except SystemExit as e: test_eq(e.code, 2)
+    test_eq(len(err.getvalue().splitlines()), 1); assert err.getvalue().startswith('fsdit x: argument --n: ')
+import tempfile as _tf
+d = Path(_tf.mkdtemp()); (d / 'f').write_text('x')
+test_eq(check_out_dir(d / 'new' / 'run'), d / 'new' / 'run'); assert not (d / 'new').exists()
+test_eq(check_out_file(d / 'new' / 'grid.png'), d / 'new' / 'grid.png')
+for f, path, msg in ((check_out_dir, d / 'f', 'is a file'), (check_out_dir, d / 'f' / 'run', 'lies under the file'),
+                     (check_out_file, d, 'is a folder'), (check_out_file, d / 'f' / 'g.png', 'lies under the file')):
+    try: f(path); raise AssertionError(path)
+    except CLIError as e: assert msg in str(e) and str(path) in str(e), e

@@ -199,3 +199,43 @@ assert model_config('B/2').tokens == 196 and train_config().batch_size == 128
 # - SigLIP 2 — Tschannen et al., February 2025, [arXiv 2502.14786](https://arxiv.org/abs/2502.14786)
 # - The JAX flow-matching DiT this builds on: [kvfrans/jax-flow](https://github.com/kvfrans/jax-flow)
 # - The original FSDiT: [thanhlamauto/FSDiT](https://github.com/thanhlamauto/FSDiT)
+
+# %% [markdown]
+# ## Troubleshooting
+#
+# Every command either finishes or stops with exit status 1 (2 for a malformed flag) and **one line** on
+# stderr, `fsdit <command>: ...`, saying what was wrong and what to do; a refused command writes nothing that
+# the corrected one would trip over. The lines a user can meet, and what they mean:
+#
+# | message (abridged) | command | what it means, what to do |
+# |---|---|---|
+# | `argument --steps: must be 1 or more, got 0` (also `--n`, `--shots`, `--chunk-size`, `--val-batches`, ...) | all | a count must be at least 1; `--max-real 0` means all images |
+# | `--out X is a file, not a folder` / `--out X lies under the file F` / `--out X: cannot write in D (Permission denied)` | all | the output path cannot be written; give another one. Checked before anything is computed |
+# | `--out X is a folder: give a file name` | sample | `--out` and `--npz` name files; missing folders above them are made |
+# | `X is not a complete feature store (an interrupted precompute left X.partial ...)` | train, eval | run the same `fsdit precompute` again: it finishes from the chunks it has |
+# | `feature store X is damaged: moments.npy is truncated or empty ...` (or `index.json cannot be read`, ...) | train, eval, sample | a store file was cut short or emptied after it was made (a full disk, an interrupted copy); delete the store and precompute again |
+# | `feature store X does not match this run: encoder is ..., the run asks for ...` | train, eval, precompute | the store was made with other encoders or image size; precompute into another folder |
+# | `X.partial holds an interrupted precompute with other settings or images` | precompute | delete `X.partial` to start over, or rerun with the first settings |
+# | `no images under SPLIT/{train,val,test}/<class>/: run fsdit prepare first` | precompute | `--data` must be the output of `fsdit prepare` |
+# | `--feats is required for a new run` | train | only a run that exists (has `config.json`) remembers its store |
+# | `shots 10 needs 11 images per class ..., the smallest, 'c', has 6: use --shots 5 or less` | train | each episode takes a target and `--shots` supports from one class |
+# | `an epoch has N episodes, fewer than the batch size B` | train | too few training images for one batch: lower `--batch-size` |
+# | `batch size 12 is not divisible by the 8 devices` | train | the global batch is split evenly over every device: use a multiple |
+# | `patch 3 does not divide the input size 28: pick a patch in [...]`, `heads 7 does not divide hidden 768`, `lr must be positive ...`, `TrainConfig.x must be positive` | train | an impossible model or training setting; the message names the field (the flag is `--<field>` or `--model.<field>`) |
+# | `unknown model preset 'C/2'; choose one of [...]`, `unknown train preset ...`, `unknown model field(s) ['--model.widht']` | train | a typo in `--model`, `--preset` or a `--model.<field>` flag |
+# | `RUN holds a run of another model (saved, given): {...}; use a new --out` | train | a run resumes only with its own model; change `--out` to start another |
+# | `RUN is in use by another fsdit train (process P)` | train | two trainers cannot share a run directory; wait for the first or stop it. A killed trainer's lock does not block |
+# | `checkpoint 8000 is damaged (...); moved to RUN/checkpoints_damaged/8000-..., resuming from step 6000` | train | not an error: the newest checkpoint could not be read, the run continues from the one before and redoes the steps after it |
+# | `no checkpoint in RUN/checkpoints can be read: steps [...] are damaged` | train, sample, eval | every kept checkpoint is damaged; the run is not silently restarted from step 0: move them away to start over, or put back a copy |
+# | `checkpoint N could not be written (No space left on device); the earlier ones are intact` | train | make room and run the same command again: it resumes from the last checkpoint |
+# | `RUN/metrics.jsonl: its last line was cut off ...; dropped` | train | not an error: a crash cut the log's last record; the resumed run writes it again |
+# | `RUN/metrics.jsonl, line N, is not a metrics record` / `RUN/config.json cannot be read` | train | a run file was edited or damaged elsewhere than its end; fix or delete that line, or put back the file |
+# | `loss or gradient norm is NaN/Inf at step N` | train | the run diverged; every checkpoint on disk is from before. Lower `--lr` or raise `--warmup` and resume |
+# | `few-shot metrics are off for this run: ...` | train | not an error: the support encoder could not load (offline); training goes on without `val_fs/` metrics |
+# | `X is not a run directory (no config.json)` / `X has no checkpoint yet` | sample, eval | `--run` is the `--out` of `fsdit train`, after at least `save_every` steps |
+# | `checkpoint N of RUN is damaged (...); using step M` | sample, eval | not an error: the newest checkpoint could not be read, the one before is used |
+# | `cannot read support image(s): a.jpg (no such file); b.jpg (OSError: image file is truncated ...)` | sample | every support file that cannot be decoded is listed |
+# | `--class-dir D is not a folder` / `D holds 3 images; 5 supports were asked for: use --shots 3 or less` | sample | `--class-dir` draws `--shots` images (default: the run's shots) from one folder |
+# | `note: the run was trained on 5-shot episodes; sampled from 3 supports` | sample | not an error: any K >= 1 works; quality at another K is what `fsdit eval --shots` measures |
+# | `this run is class-conditioned (cond='class') ...` | sample | a class-label model cannot take support images |
+# | `no feature store: pass --feats FEATS` | eval | the run does not name its store (trained through the API): give it |
