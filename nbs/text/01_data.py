@@ -164,6 +164,14 @@ SPLITS = ('train', 'val', 'test')
 MIN_IMAGES = 6   # one target and five supports
 
 
+def partial_dir(dst: Path) -> Path:
+    "A new hidden sibling `.NAME.partial-XXXX` of `dst` to build it in, with the permissions `mkdir` gives (not mkdtemp's 0700)."
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.partial-', dir=dst.parent))
+    mask = os.umask(0); os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
+
+
 def split_classes(classes: Sequence[str], train: int = 60, val: int = 16, test: int = 20, seed: int = 42,
                   split: str = 'seed') -> dict[str, list[str]]:
     "Class names of each split: the seed's permutation rule, or the Ravi & Larochelle lists."
@@ -243,7 +251,7 @@ def prepare(src, dst, train: int = 60, val: int = 16, test: int = 20, seed: int 
     good, bad = _scan(src, [c for v in splits.values() for c in v])
     manifest = {**want, 'counts': {k: {c: len(good[c]) for c in v} for k, v in splits.items()}, 'skipped': bad}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.partial-', dir=dst.parent))
+    tmp = partial_dir(dst)
     try:
         _build(tmp, splits, good, copy)
         (tmp / 'prepare.json').write_text(json.dumps(manifest, indent=1))
@@ -270,6 +278,8 @@ _root = Path(_tf.mkdtemp()); src = _flat(_root / 'flat')
 (src / 'c2' / '6.png').write_bytes((src / 'c2' / '6.png').read_bytes()[:40])
 m = prepare(src, _root / 'split', train=2, val=1, test=1, seed=0)
 test_eq(sorted(os.listdir(_root / 'split')), ['prepare.json', 'test', 'train', 'val'])
+_mask = os.umask(0); os.umask(_mask)
+test_eq((_root / 'split').stat().st_mode & 0o777, 0o777 & ~_mask)        # as mkdir makes folders, not 0700
 test_eq(len(m['skipped']), 1 if 'c2' in sum(m['classes'].values(), []) else 0)
 c = m['classes']['train'][0]; f = next((_root / 'split' / 'train' / c).iterdir())
 assert f.is_symlink() and load_image(f).shape == (8, 8, 3)
@@ -787,7 +797,7 @@ def make_offline_dataset(dst, per_class: int = 24, size: int = 32, seed: int = 0
     if dst.exists() and any(dst.iterdir()): raise FileExistsError(f"{dst} exists and is not a glyph dataset")
     rng = np.random.RandomState(seed)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.partial-', dir=dst.parent))
+    tmp = partial_dir(dst)
     counts = {}
     try:
         for ch in chars:
@@ -798,7 +808,6 @@ def make_offline_dataset(dst, per_class: int = 24, size: int = 32, seed: int = 0
                 Image.fromarray(g).save(d / f"{i:02d}_{font}.png")   # gray PNG; `load_image` gives RGB
             counts[d.name] = per_class
         (tmp / 'glyphs.json').write_text(json.dumps(dict(per_class=per_class, size=size, seed=seed, classes=counts)))
-        os.chmod(tmp, 0o755)
         if dst.exists(): dst.rmdir()
         os.rename(tmp, dst)
     except BaseException:

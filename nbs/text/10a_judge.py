@@ -20,7 +20,7 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-from fsdit.data import GLYPH_FONTS, glyph_name, render_class
+from fsdit.data import GLYPH_FONTS, glyph_name, render_class, partial_dir
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -202,7 +202,7 @@ test_close(_judge(_rgb)[1], _f, eps=1e-4)
 def save_judge(judge: GlyphJudge, folder, settings: dict | None = None) -> Path:
     "Write `folder/judge.npz` and `folder/judge.json` atomically."
     folder = Path(folder); folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.partial-', dir=folder.parent))
+    tmp = partial_dir(folder)
     try:
         flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
                 for path, v in jax.tree_util.tree_flatten_with_path(judge.params)[0]}
@@ -210,7 +210,6 @@ def save_judge(judge: GlyphJudge, folder, settings: dict | None = None) -> Path:
         meta = dict(chars=judge.chars, size=judge.size, accuracy=judge.accuracy, widths=list(judge.widths),
                     feat_dim=judge.feat_dim, settings=settings or {})
         (tmp / 'judge.json').write_text(json.dumps(meta, ensure_ascii=False, indent=1))
-        os.chmod(tmp, 0o755)
         if folder.exists(): shutil.rmtree(folder)
         os.rename(tmp, folder)
     except BaseException:
