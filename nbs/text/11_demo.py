@@ -377,15 +377,15 @@ def demo(out='demo', size: str | DemoSize = 'full', cond: str | None = None, unt
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     _log(log, f"fsdit demo -> {out.resolve()}")
     res: dict[str, Any] = {'timings': {}}
-    def stage(name, fn, *args):
-        t0 = time.time(); res[name] = fn(*args); res['timings'][name] = round(time.time() - t0, 1)
+    def stage(name, key, fn, *args):                # res[key]: what the stage made; True once `until` is reached
+        t0 = time.time(); res[key] = fn(*args); res['timings'][name] = round(time.time() - t0, 1)
         return STAGES.index(name) >= STAGES.index(until)
     get_run = _loader(out / 'run')                  # loaded once, only if a later stage has work to do
-    done = (stage('data', demo_data, out, s, log) or stage('store', demo_store, out, s, log, progress)
-            or stage('judge', demo_judge, out, s, log)
-            or stage('train', demo_train, out, s, res['store'], s.cond, log, progress, res['judge'])
-            or stage('samples', demo_samples, out, s, res['store'], log, get_run)
-            or stage('eval', demo_eval, out, s, res['store'], log, get_run, res['judge']))
+    done = (stage('data', 'split', demo_data, out, s, log) or stage('store', 'store', demo_store, out, s, log, progress)
+            or stage('judge', 'judge', demo_judge, out, s, log)
+            or stage('train', 'run', demo_train, out, s, res['store'], s.cond, log, progress, res['judge'])
+            or stage('samples', 'samples', demo_samples, out, s, res['store'], log, get_run)
+            or stage('eval', 'summary', demo_eval, out, s, res['store'], log, get_run, res['judge']))
     _log(log, 'minutes: ' + ', '.join(f"{k} {v / 60:.1f}" for k, v in res['timings'].items()))
     _keep_timings(out / 'timings.json', res['timings'])
     return res
@@ -413,7 +413,7 @@ sm = json.loads((d / 'summary.json').read_text())
 test_eq((sm['step'], set(sm)), (30, {'step', 'cond', 'cfg', 'test', 'train'}))
 assert {'real', 'copy', 'mean', 'model', 'vs_real'} <= set(sm['test']) and sm['test']['classes'] == 4
 assert sm['test']['copy']['nn_support_judge'] < 1e-6 and sm['test']['real']['nn_support_judge'] > 0
-test_eq(list(r['timings']), list(STAGES))
+test_eq(list(r['timings']), list(STAGES)); test_eq(r['run'], d / 'run')
 print('\n'.join(msgs)); print(f"{first:.1f} s")
 
 # %%
