@@ -192,15 +192,18 @@ class _Parsed(Exception): pass
 
 def parse_only(argv: list[str]):
     "Parse `fsdit ARGV` with the command's own parser and stop there: the namespace, or the parser's error."
-    orig = argparse.ArgumentParser.parse_args
-    def spy(self, *a, **k): raise _Parsed(orig(self, *a, **k))
-    argparse.ArgumentParser.parse_args = spy
+    orig = argparse.ArgumentParser.parse_known_args       # parse_args goes through it too
+    def spy(self, *a, **k):
+        ns, rest = orig(self, *a, **k)
+        if rest: return ns, rest                          # leftovers: let the command refuse them
+        raise _Parsed(ns)
+    argparse.ArgumentParser.parse_known_args = spy
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err): fsdit_main(argv)
     except _Parsed as e: return e.args[0]
     except SystemExit: raise AssertionError(f"`fsdit {' '.join(argv)}` is refused: {err.getvalue().strip()}")
-    finally: argparse.ArgumentParser.parse_args = orig
+    finally: argparse.ArgumentParser.parse_known_args = orig
     raise AssertionError(f"`fsdit {argv[0]}` did not parse its arguments")
 
 
