@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import json, os, shutil, tempfile, time
+import functools, json, os, shutil, tempfile, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -122,7 +122,7 @@ class GlyphJudge:
 
     def __call__(self, images, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         "Logits (N, n_classes) and penultimate features (N, F) of images (N, H, W, C) in [-1, 1]."
-        fn, out = _judge_apply(self.net), [[], []]
+        fn, out = _judge_apply(len(self.chars), tuple(self.widths), self.feat_dim), [[], []]
         for i in range(0, len(images), batch_size):
             l, f = fn(self.params, _gray(images[i:i + batch_size], self.size))
             out[0].append(np.asarray(l)); out[1].append(np.asarray(f, np.float64))
@@ -138,7 +138,10 @@ def _judge_fit_step(tx_net, params, opt, x, y):
     return optax.apply_updates(params, upd), opt, l
 
 
-def _judge_apply(net):
+@functools.lru_cache(maxsize=8)
+def _judge_apply(n_classes: int, widths: tuple, feat_dim: int):
+    "One compiled forward per judge shape (a new jit per call would recompile at every batch of every evaluation)."
+    net = JudgeNet(n_classes, widths, feat_dim)
     return jax.jit(lambda p, x: net.apply({'params': p}, x))
 
 
