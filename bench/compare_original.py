@@ -14,7 +14,7 @@ them (pmap over the local devices; AdamW with warmup-cosine, global-norm clip 1.
 encoders. train.py imports TensorFlow, wandb and the encoders at module level, so instead of importing
 it this script parses it and executes only the step's definitions (`flow_interpolate`, `flow_velocity`,
 `compute_t_bin_losses`, `Trainer`) with the names they use. What runs for us: `fsdit.bench.train_runner`,
-i.e. `fsdit.train.make_train_step` on a feature-store batch (float16 moments of both mirror states and 5
+i.e. `fsdit.steps.make_train_step` on a feature-store batch (float16 moments of both mirror states and 5
 float16 support embeddings per episode; the posterior sample, mirror and mean support are drawn inside).
 
 Both are compiled ahead and warmed, every step is waited for, the two are called alternately (ours,

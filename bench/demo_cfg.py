@@ -10,7 +10,7 @@ from pathlib import Path
 from fsdit.eval import evaluate, JUDGE_METRICS
 from fsdit.features import open_store
 from fsdit.judge import load_judge
-from fsdit.sample import load_run
+from fsdit.run import load_run
 
 
 def main(argv=None):

@@ -92,7 +92,8 @@ def data(a):
 # ---------------------------------------------------------------- train + eval
 def train_runs(a, store) -> dict:
     "Train every conditioning for the same FLOPs as `a.steps` steps of the seed's conditioning."
-    from fsdit.train import train, EpisodeSource
+    from fsdit.train import train
+    from fsdit.data import EpisodeSource
     cfgs = exp_configs(a)
     names = [k for k in cfgs if not a.only or k in a.only]
     flops = {k: step_flops(cfgs[k], a.batch) for k in dict.fromkeys(['support', *names])}

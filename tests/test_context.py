@@ -4,7 +4,8 @@ import jax, jax.numpy as jnp
 import pytest
 
 from fsdit.config import model_config, train_config
-from fsdit.dit import DiT, init_params, example_cond, perturb
+from fsdit.dit import DiT, init_params, example_cond
+from fsdit.testing import perturb
 from fsdit.sampler import sample
 
 pytestmark = pytest.mark.oldjax
@@ -54,8 +55,8 @@ def test_k_may_differ_at_sampling(ctx):
 
 
 def test_generate_takes_any_k(ctx):
-    "`fsdit.sample.generate` (what `fsdit sample` and `fsdit eval` call) with 3 and 7 supports."
-    from fsdit.sample import generate
+    "`fsdit.sampler.generate` (what `fsdit sample` and `fsdit eval` call) with 3 and 7 supports."
+    from fsdit.sampler import generate
     cfg, f, p, x, t, c = ctx
     r = np.random.default_rng(5)
     for K in (3, 7):
@@ -103,7 +104,9 @@ def test_only_target_tokens_are_read_out(ctx):
 def test_train_step_uses_supports():
     "One trainer step with cond='context': finite loss, and the support-token embedding gets a gradient."
     from functools import partial
-    from fsdit.train import compute_grads, create_state, synthetic_batch
+    from fsdit.steps import compute_grads
+    from fsdit.state import create_state
+    from fsdit.testing import synthetic_batch
     cfg, tc = _cfg(), train_config('test', batch_size=4)
     state = create_state(cfg, tc)
     state = state.replace(params=perturb(state.params, scale=0.1, seed=1))

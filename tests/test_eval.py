@@ -5,9 +5,11 @@ import urllib.error
 import numpy as np
 import pytest
 
-from fsdit.eval import (frechet_distance, frechet_from_stats, class_prototypes, prototype_accuracy,
-                        loo_prototype_accuracy, class_diversity, nearest_support_distance, fid_available,
-                        fid_inception, inception_features, evaluate_classes, Pipeline, ClassSet, l2_normalize)
+from fsdit.metrics import frechet_distance, frechet_from_stats, class_prototypes, prototype_accuracy, loo_prototype_accuracy, class_diversity, nearest_support_distance, l2_normalize
+
+from fsdit.fid import fid_available, fid_inception, inception_features
+
+from fsdit.eval import evaluate_classes, Pipeline, ClassSet
 
 
 # ---------------------------------------------------------------- metrics with known answers
@@ -50,7 +52,7 @@ def _fid_installed() -> bool:
 @pytest.fixture
 def fid_modules():
     "torch and pytorch-fid's `inception` module (conftest makes torchvision importable beside a CPU torch)."
-    from fsdit.eval import _import_fid
+    from fsdit.fid import _import_fid
     return _import_fid()
 
 
@@ -60,7 +62,7 @@ def test_fid_inception_random_weights(tmp_path, monkeypatch, fid_modules):
     torch, inc = fid_modules
     from PIL import Image
     from pytorch_fid.fid_score import get_activations
-    from fsdit.eval import _fid_inception_net
+    from fsdit.fid import _fid_inception_net
     torch.manual_seed(0)
     imgs = np.random.default_rng(0).integers(0, 255, (5, 48, 40, 3), dtype=np.uint8)
     net = _fid_inception_net(inc)
@@ -134,7 +136,8 @@ def tiny_run(tmp_path_factory):
     from fsdit.data import make_offline_dataset, prepare, PixelEncoder, PixelSpace, offline_model_config
     from fsdit.features import precompute, open_store
     from fsdit.config import train_config
-    from fsdit.train import EpisodeSource, train
+    from fsdit.data import EpisodeSource
+    from fsdit.train import train
     d = tmp_path_factory.mktemp('eval')
     make_offline_dataset(d / 'flat', per_class=8, size=12, chars='ABCDEFGHIJKLMN')
     prepare(d / 'flat', d / 'split', train=8, val=2, test=4)
@@ -170,7 +173,8 @@ def test_eval_cli_on_tiny_run(tiny_run, capsys):
 def test_quick_eval_for_training(tiny_run):
     from fsdit.eval import quick_eval, class_set
     from fsdit.features import open_store
-    from fsdit.sample import load_run, run_codecs
+    from fsdit.run import load_run
+    from fsdit.sample import run_codecs
     run, store = load_run(tiny_run / 'run'), open_store(tiny_run / 'feats')
     codecs = run_codecs(run, store.path)
     cs = class_set(store, 'val', max_per_class=6)
@@ -198,7 +202,7 @@ _GEN = r'''
 import sys, numpy as np, jax
 from fsdit.config import model_config
 from fsdit.dit import init_params
-from fsdit.sample import generate
+from fsdit.sampler import generate
 mc = model_config('mu', input_size=8, in_channels=3, patch=4, support_dim=16)
 p = init_params(mc, jax.random.PRNGKey(0))
 leaves, tree = jax.tree.flatten(p)

@@ -59,7 +59,8 @@ def records(run: Path) -> dict:
 
 
 def final_state(run: Path):
-    from fsdit.train import read_run_config, checkpoint_manager, restore_checkpoint, create_state
+    from fsdit.run import read_run_config, checkpoint_manager, restore_checkpoint
+    from fsdit.state import create_state
     mc, tc = read_run_config(run)
     m = checkpoint_manager(run, tc.keep)
     try: return restore_checkpoint(m, create_state(mc, tc))
@@ -163,7 +164,7 @@ _DISK_FULL = textwrap.dedent('''
     import fsdit.train as T
     save = T.save_checkpoint
     def full_at_4(mngr, state, meta):   # no room left for step 4 (a file-size limit: the write fails as on a full disk)
-        if int(T.unreplicate(state.step)) == 4:
+        if int(state.step) == 4:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
         return save(mngr, state, meta)

@@ -6,8 +6,10 @@ import optax
 import pytest
 
 from fsdit.config import model_config, MODEL_PRESETS
-from fsdit.dit import DiT, init_params, null_cond, example_cond, perturb, param_count
-from fsdit.flow import flow_loss, fit_step, sample_t, t_bin_stats, bin_means, velocity_target
+from fsdit.dit import DiT, init_params, null_cond, example_cond, param_count
+from fsdit.testing import perturb
+from fsdit.flow import flow_loss, sample_t, t_bin_stats, bin_means, velocity_target
+from fsdit.testing import fit_step
 from fsdit.sampler import sample, integrate
 
 pytestmark = pytest.mark.oldjax

@@ -22,7 +22,7 @@ def _write_store(d: Path, n_classes=6, per_class=12, side=16, ch=4, dim=32, seed
     "A complete feature store on disk (pixel space, random arrays) in the layout `fsdit.features` writes."
     from fsdit.features import FORMAT_VERSION
     from fsdit.config import model_config
-    from fsdit.train import synthetic_store
+    from fsdit.testing import synthetic_store
     embeds, moments, rows = synthetic_store(model_config('mu', input_size=side, in_channels=ch, support_dim=dim),
                                             n_classes, per_class, seed, space='pixel')
     split = ['train'] * (4 * per_class) + ['val'] * ((n_classes - 4) * per_class)
@@ -46,7 +46,8 @@ def _records(run: Path) -> dict:
 
 def _final_params(run: Path, step: int | None = None):
     "The run's state and meta at `step` (default: its latest checkpoint)."
-    from fsdit.train import read_run_config, checkpoint_manager, restore_checkpoint, create_state
+    from fsdit.run import read_run_config, checkpoint_manager, restore_checkpoint
+    from fsdit.state import create_state
     mc, tc = read_run_config(run)
     m = checkpoint_manager(run, tc.keep)
     state, meta = restore_checkpoint(m, create_state(mc, tc), step); m.close()
@@ -61,7 +62,7 @@ def train_store(tmp_path_factory):
 @pytest.fixture(scope='module')
 def train_run(train_store):
     "An uninterrupted 8-step CLI run (1 process, 1 device)."
-    from fsdit.train import train_cli
+    from fsdit.launch import train_cli
     run = train_store.parent / 'run_a'
     assert train_cli(['--feats', str(train_store), '--out', str(run), *FLAGS]) == 0
     return run
@@ -71,7 +72,7 @@ def train_run(train_store):
 def test_schedule_and_mask():
     import jax, jax.numpy as jnp
     from fsdit.config import model_config, train_config
-    from fsdit.train import lr_schedule, decay_mask
+    from fsdit.state import lr_schedule, decay_mask
     from fsdit.dit import init_params
     s = lr_schedule(train_config('seed'))
     assert [float(s(i)) for i in (0, 1000, 5000)] == pytest.approx([0.0, 2e-5, 1e-4], rel=1e-5)
@@ -91,7 +92,7 @@ def test_schedule_and_mask():
 @pytest.mark.oldjax
 def test_resume_after_sigterm_is_bitwise(train_store, train_run, monkeypatch):
     "SIGTERM at step 3 (between log steps), then the same command again: identical to the uninterrupted run."
-    import fsdit.train as T
+    import fsdit.launch as T
     orig = T.store_source
 
     def killing_source(*a, **kw):
@@ -139,8 +140,11 @@ def test_keep_last_and_metrics(train_run):
 def test_nan_stops_and_keeps_last_good_checkpoint(train_store, train_run, tmp_path):
     "NaN targets at step 5: the run stops at the log step 6 naming step 5; checkpoints 2 and 4 stay, 6 is never written."
     import jax
-    from fsdit.train import (train, store_source, NonFiniteLoss, checkpoint_manager, restore_checkpoint, create_state,
-                             read_run_config)
+    from fsdit.train import train
+    from fsdit.features import store_source
+    from fsdit.steps import NonFiniteLoss
+    from fsdit.run import checkpoint_manager, restore_checkpoint, read_run_config
+    from fsdit.state import create_state
     mc, tc = read_run_config(train_run)   # the same configs as the CLI run: no new compilation
     src = store_source(train_store, tc, 1); batches = src.batches
     def poisoned(position=None):
@@ -163,24 +167,24 @@ _DEVICES = textwrap.dedent('''
     from functools import partial
     from fsdit.config import model_config, train_config
     from fsdit.dit import DiT
-    from fsdit import train as T
+    from fsdit import state as S, steps as T, testing
     assert jax.local_device_count() == 8
     mc = model_config('mu', input_size=16, support_dim=32)
     tc = train_config('test', batch_size=16, lr=1e-2, warmup=1)
-    batch = T.synthetic_batch(16, mc, seed=1)
+    batch = testing.synthetic_batch(16, mc, seed=1)
     out = {}
     for n in (1, 8):
         devs = jax.local_devices()[:n]
         kw = dict(model=DiT(mc), mc=mc, tc=tc, latent_scale=0.18215)
         grads = jax.pmap(partial(T.compute_grads, **kw), axis_name=T.AXIS, devices=devs)
-        step = jax.pmap(partial(T.train_step, tx=T.make_optimizer(tc), **kw), axis_name=T.AXIS, devices=devs)
-        state = T.replicate(T.create_state(mc, tc), devs)
+        step = jax.pmap(partial(T.train_step, tx=S.make_optimizer(tc), **kw), axis_name=T.AXIS, devices=devs)
+        state = T.replicate(S.create_state(mc, tc), devs)
         loss, g, _, _ = grads(state, T.shard(batch, n))
         out[f'loss{n}'] = np.asarray(loss)[0]
         for i, x in enumerate(jax.tree.leaves(T.unreplicate(g))): out[f'g{n}_{i}'] = x
         losses = []
         for s in range(3):
-            state, m = step(state, T.shard(T.synthetic_batch(16, mc, seed=s), n)); losses.append(T.unreplicate(m['loss']))
+            state, m = step(state, T.shard(testing.synthetic_batch(16, mc, seed=s), n)); losses.append(T.unreplicate(m['loss']))
         out[f'losses{n}'] = np.array(losses)
         for i, x in enumerate(jax.tree.leaves(T.unreplicate(state.params))): out[f'p{n}_{i}'] = x
     np.savez(sys.argv[1], **out)
@@ -214,7 +218,8 @@ _PROCESS = textwrap.dedent('''
             after_step(self)
             if self.step == term_after: os.kill(os.getpid(), signal.SIGTERM)
         T.Trainer.after_step = after_then_term
-    sys.exit(T.train_cli(['--feats', feats, '--out', out, *sys.argv[6:]]))
+    from fsdit.launch import train_cli
+    sys.exit(train_cli(['--feats', feats, '--out', out, *sys.argv[6:]]))
 ''')
 
 
@@ -240,19 +245,19 @@ def test_two_processes_match_one(train_store, train_run, tmp_path):
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)): np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
-def test_memory_estimate_counts_the_state():
-    from fsdit.config import model_config, train_config
-    from fsdit.train import memory_estimate
-    est = memory_estimate(model_config('mu', input_size=16, support_dim=32), 2, train_config('test'))
+def test_train_memory_counts_the_state():
+    from fsdit.bench import train_memory
+    est = train_memory('mu', 2, input_size=16, support_dim=32)
     assert 2 * est['params'] <= est['adam'] < 2 * est['params'] + 1024   # two moments (+ step counters)
-    assert est['arguments'] >= 2 * est['params'] + est['adam']
-    assert 0 < est['temporaries'] and est['peak'] >= est['arguments']
+    assert est['argument'] >= 2 * est['params'] + est['adam']
+    assert 0 < est['temp'] and est['peak'] >= est['argument'] - est['alias']
 
 
 def test_wandb_online_without_key_goes_offline(tmp_path, monkeypatch):
     "No API key: 'online' runs offline (no login prompt); records still go to metrics.jsonl, paths as strings."
     from fsdit.config import train_config
-    from fsdit.train import RunLog, save_png
+    from fsdit.run import RunLog
+    from fsdit.images import save_png
     monkeypatch.delenv('WANDB_API_KEY', raising=False)
     log = RunLog(tmp_path, {'x': 1}, train_config('test', wandb_mode='online'))
     png = save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / 'g.png')

@@ -161,7 +161,6 @@ class TrainConfig:
     t_sampling: str = 'logit_normal'  # t = sigmoid(N(0,1)), or 'uniform'
     shots: int = 5               # supports per episode
     episodes: str = 'disjoint'   # 'disjoint' (every image once per epoch) | 'fixed' (the seed's table)
-    latent_scale: float = 0.18215
     cfg_scale: float = 3.0       # for sample grids
     sample_steps: int = 50       # Euler steps for sample grids
     log_every: int = 100

@@ -17,6 +17,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from fsdit.config import TrainConfig
+
 # %%
 import tempfile as _tf
 from fastcore.test import test_eq, test_fail, test_close
@@ -932,3 +934,54 @@ def offline_model_config(preset: str = 'mu', size: int = 32, channels: int = 3, 
 # %%
 c = offline_model_config(); test_eq((c.input_size, c.in_channels, c.tokens, c.support_dim), (32, 3, 64, 64))
 test_eq(offline_model_config(patch=2).tokens, 256)
+
+
+# %% [markdown]
+# ## The trainer's episode source
+#
+# The trainer reads episodes through a small source object: `batches(position)` yields this process's
+# share of each global batch together with the data position after it (`{'epoch', 'offset'}`, saved with
+# every checkpoint), and `val_batches()` the fixed validation episodes. `EpisodeSource` builds both from
+# store arrays — the feature store's memory-mapped files or arrays in memory — with the
+# resumable stratified episodes above. Each process gathers only its own rows.
+
+# %%
+#| export
+class EpisodeSource:
+    "Train and validation episode batches gathered from store arrays, this process's share only."
+    def __init__(self, embeds, moments, train_rows, val_rows, tc: TrainConfig, space: str = 'latent',
+                 val_batches: int = 2, latents: bool = True, names: dict | None = None, latent_scale: float = 1.0):
+        self.embeds, self.moments, self.train_rows, self.val_rows = embeds, moments, train_rows, val_rows
+        self.tc, self.space, self.n_val, self.latents = tc, space, val_batches, latents
+        self.latent_scale = latent_scale   # the VAE's scaling factor the store records (1 in pixel space)
+        self.names = names or {}   # class names per split, for messages
+
+    def check(self):
+        "Raise `ValueError` naming the setting when the classes cannot make the episodes it asks for."
+        tc, need = self.tc, self.tc.shots + 1
+        for split, rows in (('train', self.train_rows), ('val', self.val_rows)):
+            if not len(rows): raise ValueError(f"the store has no {split} classes: run `fsdit prepare` with {split} classes")
+            small = sorted((len(r), i) for i, r in enumerate(rows) if len(r) < need)
+            if small:
+                n, i = small[0]; name = self.names.get(split, [])[i] if i < len(self.names.get(split, [])) else f"#{i}"
+                raise ValueError(f"shots {tc.shots} needs {need} images per class (a target and {tc.shots} supports), but "
+                                 f"{len(small)} {split} class(es) have fewer (the smallest, {name!r}, has {n}): "
+                                 f"use --shots {n - 1} or less, or classes with more images")
+        EpisodeBatches(self.train_rows, tc.batch_size, tc.shots, tc.episodes, tc.seed)   # an epoch must fill a batch
+
+    def _gather(self, idx: dict) -> dict:
+        import jax                                   # this module loads without jax (`fsdit prepare`)
+        return host_batch(self.embeds, self.moments, process_share(idx, jax.process_index(), jax.process_count()), self.latents)
+
+    def batches(self, position: dict | None = None) -> Iterator[tuple[dict, dict]]:
+        "(batch, position after it) forever, starting at `position` (None: the beginning)."
+        tc = self.tc
+        it = EpisodeBatches(self.train_rows, tc.batch_size, tc.shots, tc.episodes, tc.seed)
+        if position: it.restore(position)
+        for idx in it: yield self._gather(idx), it.state()
+
+    def val_batches(self) -> list[dict]:
+        "The fixed validation batches (the same episodes every call)."
+        return [self._gather(i) for i in validation_batches(self.val_rows, self.tc.batch_size, self.n_val, self.tc.shots, seed=self.tc.seed)]
+
+

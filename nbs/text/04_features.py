@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from fsdit.data import (SPLITS, resize_rule, list_classes, list_images, load_image, encode_images,
+from fsdit.data import (EpisodeSource, SPLITS, resize_rule, list_classes, list_images, load_image, encode_images,
                         PixelEncoder, PixelSpace)
 
 # %%
@@ -375,3 +375,19 @@ with contextlib.redirect_stdout(io.StringIO()) as o, contextlib.redirect_stderr(
 st3 = open_store(_root / 'feats3', {'space': 'pixel', 'image_size': 16})
 test_eq((st3.embeds.shape, st3.moments.shape), ((36, 8), (36, 2, 2, 16, 16, 3)))
 assert '36 images' in o.getvalue()
+
+
+# %% [markdown]
+# ## The trainer's source
+#
+# `store_source` opens the store's train split for training episodes and its val split for validation, as an
+# `fsdit.data.EpisodeSource` that carries the store's latent scale.
+
+# %%
+#| export
+def store_source(feats, tc, val_batches: int = 4) -> EpisodeSource:
+    "Episodes of the feature store at `feats` (a path or an open store): train split for training, val split for validation."
+    st = feats if isinstance(feats, Store) else open_store(feats)
+    scale = 1.0 if st.meta['space'] == 'pixel' else float(st.meta.get('latent_scale', 0.18215))
+    return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'], val_batches,
+                         names={s: st.classes(s) for s in ('train', 'val')}, latent_scale=scale)

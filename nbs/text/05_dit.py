@@ -18,6 +18,7 @@ from fsdit.config import ModelConfig, model_config, MODEL_PRESETS
 
 # %%
 from fastcore.test import test_eq, test_close
+from fsdit.testing import perturb
 
 
 # %% [markdown]
@@ -434,16 +435,6 @@ def param_count(params) -> int:
     "Number of scalars in a parameter tree."
     return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
-
-def perturb(params, scale: float = 0.05, seed: int = 0):
-    "`params` plus Gaussian noise of std `scale` (numpy RNG): a DiT whose output is no longer zero, for tests."
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda p: p + jnp.asarray(scale * rng.normal(size=p.shape), p.dtype), params)
-
-
-def random_drop(key, B: int, p: float):
-    "The CFG training mask `(B,)`: True (use the null condition) with probability `p`."
-    return jax.random.bernoulli(key, p, (B,))
 
 
 # %% [markdown]

@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import Callable
 import jax, jax.numpy as jnp
 import numpy as np
-import optax
+
+from fsdit.config import ModelConfig, TrainConfig
+from fsdit.dit import SUPPORT_LATENT_CONDS
 
 # %%
+import optax
 from fastcore.test import test_eq, test_close
-from fsdit.config import model_config
+from fsdit.config import model_config, train_config
 from fsdit.dit import DiT, init_params, example_cond
 
 
@@ -134,16 +137,18 @@ test_close(np.nansum(m * np.asarray(n)) / np.asarray(n).sum(), float(loss.mean()
 # %%
 #| export
 def flow_loss(apply_fn: Callable, params, x1, cond: dict, drop=None, *, key=None, eps=None, t=None,
-              t_sampling: str = 'logit_normal'):
-    "Flow-matching MSE of `apply_fn` on targets `x1 (B, H, W, C)`: `(mean loss, {'loss': (B,), 't': (B,)})`."
+              t_sampling: str = 'logit_normal', intermediates: bool = False):
+    "Flow-matching MSE of `apply_fn` on targets `x1 (B, H, W, C)`: `(mean loss, {'loss': (B,), 't': (B,), 'intermediates'})`."
     if eps is None or t is None:
         assert key is not None, 'flow_loss needs `key` unless both `eps` and `t` are given'
         k_eps, k_t = jax.random.split(key)
         eps = jax.random.normal(k_eps, x1.shape, x1.dtype) if eps is None else eps
         t = sample_t(k_t, x1.shape[:1], t_sampling) if t is None else t
-    v = apply_fn({'params': params}, interpolate(x1, eps, t), t, cond, drop)
+    out = apply_fn({'params': params}, interpolate(x1, eps, t), t, cond, drop,
+                   **({'return_intermediates': True} if intermediates else {}))
+    v, inter = out if intermediates else (out, {})
     loss = per_example_loss(v, velocity_target(x1, eps))
-    return loss.mean(), {'loss': loss, 't': t}
+    return loss.mean(), {'loss': loss, 't': t, 'intermediates': inter}
 
 
 # %% [markdown]
@@ -167,26 +172,105 @@ test_close(float(np.nansum(bin_means(s, n) * np.asarray(n)) / 4), float(lf), eps
 
 
 # %% [markdown]
+# ## Randomness keyed by example, not by device
+#
+# Every random number of a step — $t$, the noise $\epsilon$, the CFG drop, the posterior sample and the
+# mirror choice — comes from a key that depends only on the step and the example's index in the *global*
+# batch: `fold_in(fold_in(key, step), index)`. A device finds the index of its first example from its
+# position on the data axis (`lax.axis_index`, global across processes), so 1 device, 8 devices or 2
+# processes draw the same numbers for the same example and a run does not depend on how its batch is split.
+# (The seed split one key per device and reused one fixed key for the VAE posterior noise.)
+
+# %%
+#| export
+def example_keys(key: jax.Array, step, n: int, axis_name: str | None = None) -> jax.Array:
+    "Keys (n, 2) for this device's n examples: fold_in(fold_in(key, step), global example index along `axis_name`)."
+    first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
+
+
+# %% [markdown]
+# On the device a batch becomes the model's inputs. The target latent is a fresh posterior sample of the
+# chosen mirror state, $x_1 = (\mu + e^{\frac12 \log\sigma^2} n)\cdot s$, where $s$ is the VAE's scaling
+# factor as the feature store records it (0.18215 for the SD-VAE, 0.13025 for the SDXL VAE, 1 in pixel
+# mode, where the store holds the image as $\mu$ with $\log\sigma^2 = -30$); the support embedding is the
+# mean of the K support embeddings, in float32. The support latents of the `aligned` and `context`
+# conditionings are scaled the same way. $t$ is not clipped: the original clipped it at 0.99 inside the
+# interpolant (from jax-flow) to keep away from $t = 1$, but `sample_t` never returns 1 for float32
+# (logit-normal reaches it only for $n > 17$), so the clip would only bias the top percent of the path.
+
+# %%
+#| export
+def condition(batch: dict, mc: ModelConfig, latent_scale: float) -> dict:
+    "The model's condition from a batch: mean support embedding (B, D), labels (B,), scaled support latents."
+    cond = {}
+    if mc.cond != 'class': cond['support_embed'] = batch['support_embeds'].astype(jnp.float32).mean(1)
+    if mc.cond == 'class': cond['labels'] = batch['labels']
+    if mc.cond in SUPPORT_LATENT_CONDS: cond['support_latents'] = batch['support_latents'].astype(jnp.float32) * latent_scale
+    return cond
+
+
+def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig, latent_scale: float, train: bool = True):
+    "Target x1 (B, h, w, c), t (B,), noise (B, h, w, c), CFG drop (B,) and condition, each example from its own key."
+    def one(key, moments):  # moments (2 mirror, 2 [mean, logvar], h, w, c)
+        kt, keps, kdrop, knoise, kmirror = jax.random.split(key, 5)
+        mean, logvar = moments[jax.random.bernoulli(kmirror).astype(jnp.int32)].astype(jnp.float32)
+        x1 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(knoise, mean.shape)) * latent_scale
+        drop = jax.random.bernoulli(kdrop, mc.cfg_drop) & train
+        return x1, sample_t(kt, (), tc.t_sampling), jax.random.normal(keps, mean.shape), drop
+    x1, t, eps, drop = jax.vmap(one)(keys, batch['moments'])
+    return x1, t, eps, drop, condition(batch, mc, latent_scale)
+
+
+# %%
+from fsdit.testing import synthetic_batch
+mc, tc = model_config('mu'), train_config('test')
+b = synthetic_batch(4, mc)
+keys = example_keys(jax.random.PRNGKey(0), 3, 4, axis_name=None)
+inputs = jax.jit(model_inputs, static_argnums=(2, 3))
+x1, t, eps, drop, c_in = inputs(b, keys, mc, tc, 0.18215)
+test_eq((x1.shape, t.shape, eps.shape, drop.shape, c_in['support_embed'].shape), ((4, 28, 28, 4), (4,), (4, 28, 28, 4), (4,), (4, 768)))
+assert x1.dtype == c_in['support_embed'].dtype == jnp.float32 and bool(((t > 0) & (t < 1)).all())
+# each example's numbers come with its key, wherever it sits in the batch
+rev = inputs({k: v[::-1] for k, v in b.items()}, keys[::-1], mc, tc, 0.18215)
+test_eq(np.asarray(rev[0][::-1]), np.asarray(x1)); test_eq(np.asarray(rev[1][::-1]), np.asarray(t))
+# pixel mode: logvar -30 makes the posterior sample the stored image itself (one of its two mirror states)
+pb = synthetic_batch(4, mc, space='pixel')
+x1p = np.asarray(inputs(pb, keys, mc, tc, 1.0)[0])[:, None]
+assert np.all(np.isclose(x1p, pb['moments'][:, :, 0].astype(np.float32), atol=1e-5).all((2, 3, 4)).any(1))
+
+
+# %% [markdown]
+# The trainer's loss is `flow_loss` on those inputs: `loss_fn` is what `jax.grad` differentiates in the train
+# step and what the validation step evaluates, so the invariants above hold for the code that trains.
+
+# %%
+#| export
+def loss_fn(params, model, batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig, latent_scale: float,
+            train: bool = True, intermediates: bool = False):
+    "`flow_loss` of a device batch: `(mean loss, {'loss': (B,), 't': (B,), 'intermediates'})`."
+    x1, t, eps, drop, cond = model_inputs(batch, keys, mc, tc, latent_scale, train)
+    return flow_loss(model.apply, params, x1, cond, drop, eps=eps, t=t, intermediates=intermediates)
+
+
+# %%
+params = init_params(mc, jax.random.PRNGKey(0))                       # a fresh DiT outputs 0: loss = E|x1 - eps|^2
+l, aux = jax.jit(loss_fn, static_argnums=(1, 4, 5, 6))(params, DiT(mc), b, keys, mc, tc, 0.18215)
+test_close(float(l), float(jnp.mean(jnp.square(x1 - eps))), eps=1e-5); test_eq(aux['t'], t)
+_, aux_i = loss_fn(params, DiT(mc), b, keys, mc, tc, 0.18215, train=False, intermediates=True)
+test_eq(aux_i['intermediates']['attn_entropy'].shape, (mc.depth, mc.heads))
+
+# %% [markdown]
 # ## A `mu` DiT fits a batch
 #
 # With $(\varepsilon, t)$ fixed the regression is deterministic, and Adam (lr 1e-2, cosine decay) drives the loss to below
-# 1/1000 of its start within 300 steps. (With fresh noise every step the loss must still fall at least
+# 1/1000 of its start within 300 steps (`fsdit.testing.fit_step` is that Adam step on `flow_loss`). (With fresh noise every step the loss must still fall at least
 # 10x within 2,000 steps at lr 1e-3 (on spatially smooth targets, like real latents); that longer run
 # lives in `tests/test_model.py`.)
 
 # %%
-#| export
-def fit_step(apply_fn, opt):
-    "A jitted Adam step on `flow_loss` (for tests and demonstrations): `(params, state, batch) -> (params, state, loss)`."
-    @jax.jit
-    def step(params, state, x1, cond, key, eps=None, t=None):
-        (l, _), g = jax.value_and_grad(flow_loss, argnums=1, has_aux=True)(apply_fn, params, x1, cond, key=key, eps=eps, t=t)
-        upd, state = opt.update(g, state, params)
-        return optax.apply_updates(params, upd), state, l
-    return step
-
-
-# %%
+from fsdit.testing import fit_step
 opt = optax.adam(optax.cosine_decay_schedule(1e-2, 300))   # decaying lr: converges, not oscillates
 step, p, st = fit_step(apply, opt), params, opt.init(params)
 xs, cs = xb[:2], jax.tree_util.tree_map(lambda a: a[:2], cond)

@@ -9,16 +9,25 @@
 # %%
 #| export
 from __future__ import annotations
+import functools
 from functools import partial
 from typing import Callable
+import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fsdit.config import ModelConfig
+from fsdit.dit import DiT, SUPPORT_LATENT_CONDS
+from fsdit.flow import condition
 
 # %%
 import numpy as np
 from fastcore.test import test_eq, test_close
 from fsdit.config import model_config
-from fsdit.dit import DiT, init_params, example_cond, perturb
+from fastcore.test import test_fail
+from fsdit.dit import DiT, init_params, example_cond
+from fsdit.testing import perturb
 
 
 # %% [markdown]
@@ -159,3 +168,85 @@ assert not np.allclose(x3, x_c, atol=1e-4)
 n0 = _sample._cache_size()
 sample(DiT(cfg).apply, params, noise, cond, steps=4, cfg_scale=5.0)
 test_eq(_sample._cache_size(), n0)
+
+
+# %% [markdown]
+# ## Generating
+#
+# `generate` draws one image per episode: the condition is built exactly as in training
+# (`fsdit.flow.condition`: the mean of the K support embeddings; for `cond='context'` also the scaled
+# support latents), the noise of episode *i* comes from `fold_in(key, i)` — so an image does not depend on
+# the batch it was drawn in — and each batch is split over the local devices (padded to a multiple of
+# them) and run through the compiled sampler. Latents come back in posterior space (divided by `latent_scale`, the scale the run trained at).
+#
+# **How many supports.** Both support conditionings are defined for any K >= 1: `'support'` averages the K
+# embeddings, `'context'` attends to any number of support tokens with no order. So a model trained on
+# 5-shot episodes accepts 1 or 3 supports (the eval sweeps exactly that); quality at a K it was not trained
+# on is what the eval measures. Zero supports, or supports given to a class-conditioned run, are errors.
+
+# %%
+#| export
+def check_supports(mc: ModelConfig, k: int | None):
+    "Raise `ValueError` unless the run's conditioning takes `k` supports."
+    if mc.cond == 'class':
+        if k: raise ValueError("this run is class-conditioned (cond='class'): it generates seen classes by label "
+                               "and cannot take support images")
+        return
+    if not k or k < 1: raise ValueError(f"cond={mc.cond!r} needs at least one support image, got {k}")
+
+
+def _mesh() -> Mesh: return Mesh(np.array(jax.local_devices()), ('data',))
+
+
+@functools.lru_cache(maxsize=8)
+def _dit(mc: ModelConfig) -> DiT:
+    "One module per config, so that the sampler's compiled function is reused across calls."
+    return DiT(mc)
+
+
+def _noise(key, start: int, n: int, shape) -> jax.Array:
+    "Per-example noise (n, *shape): example i from fold_in(key, start + i)."
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(jnp.arange(start, start + n))
+
+
+def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None, labels=None, *,
+             latent_scale: float = 1.0, seed: int = 0, steps: int = 50, cfg_scale: float = 3.0,
+             method: str = 'euler', batch_size: int = 256) -> np.ndarray:
+    "Latents (M, h, w, c) in posterior space from M episodes: support_embeds (M, K, D), support_latents (M, K, h, w, c), labels (M,)."
+    given = {'support_embeds': support_embeds, 'support_latents': support_latents, 'labels': labels}
+    given = {k: np.asarray(v) for k, v in given.items() if v is not None}
+    check_supports(mc, None if 'support_embeds' not in given else given['support_embeds'].shape[1])
+    if mc.cond in SUPPORT_LATENT_CONDS and 'support_latents' not in given: raise ValueError(f"cond={mc.cond!r} needs support_latents")
+    if mc.cond == 'class' and 'labels' not in given: raise ValueError("cond='class' needs labels")
+    M, n_dev, mesh = len(next(iter(given.values()))), jax.local_device_count(), _mesh()
+    bs = -(-min(batch_size, M) // n_dev) * n_dev                  # every batch one shape: one compilation
+    key, shape, model = jax.random.PRNGKey(seed), (mc.input_size, mc.input_size, mc.in_channels), _dit(mc)
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    out = []
+    for i in range(0, M, bs):
+        n = min(bs, M - i)
+        b = {k: np.concatenate([v[i:i + n], np.repeat(v[i + n - 1:i + n], bs - n, 0)]) for k, v in given.items()}
+        b = jax.device_put(b, NamedSharding(mesh, P('data')))
+        noise = jax.device_put(_noise(key, i, bs, shape), NamedSharding(mesh, P('data')))
+        x = sample(model.apply, params, noise, condition(b, mc, latent_scale), steps=steps, cfg_scale=cfg_scale, method=method)
+        out.append(np.asarray(x)[:n] / latent_scale)
+    return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
+
+
+# %% [markdown]
+# An image depends on its episode and the seed, not on how the episodes were batched; supports given to a
+# class-conditioned model, or none to a support-conditioned one, are refused.
+
+# %%
+mc = model_config('mu', input_size=8, in_channels=3, support_dim=16, patch=4, cond='context')
+params = perturb(init_params(mc, jax.random.PRNGKey(0)))
+r = np.random.default_rng(0)
+emb = r.normal(size=(5, 3, 16)).astype(np.float32); lat = r.normal(size=(5, 3, 8, 8, 3)).astype(np.float32)
+z_all = generate(params, mc, emb, lat, steps=3, seed=1)
+z_bat = generate(params, mc, emb, lat, steps=3, seed=1, batch_size=2)
+test_eq(z_all.shape, (5, 8, 8, 3)); test_close(z_all, z_bat, eps=1e-5)
+assert not np.allclose(z_all, generate(params, mc, emb, lat, steps=3, seed=2))
+test_fail(lambda: check_supports(model_config('mu', cond='class', num_classes=3), 5), contains='class-conditioned')
+test_fail(lambda: check_supports(mc, 0), contains='at least one support')
+check_supports(mc, 1); check_supports(model_config('mu', cond='context'), 7)   # any K >= 1
+

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Sample
 #
-# > Load a trained run (configs and EMA weights), encode a few support images with the run's encoders, and generate new images of their class with the compiled sampler — spread over every local device — as arrays or as a grid with the supports on top.
+# > New images of a class from a few support images: read the image files, encode them with the run's codecs, generate with the compiled sampler (spread over every local device), and write a grid with the supports on top — `fsdit sample`.
 
 # %%
 #| default_exp sample
@@ -9,95 +9,30 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, functools, json, sys
+import argparse, functools, json, re, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import jax, jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fsdit.config import ModelConfig, TrainConfig
-from fsdit.dit import DiT, SUPPORT_LATENT_CONDS
-from fsdit.sampler import sample
-from fsdit.train import (condition, read_run_config, run_json, checkpoint_manager, restore_latest, create_state,
-                         image_grid, save_png, to_uint8 as grid_uint8)
+from fsdit.images import save_png, support_grid, to_uint8
+from fsdit.run import Run, load_run
+from fsdit.sampler import generate, check_supports
 
 # %%
 import tempfile
 from fastcore.test import test_eq, test_close, test_fail
 from fsdit.config import model_config, train_config
-
-
-# %% [markdown]
-# ## Loading a run
-#
-# A run directory (written by `fsdit train`) holds `config.json` (model and train configs, the space) and
-# orbax checkpoints under `checkpoints/`. Sampling uses the EMA parameters of the latest checkpoint,
-# restored through the trainer's own `restore_latest`, so there is one reader of the format: a damaged newest
-# checkpoint gives way to the one before it, with a message, and a run whose checkpoints are all damaged is refused.
-
-# %%
-#| export
-class RunError(ValueError):
-    "A run directory that cannot be sampled from: missing configs or checkpoint."
-
-
-@dataclass
-class Run:
-    "A trained run: its configs, the space ('latent' | 'pixel'), EMA parameters and step."
-    path: Path
-    mc: ModelConfig
-    tc: TrainConfig
-    space: str
-    params: Any
-    step: int
-    config: dict = field(default_factory=dict)   # config.json as saved (may name the feature store)
-
-    @property
-    def latent_scale(self) -> float:
-        "Scale between posterior-space latents and the model's space (1 in pixel mode)."
-        return 1.0 if self.space == 'pixel' else self.tc.latent_scale
-
-
-def load_run(run_dir, ema: bool = True, warn: Callable[[str], None] | None = None) -> Run:
-    "Configs and the newest readable checkpoint's (EMA) parameters of the run at `run_dir`; damaged newer ones are `warn`ed."
-    d = Path(run_dir)
-    if not (d / 'config.json').exists():
-        raise RunError(f"{d} is not a run directory (no config.json): pass the --out folder of `fsdit train`")
-    mc, tc = read_run_config(d)
-    cfg = run_json(d)
-    if not (d / 'checkpoints').is_dir() or not any((d / 'checkpoints').iterdir()):
-        raise RunError(f"{d} has no checkpoint yet (no {d / 'checkpoints'}): train it for at least `save_every` steps")
-    # the template only gives shapes: zeros of the state's abstract shapes, no initialisation is run
-    template = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), jax.eval_shape(lambda: create_state(mc, tc)))
-    mngr = checkpoint_manager(d, keep=max(tc.keep, 1))
-    try:
-        got = restore_latest(mngr, template)
-    finally:
-        mngr.close()
-    if got is None: raise RunError(f"{d / 'checkpoints'} holds no complete checkpoint: train the run for at least `save_every` steps")
-    state, _, damaged = got
-    for step, why in sorted(damaged.items(), reverse=True):
-        if warn: warn(f"checkpoint {step} of {d} is damaged ({why}); using step {int(state.step)}")
-    params = state.ema_params if ema else state.params
-    return Run(d, mc, tc, cfg.get('space', 'latent'), params, int(state.step), cfg)
-
-
-# %% [markdown]
-# A run saved the way the trainer saves it — here a freshly initialised pixel-space `mu` model on 8x8
-# images with the stand-in encoder's shape — loads back with its EMA parameters; directories that are not
-# runs, or have no checkpoint yet, are refused with the reason.
-
-# %%
-from fsdit.train import write_run_config, save_checkpoint, replicate
+from fsdit.run import write_run_config, checkpoint_manager, save_checkpoint
+from fsdit.state import create_state
 from fsdit.data import offline_model_config
 
 def save_fresh_run(d, mc, tc, space='pixel'):
     "A run directory holding a freshly initialised model, written as `fsdit train` writes one."
     write_run_config(d, mc, tc, space)
-    mngr = checkpoint_manager(d, keep=1); save_checkpoint(mngr, replicate(create_state(mc, tc)), {}); mngr.close()
+    mngr = checkpoint_manager(d, keep=1); save_checkpoint(mngr, create_state(mc, tc), {}); mngr.close()
     return Path(d)
 
 tmp = Path(tempfile.mkdtemp())
@@ -105,90 +40,9 @@ mc = offline_model_config('mu', size=8, channels=3, embed_dim=16)
 tc = train_config('test', shots=3)
 run_dir = save_fresh_run(tmp / 'run', mc, tc)
 run = load_run(run_dir)
-test_eq((run.mc, run.tc, run.space, run.latent_scale), (mc, tc, 'pixel', 1.0))
-test_eq(jax.tree.structure(run.params), jax.tree.structure(create_state(mc, tc).ema_params))
-test_fail(lambda: load_run(tmp / 'nothing'), contains='not a run directory')
-write_run_config(tmp / 'empty', mc, tc, 'pixel')
-test_fail(lambda: load_run(tmp / 'empty'), contains='no checkpoint')
-
-
-# %% [markdown]
-# ## Generating
-#
-# `generate` draws one image per episode: the condition is built exactly as in training
-# (`fsdit.train.condition`: the mean of the K support embeddings; for `cond='context'` also the scaled
-# support latents), the noise of episode *i* comes from `fold_in(key, i)` — so an image does not depend on
-# the batch it was drawn in — and each batch is split over the local devices (padded to a multiple of
-# them) and run through the compiled sampler. Latents come back in posterior space (unscaled).
-#
-# **How many supports.** Both support conditionings are defined for any K >= 1: `'support'` averages the K
-# embeddings, `'context'` attends to any number of support tokens with no order. So a model trained on
-# 5-shot episodes accepts 1 or 3 supports (the eval sweeps exactly that); quality at a K it was not trained
-# on is what the eval measures. Zero supports, or supports given to a class-conditioned run, are errors.
-
-# %%
-#| export
-def check_supports(mc: ModelConfig, k: int | None):
-    "Raise `ValueError` unless the run's conditioning takes `k` supports."
-    if mc.cond == 'class':
-        if k: raise ValueError("this run is class-conditioned (cond='class'): it generates seen classes by label "
-                               "and cannot take support images")
-        return
-    if not k or k < 1: raise ValueError(f"cond={mc.cond!r} needs at least one support image, got {k}")
-
-
-def _mesh() -> Mesh: return Mesh(np.array(jax.local_devices()), ('data',))
-
-
-@functools.lru_cache(maxsize=8)
-def _dit(mc: ModelConfig) -> DiT:
-    "One module per config, so that the sampler's compiled function is reused across calls."
-    return DiT(mc)
-
-
-def _noise(key, start: int, n: int, shape) -> jax.Array:
-    "Per-example noise (n, *shape): example i from fold_in(key, start + i)."
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(jnp.arange(start, start + n))
-
-
-def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None, labels=None, *,
-             latent_scale: float = 1.0, seed: int = 0, steps: int = 50, cfg_scale: float = 3.0,
-             method: str = 'euler', batch_size: int = 256) -> np.ndarray:
-    "Latents (M, h, w, c) in posterior space from M episodes: support_embeds (M, K, D), support_latents (M, K, h, w, c), labels (M,)."
-    given = {'support_embeds': support_embeds, 'support_latents': support_latents, 'labels': labels}
-    given = {k: np.asarray(v) for k, v in given.items() if v is not None}
-    check_supports(mc, None if 'support_embeds' not in given else given['support_embeds'].shape[1])
-    if mc.cond in SUPPORT_LATENT_CONDS and 'support_latents' not in given: raise ValueError(f"cond={mc.cond!r} needs support_latents")
-    if mc.cond == 'class' and 'labels' not in given: raise ValueError("cond='class' needs labels")
-    M, n_dev, mesh = len(next(iter(given.values()))), jax.local_device_count(), _mesh()
-    bs = -(-min(batch_size, M) // n_dev) * n_dev                  # every batch one shape: one compilation
-    key, shape, model = jax.random.PRNGKey(seed), (mc.input_size, mc.input_size, mc.in_channels), _dit(mc)
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    out = []
-    for i in range(0, M, bs):
-        n = min(bs, M - i)
-        b = {k: np.concatenate([v[i:i + n], np.repeat(v[i + n - 1:i + n], bs - n, 0)]) for k, v in given.items()}
-        b = jax.device_put(b, NamedSharding(mesh, P('data')))
-        noise = jax.device_put(_noise(key, i, bs, shape), NamedSharding(mesh, P('data')))
-        x = sample(model.apply, params, noise, condition(b, mc, latent_scale), steps=steps, cfg_scale=cfg_scale, method=method)
-        out.append(np.asarray(x)[:n] / latent_scale)
-    return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
-
-
-# %% [markdown]
-# An image depends on its episode and the seed, not on how the episodes were batched; supports given to a
-# class-conditioned model, or none to a support-conditioned one, are refused.
-
-# %%
+write_run_config(tmp / 'empty', mc, tc, 'pixel')                 # a run with no checkpoint yet
 r = np.random.default_rng(0)
-emb = r.normal(size=(5, 3, 16)).astype(np.float32); lat = r.normal(size=(5, 3, 8, 8, 3)).astype(np.float32)
-z_all = generate(run.params, mc, emb, lat, steps=3, seed=1)
-z_bat = generate(run.params, mc, emb, lat, steps=3, seed=1, batch_size=2)
-test_eq(z_all.shape, (5, 8, 8, 3)); test_close(z_all, z_bat, eps=1e-5)
-assert not np.allclose(z_all, generate(run.params, mc, emb, lat, steps=3, seed=2))
-test_fail(lambda: check_supports(model_config('mu', cond='class', num_classes=3), 5), contains='class-conditioned')
-test_fail(lambda: check_supports(mc, 0), contains='at least one support')
-check_supports(mc, 1); check_supports(model_config('mu', cond='context'), 7)   # any K >= 1
+
 
 # %% [markdown]
 # ## The run's encoders
@@ -218,7 +72,6 @@ class Codecs:
 def stand_in_encoder(name: str):
     "The `fsdit.data.PixelEncoder` whose `name` is `name` (the store records only the name)."
     from fsdit.data import PixelEncoder
-    import re
     m = re.fullmatch(r'stand-in/pixel-randproj-g(\d+)-d(\d+)-s(\d+)', name)
     if not m: raise ValueError(f"unknown stand-in encoder {name!r}")
     enc = PixelEncoder(dim=int(m[2]), grid=int(m[1]), seed=int(m[3]))
@@ -301,20 +154,6 @@ def sample_from_supports(run: Run, codecs: Codecs, images, n: int = 16, *, cfg_s
     return np.asarray(codecs.decode(z), np.float32)
 
 
-def support_grid(supports, samples, ncol: int | None = None) -> np.ndarray:
-    "uint8 grid: the supports (K, H, W, 3) uint8 on the top row, the samples (N, H, W, C) in [-1, 1] below."
-    from PIL import Image
-    s = grid_uint8(samples)                                       # (N, H, W, 3)
-    H, W = s.shape[1:3]
-    sup = np.stack([np.asarray(Image.fromarray(im).resize((W, H), Image.BICUBIC)) if im.shape[:2] != (H, W) else im
-                    for im in np.asarray(supports, np.uint8)])
-    ncol = ncol or max(len(sup), min(len(s), 8))
-    white = lambda k: np.full((k, H, W, 3), 255, np.uint8)
-    rows = [np.concatenate([sup[:ncol], white(max(0, ncol - len(sup)))])]
-    for i in range(0, len(s), ncol): rows.append(np.concatenate([s[i:i + ncol], white(ncol - len(s[i:i + ncol]))]))
-    return image_grid(rows)
-
-
 # %% [markdown]
 # ## Command line
 #
@@ -361,7 +200,7 @@ def sample_cli(argv: list[str]) -> int:
         if len(sup) != run.tc.shots:
             say(f"note: the run was trained on {run.tc.shots}-shot episodes; sampled from {len(sup)} supports")
         for o in outs: o.parent.mkdir(parents=True, exist_ok=True)
-        if a.npz: np.savez_compressed(a.npz, samples=grid_uint8(x), supports=sup)
+        if a.npz: np.savez_compressed(a.npz, samples=to_uint8(x, rgb=True), supports=sup)
         save_png(support_grid(sup, x), a.out)
     except (ValueError, OSError) as e:
         return fail('sample', e)

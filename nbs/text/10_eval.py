@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Eval
 #
-# > Few-shot metrics on classes the model never saw: Fréchet distances (Inception and embedding space), class consistency by nearest prototype, diversity and a copying check — beside the same numbers for real images, for seen classes, and for two trivial baselines.
+# > The few-shot evaluation of a run on classes it never saw — generated images beside real images, seen classes and two trivial baselines, scored with `fsdit.metrics` (and FID, the glyph judge) — its records, figures and command, and the hook that runs it during training.
 
 # %%
 #| default_exp eval
@@ -15,329 +15,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from scipy import linalg
+
+from fsdit.features import open_store
+from fsdit.fid import fid_inception
+from fsdit.images import to_uint8
+from fsdit.metrics import (frechet_distance, l2_normalize, class_prototypes, prototype_accuracy, heldout_prototype_accuracy,
+                           loo_prototype_accuracy, pairwise_distances, mean_pairwise_distance, class_diversity,
+                           nearest_support_distance)
+from fsdit.run import load_run
+from fsdit.sample import run_codecs
+from fsdit.sampler import generate
 
 # %%
 import tempfile
 from fastcore.test import test_eq, test_close, test_fail
-
-
-# %% [markdown]
-# ## Fréchet distance
-#
-# Fit a Gaussian to each feature set; the Fréchet (2-Wasserstein) distance between $\mathcal N(\mu_1,\Sigma_1)$
-# and $\mathcal N(\mu_2,\Sigma_2)$ is
-#
-# $$d^2 = \lVert\mu_1-\mu_2\rVert^2 + \operatorname{tr}\big(\Sigma_1 + \Sigma_2 - 2(\Sigma_1\Sigma_2)^{1/2}\big).$$
-#
-# This is pytorch-fid's `calculate_frechet_distance`, including its fix: when the matrix square root is
-# not finite (singular covariances, fewer samples than dimensions) it adds `eps` to both diagonals and
-# retries, and it drops an imaginary part that is numerical noise. FID is this distance on Inception
-# features; the same function measures it in SigLIP2 space.
-
-# %%
-#| export
-def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
-    "Mean (D,) and covariance (D, D) of features (N, D), in float64 as pytorch-fid computes them."
-    f = np.asarray(feats, dtype=np.float64).reshape(len(feats), -1)
-    if len(f) < 2: raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(f)}")
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def frechet_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    "Fréchet distance between two Gaussians (pytorch-fid's formula and eps fix)."
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"feature sets differ in dimension: {mu1.shape} vs {mu2.shape}")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the covariance square root")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
-    "Fréchet distance between the Gaussians fitted to two feature sets (N, D) and (M, D)."
-    return frechet_from_stats(*feature_stats(feats_a), *feature_stats(feats_b), eps=eps)
-
-
-# %% [markdown]
-# Identical sets are at distance 0; shifting a set by $\delta$ leaves its covariance alone and costs
-# exactly $\lVert\delta\rVert^2$; for diagonal covariances the trace term is $\sum_i(\sqrt{a_i}-\sqrt{b_i})^2$.
-
-# %%
-rng = np.random.default_rng(0)
-a = rng.normal(size=(500, 8))
-test_close(frechet_distance(a, a), 0.0, eps=1e-6)
-delta = np.arange(8) / 4
-test_close(frechet_distance(a, a + delta), (delta ** 2).sum(), eps=1e-6)
-va, vb = np.array([1., 4., 9.]), np.array([4., 1., 1.])
-test_close(frechet_from_stats(np.zeros(3), np.diag(va), np.ones(3), np.diag(vb)),
-           3 + ((np.sqrt(va) - np.sqrt(vb)) ** 2).sum(), eps=1e-9)
-# large samples of two Gaussians approach the closed form
-x = rng.normal(size=(20000, 3)) * np.sqrt(va)
-y = rng.normal(size=(20000, 3)) * np.sqrt(vb) + 1
-test_close(frechet_distance(x, y), 3 + ((np.sqrt(va) - np.sqrt(vb)) ** 2).sum(), eps=0.15)
-
-# %% [markdown]
-# With fewer samples than dimensions the covariances are singular: the eps fix keeps the result finite.
-
-# %%
-few = rng.normal(size=(5, 64))
-assert np.isfinite(frechet_distance(few, few + 1))
-test_fail(lambda: frechet_distance(few[:1], few), contains='at least 2')
-
-
-# %% [markdown]
-# ## Inception features, as pytorch-fid defines them
-#
-# FID is the Fréchet distance between the 2048-d final-pool activations of pytorch-fid's `InceptionV3`
-# (TensorFlow's 2015 FID Inception, ported), on images in [0, 1] that the network resizes bilinearly to
-# 299x299. It needs torch, torchvision and pytorch-fid — the optional extra `pip install 'fsdit[fid]'` —
-# and its weights download from GitHub on first use (torch.hub caches them). Nothing here is imported
-# until FID is asked for. `weights=None` builds the same architecture with random weights, so the
-# feature path is tested without the download; a local `.pth` file works offline.
-
-# %%
-#| export
-def _import_fid():
-    "torch and pytorch_fid.inception, or an ImportError that says how to get them."
-    try:
-        import torch
-        from pytorch_fid import inception
-    except ImportError as e:
-        raise ImportError(f"FID needs torch, torchvision and pytorch-fid: pip install 'fsdit[fid]'. Import failed: {e!r}") from e
-    except Exception as e:  # typically RuntimeError "operator torchvision::nms does not exist"
-        raise ImportError("torchvision does not load beside this torch: its compiled operators were built for another "
-                          "torch (for example PyPI's CUDA torchvision beside a CPU torch). Install the torchvision that "
-                          "matches your torch from the same index (for a CPU torch: pip install torchvision "
-                          f"--index-url https://download.pytorch.org/whl/cpu). Import failed: {e!r}") from e
-    return torch, inception
-
-
-def fid_available() -> bool:
-    "Whether the FID extra imports here."
-    try: _import_fid(); return True
-    except ImportError: return False
-
-
-def _fid_inception_net(inc, state_dict=None):
-    "pytorch-fid's `fid_inception_v3` with the state dict given (or random) instead of downloaded."
-    net = inc._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b, net.Mixed_5c = inc.FIDInceptionA(192, pool_features=32), inc.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = inc.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = inc.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c, net.Mixed_6d = inc.FIDInceptionC(768, channels_7x7=160), inc.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = inc.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b, net.Mixed_7c = inc.FIDInceptionE_1(1280), inc.FIDInceptionE_2(2048)
-    if state_dict is not None: net.load_state_dict(state_dict)
-    return net
-
-
-def fid_inception(weights: str | None = 'download', device: str | None = None):
-    "pytorch-fid's InceptionV3 (pool3, 2048-d); weights 'download' (pytorch-fid's file), a local .pth, or None (random)."
-    torch, inc = _import_fid()
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if weights == 'download':
-        try: model = inc.InceptionV3([inc.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-        except OSError as e:  # URLError is an OSError
-            raise RuntimeError(f"could not download the FID Inception weights from {inc.FID_WEIGHTS_URL} ({e}); "
-                               "offline, download that file elsewhere and pass its path as the weights") from e
-    else:
-        sd = None if weights is None else torch.load(weights, map_location='cpu')
-        build, inc.fid_inception_v3 = inc.fid_inception_v3, lambda: _fid_inception_net(inc, sd)
-        try: model = inc.InceptionV3([inc.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-        finally: inc.fid_inception_v3 = build
-    return model.eval().to(device)
-
-
-# %% [markdown]
-# Images enter as fsdit holds them, NHWC in [-1, 1] (or uint8). Generated images are first quantised
-# to uint8, as they would be when saved to PNG files and read back by pytorch-fid's own script.
-
-# %%
-#| export
-def to_uint8(images) -> np.ndarray:
-    "NHWC images in [-1, 1] (float) or uint8 -> uint8."
-    x = np.asarray(images)
-    if x.dtype == np.uint8: return x
-    return np.clip(np.round((x.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-
-
-def inception_features(images, model, batch_size: int = 50) -> np.ndarray:
-    "pytorch-fid pool3 features (N, 2048) of NHWC images (uint8, or float in [-1, 1]; grayscale is repeated)."
-    torch, _ = _import_fid()
-    device = next(model.parameters()).device
-    x = to_uint8(images)
-    if x.shape[-1] == 1: x = np.repeat(x, 3, -1)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            b = torch.from_numpy(x[i:i + batch_size]).permute(0, 3, 1, 2).float().div(255).to(device)
-            f = model(b)[0]                                        # (b, 2048, 1, 1)
-            if f.shape[2:] != (1, 1): f = torch.nn.functional.adaptive_avg_pool2d(f, (1, 1))
-            out.append(f.squeeze(3).squeeze(2).cpu().numpy().astype(np.float64))
-    return np.concatenate(out) if out else np.zeros((0, 2048))
-
-
-# %% [markdown]
-# With the extra installed, random weights give 2048-d features for any image size; without it (or with a
-# torchvision built for another torch), the error says what to install. `tests/test_eval.py` checks this path
-# against pytorch-fid's own file-reading `get_activations` in CI's second environment, which has the extra.
-
-# %%
-imgs = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
-if fid_available():
-    feats = inception_features(imgs, fid_inception(weights=None), batch_size=1)
-    test_eq(feats.shape, (2, 2048)); assert np.isfinite(feats).all()
-else:
-    test_fail(lambda: fid_inception(weights=None), contains="torchvision")
-test_eq(to_uint8(np.array([-1., 0., 1.])), np.array([0, 128, 255], np.uint8))
-
-
-# %% [markdown]
-# ## Class consistency: nearest prototype in embedding space
-#
-# Does a generated image show its support class? Each class gets a prototype — the normalised mean of
-# the normalised embeddings of its real images — and an image is assigned to the class whose prototype
-# is nearest in cosine. Accuracy is measured among the classes evaluated together (all test classes,
-# say; chance is one over their number). The same accuracy for real images, each left out of its own
-# class's prototype, is the ceiling the encoder allows. A generated image is scored with *its supports*
-# left out of its class's prototype, so that copying a support earns no more than a real image does
-# (with few images per class, a prototype that contains the copied image would favour copies).
-
-# %%
-#| export
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    "x / |x| along `axis`."
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
-def _class_sums(embeds, labels, n_classes: int) -> np.ndarray:
-    s = np.zeros((n_classes, embeds.shape[-1]))
-    np.add.at(s, np.asarray(labels), embeds)
-    return s                                                       # (C, D)
-
-
-def class_prototypes(embeds, labels, n_classes: int | None = None) -> np.ndarray:
-    "Normalised mean of the normalised embeddings (N, D) of each class -> (C, D)."
-    labels = np.asarray(labels)
-    n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
-    return l2_normalize(_class_sums(l2_normalize(embeds), labels, n_classes))
-
-
-def prototype_accuracy(embeds, labels, prototypes) -> float:
-    "Fraction of embeddings (N, D) whose nearest prototype (cosine) is their label's."
-    pred = (l2_normalize(embeds) @ np.asarray(prototypes).T).argmax(-1)
-    return float((pred == np.asarray(labels)).mean())
-
-
-def heldout_prototype_accuracy(embeds, labels, ref_embeds, ref_labels, exclude, n_classes: int | None = None) -> float:
-    "Nearest-prototype accuracy of embeddings (M, D) whose own class prototype leaves out the references `exclude` (M, K)."
-    labels, ref_labels = np.asarray(labels), np.asarray(ref_labels)
-    n_classes = int(ref_labels.max()) + 1 if n_classes is None else n_classes
-    e, q = l2_normalize(ref_embeds), l2_normalize(embeds)
-    sums = _class_sums(e, ref_labels, n_classes)                  # (C, D)
-    scores = q @ l2_normalize(sums).T                              # (M, C)
-    own = l2_normalize(sums[labels] - e[np.asarray(exclude)].sum(1))   # (M, D) the supports are of the own class
-    scores[np.arange(len(q)), labels] = (q * own).sum(-1)
-    return float((scores.argmax(-1) == labels).mean())
-
-
-def loo_prototype_accuracy(embeds, labels, n_classes: int | None = None) -> float:
-    "Nearest-prototype accuracy of real embeddings, each left out of its own class's prototype."
-    labels = np.asarray(labels)
-    n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
-    e = l2_normalize(embeds)
-    sums = _class_sums(e, labels, n_classes)                      # (C, D)
-    protos = l2_normalize(sums)[None].repeat(len(e), 0)            # (N, C, D)
-    protos[np.arange(len(e)), labels] = l2_normalize(sums[labels] - e)
-    pred = np.einsum('nd,ncd->nc', e, protos).argmax(-1)
-    return float((pred == labels).mean())
-
-
-# %% [markdown]
-# Images that sit on their class's direction are all assigned correctly; labels shuffled across
-# well-separated classes drop the accuracy to what chance gives them.
-
-# %%
-D, C = 16, 4
-centres = np.eye(D)[:C]
-lab = np.repeat(np.arange(C), 10)
-emb = centres[lab] + 0.01 * rng.normal(size=(len(lab), D))
-P = class_prototypes(emb, lab)
-test_close(np.linalg.norm(P, axis=1), np.ones(C))
-test_eq(prototype_accuracy(emb, lab, P), 1.0)
-test_eq(loo_prototype_accuracy(emb, lab), 1.0)
-test_eq(prototype_accuracy(emb, (lab + 1) % C, P), 0.0)
-# leave-one-out matters: one image per class is its own prototype without it
-one = rng.normal(size=(3, D))
-test_eq(prototype_accuracy(one, np.arange(3), class_prototypes(one, np.arange(3))), 1.0)
-assert loo_prototype_accuracy(one, np.arange(3)) < 1.0
-# leaving each image's own row out through `exclude` is the leave-one-out accuracy
-test_eq(heldout_prototype_accuracy(emb, lab, emb, lab, np.arange(len(lab))[:, None]), loo_prototype_accuracy(emb, lab))
-sh = rng.normal(size=(12, D)); shl = np.repeat(np.arange(3), 4)
-test_eq(heldout_prototype_accuracy(sh, shl, sh, shl, np.arange(12)[:, None]), loo_prototype_accuracy(sh, shl))
-
-
-# %% [markdown]
-# ## Diversity and copying
-#
-# Diversity is the mean distance between two images of the same class, averaged over classes — for
-# the generated images beside the real ones (LoFGAN uses LPIPS; here the embedding's cosine distance
-# and the pixel RMS distance, which need no extra weights). A model that copies its supports is
-# diverse and class-consistent and still useless: the distance from each generated image to the
-# nearest of *its own* supports catches it, next to the same distance for a real held-out image of the
-# class and the same supports. Copying a support gives 0.
-
-# %%
-#| export
-def pairwise_distances(x, y=None, metric: str = 'cosine') -> np.ndarray:
-    "(N, M) distances between rows of x (N, ...) and y (M, ...): 'cosine' (1 - cos) or 'rms' (L2 / sqrt(dim))."
-    x = np.asarray(x, np.float64).reshape(len(x), -1)
-    y = x if y is None else np.asarray(y, np.float64).reshape(len(y), -1)
-    if metric == 'cosine': return np.maximum(1.0 - l2_normalize(x) @ l2_normalize(y).T, 0.0)
-    if metric == 'rms':
-        d2 = (x ** 2).sum(1)[:, None] + (y ** 2).sum(1)[None] - 2 * x @ y.T
-        return np.sqrt(np.maximum(d2, 0) / x.shape[1])
-    raise ValueError(f"metric must be 'cosine' or 'rms', got {metric!r}")
-
-
-def mean_pairwise_distance(x, metric: str = 'cosine') -> float:
-    "Mean distance over distinct pairs of rows of x (N, ...); NaN for fewer than 2."
-    if len(x) < 2: return float('nan')
-    d = pairwise_distances(x, metric=metric)
-    return float(d[~np.eye(len(d), dtype=bool)].mean())
-
-
-def class_diversity(x, labels, metric: str = 'cosine') -> float:
-    "Mean over classes of the within-class mean pairwise distance."
-    labels = np.asarray(labels)
-    return float(np.nanmean([mean_pairwise_distance(x[labels == c], metric) for c in np.unique(labels)]))
-
-
-def nearest_support_distance(x, supports, metric: str = 'cosine') -> np.ndarray:
-    "Distance (N,) from each x[i] (N, ...) to the nearest of its own supports[i] (N, K, ...)."
-    return np.array([pairwise_distances(xi[None], s, metric)[0].min() for xi, s in zip(x, supports)])
-
-
-# %%
-pts = np.array([[0., 0.], [3., 4.], [0., 0.], [6., 8.]])
-test_close(pairwise_distances(pts[:2], metric='rms')[0, 1], 5 / np.sqrt(2))
-test_close(mean_pairwise_distance(pts[:2], 'rms'), 5 / np.sqrt(2))
-test_close(class_diversity(pts, np.array([0, 0, 1, 1]), 'rms'), (5 + 10) / 2 / np.sqrt(2))
-test_close(pairwise_distances(np.array([[1., 0.]]), np.array([[0., 2.], [-1., 0.]])), np.array([[1., 2.]]))
-sup = rng.normal(size=(5, 3, 8))
-test_close(nearest_support_distance(sup[:, 1], sup, 'rms'), np.zeros(5), eps=1e-6)   # copies
-assert (nearest_support_distance(sup[:, 1] + 1, sup, 'rms') > 0).all()
-test_fail(lambda: pairwise_distances(pts, metric='l1'), contains="'cosine' or 'rms'")
 
 
 # %% [markdown]
@@ -610,7 +301,7 @@ test_eq(cs2.latents, mom_a[cs2.rows, 0, 0].astype(np.float32))
 # ## Evaluating a run
 #
 # `evaluate` runs the protocol on the unseen split and on seen classes with the run's own encoders
-# (`fsdit.sample.run_codecs`) and the EMA weights, and writes `eval.json` and one figure per metric: the
+# (`run_codecs`) and the EMA weights, and writes `eval.json` and one figure per metric: the
 # model against the CFG scale for every shot count, with real images and both baselines as horizontal
 # lines. FID needs `fid=True` (the `fsdit[fid]` extra and its weights: `fid_weights` a local file offline).
 
@@ -628,8 +319,7 @@ JUDGE_METRICS = ('judge_acc', 'glyph_fd', 'diversity_judge', 'nn_support_judge')
 
 def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch_size: int = 256, fid_model=None,
                    judge=None) -> Pipeline:
-    "A `Pipeline` that samples a loaded `fsdit.sample.Run` and decodes/embeds with its codecs."
-    from fsdit.sample import generate   # the metrics above need neither jax nor flax
+    "A `Pipeline` that samples a loaded `fsdit.run.Run` and decodes/embeds with its codecs."
     if run.mc.cond == 'class': raise ValueError("a class-conditioned run (cond='class') cannot generate unseen classes from supports")
     gen = lambda emb, lat, cfg, seed: generate(run.params, run.mc, emb, lat, latent_scale=run.latent_scale, seed=seed,
                                                steps=steps, cfg_scale=cfg, method=method, batch_size=batch_size)
@@ -642,8 +332,6 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
              method: str = 'euler', batch_size: int = 256, codecs=None, judge=None, n_classes: int | None = None,
              out=None) -> dict:
     "Few-shot metrics of a run (dir or `Run`) on `split` (`n_classes` of them, drawn at random; default all) and as many seen classes; writes eval.json + figures to `out`."
-    from fsdit.sample import load_run, run_codecs
-    from fsdit.features import open_store
     run = load_run(run) if isinstance(run, (str, Path)) else run
     store = open_store(store) if isinstance(store, (str, Path)) else store
     codecs = codecs or run_codecs(run, store.path)
@@ -753,7 +441,6 @@ def quick_eval(params, mc, cs: ClassSet, decode: Callable, embed: Callable, *, l
                n_per_class: int = 8, shots: int = 5, cfg_scale: float = 3.0, steps: int = 20, seed: int = 0,
                prefix: str = 'val_fs', real: Images | None = None, judge=None) -> dict:
     "Cheap few-shot metrics of `params` on a class set: {prefix/proto_acc, .../fd_embed, ...}; `real` as in `evaluate_classes`."
-    from fsdit.sample import generate
     gen = lambda emb, lat, cfg, s: generate(params, mc, emb, lat, latent_scale=latent_scale, seed=s, steps=steps, cfg_scale=cfg)
     recs = evaluate_classes(Pipeline(decode, embed, gen, judge=judge), cs, n_per_class=n_per_class, shots=(shots,),
                             cfg_scales=(cfg_scale,), seed=seed, baselines=False, real=real)
@@ -763,6 +450,85 @@ def quick_eval(params, mc, cs: ClassSet, decode: Callable, embed: Callable, *, l
             **{f'{prefix}/real_{k}': real[k] for k in ('proto_acc', 'nn_support_embed', 'judge_acc', 'glyph_fd') if k in real},
             f'{prefix}/chance': model['chance']}
 
+
+# %% [markdown]
+# On the toy classes with a freshly initialised `mu` DiT (whose adaLN-Zero output is 0, so every sample
+# is its starting noise): the numbers are finite, the generated images are no closer to their supports
+# than noise is, and the real images' accuracy sits beside the model's.
+
+# %%
+import jax
+from fsdit.config import model_config
+from fsdit.dit import init_params
+mc_toy = model_config('mu', input_size=8, in_channels=3, patch=4, support_dim=8 * 8 * 3)
+q = quick_eval(init_params(mc_toy, jax.random.PRNGKey(0)), mc_toy, toy, lambda z: z, pipe.embed,
+               n_per_class=3, shots=3, steps=2)
+test_eq(q['val_fs/real_proto_acc'], 1.0); test_eq(q['val_fs/chance'], 0.25)
+assert all(np.isfinite(v) for v in q.values()) and q['val_fs/nn_support_embed'] > q['val_fs/real_nn_support_embed']
+
+# %% [markdown]
+# `FewShotHook` runs `quick_eval` inside training, as one of the trainer's evaluation hooks
+# (`fsdit.train.Trainer(hooks=...)`): called with the EMA parameters and the step, it returns the metrics to
+# log under `val_fs/`. It draws `fewshot_classes` validation classes and their real images
+# (`2 fewshot_n + shots` per class) once, so the numbers are comparable along a run, and decodes and embeds
+# the real images once. With a glyph `judge` (`fsdit.judge.GlyphJudge`) the records include its class
+# consistency and glyph-FD. An encoder that cannot load (an offline hub) switches the hook off with a
+# message instead of ending the run.
+
+# %%
+#| export
+class FewShotHook:
+    "A trainer hook: `quick_eval` of the EMA parameters on fixed validation classes of `source`; {} once it cannot run."
+    def __init__(self, source, mc, tc, decode: Callable, embed: Callable, judge=None, latent_scale: float | None = None):
+        self.source, self.mc, self.tc, self.judge = source, mc, tc, judge
+        self.decode, self.embed, self.cs, self.real = decode or (lambda z: z), embed, None, None
+        self.scale = float(getattr(source, 'latent_scale', 1.0)) if latent_scale is None else latent_scale
+
+    def class_set(self) -> ClassSet:
+        "The validation classes and real images, drawn once (seeded)."
+        tc, rows, src = self.tc, self.source.val_rows, self.source
+        classes = np.sort(np.random.default_rng(tc.seed).choice(len(rows), min(tc.fewshot_classes, len(rows)), replace=False))
+        return class_set_from_arrays(src.embeds, src.moments, rows, src.names.get('val'),
+                                     max_per_class=2 * tc.fewshot_n + tc.shots, classes=classes, seed=tc.seed)
+
+    def __call__(self, params, step: int) -> dict:
+        if self.embed is None: return {}
+        tc = self.tc
+        try:
+            if self.cs is None:
+                self.cs = self.class_set()
+                self.real = images_of(self.cs.latents, self.cs.labels, Pipeline(self.decode, self.embed, judge=self.judge))
+            return quick_eval(params, self.mc, self.cs, self.decode, self.embed, latent_scale=self.scale,
+                              n_per_class=tc.fewshot_n, shots=tc.shots, cfg_scale=tc.cfg_scale, steps=tc.sample_steps,
+                              seed=tc.seed, real=self.real, judge=self.judge)
+        except (OSError, ValueError) as e:  # an encoder that cannot load (offline hub) must not end the run
+            print(f"fsdit train: few-shot metrics are off for this run: {e}", file=sys.stderr)
+            self.embed = None
+            return {}
+
+
+# %%
+import json
+from fsdit.codecs import PixelEncoder
+from fsdit.config import train_config
+from fsdit.testing import synthetic_source
+from fsdit.train import train
+mc_fs = model_config('mu')
+src = synthetic_source(mc_fs, train_config('test'), space='pixel', n_classes=9)   # 6 train, 3 val classes
+tc_fs = train_config('test', max_steps=4, log_every=2, eval_every=4, sample_every=4, save_every=4, sample_steps=2,
+                     fewshot_every=2, fewshot_classes=3, fewshot_n=2)
+hook = FewShotHook(src, mc_fs, tc_fs, None, PixelEncoder(dim=mc_fs.support_dim, grid=4).embed)
+with tempfile.TemporaryDirectory() as run_dir:
+    train(mc_fs, tc_fs, src, run_dir, hooks=[hook])
+    recs = [json.loads(l) for l in open(Path(run_dir) / 'metrics.jsonl')]
+test_eq([r['step'] for r in recs], [2, 4])
+for r in recs:
+    test_eq(r['val_fs/chance'], 1 / 3)
+    assert 0 <= r['val_fs/proto_acc'] <= 1 and 0 <= r['val_fs/real_proto_acc'] <= 1 and r['val_fs/fd_embed'] >= 0
+
+def offline(images): raise OSError("google/siglip2-base-patch16-224: not on disk and the hub cannot be reached")
+off = FewShotHook(src, mc_fs, tc_fs, None, offline)
+test_eq(off(None, 2), {}); assert off.embed is None and off(None, 4) == {}
 
 # %% [markdown]
 # ## Command line
@@ -794,7 +560,6 @@ def eval_cli(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.max_real < 0: p.error(f"argument --max-real: must be 0 (all) or more, got {a.max_real}")
     try:
-        from fsdit.sample import load_run
         out = check_out_dir(a.out or Path(a.run) / 'eval')
         run = load_run(a.run, warn=lambda msg: print(f"fsdit eval: {msg}", file=sys.stderr))
         feats = a.feats or run.config.get('feats')
@@ -808,21 +573,6 @@ def eval_cli(argv: list[str]) -> int:
     print(f"wrote {a.out or Path(a.run) / 'eval'}/eval.json and figures")
     return 0
 
-
-# %% [markdown]
-# On the toy classes with a freshly initialised `mu` DiT (whose adaLN-Zero output is 0, so every sample
-# is its starting noise): the numbers are finite, the generated images are no closer to their supports
-# than noise is, and the real images' accuracy sits beside the model's.
-
-# %%
-import jax
-from fsdit.config import model_config
-from fsdit.dit import init_params
-mc_toy = model_config('mu', input_size=8, in_channels=3, patch=4, support_dim=8 * 8 * 3)
-q = quick_eval(init_params(mc_toy, jax.random.PRNGKey(0)), mc_toy, toy, lambda z: z, pipe.embed,
-               n_per_class=3, shots=3, steps=2)
-test_eq(q['val_fs/real_proto_acc'], 1.0); test_eq(q['val_fs/chance'], 0.25)
-assert all(np.isfinite(v) for v in q.values()) and q['val_fs/nn_support_embed'] > q['val_fs/real_nn_support_embed']
 
 # %% [markdown]
 # ## Measured: does the conditioning generalise? (issue: seed vs in-context supports)

@@ -269,7 +269,7 @@ assert glyph_judge(_d.parent / 'j2', _chars, 16, per_class=4, epochs=1, batch_si
 #   the same classes — the domain's FID. Real against real (two halves of every class) is its floor;
 # - **diversity** and **distance to the nearest support** in the same features (`fsdit.eval` adds them).
 #
-# `judge_accuracy` is the first; `fsdit.eval.frechet_distance` the second. A blurred copy of real images reads worse on both.
+# `judge_accuracy` is the first; `fsdit.metrics.frechet_distance` the second. A blurred copy of real images reads worse on both.
 
 # %%
 #| export
@@ -279,7 +279,7 @@ def judge_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 # %%
-from fsdit.eval import frechet_distance
+from fsdit.metrics import frechet_distance
 _Xa, _ya = render_judge_set(_chars, 24, 16, seed=11)
 _la, _fa = _judge(_Xa)
 _blur = np.asarray(jax.image.resize(jax.image.resize(jnp.asarray(_Xa), (len(_Xa), 6, 6, 1), 'linear'), _Xa.shape, 'linear'))

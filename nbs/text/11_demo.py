@@ -182,7 +182,7 @@ def demo_judge(out, s: DemoSize, log: Callable | None = None):
 #| export
 def _last_step(run: Path) -> int:
     "The last logged step of a run (0 when none)."
-    from fsdit.train import read_records
+    from fsdit.run import read_records
     p = run / 'metrics.jsonl'
     recs = read_records(p) if p.exists() else []     # a last line cut by a crash is skipped (the trainer repairs it)
     return int(recs[-1][1]['step']) if recs else 0
@@ -215,16 +215,20 @@ class _Follow(threading.Thread):
 def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable | None = None, progress: bool = True,
                judge=None) -> Path:
     "Train (or resume, or reuse) the demo run in DEMO/run; returns its folder. With a `judge` the few-shot metrics score by it."
-    from fsdit.train import train, store_source, read_records
+    from fsdit.eval import FewShotHook
+    from fsdit.features import store_source
+    from fsdit.run import read_records
     from fsdit.sample import stand_in_encoder
+    from fsdit.train import train
     out = Path(out); run = out / 'run'; mc, tc = demo_configs(s, cond)
     if tc.max_steps in _saved_steps(run) and _last_step(run) >= tc.max_steps:
         _log(log, f"train:   {run}  (done: {tc.max_steps} steps, reused)"); return run
     t0, step0 = time.time(), _last_step(run)
     feats = str(Path(store.path).absolute())
     follow = _Follow(run, tc.max_steps, progress); follow.start()
-    embed = stand_in_encoder(store.meta['encoder']).embed
-    try: train(mc, tc, store_source(feats, tc), run, extra={'feats': feats}, embed=embed, judge=judge)   # as `fsdit train --feats` does
+    source = store_source(feats, tc)
+    hook = FewShotHook(source, mc, tc, None, stand_in_encoder(store.meta['encoder']).embed, judge=judge)
+    try: train(mc, tc, source, run, extra={'feats': feats}, hooks=[hook])   # as `fsdit train --feats` does
     finally: follow.stop()
     last = read_records(run / 'metrics.jsonl')[-1][1]
     _log(log, f"train:   {run}  ({mc.cond} conditioning, {tc.max_steps - step0} steps of {tc.batch_size} in "
@@ -240,32 +244,20 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
 
 # %%
 #| export
-def class_rows_grid(supports: list, samples: list, gap: int = 8) -> np.ndarray:
-    "One row per class: supports (K, H, W, 3) uint8, a white gap, samples (N, H, W, 3) uint8."
-    from fsdit.train import image_grid
-    rows = []
-    for sup, gen in zip(supports, samples):
-        H, W = sup.shape[1:3]
-        row = np.concatenate([np.concatenate(list(sup), 1), np.full((H, gap, 3), 255, np.uint8),
-                              np.concatenate(list(gen), 1)], 1)
-        rows.append(row[None])
-    return image_grid(rows)
-
-
 def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.ndarray:
     "A grid of `s.grid_classes` classes of `split`: 5 supports from the store, `s.grid_samples` samples each."
+    from fsdit.images import class_rows_grid, to_uint8
     from fsdit.sample import sample_from_supports
-    from fsdit.train import to_uint8
     rng = np.random.default_rng(seed)
     crs = store.class_rows(split)
     pick = np.sort(rng.choice(len(crs), min(s.grid_classes, len(crs)), replace=False))
     sups, gens = [], []
     for c in pick:
         rows = np.sort(rng.choice(crs[c], run.tc.shots, replace=False))
-        sup = to_uint8(np.asarray(store.moments[rows, 0, 0], np.float32))          # pixel mode: the images
+        sup = to_uint8(np.asarray(store.moments[rows, 0, 0], np.float32), rgb=True)   # pixel mode: the images
         gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=s.cfg,
                                    steps=s.sample_steps, seed=seed + int(c))
-        sups.append(sup); gens.append(to_uint8(gen))
+        sups.append(sup); gens.append(to_uint8(gen, rgb=True))
     return class_rows_grid(sups, gens)
 
 
@@ -278,18 +270,15 @@ def _stamp_ok(path: Path, step: int | None) -> bool:
 
 def _loader(run_dir) -> Callable:
     "A function that loads the run (EMA weights) at its first call and returns the same `Run` after."
-    from fsdit.sample import load_run
-    got = []
-    def get():
-        if not got: got.append(load_run(run_dir))
-        return got[0]
-    return get
+    from fsdit.launch import lazy
+    from fsdit.run import load_run
+    return lazy(lambda: load_run(run_dir))
 
 
 def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
     "DEMO/samples_seen.png (train classes) and DEMO/samples_heldout.png (test classes), remade when stale."
+    from fsdit.images import save_png
     from fsdit.sample import run_codecs
-    from fsdit.train import save_png
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None)
     files = {'seen': out / 'samples_seen.png', 'heldout': out / 'samples_heldout.png'}
     if all(_stamp_ok(p, step) for p in files.values()):

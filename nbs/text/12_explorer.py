@@ -63,15 +63,16 @@ def find_store(run_dir, config: dict | None = None) -> Path | None:
 # `RunView` holds the loaded run (EMA parameters), its store and its codecs. Images of the store are
 # shown as the model sees them: the posterior means decoded (in pixel space, the images themselves).
 # `generate` uses the store's support embeddings and latents, tiled over the `n` episodes, through
-# `fsdit.sample.generate`, and decodes.
+# `fsdit.sampler.generate`, and decodes.
 
 # %%
 #| export
 class RunView:
     "A run, its feature store and codecs: classes, images and samples for the explorer."
     def __init__(self, run_dir, feats=None):
-        from fsdit.sample import load_run, run_codecs
         from fsdit.features import open_store
+        from fsdit.run import load_run
+        from fsdit.sample import run_codecs
         self.run = load_run(run_dir)
         feats = feats or find_store(run_dir, self.run.config)
         if feats is None: raise ValueError(f"no feature store found for {run_dir}: pass feats=")
@@ -92,19 +93,19 @@ class RunView:
 
     def images(self, rows) -> np.ndarray:
         "uint8 (K, H, W, 3) images of store rows, as the model sees them."
-        from fsdit.train import to_uint8
+        from fsdit.images import to_uint8
         lat = np.asarray(self.store.moments[np.asarray(rows), 0, 0], np.float32)
-        return to_uint8(np.asarray(self.codecs.decode(lat), np.float32))
+        return to_uint8(np.asarray(self.codecs.decode(lat), np.float32), rgb=True)
 
     def generate(self, rows, n: int, cfg_scale: float, steps: int, seed: int) -> np.ndarray:
         "uint8 (n, H, W, 3): `n` samples conditioned on the supports at store `rows`."
-        from fsdit.sample import generate
-        from fsdit.train import to_uint8
+        from fsdit.images import to_uint8
+        from fsdit.sampler import generate
         rows = np.asarray(rows)
         tile = lambda a: np.repeat(np.asarray(a, np.float32)[None], n, 0)
         z = generate(self.run.params, self.run.mc, tile(self.store.embeds[rows]), tile(self.store.moments[rows, 0, 0]),
                      latent_scale=self.run.latent_scale, seed=seed, steps=steps, cfg_scale=cfg_scale)
-        return to_uint8(np.asarray(self.codecs.decode(z), np.float32))
+        return to_uint8(np.asarray(self.codecs.decode(z), np.float32), rgb=True)
 
     def metrics(self) -> list[dict]:
         "The run's logged records (RUN/metrics.jsonl)."

@@ -31,6 +31,12 @@ import numpy as np
 import jax, jax.numpy as jnp
 
 from fsdit.config import ModelConfig, TrainConfig, model_config, train_config
+from fsdit.dit import DiT
+from fsdit.state import create_state, make_optimizer
+from fsdit.steps import make_train_step, train_step, replicate, shard, donate_state
+from fsdit.testing import synthetic_batch
+
+SD_VAE_SCALE = 0.18215   # the SD-VAE's scaling factor: the latent scale of the benchmarked steps (speed does not depend on it)
 
 # %%
 from fastcore.test import test_eq, test_close
@@ -288,19 +294,14 @@ if prof is not None:
 # %% [markdown]
 # ## The train step
 #
-# The benchmark runs the trainer's own step: `fsdit.train.make_train_step` (the per-device pure step under
-# `jax.pmap`, the state donated on accelerators only, see `fsdit.train.donate_state`) on a synthetic batch with the feature store's shapes and dtypes (float16
+# The benchmark runs the trainer's own step: `fsdit.steps.make_train_step` (the per-device pure step under
+# `jax.pmap`, the state donated on accelerators only, see `fsdit.steps.donate_state`) on a synthetic batch with the feature store's shapes and dtypes (float16
 # posterior moments of both mirror states, 5 float16 support embeddings per episode). `batch` is per
 # device. The step is compiled once per (model, batch) against shapes only (`jax.eval_shape`: nothing is
 # allocated), and that one executable is timed, counted and asked for its memory.
 
 # %%
 #| export
-def _train():
-    from fsdit import train
-    return train
-
-
 def _model(size: str | ModelConfig, **model_kw) -> ModelConfig:
     return size if isinstance(size, ModelConfig) else model_config(size, **model_kw)
 
@@ -311,12 +312,12 @@ def _size_name(size) -> str: return size if isinstance(size, str) else 'custom'
 @functools.lru_cache(maxsize=8)
 def train_step_exe(mc: ModelConfig, batch: int, donate: bool | None = None):
     "The compiled data-parallel train step for `batch` examples per device (state donated: `donate`, default the trainer's), and its `TrainConfig` (cached)."
-    T, n = _train(), jax.local_device_count()
+    n = jax.local_device_count()
     tc = train_config('seed', batch_size=batch * n)
     lead = lambda s: jax.ShapeDtypeStruct((n, *s.shape), s.dtype)
-    state = jax.tree.map(lead, jax.eval_shape(lambda: T.create_state(mc, tc)))
-    b = {k: jax.ShapeDtypeStruct((n, batch, *v.shape[1:]), v.dtype) for k, v in T.synthetic_batch(1, mc).items()}
-    return compiled(T.make_train_step(mc, tc, tc.latent_scale, donate), state, b), tc
+    state = jax.tree.map(lead, jax.eval_shape(lambda: create_state(mc, tc)))
+    b = {k: jax.ShapeDtypeStruct((n, batch, *v.shape[1:]), v.dtype) for k, v in synthetic_batch(1, mc).items()}
+    return compiled(make_train_step(mc, tc, SD_VAE_SCALE, donate), state, b), tc
 
 
 def random_like(shapes, seed: int = 0, scale: float = 0.02):
@@ -329,12 +330,12 @@ def train_inputs(mc: ModelConfig, tc: TrainConfig, batch: int, seed: int = 0):
     "A replicated state of the trainer's structure and a sharded synthetic batch."
     # Drawn with numpy from the state's shapes: compiling the init costs seconds even at `mu`, and a
     # step's speed does not depend on the values (parameters N(0, 0.02), optimizer moments zero as at init).
-    T, n = _train(), jax.local_device_count()
-    shapes = jax.eval_shape(lambda: T.create_state(mc, tc))
+    n = jax.local_device_count()
+    shapes = jax.eval_shape(lambda: create_state(mc, tc))
     params = random_like(shapes.params, seed)
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(
         params=params, ema_params=params, key=np.asarray(jax.random.PRNGKey(seed)))
-    return T.replicate(state), T.shard(T.synthetic_batch(batch * n, mc), n)
+    return replicate(state), shard(synthetic_batch(batch * n, mc), n)
 
 
 def train_runner(size: str | ModelConfig, batch: int = 16, donate: bool | None = None, **model_kw) -> tuple[Callable[[], float], dict]:
@@ -388,7 +389,6 @@ def summarize_step(times: list[float], flops: float, batch: int, peak: float | N
 # %%
 run, facts = train_runner('mu', batch=4)
 assert facts['flops'] > 0 and facts['params'] > 0
-from fsdit.train import donate_state
 test_eq(facts['memory']['alias'] > 0, donate_state())
 r = summarize_step(interleave({'mu': run}, reps=2)['mu'], facts['flops'], 4, peak=pk['flops_per_s'])
 assert r['samples_per_s'] > 0 and r['mfu'] > 0 and r['reps'] == 2
@@ -400,19 +400,34 @@ assert r['samples_per_s'] > 0 and r['mfu'] > 0 and r['reps'] == 2
 # Read from the compiled step as an accelerator runs it, with the state donated: arguments (state and batch),
 # outputs, the donated state's buffers that are reused for the output (aliased), temporaries (activations
 # kept for the backward pass, gradients). Compiling against shapes only means B/2 at batch 32 costs a
-# compilation and no memory.
+# compilation and no memory. The state is also counted by part: float32 parameters, EMA, the two Adam moments
+# and the gradients.
+#
+# **B/2 at 16 per core, bfloat16 compute** (compiled for the CPU of a 2-core machine, about 2.5 minutes):
+# parameters 0.49 GiB (131.8 M float32), EMA 0.49 GiB, Adam moments 0.98 GiB, gradients 0.49 GiB; XLA's
+# figures: arguments 1.97 GiB (state and batch), temporaries 4.15 GiB, outputs 1.97 GiB, all aliased to the
+# donated inputs, so the peak is about **6.1 GiB of the 16 GiB** of a v5e core. The TPU compiler fuses and lays
+# out differently (and pads the 196 tokens to its tiles), so read it as "fits with more than 2x to spare", not
+# as an exact figure; `remat=True` should cut the activation share on the TPU if a larger batch per core is
+# wanted. This CPU plan cannot show that: the CPU compiler expands the recomputation's optimization barriers
+# before it schedules (`BENCHMARKS.md` §4).
 
 # %%
 #| export
 def train_memory(size: str | ModelConfig, batch: int, **model_kw) -> dict:
-    "XLA's planned bytes of the data-parallel train step per device at `batch` per device."
-    return dict(size=_size_name(size), batch=batch, **memory(train_step_exe(_model(size, **model_kw), batch, donate=True)[0]))
+    "Bytes per device of the data-parallel train step at `batch` per device: the state by part, and XLA's plan."
+    mc = _model(size, **model_kw); exe, tc = train_step_exe(mc, batch, donate=True)
+    state = jax.eval_shape(lambda: create_state(mc, tc))
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+    p = nbytes(state.params)
+    return dict(size=_size_name(size), batch=batch, params=p, ema=p, adam=nbytes(state.opt_state), grads=p, **memory(exe))
 
 
 # %%
 m4 = train_memory('mu', 4)
 test_eq((m4['argument'], m4['output']), (facts['memory']['argument'], facts['memory']['output']))
 assert m4['peak'] == m4['argument'] + m4['output'] - m4['alias'] + m4['temp'] and m4['alias'] > 0
+test_eq((m4['ema'], m4['grads']), (m4['params'], m4['params'])); assert 2 * m4['params'] <= m4['adam'] < 2 * m4['params'] + 1024   # two moments (+ step counters)
 
 # %% [markdown]
 # ## Store vs online encoders

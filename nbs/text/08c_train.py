@@ -1,0 +1,306 @@
+# %% [markdown]
+# # Train
+#
+# > The training loop: a `Trainer` that holds one run — the replicated state, the data stream and its position, checkpoints, metrics, sample grids and evaluation hooks — and resumes exactly; `train` runs it to the end or to a stop signal.
+
+# %%
+#| default_exp train
+
+# %%
+#| export
+from __future__ import annotations
+import shutil, signal, sys, threading, time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import jax, jax.numpy as jnp
+
+from fsdit.config import ModelConfig, TrainConfig, check_batch, config_to_dict
+from fsdit.dit import DiT
+from fsdit.flow import condition
+from fsdit.images import to_uint8, image_grid, label_rows, save_png
+from fsdit.run import (RunLog, RunLock, CheckpointError, write_run_config, checkpoint_manager, save_checkpoint,
+                       restore_latest, os_reason)
+from fsdit.sampler import sample
+from fsdit.state import TrainState, create_state
+from fsdit.steps import (make_train_step, make_eval_step, replicate, unreplicate, shard, validate, check_finite,
+                         train_summary)
+
+# %%
+import json, os, tempfile
+from fastcore.test import test_eq, test_close, test_fail
+from fsdit.config import model_config, train_config
+from fsdit.testing import synthetic_source
+
+mc = model_config('mu')
+tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_every=5, keep=1, sample_steps=2)
+
+
+# %% [markdown]
+# ## Sample grids
+#
+# Every `sample_every` steps process 0 draws a grid from the EMA parameters on the first validation
+# episodes: the K support images, the target, the plain conditional sample (guidance off, CFG scale 1: the row that
+# shows whether the condition was learned) and the guided one at `cfg_scale`, each from the same fixed noise,
+# every row labelled, so that grids of successive steps are comparable. `decode` maps posterior-space
+# latents (N, h, w, c) to images in [-1, 1] (the VAE decoder; the identity in pixel mode).
+
+# %%
+#| export
+def sample_grid(mc: ModelConfig, tc: TrainConfig, params, batch: dict, decode: Callable, latent_scale: float,
+                n: int = 8) -> np.ndarray:
+    "Labelled rows for the first n episodes of a host batch: supports, target, conditional and guided samples."
+    b = {k: v[:n] for k, v in batch.items()}
+    cond, model = condition(b, mc, latent_scale), DiT(mc)
+    noise = jax.random.normal(jax.random.PRNGKey(tc.seed + 2), b['moments'].shape[:1] + b['moments'].shape[-3:])
+    gen = [sample(model.apply, params, noise, cond, steps=tc.sample_steps, cfg_scale=s) for s in (None, tc.cfg_scale)]
+    show = lambda z: to_uint8(decode(jnp.asarray(z, jnp.float32)), rgb=True)
+    K = b['support_latents'].shape[1]
+    rows = [show(b['support_latents'][:, k]) for k in range(K)] + [show(b['moments'][:, 0, 0])]
+    rows += [show(np.asarray(g) / latent_scale) for g in gen]
+    labels = [f'support {k + 1}' for k in range(K)] + ['target', 'CFG 1', f'CFG {tc.cfg_scale:g}']
+    return label_rows(image_grid(rows), labels, rows[0].shape[1] + 2)
+
+
+# %%
+src = synthetic_source(mc, tc, space='pixel')
+params = create_state(mc, tc).params
+g = sample_grid(mc, tc, params, src.val_batches()[0], lambda z: z, 1.0, n=3)
+test_eq(g.shape[0], (5 + 3) * (28 + 2)); assert g.shape[1] > 3 * (28 + 2) and g.dtype == np.uint8
+
+# %% [markdown]
+# ## Stopping cleanly
+#
+# SIGTERM (a Kaggle session ending, a pod preempted) and Ctrl-C only set a flag; the loop saves and stops at
+# the next step boundary. A second Ctrl-C stops at once.
+#
+# With several processes (a TPU pod) the signal may reach only some of them, and a process that stopped alone
+# would leave the others waiting in the next collective. So there the processes agree: at every log step they
+# all-gather their flags and all stop if any was set (a log step fetches metrics anyway, so this adds no host
+# sync to the other steps). A stop then waits for the next log step: keep `log_every` × step time below the
+# grace period of the preemption (Kaggle's and TPU VMs' are 30 s or more).
+
+# %%
+#| export
+class StopSignal:
+    "Context manager: SIGTERM / SIGINT set `requested`; the train loop checks it between steps."
+    def __enter__(self):
+        self.requested, self._old = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT): self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT: raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items(): signal.signal(s, h)
+
+
+# %%
+with StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)
+    assert stop.requested
+
+
+# %% [markdown]
+# ## The run
+#
+# `Trainer` holds one run: the replicated state, the data stream and its position, the checkpoints and the
+# log. A new `Trainer` on a run directory with checkpoints continues from the newest readable one — parameters, EMA,
+# optimizer state, step, key, data position and loss EMA — so the losses after a resume are those of an
+# uninterrupted run. The run directory also keeps the configs as `config.json`; resuming with a different
+# model is refused.
+#
+# Nothing is written before every setting has been checked against the data (shots per class, episodes per
+# batch, batch per device), so a refused command leaves no `config.json` for the corrected one to trip over.
+# A step's record goes to `metrics.jsonl` before its checkpoint: a run killed between the two resumes from
+# the checkpoint before and writes the record again, equal to the lost one.
+
+# %%
+#| export
+class Trainer:
+    "One run in `out_dir`: state on the local devices, data stream, checkpoints, metrics; resumes if it can."
+    def __init__(self, mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None,
+                 extra: dict | None = None, hooks: Sequence[Callable[[Any, int], dict]] = ()):
+        check_batch(tc.batch_size, jax.device_count(), jax.process_count())
+        self.mc, self.tc, self.source, self.out = mc, tc, source, Path(out_dir)
+        self.main, self.n_dev = jax.process_index() == 0, jax.local_device_count()
+        self.scale = float(getattr(source, 'latent_scale', 1.0))   # the store's VAE scaling factor (1 in pixel space)
+        self.decode, self.hooks = decode or (lambda z: z), list(hooks)
+        if hasattr(source, 'check'): source.check()       # settings the data cannot meet: refused before any write
+        self.val_host = source.val_batches()
+        self.lock, self.ckpt, self.log = RunLock(self.out) if self.main else None, None, None
+        try: self.open_run(extra)
+        except BaseException: self.close(); raise
+
+    def open_run(self, extra: dict | None):
+        "Save the configs, restore the newest readable checkpoint (or start), open the log."
+        mc, tc = self.mc, self.tc
+        if self.main: write_run_config(self.out, mc, tc, self.source.space, {**(extra or {}), 'latent_scale': self.scale})
+        self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scale), make_eval_step(mc, tc, self.scale)
+        self.ckpt = checkpoint_manager(self.out, tc.keep)
+        state, meta = self.restore()
+        self.step, self.position, self.loss_ema = int(state.step), meta.get('data'), meta.get('loss_ema')
+        self.start_step, self.state, self.pending, self.clock = self.step, replicate(state), [], None
+        self.val = [shard(b, self.n_dev) for b in self.val_host]
+        self.val_key = replicate(jax.random.PRNGKey(tc.seed + 1))
+        self.log = RunLog(self.out, {'model': config_to_dict(mc), 'train': config_to_dict(tc)}, tc, active=self.main)
+        self.log.truncate(self.step, self.warn)
+        self.last: dict = {}
+
+    def warn(self, msg: str):
+        if self.main: print(f"fsdit train: {msg}", file=sys.stderr)
+
+    def restore(self) -> tuple[TrainState, dict]:
+        "The newest readable checkpoint; damaged newer ones are moved to RUN/checkpoints_damaged/. A fresh state if none."
+        fresh = create_state(self.mc, self.tc)
+        got = restore_latest(self.ckpt, fresh)
+        if got is None: return fresh, {}
+        state, meta, damaged = got
+        for step, why in sorted(damaged.items(), reverse=True):
+            dst = self.out / 'checkpoints_damaged' / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if self.main: dst.parent.mkdir(exist_ok=True); shutil.move(self.out / 'checkpoints' / str(step), dst)
+            self.warn(f"checkpoint {step} is damaged ({why}); moved to {dst}, resuming from step {int(state.step)}")
+        if damaged:   # a manager that has not seen the move would count the damaged steps as kept
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices('fsdit: damaged checkpoints moved')
+            self.ckpt.close(); self.ckpt = checkpoint_manager(self.out, self.tc.keep)
+        return state, meta
+
+    def run(self, stop: StopSignal | None = None) -> dict:
+        "Train until `max_steps` or a stop request, then save; returns the last logged metrics."
+        batches = self.source.batches(self.position)
+        while self.step < self.tc.max_steps and not self.stop_requested(stop):
+            batch, self.position = next(batches)
+            self.state, m = self.step_fn(self.state, shard(batch, self.n_dev))
+            self.pending.append(m); self.step += 1
+            self.after_step()
+        if self.pending: self.log.log(self.step, self.train_metrics())  # stopped between log steps
+        self.save()
+        return self.last
+
+    def stop_requested(self, stop: StopSignal | None) -> bool:
+        "Whether to stop now; several processes decide together at log steps (any one asked: all stop)."
+        if stop is None: return False
+        if jax.process_count() == 1: return stop.requested
+        if self.step % self.tc.log_every: return False
+        from jax.experimental import multihost_utils
+        return bool(np.asarray(multihost_utils.process_allgather(np.int32(stop.requested))).any())
+
+    def after_step(self):
+        "Log, evaluate, draw samples and save when their intervals come round."
+        s, tc, last = self.step, self.tc, self.step == self.tc.max_steps
+        if s == self.start_step + 1: self.restart_clock(self.pending[-1])  # compilation is not timed
+        rec, images = {}, {}
+        if s % tc.log_every == 0 or last: rec.update(self.train_metrics())
+        if s % tc.eval_every == 0 or last: rec.update(self.eval_metrics(rec.get('train/loss')))
+        if (s % tc.sample_every == 0 or last) and self.main: images = self.samples()
+        if tc.fewshot_every and (s % tc.fewshot_every == 0 or last) and self.main: rec.update(self.run_hooks())
+        if rec or images: self.log.log(s, rec, images); self.last = {'step': s, **rec, **images}
+        if s % tc.save_every == 0: self.save()   # after the step's record: a kill between the two loses nothing
+        if rec or images: self.restart_clock(None)
+
+    def restart_clock(self, wait_for):
+        if wait_for is not None: jax.block_until_ready(wait_for)
+        self.clock = (time.perf_counter(), self.step)
+
+    def train_metrics(self) -> dict:
+        "Fetch the interval's step metrics (the NaN check happens here) and time the interval."
+        check_finite(self.pending, self.step - len(self.pending) + 1)
+        out, self.loss_ema = train_summary(self.pending, self.loss_ema)
+        self.pending = []
+        (t0, s0), n = self.clock, self.step - self.clock[1]
+        if n > 0:
+            dt = time.perf_counter() - t0
+            out.update({'train/step_time': dt / n, 'train/samples_per_s': n * self.tc.batch_size / dt})
+        return out
+
+    def eval_metrics(self, train_loss: float | None) -> dict:
+        "Validation loss and t-bins for the live and the EMA parameters, the train-val gap, attention entropy."
+        live = validate(self.eval_fn, self.state.params, self.val, self.val_key, 'val')
+        ema = validate(self.eval_fn, self.state.ema_params, self.val, self.val_key, 'val_ema')
+        ema = {k: v for k, v in ema.items() if k.startswith('val_ema/')}  # attention entropy: live model only
+        # val minus train: positive when the validation episodes are harder (the original logged the opposite sign)
+        gap = {} if train_loss is None else {'val/train_val_gap': live['val/loss'] - train_loss}
+        return {**live, **ema, **gap}
+
+    def samples(self) -> dict:
+        "A sample grid from the EMA parameters, saved as RUN/samples/step_NNNNNNN.png."
+        grid = sample_grid(self.mc, self.tc, unreplicate(self.state.ema_params), self.val_host[0], self.decode, self.scale)
+        return {'samples/grid': str(save_png(grid, self.out / 'samples' / f'step_{self.step:07d}.png'))}
+
+    def run_hooks(self) -> dict:
+        "The evaluation hooks' metrics of the EMA parameters (e.g. `fsdit.eval.FewShotHook`)."
+        params, out = unreplicate(self.state.ema_params), {}
+        for hook in self.hooks: out.update(hook(params, self.step))
+        return out
+
+    def save(self):
+        "Checkpoint the current step, unless it is saved already; a non-finite state is never saved."
+        check_finite(self.pending, self.step - len(self.pending) + 1)
+        before = self.ckpt.latest_step()
+        if before == self.step: return
+        try: save_checkpoint(self.ckpt, unreplicate(self.state), {'data': self.position, 'loss_ema': self.loss_ema})
+        except Exception as e:   # a full disk: orbax keeps the earlier checkpoints, its half-written one is not taken
+            raise CheckpointError(f"checkpoint {self.step} could not be written ({os_reason(e)}); the earlier ones are intact: "
+                                  f"make room and run the same command again (it resumes from step {before or 0})") from e
+
+    def close(self):
+        "Close the checkpoints and the log, and release the run directory."
+        for part in (self.ckpt, self.log):
+            if part is not None: part.close()
+        if self.lock is not None: self.lock.release(); self.lock = None
+
+
+# %% [markdown]
+# `train` is the whole run. A NaN or Inf loss raises `NonFiniteLoss` at the next log or save step, before
+# anything is written: the checkpoints on disk are all from before the failure.
+
+# %%
+#| export
+def train(mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None, extra: dict | None = None,
+          hooks: Sequence[Callable[[Any, int], dict]] = ()) -> dict:
+    """Train (or resume) the run in `out_dir` until `tc.max_steps`; returns the last logged metrics.
+    `decode` turns latents into images in [-1, 1] (sample grids); every `tc.fewshot_every` steps each of the
+    `hooks` is called with the EMA parameters and the step and returns metrics to log (`fsdit.eval.FewShotHook`)."""
+    trainer = Trainer(mc, tc, source, out_dir, decode, extra, hooks)
+    try:
+        with StopSignal() as stop: return trainer.run(stop)
+    finally: trainer.close()
+
+
+# %% [markdown]
+# A short run on the synthetic store: the loss falls, every metric lands in `metrics.jsonl` (empty t-bins as
+# `null`), a sample grid is written, and the last `keep` checkpoints are on disk.
+
+# %%
+with tempfile.TemporaryDirectory() as run_dir:
+    last = train(mc, tc, synthetic_source(mc, tc), run_dir)
+    recs = [json.loads(l) for l in open(Path(run_dir) / 'metrics.jsonl')]
+    grid_ok = Path(last['samples/grid']).exists()
+    ckpts = sorted(p.name for p in (Path(run_dir) / 'checkpoints').iterdir())
+test_eq([r['step'] for r in recs], [5, 10]); test_eq(ckpts, ['10']); assert grid_ok
+assert recs[1]['train/loss'] < recs[0]['train/loss'] and recs[1]['train/samples_per_s'] > 0
+assert {'val/loss', 'val_ema/loss', 'val/train_val_gap', 'attn/entropy_late', 'train/loss_tbin_9'} <= set(recs[1])
+
+# %% [markdown]
+# ### Evaluation hooks
+#
+# The trainer imports no evaluation code. Like big_vision's evaluators, which receive a predict function,
+# a hook receives what it needs — the EMA parameters (host arrays) and the step — every `fewshot_every` steps
+# on process 0 and returns metrics to log. `fsdit.eval.FewShotHook` is the few-shot one (`fsdit train` and the
+# demo pass it); any callable works:
+
+# %%
+seen = []
+tc_h = train_config('test', max_steps=4, log_every=2, eval_every=4, sample_every=4, save_every=4, sample_steps=2, fewshot_every=2)
+with tempfile.TemporaryDirectory() as run_dir:
+    train(mc, tc_h, synthetic_source(mc, tc_h), run_dir, hooks=[lambda p, s: seen.append(s) or {'hook/n_leaves': len(jax.tree.leaves(p))}])
+    recs = [json.loads(l) for l in open(Path(run_dir) / 'metrics.jsonl')]
+    test_eq(json.loads((Path(run_dir) / 'config.json').read_text())['latent_scale'], 1.0)
+test_eq(seen, [2, 4]); test_eq([r['hook/n_leaves'] for r in recs], [len(jax.tree.leaves(params))] * 2)
+
