@@ -16,7 +16,9 @@ import argparse, json, statistics, sys, time
 from pathlib import Path
 
 from fsdit.config import model_config, train_config, config_to_dict
-from fsdit.data import make_offline_dataset, prepare, offline_split_sizes, offline_model_config, PixelEncoder, PixelSpace
+from fsdit.data import prepare
+from fsdit.glyphs import make_offline_dataset, offline_split_sizes
+from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace
 from fsdit import bench as B
 
 
@@ -92,7 +94,8 @@ def data(a):
 # ---------------------------------------------------------------- train + eval
 def train_runs(a, store) -> dict:
     "Train every conditioning for the same FLOPs as `a.steps` steps of the seed's conditioning."
-    from fsdit.train import train, EpisodeSource
+    from fsdit.train import train
+    from fsdit.data import EpisodeSource
     cfgs = exp_configs(a)
     names = [k for k in cfgs if not a.only or k in a.only]
     flops = {k: step_flops(cfgs[k], a.batch) for k in dict.fromkeys(['support', *names])}

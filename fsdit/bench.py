@@ -13,12 +13,13 @@ import numpy as np
 import jax, jax.numpy as jnp
 
 from .config import ModelConfig, TrainConfig, model_config, train_config
+from .data import l2_normalize
 
 # %% auto #0
 __all__ = ['MOVEMENT', 'CONTROL', 'SD_VAE_BLOCKS', 'machine_info', 'block', 'time_calls', 'stats', 'compiled', 'cost', 'memory',
            'matmul_peak', 'hlo_instructions', 'op_classes', 'dot_flops', 'profile_shares', 'train_step_exe',
            'random_like', 'train_inputs', 'train_runner', 'interleave', 'summarize_step', 'train_memory', 'encoders',
-           'encoder_exes', 'online_parts', 'store_vs_online', 'sampling_bench', 'bench_cli']
+           'encoder_exes', 'online_parts', 'store_vs_online', 'bench_encoder', 'sampling_bench', 'bench_cli']
 
 # %% ../nbs/13_bench.ipynb #4261d0be
 def _cpu_model() -> str:
@@ -277,9 +278,6 @@ def encoders(small: bool = False, seed: int = 0):
     return SigLIPEncoder.random(spec, seed=seed), SDVAE.random(vcfg, seed=seed)
 
 
-def _l2(z): return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.lru_cache(maxsize=4)
 def encoder_exes(small: bool, batch: int, shots: int, input_size: int):
     "Compiled `embed` (supports -> (n, b, K, D) float16) and `moments` (target -> (n, b, 2, 2, h, w, c) float16), their inputs."
@@ -291,7 +289,7 @@ def encoder_exes(small: bool, batch: int, shots: int, input_size: int):
     supports = jnp.asarray(r.uniform(-1, 1, (batch * n, shots, enc.image_size, enc.image_size, 3)), jnp.float32)
 
     def embed(p, s):                                    # (B, K, h, w, 3) -> (n, B/n, K, D), as the store holds it
-        z = _l2(enc.module.apply({'params': p}, s.reshape(-1, *s.shape[2:]))[1])
+        z = l2_normalize(enc.module.apply({'params': p}, s.reshape(-1, *s.shape[2:]))[1])
         return z.reshape(n, batch, shots, -1).astype(jnp.float16)
 
     def moments(p, x):                                  # (B, H, W, 3) -> (n, B/n, 2 mirror, 2, h, w, c)
@@ -340,6 +338,27 @@ def store_vs_online(size: str | ModelConfig, batch: int = 4, reps: int = 2, smal
                 predicted_ratio=fl['online'] / fl['store'], measured_ratio=med['online'] / med['store'],
                 pieces_ratio=(med['store'] + med['siglip'] + med['vae']) / med['store'],
                 seconds=ts, median_s=med, flops_per_s={k: fl[k] / med[k] for k in fl})
+
+# %% ../nbs/13_bench.ipynb #b7346ecf
+def bench_encoder(batch: int = 64, iters: int = 3, dtypes=('float32', 'bfloat16'), torch_ref: bool = True,
+                  spec=None) -> dict[str, float]:
+    "Images/s of `embed` at `batch` for each dtype (and PyTorch's `SiglipVisionModel` on CPU when installed); random full-size weights."
+    from dataclasses import asdict
+    from fsdit.encoder import SigLIPEncoder, VisionSpec, to_torch
+    spec = spec or VisionSpec()
+    enc = SigLIPEncoder.random(spec)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, spec.image_size, spec.image_size, spec.num_channels)).astype(np.float32)
+    per_s = lambda f: batch / statistics.mean(time_calls(f, reps=iters))
+    encs = {dt: SigLIPEncoder(spec, enc.params, dt) for dt in dtypes}
+    out = {f'jax_{dt}': per_s(lambda: e.embed(x)) for dt, e in encs.items()}
+    if torch_ref:
+        try: import torch, transformers
+        except ImportError: return out
+        m = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**asdict(spec))).eval()
+        m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch(enc.params, spec).items()})
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        with torch.inference_mode(): out['torch_float32_cpu'] = per_s(lambda: m(pixel_values=xt).pooler_output)
+    return out
 
 # %% ../nbs/13_bench.ipynb #de608988
 def sampling_bench(size: str | ModelConfig, n: int = 16, steps: int = 50, cfg_scale: float = 3.0, reps: int = 2,

@@ -10,12 +10,13 @@ import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
 from .config import ModelConfig, model_config, MODEL_PRESETS
+from .data import l2_normalize
 
 # %% auto #0
 __all__ = ['SUPPORT_LATENT_CONDS', 'sincos_pos_2d', 'grid_pos', 'PatchEmbed', 'unpatchify', 'timestep_sinusoid',
            'TimestepEmbedder', 'SupportProjector', 'LabelEmbedder', 'modulate', 'Attention', 'DiTBlock', 'FinalLayer',
            'support_pos', 'SupportTokens', 'support_stats', 'DiT', 'null_cond', 'example_cond', 'init_params',
-           'param_count', 'perturb', 'random_drop']
+           'param_count', 'perturb']
 
 # %% ../nbs/05_dit.ipynb #b3ee3928
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -273,7 +274,7 @@ def example_cond(cfg: ModelConfig, B: int, seed: int = 0, K: int = 5) -> dict:
     rng = np.random.default_rng(seed)
     if cfg.cond == 'class': return {'labels': jnp.asarray(rng.integers(0, cfg.num_classes, B), jnp.int32)}
     e = rng.normal(size=(B, cfg.support_dim))
-    cond = {'support_embed': jnp.asarray(e / np.linalg.norm(e, axis=-1, keepdims=True), jnp.float32)}
+    cond = {'support_embed': jnp.asarray(l2_normalize(e), jnp.float32)}
     if cfg.cond in SUPPORT_LATENT_CONDS:
         shape = (B, K, cfg.input_size, cfg.input_size, cfg.in_channels)
         cond['support_latents'] = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -300,8 +301,3 @@ def perturb(params, scale: float = 0.05, seed: int = 0):
     "`params` plus Gaussian noise of std `scale` (numpy RNG): a DiT whose output is no longer zero, for tests."
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(lambda p: p + jnp.asarray(scale * rng.normal(size=p.shape), p.dtype), params)
-
-
-def random_drop(key, B: int, p: float):
-    "The CFG training mask `(B,)`: True (use the null condition) with probability `p`."
-    return jax.random.bernoulli(key, p, (B,))

@@ -410,7 +410,8 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
              method: str = 'euler', batch_size: int = 256, codecs=None, judge=None, n_classes: int | None = None,
              out=None) -> dict:
     "Few-shot metrics of a run (dir or `Run`) on `split` (`n_classes` of them, drawn at random; default all) and as many seen classes; writes eval.json + figures to `out`."
-    from fsdit.sample import load_run, run_codecs
+    from fsdit.sample import load_run
+    from fsdit.codecs import run_codecs
     from fsdit.features import open_store
     run = load_run(run) if isinstance(run, (str, Path)) else run
     store = open_store(store) if isinstance(store, (str, Path)) else store

@@ -39,7 +39,8 @@ def find_store(run_dir, config: dict | None = None) -> Path | None:
 class RunView:
     "A run, its feature store and codecs: classes, images and samples for the explorer."
     def __init__(self, run_dir, feats=None):
-        from fsdit.sample import load_run, run_codecs
+        from fsdit.sample import load_run
+        from fsdit.codecs import run_codecs
         from fsdit.features import open_store
         self.run = load_run(run_dir)
         feats = feats or find_store(run_dir, self.run.config)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_features.ipynb #126755bf
 from __future__ import annotations
-import argparse, hashlib, json, os, shutil, types
+import hashlib, json, os, shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +13,14 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import (SPLITS, resize_rule, list_classes, list_images, load_image, encode_images,
-                        PixelEncoder, PixelSpace)
+from .config import TrainConfig
+from .data import (SPLITS, resize_rule, list_classes, list_images, load_image, encode_images, device_sharding,
+                        EpisodeSource)
+from .files import atomic_file, building
+from .vae import DEFAULT_VAE, DEFAULT_SCALING
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'store_index', 'Store', 'open_store', 'precompute', 'precompute_cli']
+__all__ = ['FORMAT_VERSION', 'store_index', 'Store', 'open_store', 'precompute', 'store_latent_scale', 'store_source']
 
 # %% ../nbs/04_features.ipynb #ad78a517
 FORMAT_VERSION = 1
@@ -58,6 +61,11 @@ class Store:
         "Per class of `split` (label order), its store rows: what `fsdit.data.EpisodeBatches` takes."
         r = self.rows(split); lab = np.asarray(self.index['label'])[r]
         return [r[lab == c] for c in range(int(lab.max()) + 1)] if len(r) else []
+
+    @property
+    def latent_scale(self) -> float:
+        "The factor between the stored latents and the model's space: the VAE's `scaling_factor` (1 in pixel space)."
+        return store_latent_scale(self.meta, self.path)
 
 
 def _damaged(path: Path, name: str, why: str) -> ValueError:
@@ -101,7 +109,6 @@ def open_store(path, expect: dict | None = None, mmap: bool = True) -> Store:
 def _encode_fn(f: Callable, n_dev: int, quantum: int):
     "Call `f` on a batch padded to a multiple of `quantum` (itself one of the devices), split over the devices."
     import jax
-    from fsdit.data import device_sharding
     shard = device_sharding() if n_dev > 1 else None
     def g(x):                                          # fixed shapes: one compilation, also for the last chunk
         n = len(x); pad = -n % quantum
@@ -118,15 +125,22 @@ def _chunk(paths: Sequence[Path], image_size: int, embed, moments, batch_size: i
 
 
 def _save_chunk(d: Path, i: int, arrays: dict):
-    tmp = d / f".chunk_{i:06d}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, d / f"chunk_{i:06d}.npz")          # atomic: the file is the done-marker
+    with atomic_file(d / f"chunk_{i:06d}.npz") as tmp:   # atomic: the file is the done-marker
+        np.savez(tmp, **arrays)
 
 
 def _plan(data: Path, encoder, vae, image_size: int, space: str, chunk_size: int, index: dict) -> dict:
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
     return dict(format_version=FORMAT_VERSION, encoder=encoder.name, vae=vae.name, image_size=image_size,
                 resize=resize_rule(image_size), space=space, chunk_size=chunk_size, rows=len(index['path']), index_sha256=digest)
+
+
+def _scaling_factor(vae, space: str) -> float:
+    "The moments codec's `scaling_factor` (1 in pixel space when it has none): recorded as the store's `latent_scale`."
+    f = getattr(vae, 'scaling_factor', 1.0 if space == 'pixel' else None)
+    if f is None: raise ValueError(f"the VAE {getattr(vae, 'name', vae)!r} has no `scaling_factor`: give it the factor its "
+                                   "latents are multiplied by for the model (diffusers' config.json `scaling_factor`)")
+    return float(f)
 
 # %% ../nbs/04_features.ipynb #b108c507
 def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'latent', chunk_size: int = 512,
@@ -135,6 +149,7 @@ def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'lat
     "Encode every image of the prepared split `data` once into the store `out` (resumable); returns it opened."
     import jax
     if chunk_size < 1 or batch_size < 1: raise ValueError(f"chunk_size and batch_size must be 1 or more, got {chunk_size}, {batch_size}")
+    scale = _scaling_factor(vae, space)
     data, out = Path(data).resolve(), Path(out)
     index = store_index(data, splits)
     plan = _plan(data, encoder, vae, image_size, space, chunk_size, index)
@@ -161,17 +176,15 @@ def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'lat
                                             batch_size, pool))
                 if on_chunk is not None: on_chunk(i)
             bar.update(e - s)
-    return _assemble(part, out, plan, index, len(starts))
+    return _assemble(part, out, {**plan, 'latent_scale': scale}, index, len(starts))
 
 # %% ../nbs/04_features.ipynb #437dac31
 def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> Store:
     "Concatenate the chunk files into the store beside `out`, then rename it into place."
-    first = np.load(part / 'chunk_000000.npz')
-    N = plan['rows']
-    for stale in out.parent.glob(f'.{out.name}.assembling*'): shutil.rmtree(stale)   # left by a run killed here
-    tmp = out.parent / f'.{out.name}.assembling'
-    tmp.mkdir()                                            # the umask's permissions (mkdtemp would give 0700)
-    try:
+    first, N = np.load(part / 'chunk_000000.npz'), plan['rows']
+    for stale in [*out.parent.glob(f'.{out.name}.partial-*'), *out.parent.glob(f'.{out.name}.assembling*')]:
+        shutil.rmtree(stale)                               # left by a run killed while assembling
+    with building(out) as tmp:
         E = np.lib.format.open_memmap(tmp / 'embeds.npy', 'w+', np.float16, (N, *first['embeds'].shape[1:]))
         M = np.lib.format.open_memmap(tmp / 'moments.npy', 'w+', np.float16, (N, *first['moments'].shape[1:]))
         for i in range(n_chunks):
@@ -183,49 +196,22 @@ def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> 
                 'complete': True}
         (tmp / 'index.json').write_text(json.dumps(index))
         (tmp / 'metadata.json').write_text(json.dumps(meta, indent=1))
-        if out.exists(): out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
     shutil.rmtree(part)
     return open_store(out)
 
-# %% ../nbs/04_features.ipynb #5feb9888
-def _named(obj, name: str, method: str):
-    "`obj` if it carries a `name`, else a view of it with `name` and `method`."
-    if getattr(obj, 'name', None): return obj
-    return types.SimpleNamespace(name=name, **{method: getattr(obj, method)})
+# %% ../nbs/04_features.ipynb #546a1fd8
+def store_latent_scale(meta: dict, path=None) -> float:
+    "The store's recorded `latent_scale`; for a store made before it was recorded, the default VAE's or pixel space's."
+    if 'latent_scale' in meta: return float(meta['latent_scale'])
+    if meta.get('space') == 'pixel': return 1.0
+    if meta.get('vae') == DEFAULT_VAE: return DEFAULT_SCALING
+    raise ValueError(f"feature store {path or ''} does not record its VAE scaling factor (it was made with {meta.get('vae')!r} "
+                     "before stores recorded it): run `fsdit precompute` again, or add \"latent_scale\": <the VAE's "
+                     "scaling_factor, from its config.json> to its metadata.json")
 
-
-def precompute_cli(argv: list[str]) -> int:
-    "`fsdit precompute`: every image of a prepared split once through the frozen encoders."
-    from fsdit.cli import Parser, positive_int, check_out_dir, fail
-    p = Parser(prog='fsdit precompute', description=precompute.__doc__)
-    p.add_argument('--data', required=True, help='prepared split (output of `fsdit prepare`)')
-    p.add_argument('--out', required=True, help='feature store folder to write')
-    p.add_argument('--encoder', default='google/siglip2-base-patch16-224', help='SigLIP(2) hub id or local folder')
-    p.add_argument('--vae', default='stabilityai/sd-vae-ft-mse', help='SD-VAE hub id or local folder')
-    p.add_argument('--image-size', type=positive_int, default=None, help='224 (latent) or 32 (--stand-in)')
-    p.add_argument('--chunk-size', type=positive_int, default=1024); p.add_argument('--batch-size', type=positive_int, default=64)
-    p.add_argument('--stand-in', action='store_true', help='offline stand-ins: pixel space + PixelEncoder (NOT SigLIP2)')
-    p.add_argument('--embed-dim', type=positive_int, default=64, help='stand-in embedding width')
-    p.add_argument('--channels', type=int, default=3, help='stand-in pixel channels (3 or 1)')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='encoder compute dtype')
-    a = p.parse_args(argv)
-    try:
-        check_out_dir(a.out)
-        store_index(a.data)                                  # a split to read, before any encoder loads
-        if a.stand_in:
-            size = a.image_size or 32
-            enc, vae, space = PixelEncoder(dim=a.embed_dim), PixelSpace(size=size, channels=a.channels), 'pixel'
-        else:
-            from fsdit.encoder import SigLIPEncoder          # imported here: heavy, and only this path needs them
-            from fsdit.vae import SDVAE
-            size, space = a.image_size or 224, 'latent'
-            enc = _named(SigLIPEncoder.from_pretrained(a.encoder, dtype=a.dtype), a.encoder, 'embed')
-            vae = _named(SDVAE.from_pretrained(a.vae, dtype=a.dtype), a.vae, 'moments')
-        st = precompute(a.data, a.out, enc, vae, size, space, a.chunk_size, a.batch_size)
-    except (ValueError, OSError) as e:
-        return fail('precompute', e)
-    print(f"{a.out}: {len(st.embeds)} images, embeds {st.embeds.shape[1:]}, moments {st.moments.shape[1:]}, {st.meta['splits']}")
-    return 0
+# %% ../nbs/04_features.ipynb #ca5c5314
+def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:
+    "Episodes of the feature store at `feats` (a path or an open store): train split for training, val split for validation."
+    st = feats if isinstance(feats, Store) else open_store(feats)
+    return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'], val_batches,
+                         names={s: st.classes(s) for s in ('train', 'val')}, latent_scale=st.latent_scale)

@@ -13,6 +13,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .codecs import Codecs, run_codecs
 from .config import ModelConfig, TrainConfig
 from .dit import DiT, SUPPORT_LATENT_CONDS
 from .sampler import sample
@@ -20,9 +21,8 @@ from .train import (condition, read_run_config, run_json, checkpoint_manager, re
                          image_grid, save_png, to_uint8 as grid_uint8)
 
 # %% auto #0
-__all__ = ['DEFAULT_ENCODER', 'DEFAULT_VAE', 'RunError', 'Run', 'load_run', 'check_supports', 'generate', 'Codecs',
-           'stand_in_encoder', 'load_encoder', 'store_meta', 'run_codecs', 'read_supports', 'class_dir_supports',
-           'encode_supports', 'sample_from_supports', 'support_grid', 'sample_cli']
+__all__ = ['RunError', 'Run', 'load_run', 'check_supports', 'generate', 'read_supports', 'class_dir_supports',
+           'sample_from_supports', 'support_grid', 'sample_cli']
 
 # %% ../nbs/09_sample.ipynb #b0fbe734
 class RunError(ValueError):
@@ -116,62 +116,6 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
         out.append(np.asarray(x)[:n] / latent_scale)
     return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
 
-# %% ../nbs/09_sample.ipynb #3e96a43c
-DEFAULT_ENCODER, DEFAULT_VAE = 'google/siglip2-base-patch16-224', 'stabilityai/sd-vae-ft-mse'
-
-
-@dataclass
-class Codecs:
-    "How a run sees images: embed (N,H,W,3)->(N,D) unit rows; moments -> (mean, logvar); decode latents -> [-1, 1]."
-    embed: Callable
-    moments: Callable
-    decode: Callable
-    image_size: int
-    names: dict
-
-
-def stand_in_encoder(name: str):
-    "The `fsdit.data.PixelEncoder` whose `name` is `name` (the store records only the name)."
-    from fsdit.data import PixelEncoder
-    import re
-    m = re.fullmatch(r'stand-in/pixel-randproj-g(\d+)-d(\d+)-s(\d+)', name)
-    if not m: raise ValueError(f"unknown stand-in encoder {name!r}")
-    enc = PixelEncoder(dim=int(m[2]), grid=int(m[1]), seed=int(m[3]))
-    assert enc.name == name
-    return enc
-
-
-def load_encoder(name: str):
-    "The support encoder a store names: a stand-in rebuilt from its name, else SigLIP(2) from a hub id or folder."
-    if name.startswith('stand-in/'): return stand_in_encoder(name)
-    from fsdit.encoder import SigLIPEncoder
-    return SigLIPEncoder.from_pretrained(name)
-
-
-def store_meta(run: Run | None = None, feats=None) -> dict | None:
-    "The feature store's metadata for a run: from `feats`, else from the store its config.json names (a damaged store is refused)."
-    from fsdit.features import open_store
-    path = feats or (run.config.get('feats') if run is not None else None)
-    if path is None or not (Path(path) / 'metadata.json').exists(): return None
-    return open_store(path).meta
-
-
-def run_codecs(run: Run, feats=None, encoder: str | None = None, vae: str | None = None) -> Codecs:
-    "The support encoder and VAE (or pixel identity) that made the run's training data."
-    mc, meta = run.mc, store_meta(run, feats) or {}
-    enc_name, vae_name = encoder or meta.get('encoder'), vae or meta.get('vae')
-    if run.space == 'pixel':
-        from fsdit.data import PixelEncoder, PixelSpace
-        enc = stand_in_encoder(enc_name) if enc_name else PixelEncoder(dim=mc.support_dim)
-        space = PixelSpace(size=mc.input_size, channels=mc.in_channels)
-        size = int(meta.get('image_size', mc.input_size))
-        return Codecs(enc.embed, space.moments, lambda z: np.asarray(z), size, {'encoder': enc.name, 'vae': space.name})
-    from fsdit.vae import SDVAE
-    enc_name, vae_name = enc_name or DEFAULT_ENCODER, vae_name or DEFAULT_VAE
-    enc = load_encoder(enc_name)
-    v = SDVAE.from_pretrained(vae_name)
-    return Codecs(enc.embed, v.moments, v.decode, int(meta.get('image_size', 224)), {'encoder': enc_name, 'vae': vae_name})
-
 # %% ../nbs/09_sample.ipynb #e87ff02f
 def read_supports(paths: Sequence, size: int) -> np.ndarray:
     "uint8 images (K, size, size, 3) from image files; `ValueError` naming every file that cannot be read."
@@ -191,16 +135,10 @@ def class_dir_supports(d, k: int, seed: int = 0) -> list[Path]:
     return [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), k, replace=False))]
 
 
-def encode_supports(codecs: Codecs, images) -> tuple[np.ndarray, np.ndarray]:
-    "Support embeddings (K, D) and posterior-mean latents (K, h, w, c) of uint8 images (K, H, W, 3)."
-    x = np.asarray(images, np.float32) / 127.5 - 1
-    return np.asarray(codecs.embed(x), np.float32), np.asarray(codecs.moments(x)[0], np.float32)
-
-
 def sample_from_supports(run: Run, codecs: Codecs, images, n: int = 16, *, cfg_scale: float = 3.0, steps: int = 50,
                          seed: int = 0, method: str = 'euler', batch_size: int = 256) -> np.ndarray:
     "`n` images in [-1, 1] (n, H, W, C) of the class shown by the uint8 support images (K, H, W, 3)."
-    emb, lat = encode_supports(codecs, images)
+    emb, lat = codecs.encode(images)
     check_supports(run.mc, len(emb))
     tile = lambda a: np.repeat(a[None], n, 0)                      # every episode has the same K supports
     z = generate(run.params, run.mc, tile(emb), tile(lat), latent_scale=run.latent_scale, seed=seed, steps=steps,

@@ -25,13 +25,13 @@ from .sampler import sample
 __all__ = ['AXIS', 'SEED_ALIASES', 'lr_schedule', 'decay_mask', 'make_optimizer', 'TrainState', 'create_state', 'ema_update',
            'example_keys', 'condition', 'model_inputs', 'synthetic_store', 'synthetic_batch', 'global_norm', 'loss_fn',
            'compute_grads', 'train_step', 'donate_state', 'data_parallel', 'make_train_step', 'replicate',
-           'unreplicate', 'shard', 'eval_step', 'make_eval_step', 'entropy_metrics', 'evaluate', 'EpisodeSource',
-           'synthetic_source', 'NonFiniteLoss', 'check_finite', 'train_summary', 'wandb_mode', 'RunLog', 'read_records',
-           'to_uint8', 'image_grid', 'sample_grid', 'save_png', 'checkpoint_manager', 'save_checkpoint', 'quiet_orbax',
+           'unreplicate', 'shard', 'eval_step', 'make_eval_step', 'entropy_metrics', 'evaluate', 'synthetic_source',
+           'NonFiniteLoss', 'check_finite', 'train_summary', 'wandb_mode', 'RunLog', 'read_records', 'to_uint8',
+           'image_grid', 'sample_grid', 'save_png', 'checkpoint_manager', 'save_checkpoint', 'quiet_orbax',
            'ignore_closed_loops', 'restore_checkpoint', 'CheckpointError', 'error_line', 'os_reason', 'restore_latest',
            'StopSignal', 'write_run_config', 'run_json', 'read_run_config', 'RunInUse', 'RunLock', 'Trainer', 'train',
-           'train_parser', 'resolve_configs', 'lazy_call', 'lazy_vae_decode', 'store_embed', 'store_source',
-           'parse_train_args', 'train_cli', 'memory_estimate']
+           'train_parser', 'resolve_configs', 'lazy_call', 'lazy_vae_decode', 'store_embed', 'parse_train_args',
+           'train_cli', 'memory_estimate']
 
 # %% ../nbs/08_train.ipynb #fca6aebf
 def lr_schedule(c: TrainConfig) -> optax.Schedule:
@@ -107,7 +107,8 @@ def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig,
     return x1, t, eps, drop, condition(batch, mc, latent_scale)
 
 # %% ../nbs/08_train.ipynb #600160d2
-from .data import EpisodeBatches, validation_batches, host_batch, process_share
+from .data import EpisodeBatches, EpisodeSource, validation_batches, host_batch, process_share
+from .features import store_source
 
 
 def synthetic_store(mc: ModelConfig, n_classes: int = 6, per_class: int = 12, seed: int = 0, space: str = 'latent'):
@@ -238,42 +239,6 @@ def evaluate(eval_fn: Callable, params, val_batches: list, key, prefix: str) -> 
     out = {f'{prefix}/loss': float(tot['loss_sum'] / tot['count'])}
     out.update({f'{prefix}/loss_tbin_{i}': float(v) for i, v in enumerate(bins)})
     return {**out, **entropy_metrics(tot['attn_entropy'] / len(val_batches))}
-
-# %% ../nbs/08_train.ipynb #7c100feb
-class EpisodeSource:
-    "Train and validation episode batches gathered from store arrays, this process's share only."
-    def __init__(self, embeds, moments, train_rows, val_rows, tc: TrainConfig, space: str = 'latent',
-                 val_batches: int = 2, latents: bool = True, names: dict | None = None):
-        self.embeds, self.moments, self.train_rows, self.val_rows = embeds, moments, train_rows, val_rows
-        self.tc, self.space, self.n_val, self.latents = tc, space, val_batches, latents
-        self.names = names or {}   # class names per split, for messages
-
-    def check(self):
-        "Raise `ValueError` naming the setting when the classes cannot make the episodes it asks for."
-        tc, need = self.tc, self.tc.shots + 1
-        for split, rows in (('train', self.train_rows), ('val', self.val_rows)):
-            if not len(rows): raise ValueError(f"the store has no {split} classes: run `fsdit prepare` with {split} classes")
-            small = sorted((len(r), i) for i, r in enumerate(rows) if len(r) < need)
-            if small:
-                n, i = small[0]; name = self.names.get(split, [])[i] if i < len(self.names.get(split, [])) else f"#{i}"
-                raise ValueError(f"shots {tc.shots} needs {need} images per class (a target and {tc.shots} supports), but "
-                                 f"{len(small)} {split} class(es) have fewer (the smallest, {name!r}, has {n}): "
-                                 f"use --shots {n - 1} or less, or classes with more images")
-        EpisodeBatches(self.train_rows, tc.batch_size, tc.shots, tc.episodes, tc.seed)   # an epoch must fill a batch
-
-    def _gather(self, idx: dict) -> dict:
-        return host_batch(self.embeds, self.moments, process_share(idx, jax.process_index(), jax.process_count()), self.latents)
-
-    def batches(self, position: dict | None = None) -> Iterator[tuple[dict, dict]]:
-        "(batch, position after it) forever, starting at `position` (None: the beginning)."
-        tc = self.tc
-        it = EpisodeBatches(self.train_rows, tc.batch_size, tc.shots, tc.episodes, tc.seed)
-        if position: it.restore(position)
-        for idx in it: yield self._gather(idx), it.state()
-
-    def val_batches(self) -> list[dict]:
-        "The fixed validation batches (the same episodes every call)."
-        return [self._gather(i) for i in validation_batches(self.val_rows, self.tc.batch_size, self.n_val, self.tc.shots, seed=self.tc.seed)]
 
 # %% ../nbs/08_train.ipynb #f9cb07ef
 def synthetic_source(mc: ModelConfig, tc: TrainConfig, seed: int = 0, space: str = 'latent', **kw) -> EpisodeSource:
@@ -787,17 +752,9 @@ def store_embed(meta: dict) -> Callable | None:
     name = meta.get('encoder')
     if not name or (meta.get('space') == 'pixel' and not str(name).startswith('stand-in/')): return None
     def load():
-        from fsdit.sample import load_encoder
+        from fsdit.codecs import load_encoder
         return load_encoder(name)
     return lazy_call(load, 'embed')
-
-
-def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:
-    "Episodes of the feature store at `feats` (a path or an open store): train split for training, val split for validation."
-    from fsdit.features import open_store, Store
-    st = feats if isinstance(feats, Store) else open_store(feats)
-    return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'], val_batches,
-                         names={s: st.classes(s) for s in ('train', 'val')})
 
 
 def parse_train_args(argv: list[str]) -> argparse.Namespace:

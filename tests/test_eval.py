@@ -131,10 +131,12 @@ def test_protocol_baselines_on_toy_classes():
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
     "Glyphs 12x12 (pixel space, stand-in encoder) -> store -> a `mu` model trained for a few steps."
-    from fsdit.data import make_offline_dataset, prepare, PixelEncoder, PixelSpace, offline_model_config
+    from fsdit.data import prepare, EpisodeSource
+    from fsdit.glyphs import make_offline_dataset
+    from fsdit.codecs import PixelEncoder, PixelSpace, offline_model_config
     from fsdit.features import precompute, open_store
     from fsdit.config import train_config
-    from fsdit.train import EpisodeSource, train
+    from fsdit.train import train
     d = tmp_path_factory.mktemp('eval')
     make_offline_dataset(d / 'flat', per_class=8, size=12, chars='ABCDEFGHIJKLMN')
     prepare(d / 'flat', d / 'split', train=8, val=2, test=4)
@@ -170,7 +172,8 @@ def test_eval_cli_on_tiny_run(tiny_run, capsys):
 def test_quick_eval_for_training(tiny_run):
     from fsdit.eval import quick_eval, class_set
     from fsdit.features import open_store
-    from fsdit.sample import load_run, run_codecs
+    from fsdit.sample import load_run
+    from fsdit.codecs import run_codecs
     run, store = load_run(tiny_run / 'run'), open_store(tiny_run / 'feats')
     codecs = run_codecs(run, store.path)
     cs = class_set(store, 'val', max_per_class=6)

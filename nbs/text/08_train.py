@@ -187,7 +187,8 @@ def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig,
 
 # %%
 #| export
-from fsdit.data import EpisodeBatches, validation_batches, host_batch, process_share
+from fsdit.data import EpisodeBatches, EpisodeSource, validation_batches, host_batch, process_share
+from fsdit.features import store_source
 
 
 def synthetic_store(mc: ModelConfig, n_classes: int = 6, per_class: int = 12, seed: int = 0, space: str = 'latent'):
@@ -415,47 +416,9 @@ assert np.isfinite(ev['val/loss']) and {'attn/entropy_early', 'attn/entropy_late
 #
 # The trainer reads episodes through a small source object: `batches(position)` yields this process's
 # share of each global batch together with the data position after it (`{'epoch', 'offset'}`, saved with
-# every checkpoint), and `val_batches()` the fixed validation episodes. `EpisodeSource` builds both from
+# every checkpoint), and `val_batches()` the fixed validation episodes. `fsdit.data.EpisodeSource` builds both from
 # store arrays — the feature store's memory-mapped files or arrays in memory — with `fsdit.data`'s
 # resumable stratified episodes. Each process gathers only its own rows.
-
-# %%
-#| export
-class EpisodeSource:
-    "Train and validation episode batches gathered from store arrays, this process's share only."
-    def __init__(self, embeds, moments, train_rows, val_rows, tc: TrainConfig, space: str = 'latent',
-                 val_batches: int = 2, latents: bool = True, names: dict | None = None):
-        self.embeds, self.moments, self.train_rows, self.val_rows = embeds, moments, train_rows, val_rows
-        self.tc, self.space, self.n_val, self.latents = tc, space, val_batches, latents
-        self.names = names or {}   # class names per split, for messages
-
-    def check(self):
-        "Raise `ValueError` naming the setting when the classes cannot make the episodes it asks for."
-        tc, need = self.tc, self.tc.shots + 1
-        for split, rows in (('train', self.train_rows), ('val', self.val_rows)):
-            if not len(rows): raise ValueError(f"the store has no {split} classes: run `fsdit prepare` with {split} classes")
-            small = sorted((len(r), i) for i, r in enumerate(rows) if len(r) < need)
-            if small:
-                n, i = small[0]; name = self.names.get(split, [])[i] if i < len(self.names.get(split, [])) else f"#{i}"
-                raise ValueError(f"shots {tc.shots} needs {need} images per class (a target and {tc.shots} supports), but "
-                                 f"{len(small)} {split} class(es) have fewer (the smallest, {name!r}, has {n}): "
-                                 f"use --shots {n - 1} or less, or classes with more images")
-        EpisodeBatches(self.train_rows, tc.batch_size, tc.shots, tc.episodes, tc.seed)   # an epoch must fill a batch
-
-    def _gather(self, idx: dict) -> dict:
-        return host_batch(self.embeds, self.moments, process_share(idx, jax.process_index(), jax.process_count()), self.latents)
-
-    def batches(self, position: dict | None = None) -> Iterator[tuple[dict, dict]]:
-        "(batch, position after it) forever, starting at `position` (None: the beginning)."
-        tc = self.tc
-        it = EpisodeBatches(self.train_rows, tc.batch_size, tc.shots, tc.episodes, tc.seed)
-        if position: it.restore(position)
-        for idx in it: yield self._gather(idx), it.state()
-
-    def val_batches(self) -> list[dict]:
-        "The fixed validation batches (the same episodes every call)."
-        return [self._gather(i) for i in validation_batches(self.val_rows, self.tc.batch_size, self.n_val, self.tc.shots, seed=self.tc.seed)]
-
 
 # %% [markdown]
 # For tests and this notebook, a source over a random store:
@@ -1097,7 +1060,7 @@ assert {'val/loss', 'val_ema/loss', 'val/train_val_gap', 'attn/entropy_late', 't
 # on without these metrics and says why). Here the stand-in pixel encoder plays that part:
 
 # %%
-from fsdit.data import PixelEncoder
+from fsdit.codecs import PixelEncoder
 src = synthetic_source(mc, tc, space='pixel', n_classes=9)   # 6 train, 3 val classes
 tc_fs = train_config('test', max_steps=4, log_every=2, eval_every=4, sample_every=4, save_every=4, sample_steps=2,
                      fewshot_every=2, fewshot_classes=3, fewshot_n=2)
@@ -1199,17 +1162,9 @@ def store_embed(meta: dict) -> Callable | None:
     name = meta.get('encoder')
     if not name or (meta.get('space') == 'pixel' and not str(name).startswith('stand-in/')): return None
     def load():
-        from fsdit.sample import load_encoder
+        from fsdit.codecs import load_encoder
         return load_encoder(name)
     return lazy_call(load, 'embed')
-
-
-def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:
-    "Episodes of the feature store at `feats` (a path or an open store): train split for training, val split for validation."
-    from fsdit.features import open_store, Store
-    st = feats if isinstance(feats, Store) else open_store(feats)
-    return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'], val_batches,
-                         names={s: st.classes(s) for s in ('train', 'val')})
 
 
 def parse_train_args(argv: list[str]) -> argparse.Namespace:

@@ -98,7 +98,7 @@ def demo_size(name: str = 'full', **overrides) -> DemoSize:
 #| export
 def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
     "The pixel-space model and the training recipe of a demo size (`cond`: the size's unless given)."
-    from fsdit.data import offline_model_config
+    from fsdit.codecs import offline_model_config
     m, t = dict(s.model), dict(s.train)
     mc = offline_model_config(m.pop('preset'), size=s.image_size, channels=s.channels, embed_dim=s.embed_dim,
                               cond=cond or s.cond, **m)
@@ -141,7 +141,8 @@ def _log(log: Callable | None, msg: str):
 
 def demo_data(out, s: DemoSize, log: Callable | None = None) -> Path:
     "Render the glyph dataset and split it by class (both reused when complete); returns the split folder."
-    from fsdit.data import make_offline_dataset, prepare, offline_split_sizes, glyph_classes
+    from fsdit.data import prepare
+    from fsdit.glyphs import make_offline_dataset, offline_split_sizes, glyph_classes
     out = Path(out); t0 = time.time()
     reused = (out / 'glyphs' / 'glyphs.json').exists() and (out / 'split' / 'prepare.json').exists()
     chars = s.chars if s.chars or reused else glyph_classes(s.classes)
@@ -155,7 +156,7 @@ def demo_data(out, s: DemoSize, log: Callable | None = None) -> Path:
 
 def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = True):
     "The pixel-space feature store of the split with the stand-in encoder (reused when complete)."
-    from fsdit.data import PixelEncoder, PixelSpace
+    from fsdit.codecs import PixelEncoder, PixelSpace
     from fsdit.features import precompute
     out = Path(out); t0 = time.time(); reused = (out / 'feats' / 'metadata.json').exists()
     st = precompute(out / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
@@ -167,7 +168,7 @@ def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = T
 
 def demo_judge(out, s: DemoSize, log: Callable | None = None):
     "The glyph judge of every class of the dataset, trained once and kept in DEMO/judge (`fsdit.judge.glyph_judge`)."
-    from fsdit.data import glyph_char
+    from fsdit.glyphs import glyph_char
     from fsdit.judge import glyph_judge
     names = sorted(json.loads((Path(out) / 'glyphs' / 'glyphs.json').read_text())['classes'])
     return glyph_judge(Path(out) / 'judge', ''.join(map(glyph_char, names)), s.image_size, log=log, **s.judge)
@@ -215,8 +216,9 @@ class _Follow(threading.Thread):
 def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable | None = None, progress: bool = True,
                judge=None) -> Path:
     "Train (or resume, or reuse) the demo run in DEMO/run; returns its folder. With a `judge` the few-shot metrics score by it."
-    from fsdit.train import train, store_source, read_records
-    from fsdit.sample import stand_in_encoder
+    from fsdit.train import train, read_records
+    from fsdit.features import store_source
+    from fsdit.codecs import stand_in_encoder
     out = Path(out); run = out / 'run'; mc, tc = demo_configs(s, cond)
     if tc.max_steps in _saved_steps(run) and _last_step(run) >= tc.max_steps:
         _log(log, f"train:   {run}  (done: {tc.max_steps} steps, reused)"); return run
@@ -288,7 +290,7 @@ def _loader(run_dir) -> Callable:
 
 def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
     "DEMO/samples_seen.png (train classes) and DEMO/samples_heldout.png (test classes), remade when stale."
-    from fsdit.sample import run_codecs
+    from fsdit.codecs import run_codecs
     from fsdit.train import save_png
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None)
     files = {'seen': out / 'samples_seen.png', 'heldout': out / 'samples_heldout.png'}
