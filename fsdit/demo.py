@@ -24,7 +24,7 @@ class DemoSize:
     "Everything the demo's size decides."
     per_class: int = 20                   # images per glyph class
     image_size: int = 16                  # pixels (the model's input grid)
-    classes: int = 1000                   # glyph classes (`fsdit.data.glyph_classes`), unless `chars` is given
+    classes: int = 1000                   # glyph classes (`fsdit.glyphs.glyph_classes`), unless `chars` is given
     chars: str | None = None              # the characters themselves
     channels: int = 1                     # 1: gray pixels; 3: RGB
     embed_dim: int = 64                   # stand-in support embedding width

@@ -610,7 +610,7 @@ test_eq(cs2.latents, mom_a[cs2.rows, 0, 0].astype(np.float32))
 # ## Evaluating a run
 #
 # `evaluate` runs the protocol on the unseen split and on seen classes with the run's own encoders
-# (`fsdit.sample.run_codecs`) and the EMA weights, and writes `eval.json` and one figure per metric: the
+# (`fsdit.codecs.run_codecs`) and the EMA weights, and writes `eval.json` and one figure per metric: the
 # model against the CFG scale for every shot count, with real images and both baselines as horizontal
 # lines. FID needs `fid=True` (the `fsdit[fid]` extra and its weights: `fid_weights` a local file offline).
 

@@ -4,11 +4,11 @@
 # > `fsdit demo --out DEMO`: the whole chain offline in minutes on a CPU — a glyph dataset rendered from the fonts matplotlib ships, split by class, a pixel-space feature store, a short training run, sample grids for seen and held-out classes, and the few-shot metrics beside real images and trivial baselines.
 #
 # Our machines reach no model hub and no dataset site, so the demo runs on data a dependency ships:
-# **characters as classes, fonts as images** (`fsdit.data.make_offline_dataset`: 1,000 visually distinct
+# **characters as classes, fonts as images** (`fsdit.glyphs.make_offline_dataset`: 1,000 visually distinct
 # characters of the fonts matplotlib ships, 20 images each). It is the same code path as a miniImageNet
 # run — `prepare`, `precompute`, `train`, `sample`, `eval` — with two stand-ins: the images themselves are
 # the "latents" (pixel space, gray), and the support encoder is a fixed random projection of downsampled
-# pixels (`fsdit.data.PixelEncoder`), **not SigLIP2**. Its referee is a glyph classifier trained on every
+# pixels (`fsdit.codecs.PixelEncoder`), **not SigLIP2**. Its referee is a glyph classifier trained on every
 # class (`fsdit.judge`): class consistency is the judge's verdict, glyph-FD is measured in its features.
 #
 # Each stage writes its output completely or not at all, and is skipped when its output is already
@@ -53,7 +53,7 @@ class DemoSize:
     "Everything the demo's size decides."
     per_class: int = 20                   # images per glyph class
     image_size: int = 16                  # pixels (the model's input grid)
-    classes: int = 1000                   # glyph classes (`fsdit.data.glyph_classes`), unless `chars` is given
+    classes: int = 1000                   # glyph classes (`fsdit.glyphs.glyph_classes`), unless `chars` is given
     chars: str | None = None              # the characters themselves
     channels: int = 1                     # 1: gray pixels; 3: RGB
     embed_dim: int = 64                   # stand-in support embedding width
