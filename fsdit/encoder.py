@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_encoder.ipynb #b5af0cfc
 from __future__ import annotations
-import json, time
+import json
 from dataclasses import dataclass, asdict
 from functools import partial
 from pathlib import Path
@@ -15,11 +15,13 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 from jaxtyping import Array, Float
 
+from .data import l2_normalize, resize_rule
+from .hub import HubUnavailableError, resolve_checkpoint
+
 # %% auto #0
-__all__ = ['ACTIVATIONS', 'HUB_PATTERNS', 'RESIZE_RULE', 'DTYPE_NAMES', 'VisionSpec', 'Attention', 'MLP', 'EncoderLayer',
-           'MAPHead', 'SiglipVision', 'random_params', 'torch_keys', 'to_flax', 'to_torch', 'CheckpointError',
-           'read_vision_config', 'read_vision_weights', 'expected_shapes', 'HubUnavailableError', 'resolve_checkpoint',
-           'resize_rule', 'preprocess_siglip', 'SigLIPEncoder', 'bench_encoder']
+__all__ = ['ACTIVATIONS', 'HUB_PATTERNS', 'DTYPE_NAMES', 'VisionSpec', 'Attention', 'MLP', 'EncoderLayer', 'MAPHead',
+           'SiglipVision', 'random_params', 'torch_keys', 'to_flax', 'to_torch', 'CheckpointError',
+           'read_vision_config', 'read_vision_weights', 'expected_shapes', 'preprocess_siglip', 'SigLIPEncoder']
 
 # %% ../nbs/02_encoder.ipynb #e42fd9da
 ACTIVATIONS = {  # transformers' ACT2FN names -> jax
@@ -286,42 +288,9 @@ def expected_shapes(spec: VisionSpec) -> dict[str, tuple]:
     return {k: v.shape for k, v in to_torch(zeros, spec).items()}
 
 # %% ../nbs/02_encoder.ipynb #71197f06
-class HubUnavailableError(OSError):
-    "A hub id could not be fetched (no network, offline mode, or no such repo) and is not in the local cache."
-
-
 HUB_PATTERNS = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors']
 
-
-def resolve_checkpoint(repo_id_or_dir: str | Path, patterns=HUB_PATTERNS) -> Path:
-    "A local directory holding the checkpoint: `repo_id_or_dir` itself, or the hub snapshot of that id."
-    p = Path(repo_id_or_dir).expanduser()
-    if p.is_dir(): return p
-    s = str(repo_id_or_dir)
-    if p.exists() or s.startswith(('/', '.', '~')) or s.count('/') != 1:
-        raise FileNotFoundError(f"{s!r} is neither a checkpoint directory nor a hub id like 'google/siglip2-base-patch16-224'")
-    from huggingface_hub import snapshot_download
-    try:
-        try:                                                          # complete in the cache: no network at all
-            d = Path(snapshot_download(s, allow_patterns=patterns, local_files_only=True))
-            if (d / 'config.json').exists() and any(d.glob('model*.safetensors*')): return d
-        except Exception: pass
-        return Path(snapshot_download(s, allow_patterns=patterns, etag_timeout=10))
-    except Exception as e:
-        raise HubUnavailableError(
-            f"could not fetch {s!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            f"Without network, download it elsewhere (huggingface-cli download {s} --local-dir DIR) and pass that "
-            f"directory instead of the id: from_pretrained('DIR').") from None
-
 # %% ../nbs/02_encoder.ipynb #57c0c0b3
-RESIZE_RULE = 'PIL bilinear resize of the uint8 RGB image to {size}x{size} (no crop), x/255, (x-0.5)/0.5'
-
-
-def resize_rule(size: int = 224) -> str:
-    "The preprocessing rule as recorded in feature stores."
-    return RESIZE_RULE.format(size=size)
-
-
 def preprocess_siglip(images, size: int = 224) -> Float[np.ndarray, 'N size size 3']:
     "uint8 RGB images of any size (PIL images, (H, W, 3) arrays or an (N, H, W, 3) array) -> float32 (N, size, size, 3) in [-1, 1]."
     from PIL import Image
@@ -355,9 +324,6 @@ def _check_images(x, spec: VisionSpec, rank: int = 4):
     return x
 
 
-def _normalize(z): return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
 # The module is a static (hashable) argument: encoders of the same shape and dtype share one compiled function.
 @partial(jax.jit, static_argnums=0)
 def _forward(module, params, x):
@@ -370,8 +336,8 @@ def _pool(module, params, x):
     return module.apply({'params': params}, x)[1].astype(jnp.float32)
 
 
-_embed = jax.jit(lambda module, params, x: _normalize(_pool(module, params, x)), static_argnums=0)
-_encode_supports = jax.jit(lambda module, params, s: _normalize(_pool(module, params, s.reshape(-1, *s.shape[2:])))
+_embed = jax.jit(lambda module, params, x: l2_normalize(_pool(module, params, x)), static_argnums=0)
+_encode_supports = jax.jit(lambda module, params, s: l2_normalize(_pool(module, params, s.reshape(-1, *s.shape[2:])))
                            .reshape(*s.shape[:2], -1).mean(1), static_argnums=0)   # (B, K, H, W, C) -> (B, D)
 
 # %% ../nbs/02_encoder.ipynb #b11a2a25
@@ -415,8 +381,7 @@ class SigLIPEncoder:
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: str | Path = 'google/siglip2-base-patch16-224', dtype: str = 'float32') -> SigLIPEncoder:
         "Load the vision tower of a transformers SigLIP checkpoint: a hub id or a local directory."
-        d = resolve_checkpoint(repo_id_or_dir)
-        if not (d / 'config.json').exists(): raise CheckpointError(f"no config.json in {d}: not a transformers checkpoint")
+        d = resolve_checkpoint(repo_id_or_dir, HUB_PATTERNS, 'a SigLIP checkpoint', 'SigLIPEncoder.from_pretrained')
         spec = read_vision_config(json.loads((d / 'config.json').read_text()))
         return cls(spec, to_flax(read_vision_weights(d, spec), spec), dtype, name=str(repo_id_or_dir))
 
@@ -434,31 +399,3 @@ class SigLIPEncoder:
         (d / 'config.json').write_text(json.dumps(cfg, indent=2))
         save_file({k: np.ascontiguousarray(v) for k, v in to_torch(self.params, self.spec).items()}, str(d / 'model.safetensors'))
         return d
-
-# %% ../nbs/02_encoder.ipynb #d12ba372
-def _time(f, iters: int) -> float:
-    f()                                           # compile / warm up
-    t = time.perf_counter()
-    for _ in range(iters): f()
-    return (time.perf_counter() - t) / iters
-
-
-def bench_encoder(batch: int = 64, iters: int = 3, dtypes=('float32', 'bfloat16'), torch_ref: bool = True,
-                  spec: VisionSpec | None = None) -> dict[str, float]:
-    "Images/s of `embed` at `batch` for each dtype (and PyTorch's `SiglipVisionModel` on CPU when installed); random full-size weights."
-    spec = spec or VisionSpec()
-    enc = SigLIPEncoder.random(spec)
-    x = np.random.default_rng(0).uniform(-1, 1, (batch, spec.image_size, spec.image_size, spec.num_channels)).astype(np.float32)
-    out = {}
-    for dt in dtypes:
-        e = SigLIPEncoder(spec, enc.params, dt)
-        out[f'jax_{dt}'] = batch / _time(lambda: e.embed(x).block_until_ready(), iters)
-    if torch_ref:
-        try: import torch, transformers
-        except ImportError: return out
-        m = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**asdict(spec))).eval()
-        m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch(enc.params, spec).items()})
-        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-        with torch.inference_mode():
-            out['torch_float32_cpu'] = batch / _time(lambda: m(pixel_values=xt).pooler_output, iters)
-    return out

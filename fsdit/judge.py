@@ -4,7 +4,7 @@
 
 # %% ../nbs/10a_judge.ipynb #3d3b2281
 from __future__ import annotations
-import functools, json, os, shutil, tempfile, time
+import functools, json, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,7 +15,8 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-from .data import GLYPH_FONTS, glyph_name, render_class, partial_dir
+from .files import building
+from .glyphs import GLYPH_FONTS, glyph_name, render_class
 
 # %% auto #0
 __all__ = ['JudgeNet', 'render_judge_set', 'GlyphJudge', 'train_judge', 'save_judge', 'load_judge', 'glyph_judge',
@@ -133,19 +134,14 @@ def train_judge(chars: str, size: int = 32, per_class: int = 16, epochs: int = 1
 # %% ../nbs/10a_judge.ipynb #c11453b0
 def save_judge(judge: GlyphJudge, folder, settings: dict | None = None) -> Path:
     "Write `folder/judge.npz` and `folder/judge.json` atomically."
-    folder = Path(folder); folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_dir(folder)
-    try:
+    folder = Path(folder)
+    with building(folder, replace=True) as tmp:            # a judge trained with other settings is replaced
         flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
                 for path, v in jax.tree_util.tree_flatten_with_path(judge.params)[0]}
         np.savez(tmp / 'judge.npz', **flat)
         meta = dict(chars=judge.chars, size=judge.size, accuracy=judge.accuracy, widths=list(judge.widths),
                     feat_dim=judge.feat_dim, settings=settings or {})
         (tmp / 'judge.json').write_text(json.dumps(meta, ensure_ascii=False, indent=1))
-        if folder.exists(): shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
     return folder
 
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_vae.ipynb #11f6f2cc
 from __future__ import annotations
-import functools, json, os, socket, urllib.parse
+import functools, json, os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -13,10 +13,12 @@ import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
 
+from .hub import resolve_checkpoint
+
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'DEFAULT_VAE', 'DEFAULT_SCALING', 'FILES', 'DTYPE_NAMES', 'VAEConfig', 'vae_config_from_dict',
            'ResnetBlock', 'Attention', 'Downsample', 'Upsample', 'MidBlock', 'ResnetStack', 'Encoder', 'Decoder',
-           'AutoencoderKL', 'torch_to_flax', 'check_params', 'resolve_checkpoint', 'load_checkpoint', 'SDVAE']
+           'AutoencoderKL', 'torch_to_flax', 'check_params', 'load_checkpoint', 'SDVAE']
 
 # %% ../nbs/03_vae.ipynb #7c732431
 ACTIVATIONS: dict[str, Callable] = {'silu': nn.silu, 'swish': nn.silu, 'mish': lambda x: x * jnp.tanh(nn.softplus(x)),
@@ -47,9 +49,6 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 # %% ../nbs/03_vae.ipynb #b1ab0c17
-_IGNORED = {'sample_size', 'force_upcast', 'latents_mean', 'latents_std', 'down_block_types', 'up_block_types'}
-
-
 def vae_config_from_dict(d: dict[str, Any], source: str = 'config') -> VAEConfig:
     "Validate a diffusers `AutoencoderKL` config dict (as in config.json) and return its `VAEConfig`."
     cls = d.get('_class_name')
@@ -275,47 +274,6 @@ def check_params(params: dict, config: VAEConfig, source: str = 'checkpoint'):
 FILES = ('config.json', 'diffusion_pytorch_model.safetensors')
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE: return False
-    if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')): return True  # let the hub client try
-    u = urllib.parse.urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == 'https' else 80)), timeout=timeout).close()
-        return True
-    except OSError: return False
-
-
-def _offline_error(repo: str, why: str) -> OSError:
-    return OSError(f"cannot get the VAE {repo!r} from the Hugging Face hub ({why}; nor is it a local directory). "
-                   f"On a machine with internet run "
-                   f"`hf download {repo} {' '.join(FILES)} --local-dir DIR` (or diffusers' "
-                   f"AutoencoderKL.from_pretrained({repo!r}).save_pretrained(DIR)), copy DIR here and pass its path: "
-                   f"SDVAE.from_pretrained('DIR').")
-
-
-def resolve_checkpoint(repo_id_or_dir: str | os.PathLike, subfolder: str | None = None) -> Path:
-    "The local directory holding `FILES` for a directory or hub id (hub files are cached by huggingface_hub)."
-    p = Path(repo_id_or_dir).expanduser()
-    if p.is_dir():
-        d = p / subfolder if subfolder else p
-        if not (d / FILES[0]).is_file():
-            raise FileNotFoundError(f"{d} has no {FILES[0]}: expected a diffusers AutoencoderKL directory")
-        return d
-    repo = str(repo_id_or_dir)
-    if p.is_absolute() or repo.startswith(('.', '~')) or repo.count('/') > 1:
-        raise FileNotFoundError(f"no directory {repo!r} (and it is not a hub id like 'stabilityai/sd-vae-ft-mse')")
-    from huggingface_hub import hf_hub_download
-    def get(local: bool) -> Path:
-        got = [hf_hub_download(repo, f, subfolder=subfolder, local_files_only=local) for f in FILES]
-        return Path(got[0]).parent
-    try: return get(True)
-    except Exception: pass
-    if not _hub_reachable(): raise _offline_error(repo, 'no connection and no cached copy')
-    try: return get(False)
-    except Exception as e: raise _offline_error(repo, f'{type(e).__name__}: {e}') from e
-
-# %% ../nbs/03_vae.ipynb #8f97bf9f
 def load_checkpoint(d: Path) -> tuple[VAEConfig, dict[str, Any]]:
     "(config, Flax params as numpy float32) from a diffusers AutoencoderKL directory."
     try:
@@ -383,7 +341,7 @@ class SDVAE:
     def from_pretrained(cls, repo_id_or_dir: str | os.PathLike = DEFAULT_VAE, dtype: str = 'float32',
                         latent_channels: int | None = 4, subfolder: str | None = None) -> "SDVAE":
         "Load a diffusers AutoencoderKL from a local directory or a hub id; `latent_channels=None` accepts any."
-        d = resolve_checkpoint(repo_id_or_dir, subfolder)
+        d = resolve_checkpoint(repo_id_or_dir, FILES, 'a diffusers AutoencoderKL', 'SDVAE.from_pretrained', subfolder)
         config, params = load_checkpoint(d)
         if latent_channels is not None and config.latent_channels != latent_channels:
             raise ValueError(f"{repo_id_or_dir}: expected a VAE with {latent_channels} latent channels, found "

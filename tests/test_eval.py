@@ -5,7 +5,8 @@ import urllib.error
 import numpy as np
 import pytest
 
-from fsdit.metrics import frechet_distance, frechet_from_stats, class_prototypes, prototype_accuracy, loo_prototype_accuracy, class_diversity, nearest_support_distance, l2_normalize
+from fsdit.metrics import frechet_distance, frechet_from_stats, class_prototypes, prototype_accuracy, loo_prototype_accuracy, class_diversity, nearest_support_distance
+from fsdit.data import l2_normalize
 
 from fsdit.fid import fid_available, fid_inception, inception_features
 
@@ -133,10 +134,11 @@ def test_protocol_baselines_on_toy_classes():
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
     "Glyphs 12x12 (pixel space, stand-in encoder) -> store -> a `mu` model trained for a few steps."
-    from fsdit.data import make_offline_dataset, prepare, PixelEncoder, PixelSpace, offline_model_config
+    from fsdit.data import prepare, EpisodeSource
+    from fsdit.glyphs import make_offline_dataset
+    from fsdit.codecs import PixelEncoder, PixelSpace, offline_model_config
     from fsdit.features import precompute, open_store
     from fsdit.config import train_config
-    from fsdit.data import EpisodeSource
     from fsdit.train import train
     d = tmp_path_factory.mktemp('eval')
     make_offline_dataset(d / 'flat', per_class=8, size=12, chars='ABCDEFGHIJKLMN')
@@ -174,7 +176,7 @@ def test_quick_eval_for_training(tiny_run):
     from fsdit.eval import quick_eval, class_set
     from fsdit.features import open_store
     from fsdit.run import load_run
-    from fsdit.sample import run_codecs
+    from fsdit.codecs import run_codecs
     run, store = load_run(tiny_run / 'run'), open_store(tiny_run / 'feats')
     codecs = run_codecs(run, store.path)
     cs = class_set(store, 'val', max_per_class=6)

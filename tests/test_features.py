@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsdit.data import (EpisodeBatches, PixelEncoder, PixelSpace, host_batch, load_image, online_batch, to_unit)
-from fsdit.features import FORMAT_VERSION, open_store, precompute, precompute_cli, store_index
+from fsdit.codecs import PixelEncoder, PixelSpace, precompute_cli
+from fsdit.data import EpisodeBatches, host_batch, load_image, online_batch, to_unit
+from fsdit.features import FORMAT_VERSION, open_store, precompute, store_index
 
 
 def _split(root: Path, layout=(('train', 3), ('val', 1), ('test', 2)), n=7, size=12):
@@ -152,7 +153,7 @@ _DEVICES = textwrap.dedent('''
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
-    from fsdit.data import PixelEncoder, PixelSpace
+    from fsdit.codecs import PixelEncoder, PixelSpace
     from fsdit.features import precompute, open_store
     assert jax.local_device_count() == 8
     st = precompute(sys.argv[1], sys.argv[2], PixelEncoder(dim=8, grid=4), PixelSpace(size=16), image_size=16,
@@ -188,3 +189,44 @@ def test_real_encoder_modules_plug_in(tmp_path):
     mean, logvar = vae.moments(np.concatenate([x, x[:, :, ::-1]]))
     np.testing.assert_allclose(st.moments[:4, 1, 0], np.asarray(mean)[4:], atol=2e-2, rtol=1e-2)
     np.testing.assert_allclose(st.moments[:4, 0, 1], np.asarray(logvar)[:4], atol=2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- the latent scale
+
+def test_store_records_the_vaes_scaling_factor(tmp_path):
+    "A diffusers AutoencoderKL saved with the SDXL VAE's factor: the store made with it records 0.13025."
+    torch = pytest.importorskip('torch'); diffusers = pytest.importorskip('diffusers')
+    from fsdit.vae import SDVAE
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(block_out_channels=(8, 8), down_block_types=('DownEncoderBlock2D',) * 2,
+                            up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1, norm_num_groups=4,
+                            scaling_factor=0.13025).save_pretrained(tmp_path / 'vae')
+    vae = SDVAE.from_pretrained(tmp_path / 'vae')
+    assert vae.scaling_factor == 0.13025
+    data = _split(tmp_path / 'split', (('train', 2), ('val', 1)), n=6, size=16)
+    st = precompute(data, tmp_path / 'feats', ENC, vae, image_size=16, chunk_size=8, batch_size=4, progress=False)
+    assert st.meta['latent_scale'] == 0.13025 and st.latent_scale == 0.13025
+    assert open_store(tmp_path / 'feats').latent_scale == 0.13025
+    from fsdit.features import store_source
+    from fsdit.config import train_config
+    assert store_source(st, train_config('test', batch_size=6, shots=3), 1).latent_scale == 0.13025
+
+
+def _old_store(path: Path, **meta) -> Path:
+    "A copy of a store as made before stores recorded their VAE scaling factor."
+    m = json.loads((path / 'metadata.json').read_text())
+    m.pop('latent_scale'); m.update(meta)
+    (path / 'metadata.json').write_text(json.dumps(m))
+    return path
+
+
+def test_old_store_without_latent_scale(whole, tmp_path):
+    shutil.copytree(whole.path, tmp_path / 'pixel')
+    assert open_store(_old_store(tmp_path / 'pixel')).latent_scale == 1.0                       # pixel space
+    shutil.copytree(whole.path, tmp_path / 'sd')
+    sd = open_store(_old_store(tmp_path / 'sd', space='latent', vae='stabilityai/sd-vae-ft-mse'))
+    assert sd.latent_scale == 0.18215                                                           # the default VAE
+    shutil.copytree(whole.path, tmp_path / 'other')
+    other = open_store(_old_store(tmp_path / 'other', space='latent', vae='madebyollin/sdxl-vae-fp16-fix'))
+    with pytest.raises(ValueError, match=r'does not record its VAE scaling factor.*fsdit precompute.*"latent_scale"'):
+        other.latent_scale

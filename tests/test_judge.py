@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import jax
 
-from fsdit.data import glyph_classes, glyph_name, PixelEncoder
+from fsdit.codecs import PixelEncoder
+from fsdit.glyphs import glyph_classes, glyph_name
 from fsdit.judge import train_judge, render_judge_set, save_judge, load_judge, glyph_judge
 from fsdit.eval import ClassSet, Pipeline, evaluate_classes
 

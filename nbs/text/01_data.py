@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Data
 #
-# > From a flat folder of class folders to a device batch: the class split, image loading, episodes, stratified batches that can resume exactly, and a small real dataset that runs offline.
+# > From a flat folder of class folders to a host batch: the class split, image loading, episodes, stratified batches that can resume exactly, and the episode source the trainer reads.
 
 # %%
 #| default_exp data
@@ -9,15 +9,17 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, dataclasses, functools, json, os, shutil, tempfile
+import json, os, shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageFilter
+import jax, jax.numpy as jnp
+from PIL import Image
 
 from fsdit.config import TrainConfig
+from fsdit.files import building
 
 # %%
 import tempfile as _tf
@@ -166,14 +168,6 @@ SPLITS = ('train', 'val', 'test')
 MIN_IMAGES = 6   # one target and five supports
 
 
-def partial_dir(dst: Path) -> Path:
-    "A new hidden sibling `.NAME.partial-XXXX` of `dst` to build it in, with the permissions `mkdir` gives (not mkdtemp's 0700)."
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.partial-', dir=dst.parent))
-    mask = os.umask(0); os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
-    return tmp
-
-
 def split_classes(classes: Sequence[str], train: int = 60, val: int = 16, test: int = 20, seed: int = 42,
                   split: str = 'seed') -> dict[str, list[str]]:
     "Class names of each split: the seed's permutation rule, or the Ravi & Larochelle lists."
@@ -232,7 +226,7 @@ def _build(dst_tmp: Path, splits: dict, good: dict, copy: bool):
 
 # %% [markdown]
 # `prepare` scans before it writes, builds the split in a hidden folder beside `dst` and renames it into
-# place at the end, so a refused or failed run leaves nothing half-made. The arguments are recorded in
+# place at the end (`fsdit.files.building`), so a refused or failed run leaves nothing half-made. The arguments are recorded in
 # `dst/prepare.json`: the same call again is a no-op, a different split into an existing `dst` is refused.
 
 # %%
@@ -252,15 +246,9 @@ def prepare(src, dst, train: int = 60, val: int = 16, test: int = 20, seed: int 
         raise FileExistsError(f"refusing to write into {dst}: {diff}. Choose another --dst or delete it.")
     good, bad = _scan(src, [c for v in splits.values() for c in v])
     manifest = {**want, 'counts': {k: {c: len(good[c]) for c in v} for k, v in splits.items()}, 'skipped': bad}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_dir(dst)
-    try:
+    with building(dst) as tmp:                             # an empty `dst` is replaced
         _build(tmp, splits, good, copy)
         (tmp / 'prepare.json').write_text(json.dumps(manifest, indent=1))
-        if dst.exists(): dst.rmdir()                       # an empty folder is replaced
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
     return manifest
 
 
@@ -301,8 +289,9 @@ assert not (_root / 'split2').exists()
 # %%
 #| export
 def prepare_cli(argv: list[str]) -> int:
-    "`fsdit prepare`: split a flat class-folder dataset by class."
-    p = argparse.ArgumentParser(prog='fsdit prepare', description=prepare.__doc__)
+    "`fsdit prepare`: split a flat class-folder dataset by class; a refusal is one line on stderr and exit status 1."
+    from fsdit.cli import Parser, fail
+    p = Parser(prog='fsdit prepare', description=prepare.__doc__)
     p.add_argument('--src', required=True, help='folder of class folders (flat miniImageNet)')
     p.add_argument('--dst', required=True, help='output: DST/{train,val,test}/<class>/')
     p.add_argument('--train', type=int, default=60); p.add_argument('--val', type=int, default=16)
@@ -312,8 +301,8 @@ def prepare_cli(argv: list[str]) -> int:
     p.add_argument('--copy', action='store_true', help='copy the images instead of symlinking them')
     a = p.parse_args(argv)
     try: m = prepare(a.src, a.dst, a.train, a.val, a.test, a.seed, a.split, a.copy)
-    except (ValueError, FileExistsError) as e:
-        print(f"fsdit prepare: {e}"); return 1
+    except (ValueError, OSError) as e:                  # FileExistsError, an unreadable --src: OSError
+        return fail('prepare', e)
     for k, v in m['counts'].items(): print(f"{k}: {len(v)} classes, {sum(v.values())} images")
     for path, why in m['skipped']: print(f"skipped {path}: {why}")
     return 0
@@ -321,9 +310,10 @@ def prepare_cli(argv: list[str]) -> int:
 
 # %%
 import contextlib, io
-with contextlib.redirect_stdout(io.StringIO()) as out:
+with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(prepare_cli(['--src', str(src), '--dst', str(_root / 'split'), '--train', '2', '--val', '1', '--test', '1', '--seed', '0']), 0)
-assert 'train: 2 classes' in out.getvalue()
+    test_eq(prepare_cli(['--src', str(src), '--dst', str(_root / 'split'), '--train', '2', '--val', '1', '--test', '1', '--seed', '5']), 1)
+assert 'train: 2 classes' in out.getvalue() and err.getvalue().startswith('fsdit prepare: refusing to write')
 
 
 # %% [markdown]
@@ -509,20 +499,20 @@ for a, b in zip(v1, v2): same(a, b)
 #
 # The feature store holds per row an L2-normalised embedding (N, D) and the VAE posterior of the image and
 # of its mirror, `moments` (N, 2, 2, h, w, c) = [mirror][mean, logvar], all float16 (see `fsdit.features`).
-# A host batch is a few fancy-indexing reads of those (memory-mapped) arrays. The posterior sample, the
-# mirror choice and the support mean happen on the device, inside the step.
+# A host batch is a few fancy-indexing reads of those (memory-mapped) arrays: the targets' moments, the
+# supports' embeddings and the supports' posterior means (unmirrored), which the sample grid and the
+# conditionings that see support images need. The posterior sample, the mirror choice and the support mean
+# happen on the device, inside the step.
 
 # %%
 #| export
-def host_batch(embeds: np.ndarray, moments: np.ndarray, idx: dict, latents: bool = True) -> dict:
+def host_batch(embeds: np.ndarray, moments: np.ndarray, idx: dict) -> dict:
     "Gather a batch from the store arrays for the index batch `idx` (from `EpisodeBatches`)."
     t, s = idx['target_index'], idx['support_index']                # (B,), (B, K)
-    out = {'moments': np.asarray(moments[t]),                       # (B, 2, 2, h, w, c)
-           'support_embeds': np.asarray(embeds[s.reshape(-1)]).reshape(*s.shape, -1),   # (B, K, D)
-           'labels': idx['labels'].astype(np.int32), 'target_index': t.astype(np.int64)}
-    if latents:                                                     # posterior means of the supports, unmirrored
-        out['support_latents'] = np.asarray(moments[s.reshape(-1), 0, 0]).reshape(*s.shape, *moments.shape[-3:])
-    return out
+    return {'moments': np.asarray(moments[t]),                      # (B, 2, 2, h, w, c)
+            'support_embeds': np.asarray(embeds[s.reshape(-1)]).reshape(*s.shape, -1),   # (B, K, D)
+            'support_latents': np.asarray(moments[s.reshape(-1), 0, 0]).reshape(*s.shape, *moments.shape[-3:]),
+            'labels': idx['labels'].astype(np.int32), 'target_index': t.astype(np.int64)}
 
 
 # %%
@@ -537,423 +527,48 @@ test_eq(hb['support_latents'][3, 2], _mom[want[0]['support_index'][3, 2], 0, 0])
 
 
 # %% [markdown]
-# ## Per process, per device
+# ## Per process
 #
 # On several hosts each process reads only its contiguous share of the global batch (process `p` of `P`
-# takes rows `p*B/P ... (p+1)*B/P`), so global example `i` is the same episode however many processes and
-# devices run. Each share is then laid out `(local_devices, B/n, ...)` and put on the devices with
-# `jax.device_put` and a sharding over the local devices (no `device_put_sharded`, gone in JAX 0.10).
+# takes rows `p*B/P ... (p+1)*B/P`), so global example `i` is the same episode however many processes
+# run. (Laying a share out over the local devices is the trainer's step.)
 
 # %%
 #| export
 def process_share(idx: dict, process_index: int = 0, process_count: int = 1) -> dict:
     "This process's contiguous share of a global index batch."
     B = len(idx['target_index'])
-    if B % process_count: raise ValueError(f"batch size {B} does not split over {process_count} processes")
+    if B % process_count: raise ValueError(f"batch size {B} does not split over {process_count} processes: use a multiple of {process_count}")
     n = B // process_count
     return {k: v[process_index * n:(process_index + 1) * n] for k, v in idx.items()}
-
-
-def per_device(batch: dict, n_devices: int) -> dict:
-    "Reshape every array (B, ...) -> (n_devices, B / n_devices, ...)."
-    def f(x):
-        if x.shape[0] % n_devices: raise ValueError(f"batch {x.shape[0]} does not split over {n_devices} devices")
-        return x.reshape(n_devices, x.shape[0] // n_devices, *x.shape[1:])
-    return {k: f(v) for k, v in batch.items()}
 
 
 # %%
 sh = [process_share(want[0], p, 4) for p in range(4)]
 test_eq(np.concatenate([s['target_index'] for s in sh]), want[0]['target_index'])
-pd = per_device(hb, 8); test_eq(pd['moments'].shape, (8, 2, 2, 2, 4, 4, 3))
-test_eq(pd['moments'].reshape(16, *pd['moments'].shape[2:]), hb['moments'])
-raises(lambda: per_device(hb, 3), 'does not split over 3 devices')
+for k in hb: test_eq(np.concatenate([host_batch(_emb, _mom, s)[k] for s in sh]), hb[k])
+raises(lambda: process_share(want[0], 0, 3), 'does not split over 3 processes')
 
 
 # %% [markdown]
-# `host_batches` chains it for a training loop: this process's share of each global batch, gathered from
-# the store and laid out per local device.
-
-# %%
-#| export
-def host_batches(embeds: np.ndarray, moments: np.ndarray, batches: Iterator[dict], n_devices: int,
-                 process_index: int = 0, process_count: int = 1, latents: bool = True) -> Iterator[dict]:
-    "Per global index batch: this process's host batch, laid out `(n_devices, B / (P * n_devices), ...)`."
-    for idx in batches:
-        yield per_device(host_batch(embeds, moments, process_share(idx, process_index, process_count), latents), n_devices)
-
-
-# %%
-hb2 = next(host_batches(_emb, _mom, iter(want[:1]), 2, process_index=1, process_count=2))
-test_eq(hb2['support_embeds'].shape, (2, 4, 5, _D))
-test_eq(hb2['target_index'].reshape(-1), want[0]['target_index'][8:])
-
-
-# %%
-#| export
-def device_sharding(devices=None):
-    "A sharding that splits the leading (device) axis over `devices` (default: the local devices)."
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    devices = jax.local_devices() if devices is None else devices
-    return NamedSharding(Mesh(np.array(devices), ('devices',)), PartitionSpec('devices'))
-
-
-def prefetch_to_device(batches: Iterator[dict], size: int = 2, sharding=None) -> Iterator[dict]:
-    "Keep `size` batches (laid out by `per_device`) in flight to the devices ahead of the consumer."
-    import jax, collections
-    sharding = device_sharding() if sharding is None else sharding
-    buf = collections.deque()
-    def put(b): buf.append({k: jax.device_put(v, sharding) for k, v in b.items()})   # asynchronous copy
-    for b in batches:
-        put(b)
-        if len(buf) > size: yield buf.popleft()
-    while buf: yield buf.popleft()
-
-
-# %%
-import jax
-n = jax.local_device_count()
-got = list(prefetch_to_device(per_device(host_batch(_emb, _mom, w), n) for w in want[:3]))
-test_eq(len(got), 3)
-test_eq(np.asarray(got[2]['support_embeds']).reshape(16, 5, _D), host_batch(_emb, _mom, want[2])['support_embeds'])
-
-
-# %% [markdown]
-# ## Encoding images
-#
-# The frozen encoders turn uint8 images into what the store holds. `encode_images` is the one path used
-# both by `fsdit.features.precompute` (every image once) and by `online_batch` (small runs, the explorer):
-# images are scaled to [-1, 1] by `to_unit`; `embed` gives (n, D), L2-normalised here; `moments` gives the posterior
-# `(mean, logvar)` of the images and of their mirrors in one call.
-
-# %%
-#| export
-def encode_images(images: np.ndarray, embed: Callable, moments: Callable) -> tuple[np.ndarray, np.ndarray]:
-    "uint8 (n, H, W, 3) -> embeds (n, D) float16 L2-normalised, moments (n, 2, 2, h, w, c) float16."
-    x = to_unit(images)                                                 # [-1, 1], as SigLIP and the VAE expect
-    e = np.asarray(embed(x), np.float32)
-    e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
-    mean, logvar = moments(np.concatenate([x, x[:, :, ::-1]]))          # image and mirror, one call
-    mean, logvar = np.asarray(mean, np.float32), np.asarray(logvar, np.float32)
-    n = len(x)
-    m = np.stack([np.stack([mean[:n], logvar[:n]], 1), np.stack([mean[n:], logvar[n:]], 1)], 1)
-    return e.astype(np.float16), m.astype(np.float16)
-
-
-def online_batch(paths: Sequence, idx: dict, embed: Callable, moments: Callable, image_size: int,
-                 latents: bool = True) -> dict:
-    "The host batch of `host_batch`, computed from the image files through the encoders."
-    t, s = idx['target_index'], idx['support_index']
-    rows = np.unique(np.concatenate([t, s.reshape(-1)]))                # each image once
-    imgs = np.stack([load_image(paths[r], image_size) for r in rows])
-    e, m = encode_images(imgs, embed, moments)
-    where = np.searchsorted(rows, np.arange(rows.max() + 1))            # store row -> position in `rows`
-    return host_batch(e, m, {**idx, 'target_index': where[t], 'support_index': where[s]}, latents) | {
-        'target_index': t.astype(np.int64)}
-
-
-# %% [markdown]
-# ## An offline dataset: glyphs of matplotlib's fonts
-#
-# Our machines reach no dataset site, and the measured experiment in the project notes shows that with
-# few classes (scikit-learn's 10 digits) the model learns a lookup of class identity instead of drawing
-# what the supports show. So the offline dataset has many classes: **characters as classes, fonts as
-# images**, rendered from the 16 text fonts matplotlib ships (DejaVu Sans / Serif / Sans Mono and
-# STIX General, each regular, bold, italic, bold italic). About 130 characters (digits, Latin, the
-# Greek letters that do not look like Latin ones, symbols); each image is one font with a small
-# deterministic jitter (shift, scale, rotation, stroke weight), so a class has `per_class` (24) images, at
-# `size` (32) px, gray rendered to RGB PNG, laid out flat like miniImageNet (`dst/<class>/<image>.png`).
-# It is real data (typefaces are drawn by people), not random noise; a character missing from a font is
-# skipped for that font. 24 images make 4 disjoint sets of 6, so no image sits out an epoch.
-
-# %%
-#| export
-GLYPHS = ('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
-          'αβγδεζηθικλμνξπρστυφχψωΓΔΘΛΞΠΣΦΨΩ' '#$%&@?!+=<>*/\\{}[]()~^§¶£¥€ßæøðþÆØÞ')
-GLYPH_FONTS = ('DejaVuSans', 'DejaVuSans-Bold', 'DejaVuSans-Oblique', 'DejaVuSans-BoldOblique',
-               'DejaVuSerif', 'DejaVuSerif-Bold', 'DejaVuSerif-Italic', 'DejaVuSerif-BoldItalic',
-               'DejaVuSansMono', 'DejaVuSansMono-Bold', 'DejaVuSansMono-Oblique', 'DejaVuSansMono-BoldOblique',
-               'STIXGeneral', 'STIXGeneralBol', 'STIXGeneralItalic', 'STIXGeneralBolIta')
-
-
-def _font_path(name: str) -> str:
-    import matplotlib
-    return os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', name + '.ttf')
-
-
-@functools.lru_cache(maxsize=None)
-def _ft2font(path: str):
-    from matplotlib.ft2font import FT2Font
-    return FT2Font(path)
-
-
-def _has_glyph(path: str, ch: str) -> bool: return _ft2font(path).get_char_index(ord(ch)) != 0
-
-
-def render_glyph(ch: str, font: str, size: int = 32, shift=(0.0, 0.0), scale: float = 1.0, angle: float = 0.0,
-                 stroke: int = 0) -> np.ndarray:
-    "One character in one matplotlib font: uint8 (size, size) dark on white, jittered as asked."
-    from PIL import ImageDraw, ImageFont
-    S = 4 * size                                            # render large, then downsample (antialiasing)
-    f = ImageFont.truetype(_font_path(font), int(0.6 * S * scale))
-    im = Image.new('L', (S, S), 0)
-    ImageDraw.Draw(im).text((S / 2 + shift[0] * S, S / 2 + shift[1] * S), ch, fill=255, font=f, anchor='mm')
-    if stroke: im = im.filter(ImageFilter.MaxFilter(2 * stroke + 1))
-    im = im.rotate(angle, resample=Image.BICUBIC)
-    return 255 - np.asarray(im.resize((size, size), Image.LANCZOS), np.uint8)
-
-
-def glyph_name(ch: str) -> str:
-    "A folder name for a character: its code point and Unicode name."
-    import unicodedata
-    return f"u{ord(ch):04x}_" + unicodedata.name(ch, 'glyph').lower().replace(' ', '_').replace('-', '_')
-
-
-def glyph_char(name: str) -> str:
-    "The character of a `glyph_name` folder."
-    return chr(int(name.split('_', 1)[0][1:], 16))
-
-
-def glyph_fonts(ch: str, fonts: Sequence[str] = GLYPH_FONTS) -> list[str]:
-    "The fonts of `fonts` that draw `ch`."
-    return [f for f in fonts if _has_glyph(_font_path(f), ch)]
-
-
-def glyph_jitter(rng: np.random.RandomState) -> dict:
-    "One image's random jitter: shift, scale, rotation and (a quarter of the time) a heavier stroke."
-    return dict(shift=tuple(rng.uniform(-0.06, 0.06, 2)), scale=rng.uniform(0.85, 1.1),
-                angle=rng.uniform(-10, 10), stroke=int(rng.rand() < 0.25))
-
-
-def render_class(ch: str, n: int, size: int, rng: np.random.RandomState, fonts: Sequence[str] = GLYPH_FONTS):
-    "`n` jittered images (n, size, size) uint8 of `ch`, cycling through the fonts that draw it, and their fonts."
-    have = glyph_fonts(ch, fonts)
-    names = [have[i % len(have)] for i in range(n)]
-    return np.stack([render_glyph(ch, f, size, **glyph_jitter(rng)) for f in names]), names
-
-
-# %%
-g = render_glyph('A', 'DejaVuSans', 32)
-test_eq((g.shape, g.dtype), ((32, 32), np.uint8))
-assert g.min() < 50 and g[0, 0] == 255 and (g < 128).mean() > 0.05        # dark glyph on white
-assert (render_glyph('A', 'DejaVuSans', 32, stroke=2) < 128).sum() > (g < 128).sum()
-test_eq(glyph_name('λ'), 'u03bb_greek_small_letter_lamda'); test_eq(glyph_char(glyph_name('λ')), 'λ')
-
-# %% [markdown]
-# 130 characters are few: with few classes a model can learn a lookup of class identity instead of
-# drawing what the supports show (Omniglot, the classic few-shot set, has 1,623 characters). The fonts
-# cover far more: 5,865 characters are drawn by at least 4 of the 16. `glyph_classes(n)` picks `n` of
-# them that look different from each other: the classic set first, then the rest in a seeded random
-# order, keeping a character only if its rendering (one font, `size` px, centred and unit-normalised)
-# is at least `min_distance` from every character kept so far. That drops exact look-alikes (Latin A and
-# Greek Alpha, Cyrillic O and Latin O), accented near-copies and marks too small or too big to read.
-
-# %%
-#| export
-GLYPH_CATEGORIES = ('Lu', 'Ll', 'Lt', 'Lo', 'Nd', 'No', 'Sm', 'So', 'Sc', 'Po', 'Ps', 'Pe')
-
-
-def _candidates(fonts: Sequence[str], min_fonts: int) -> list[str]:
-    import unicodedata
-    maps = [set(_ft2font(_font_path(f)).get_charmap()) for f in fonts]
-    cps = sorted(cp for cp in set().union(*maps) if sum(cp in m for m in maps) >= min_fonts)
-    return [chr(cp) for cp in cps if unicodedata.category(chr(cp)) in GLYPH_CATEGORIES]
-
-
-def glyph_classes(n: int, size: int = 16, min_fonts: int = 4, min_distance: float = 0.35, seed: int = 0,
-                  fonts: Sequence[str] = GLYPH_FONTS) -> str:
-    "`n` characters drawn by at least `min_fonts` fonts whose renderings differ (see above), as a string."
-    cands = _candidates(fonts, min_fonts); have = set(cands)
-    first = [c for c in GLYPHS if c in have]
-    rest = [c for c in cands if c not in set(first)]
-    order = first + [rest[i] for i in np.random.RandomState(seed).permutation(len(rest))]
-    kept, vecs = [], np.zeros((0, size * size), np.float32)
-    for ch in order:
-        ink = 1 - render_glyph(ch, glyph_fonts(ch, fonts)[0], size).astype(np.float32) / 255
-        if not 0.03 < ink.mean() < 0.6: continue                       # unreadably small, or a solid block
-        v = (ink - ink.mean()).ravel(); v /= np.linalg.norm(v)
-        if len(kept) and np.linalg.norm(vecs - v, axis=1).min() < min_distance: continue
-        kept.append(ch); vecs = np.concatenate([vecs, v[None]])
-        if len(kept) == n: break
-    if len(kept) < n: raise ValueError(f"only {len(kept)} distinct characters at min_distance={min_distance}; ask for fewer")
-    return ''.join(kept)
-
-
-# %%
-_gc = glyph_classes(300)
-test_eq(len(_gc), 300); test_eq(len(set(_gc)), 300)
-assert _gc.startswith('0123456789') and 'Α' not in _gc                  # Greek capital Alpha looks like A
-assert all(len(glyph_fonts(c)) >= 4 for c in _gc)
-test_eq(glyph_classes(300), _gc)                                        # deterministic
-raises(lambda: glyph_classes(20, min_distance=5.0), 'distinct characters')
-
-
-# %%
-#| export
-def make_offline_dataset(dst, per_class: int = 24, size: int = 32, seed: int = 0, chars: str | Sequence[str] = GLYPHS,
-                         fonts: Sequence[str] = GLYPH_FONTS) -> dict[str, int]:
-    "Write the glyph dataset flat into `dst/<class>/*.png` (atomic; a complete `dst` is reused); class -> images."
-    dst = Path(dst)
-    if (dst / 'glyphs.json').exists(): return json.loads((dst / 'glyphs.json').read_text())['classes']
-    if dst.exists() and any(dst.iterdir()): raise FileExistsError(f"{dst} exists and is not a glyph dataset")
-    rng = np.random.RandomState(seed)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_dir(dst)
-    counts = {}
-    try:
-        for ch in chars:
-            if len(glyph_fonts(ch, fonts)) < 4: continue         # too few typefaces to be a class
-            d = tmp / glyph_name(ch); d.mkdir()
-            images, names = render_class(ch, per_class, size, rng, fonts)
-            for i, (g, font) in enumerate(zip(images, names)):
-                Image.fromarray(g).save(d / f"{i:02d}_{font}.png")   # gray PNG; `load_image` gives RGB
-            counts[d.name] = per_class
-        (tmp / 'glyphs.json').write_text(json.dumps(dict(per_class=per_class, size=size, seed=seed, classes=counts)))
-        if dst.exists(): dst.rmdir()
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    return counts
-
-
-# %% [markdown]
-# The held-out classes come from the same `prepare` rule as miniImageNet's:
-# `prepare(dst, split, **offline_split_sizes(n_classes))`, about 70/10/20% of the classes (130 -> 91/13/26).
-
-# %%
-#| export
-def offline_split_sizes(n_classes: int) -> dict[str, int]:
-    "train/val/test class counts for the offline dataset: about 70/10/20%, every class used."
-    val, test = max(1, n_classes // 10), max(1, n_classes // 5)
-    return dict(train=n_classes - val - test, val=val, test=test)
-
-
-# %%
-import time
-_t0 = time.time()
-_gl = make_offline_dataset(_root / 'glyphs', per_class=6, size=16, chars=GLYPHS[:4] + 'λ€')
-test_eq(len(_gl), 6); test_eq(len(list_images(_root / 'glyphs' / glyph_name('λ'))), 6)
-test_eq(load_image(next((_root / 'glyphs' / glyph_name('0')).iterdir())).shape, (16, 16, 3))
-test_eq(make_offline_dataset(_root / 'glyphs'), _gl)                        # reused, not rebuilt
-assert time.time() - _t0 < 10
-m = prepare(_root / 'glyphs', _root / 'glyph_split', **offline_split_sizes(6), seed=0)
-test_eq([len(m['classes'][k]) for k in SPLITS], [4, 1, 1])
-
-
-# %% [markdown]
-# ## Stand-in encoders for the offline dataset
-#
-# **The stand-in support encoder is not SigLIP2.** It is a fixed random projection (Gaussian, seeded)
-# of the image downsampled to `grid x grid` gray pixels, centred and scaled to unit norm, then
-# L2-normalised: it sees shapes and positions, no semantics. It makes the whole chain run offline with
-# the same code paths; numbers measured with it say nothing about SigLIP2 features. `PixelSpace` is
-# the pixel-space "VAE": the image itself (resized to `size`) is the posterior mean with log-variance
-# -30, so the posterior sample is the image and training, sampling and the store need no second path.
-
-# %%
-#| export
-@dataclasses.dataclass(frozen=True)
-class PixelEncoder:
-    "Stand-in support encoder (NOT SigLIP2): seeded random projection of normalised downsampled pixels."
-    dim: int = 64
-    grid: int = 8
-    seed: int = 0
-
-    @property
-    def name(self) -> str: return f"stand-in/pixel-randproj-g{self.grid}-d{self.dim}-s{self.seed}"
-
-    @property
-    def matrix(self) -> np.ndarray:                                   # (grid*grid, dim)
-        return np.random.RandomState(self.seed).randn(self.grid ** 2, self.dim).astype(np.float32)
-
-    def embed(self, images):
-        "images (B, H, W, C) in [-1, 1] -> (B, dim) L2-normalised."
-        import jax, jax.numpy as jnp
-        x = jnp.asarray(images, jnp.float32).mean(-1)                  # (B, H, W) gray
-        x = jax.image.resize(x, (x.shape[0], self.grid, self.grid), 'linear', antialias=True).reshape(x.shape[0], -1)
-        x = x - x.mean(-1, keepdims=True)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-        e = x @ jnp.asarray(self.matrix)
-        return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
-
-
-@dataclasses.dataclass(frozen=True)
-class PixelSpace:
-    "Pixel-space stand-in for the VAE: mean = the image resized to `size`, logvar = -30."
-    size: int = 32
-    channels: int = 3
-
-    @property
-    def name(self) -> str: return f"pixel-{self.size}x{self.channels}"
-
-    def moments(self, images):
-        "images (B, H, W, 3) in [-1, 1] -> (mean, logvar), each (B, size, size, channels)."
-        import jax, jax.numpy as jnp
-        x = jnp.asarray(images, jnp.float32)
-        if x.shape[1:3] != (self.size, self.size):
-            x = jax.image.resize(x, (x.shape[0], self.size, self.size, x.shape[-1]), 'linear', antialias=True)
-        if self.channels == 1: x = x.mean(-1, keepdims=True)
-        return x, jnp.full_like(x, -30.0)
-
-
-# %%
-pe, ps = PixelEncoder(dim=16), PixelSpace(size=16)
-imgs = np.stack([load_image(p, 16) for p in list_images(_root / 'glyphs' / glyph_name('0'))])
-e, mo = encode_images(imgs, pe.embed, ps.moments)
-test_eq((e.shape, e.dtype, mo.shape), ((6, 16), np.float16, (6, 2, 2, 16, 16, 3)))
-test_close(np.linalg.norm(e.astype(np.float32), axis=-1), 1, eps=1e-2)
-test_close(mo[:, 0, 0], imgs / 127.5 - 1, eps=1e-2); test_close(mo[:, 1, 0], imgs[:, :, ::-1] / 127.5 - 1, eps=1e-2)
-test_eq(float(mo[0, 0, 1].max()), -30.0)
-test_close(np.asarray(pe.embed(imgs / 127.5 - 1)), np.asarray(pe.embed(imgs / 127.5 - 1)))   # deterministic
-
-# %% [markdown]
-# The online batch computed from the image files equals the batch gathered from a store of the same encoders:
-
-# %%
-_paths = [p for c in list_classes(_root / 'glyph_split' / 'train') for p in list_images(_root / 'glyph_split' / 'train' / c)]
-_cr = [np.arange(6) + 6 * c for c in range(4)]
-_idx = next(EpisodeBatches(_cr, 8, seed=0))
-_E, _M = encode_images(np.stack([load_image(p, 16) for p in _paths]), pe.embed, ps.moments)
-ob, sb = online_batch(_paths, _idx, pe.embed, ps.moments, 16), host_batch(_E, _M, _idx)
-for k in sb: test_close(ob[k].astype(np.float32), sb[k].astype(np.float32), eps=2e-3)
-
-
-# %% [markdown]
-# A pixel-space model for the offline data: 32x32x3 images, patch 4 (64 tokens), the stand-in's width.
-
-# %%
-#| export
-def offline_model_config(preset: str = 'mu', size: int = 32, channels: int = 3, embed_dim: int = 64, **overrides):
-    "A `ModelConfig` for the pixel-space offline dataset (`PixelSpace(size, channels)`, `PixelEncoder(embed_dim)`)."
-    from fsdit.config import model_config
-    return model_config(preset, **{'input_size': size, 'in_channels': channels, 'patch': 4,
-                                   'support_dim': embed_dim, **overrides})
-
-
-# %%
-c = offline_model_config(); test_eq((c.input_size, c.in_channels, c.tokens, c.support_dim), (32, 3, 64, 64))
-test_eq(offline_model_config(patch=2).tokens, 256)
-
-
-# %% [markdown]
-# ## The trainer's episode source
+# ## The episode source
 #
 # The trainer reads episodes through a small source object: `batches(position)` yields this process's
 # share of each global batch together with the data position after it (`{'epoch', 'offset'}`, saved with
 # every checkpoint), and `val_batches()` the fixed validation episodes. `EpisodeSource` builds both from
-# store arrays — the feature store's memory-mapped files or arrays in memory — with the
-# resumable stratified episodes above. Each process gathers only its own rows.
+# store arrays — the feature store's memory-mapped files or arrays in memory. It also carries the space
+# (`'latent'` or `'pixel'`) and `latent_scale`, the factor between the store's posterior latents and the
+# model's space (the VAE's scaling factor; 1 in pixel space), which `fsdit.features.store_source` takes
+# from the store. `check()` refuses, before a run writes anything, settings the classes cannot meet.
 
 # %%
 #| export
 class EpisodeSource:
     "Train and validation episode batches gathered from store arrays, this process's share only."
     def __init__(self, embeds, moments, train_rows, val_rows, tc: TrainConfig, space: str = 'latent',
-                 val_batches: int = 2, latents: bool = True, names: dict | None = None, latent_scale: float = 1.0):
+                 val_batches: int = 2, names: dict | None = None, latent_scale: float = 1.0):
         self.embeds, self.moments, self.train_rows, self.val_rows = embeds, moments, train_rows, val_rows
-        self.tc, self.space, self.n_val, self.latents = tc, space, val_batches, latents
-        self.latent_scale = latent_scale   # the VAE's scaling factor the store records (1 in pixel space)
+        self.tc, self.space, self.n_val, self.latent_scale = tc, space, val_batches, float(latent_scale)
         self.names = names or {}   # class names per split, for messages
 
     def check(self):
@@ -970,8 +585,7 @@ class EpisodeSource:
         EpisodeBatches(self.train_rows, tc.batch_size, tc.shots, tc.episodes, tc.seed)   # an epoch must fill a batch
 
     def _gather(self, idx: dict) -> dict:
-        import jax                                   # this module loads without jax (`fsdit prepare`)
-        return host_batch(self.embeds, self.moments, process_share(idx, jax.process_index(), jax.process_count()), self.latents)
+        return host_batch(self.embeds, self.moments, process_share(idx, jax.process_index(), jax.process_count()))
 
     def batches(self, position: dict | None = None) -> Iterator[tuple[dict, dict]]:
         "(batch, position after it) forever, starting at `position` (None: the beginning)."
@@ -985,3 +599,112 @@ class EpisodeSource:
         return [self._gather(i) for i in validation_batches(self.val_rows, self.tc.batch_size, self.n_val, self.tc.shots, seed=self.tc.seed)]
 
 
+# %% [markdown]
+# Five classes train and two validate; a saved position gives the next batch again, and 12 shots from
+# classes of 60 images would be fine, while 70 are refused naming the setting:
+
+# %%
+from fsdit.config import train_config
+_tc = train_config('test', batch_size=16)
+src = EpisodeSource(_emb, _mom, _rows[:5], _rows[5:], _tc, 'pixel', names={'train': list('abcde')})
+test_eq((src.space, src.latent_scale), ('pixel', 1.0))
+it = src.batches()
+(b1, p1), (b2, p2) = next(it), next(it)
+test_eq(b1['support_latents'].shape, (16, 5, 4, 4, 3)); assert (b1['labels'] < 5).all()
+same(next(src.batches(p1))[0], b2)                                    # restarting at a saved position
+test_eq(len(src.val_batches()), 2); same(src.val_batches()[1], src.val_batches()[1])
+src.check()
+raises(EpisodeSource(_emb, _mom, _rows[:5], _rows[5:], train_config('test', shots=70), names={'train': list('abcde')}).check,
+       "shots 70 needs 71 images per class (a target and 70 supports), but 5 train class(es) have fewer (the smallest, 'a', has 60)")
+
+
+# %% [markdown]
+# ## Devices
+#
+# `device_sharding` splits a leading axis over the local devices; `fsdit.features` uses it to spread each
+# encoder batch over them.
+
+# %%
+#| export
+def device_sharding(devices=None):
+    "A sharding that splits the leading (device) axis over `devices` (default: the local devices)."
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    devices = jax.local_devices() if devices is None else devices
+    return NamedSharding(Mesh(np.array(devices), ('devices',)), PartitionSpec('devices'))
+
+
+# %%
+_n = jax.local_device_count()
+_a = jax.device_put(np.arange(4 * _n).reshape(_n, 4), device_sharding())
+test_eq(len(_a.sharding.device_set), _n); test_eq([s.data.shape for s in _a.addressable_shards], [(1, 4)] * _n)
+
+
+# %% [markdown]
+# ## Encoding images
+#
+# The frozen encoders turn uint8 images into what the store holds. `encode_images` is the one path used
+# both by `fsdit.features.precompute` (every image once) and by `online_batch` (small runs, the explorer):
+# images are scaled to [-1, 1] by `to_unit`; `embed` gives (n, D), L2-normalised here; `moments` gives the posterior
+# `(mean, logvar)` of the images and of their mirrors in one call.
+#
+# L2 normalisation is written once, for numpy arrays (on the host) and JAX arrays (inside compiled code)
+# alike: what goes in comes out, and it traces under `jit`. `eps` keeps a zero vector at zero.
+
+# %%
+#| export
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+    "`x / max(||x||, eps)` along `axis`: numpy in, numpy out; JAX in (traced too), JAX out."
+    xp = jnp if isinstance(x, jax.Array) else np
+    return x / xp.maximum(xp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+# %%
+_v = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
+test_eq(l2_normalize(_v), np.array([[0.6, 0.8], [0, 0]], np.float32)); assert isinstance(l2_normalize(_v), np.ndarray)
+_j = jax.jit(l2_normalize)(jnp.asarray(_v))
+assert isinstance(_j, jax.Array); test_close(np.asarray(_j), l2_normalize(_v))
+test_close(np.linalg.norm(l2_normalize(_v, axis=0), axis=0), [1.0, 1.0])
+
+
+# %%
+#| export
+def encode_images(images: np.ndarray, embed: Callable, moments: Callable) -> tuple[np.ndarray, np.ndarray]:
+    "uint8 (n, H, W, 3) -> embeds (n, D) float16 L2-normalised, moments (n, 2, 2, h, w, c) float16."
+    x = to_unit(images)                                                 # [-1, 1], as SigLIP and the VAE expect
+    e = l2_normalize(np.asarray(embed(x), np.float32))
+    mean, logvar = moments(np.concatenate([x, x[:, :, ::-1]]))          # image and mirror, one call
+    mean, logvar = np.asarray(mean, np.float32), np.asarray(logvar, np.float32)
+    n = len(x)
+    m = np.stack([np.stack([mean[:n], logvar[:n]], 1), np.stack([mean[n:], logvar[n:]], 1)], 1)
+    return e.astype(np.float16), m.astype(np.float16)
+
+
+def online_batch(paths: Sequence, idx: dict, embed: Callable, moments: Callable, image_size: int) -> dict:
+    "The host batch of `host_batch`, computed from the image files through the encoders."
+    t, s = idx['target_index'], idx['support_index']
+    rows = np.unique(np.concatenate([t, s.reshape(-1)]))                # each image once
+    imgs = np.stack([load_image(paths[r], image_size) for r in rows])
+    e, m = encode_images(imgs, embed, moments)
+    where = np.searchsorted(rows, np.arange(rows.max() + 1))            # store row -> position in `rows`
+    return host_batch(e, m, {**idx, 'target_index': where[t], 'support_index': where[s]}) | {
+        'target_index': t.astype(np.int64)}
+
+
+# %% [markdown]
+# With toy encoders (mean colour as the embedding, the image itself as a posterior with log-variance -30)
+# the store rows hold the image and its mirror, and the batch computed from the files equals the batch
+# gathered from a store of the same encoders:
+
+# %%
+_embed = lambda x: np.asarray(x).mean((1, 2))                           # (n, 3)
+_moments = lambda x: (x, np.full_like(x, -30.0))
+_files = [list_images(_root / 'split' / 'train' / c) for c in list_classes(_root / 'split' / 'train')]
+_paths = sum(_files, [])
+_E, _M = encode_images(np.stack([load_image(p, 8) for p in _paths]), _embed, _moments)
+test_eq((_E.shape, _E.dtype, _M.shape), ((len(_paths), 3), np.float16, (len(_paths), 2, 2, 8, 8, 3)))
+test_close(np.linalg.norm(_E.astype(np.float32), axis=-1), 1, eps=1e-2)
+test_close(_M[0, 1, 0], _M[0, 0, 0][:, ::-1], eps=1e-3)
+_cr = np.split(np.arange(len(_paths)), np.cumsum([len(f) for f in _files])[:-1])   # each class's rows
+_idx = next(EpisodeBatches(_cr, 4, seed=0))
+ob, sb = online_batch(_paths, _idx, _embed, _moments, 8), host_batch(_E, _M, _idx)
+for k in sb: test_close(ob[k].astype(np.float32), sb[k].astype(np.float32), eps=2e-3)

@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import json, time
+import json
 from dataclasses import dataclass, asdict
 from functools import partial
 from pathlib import Path
@@ -19,6 +19,9 @@ import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
 from jaxtyping import Array, Float
+
+from fsdit.data import l2_normalize, resize_rule
+from fsdit.hub import HubUnavailableError, resolve_checkpoint
 
 # %%
 import os, tempfile
@@ -384,49 +387,23 @@ def expected_shapes(spec: VisionSpec) -> dict[str, tuple]:
 # %% [markdown]
 # ## Hub ids and the offline case
 #
-# A name that is a directory is read as it is. Anything else is a hub id: `huggingface_hub` fetches
-# `config.json` and the safetensors files (from its cache when they are there). On a machine without
-# network — our CI, a Kaggle session with internet off, `HF_HUB_OFFLINE=1` — that fails within seconds
-# (`huggingface_hub` gives up on a failed connection at once and its metadata timeout is short), and the
-# error says which repo was asked for and how to pass a local directory instead. There is never a
-# fallback to random weights.
+# A name that is a directory is read as it is; anything else is a hub id, fetched by `fsdit.hub.resolve_checkpoint`
+# (the VAE's rule too): from the cache when the files are there, downloaded otherwise, and on a machine
+# without network — our CI, a Kaggle session with internet off, `HF_HUB_OFFLINE=1` — refused within
+# seconds by a `HubUnavailableError` that names the repo and says how to pass a local directory instead.
+# Only `config.json` and the safetensors files are fetched.
 
 # %%
 #| export
-class HubUnavailableError(OSError):
-    "A hub id could not be fetched (no network, offline mode, or no such repo) and is not in the local cache."
-
-
 HUB_PATTERNS = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors']
-
-
-def resolve_checkpoint(repo_id_or_dir: str | Path, patterns=HUB_PATTERNS) -> Path:
-    "A local directory holding the checkpoint: `repo_id_or_dir` itself, or the hub snapshot of that id."
-    p = Path(repo_id_or_dir).expanduser()
-    if p.is_dir(): return p
-    s = str(repo_id_or_dir)
-    if p.exists() or s.startswith(('/', '.', '~')) or s.count('/') != 1:
-        raise FileNotFoundError(f"{s!r} is neither a checkpoint directory nor a hub id like 'google/siglip2-base-patch16-224'")
-    from huggingface_hub import snapshot_download
-    try:
-        try:                                                          # complete in the cache: no network at all
-            d = Path(snapshot_download(s, allow_patterns=patterns, local_files_only=True))
-            if (d / 'config.json').exists() and any(d.glob('model*.safetensors*')): return d
-        except Exception: pass
-        return Path(snapshot_download(s, allow_patterns=patterns, etag_timeout=10))
-    except Exception as e:
-        raise HubUnavailableError(
-            f"could not fetch {s!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            f"Without network, download it elsewhere (huggingface-cli download {s} --local-dir DIR) and pass that "
-            f"directory instead of the id: from_pretrained('DIR').") from None
-
 
 # %%
 #| hide
 import subprocess, sys
-_r = subprocess.run([sys.executable, '-c', "from fsdit.encoder import *; resolve_checkpoint('google/no-such-siglip')"],
+_r = subprocess.run([sys.executable, '-c', "from fsdit.encoder import SigLIPEncoder; SigLIPEncoder.from_pretrained('google/no-such-siglip')"],
                     env={**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': tempfile.mkdtemp()}, capture_output=True, text=True, timeout=120)
 assert 'HubUnavailableError' in _r.stderr and "'google/no-such-siglip'" in _r.stderr and 'local-dir' in _r.stderr, _r.stderr[-2000:]
+
 
 # %% [markdown]
 # ## Preprocessing: one resize rule
@@ -436,18 +413,11 @@ assert 'HubUnavailableError' in _r.stderr and "'google/no-such-siglip'" in _r.st
 # exactly what transformers' SigLIP image processor does with the hub's `preprocessor_config.json`
 # (`resample: 2`): PIL bilinear resize of the uint8 image straight to the square (no aspect-preserving
 # crop), rescale by 1/255, normalise with mean 0.5 and std 0.5. The seed's paths resized in different
-# ways (FACTS: the rule moves embeddings a little), so the rule is a string recorded in every feature store.
+# ways (FACTS: the rule moves embeddings a little), so the rule is a string recorded in every feature store:
+# `fsdit.data.resize_rule`, the one definition that `fsdit.data.to_unit` and this function follow.
 
 # %%
 #| export
-RESIZE_RULE = 'PIL bilinear resize of the uint8 RGB image to {size}x{size} (no crop), x/255, (x-0.5)/0.5'
-
-
-def resize_rule(size: int = 224) -> str:
-    "The preprocessing rule as recorded in feature stores."
-    return RESIZE_RULE.format(size=size)
-
-
 def preprocess_siglip(images, size: int = 224) -> Float[np.ndarray, 'N size size 3']:
     "uint8 RGB images of any size (PIL images, (H, W, 3) arrays or an (N, H, W, 3) array) -> float32 (N, size, size, 3) in [-1, 1]."
     from PIL import Image
@@ -507,9 +477,6 @@ def _check_images(x, spec: VisionSpec, rank: int = 4):
     return x
 
 
-def _normalize(z): return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
 # The module is a static (hashable) argument: encoders of the same shape and dtype share one compiled function.
 @partial(jax.jit, static_argnums=0)
 def _forward(module, params, x):
@@ -522,8 +489,8 @@ def _pool(module, params, x):
     return module.apply({'params': params}, x)[1].astype(jnp.float32)
 
 
-_embed = jax.jit(lambda module, params, x: _normalize(_pool(module, params, x)), static_argnums=0)
-_encode_supports = jax.jit(lambda module, params, s: _normalize(_pool(module, params, s.reshape(-1, *s.shape[2:])))
+_embed = jax.jit(lambda module, params, x: l2_normalize(_pool(module, params, x)), static_argnums=0)
+_encode_supports = jax.jit(lambda module, params, s: l2_normalize(_pool(module, params, s.reshape(-1, *s.shape[2:])))
                            .reshape(*s.shape[:2], -1).mean(1), static_argnums=0)   # (B, K, H, W, C) -> (B, D)
 
 # %%
@@ -568,8 +535,7 @@ class SigLIPEncoder:
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: str | Path = 'google/siglip2-base-patch16-224', dtype: str = 'float32') -> SigLIPEncoder:
         "Load the vision tower of a transformers SigLIP checkpoint: a hub id or a local directory."
-        d = resolve_checkpoint(repo_id_or_dir)
-        if not (d / 'config.json').exists(): raise CheckpointError(f"no config.json in {d}: not a transformers checkpoint")
+        d = resolve_checkpoint(repo_id_or_dir, HUB_PATTERNS, 'a SigLIP checkpoint', 'SigLIPEncoder.from_pretrained')
         spec = read_vision_config(json.loads((d / 'config.json').read_text()))
         return cls(spec, to_flax(read_vision_weights(d, spec), spec), dtype, name=str(repo_id_or_dir))
 
@@ -670,55 +636,3 @@ e16 = SigLIPEncoder.from_pretrained(_dir, dtype='bfloat16').embed(x)
 _d = np.linalg.norm(np.asarray(e16) - np.asarray(e), axis=-1)
 test_eq(e16.dtype, jnp.float32)  # outputs are float32 in both modes
 assert 0 < _d.max() < 0.05, _d
-
-
-# %% [markdown]
-# ## Speed
-#
-# `bench_encoder` times `embed` on full-size random weights (B/16 at 224) for each dtype, beside
-# transformers' PyTorch `SiglipVisionModel` on CPU, in one process. It is a function to run, not a test;
-# on a 2-core CPU it takes minutes. Measured once, `bench_encoder(batch=64, iters=1)` (one warm-up batch
-# then one timed batch of 64 images at 224 px, random B/16 weights), on a **2-core CPU** shared with other
-# jobs (load average 10-13 during the run, so every figure is several times below what an idle machine gives;
-# compare them with each other, not with other machines):
-#
-# | implementation | images/s |
-# |---|---|
-# | Flax, float32 | 0.48 |
-# | Flax, bfloat16 | 0.38 (this CPU has no fast bfloat16 matmul; bfloat16 pays off on TPU/GPU) |
-# | PyTorch `SiglipVisionModel`, float32, CPU | 0.43 |
-
-# %%
-#| export
-def _time(f, iters: int) -> float:
-    f()                                           # compile / warm up
-    t = time.perf_counter()
-    for _ in range(iters): f()
-    return (time.perf_counter() - t) / iters
-
-
-def bench_encoder(batch: int = 64, iters: int = 3, dtypes=('float32', 'bfloat16'), torch_ref: bool = True,
-                  spec: VisionSpec | None = None) -> dict[str, float]:
-    "Images/s of `embed` at `batch` for each dtype (and PyTorch's `SiglipVisionModel` on CPU when installed); random full-size weights."
-    spec = spec or VisionSpec()
-    enc = SigLIPEncoder.random(spec)
-    x = np.random.default_rng(0).uniform(-1, 1, (batch, spec.image_size, spec.image_size, spec.num_channels)).astype(np.float32)
-    out = {}
-    for dt in dtypes:
-        e = SigLIPEncoder(spec, enc.params, dt)
-        out[f'jax_{dt}'] = batch / _time(lambda: e.embed(x).block_until_ready(), iters)
-    if torch_ref:
-        try: import torch, transformers
-        except ImportError: return out
-        m = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**asdict(spec))).eval()
-        m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch(enc.params, spec).items()})
-        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-        with torch.inference_mode():
-            out['torch_float32_cpu'] = batch / _time(lambda: m(pixel_values=xt).pooler_output, iters)
-    return out
-
-
-# %%
-_b = bench_encoder(batch=4, iters=1, spec=tiny)   # batch 4 as above: reuses the compiled functions
-test_eq(sorted(_b), ['jax_bfloat16', 'jax_float32', 'torch_float32_cpu'])
-assert all(v > 0 for v in _b.values())

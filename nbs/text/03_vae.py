@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import functools, json, os, socket, urllib.parse
+import functools, json, os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
+
+from fsdit.hub import resolve_checkpoint
 
 # %%
 import tempfile
@@ -70,9 +72,6 @@ class VAEConfig:
 
 # %%
 #| export
-_IGNORED = {'sample_size', 'force_upcast', 'latents_mean', 'latents_std', 'down_block_types', 'up_block_types'}
-
-
 def vae_config_from_dict(d: dict[str, Any], source: str = 'config') -> VAEConfig:
     "Validate a diffusers `AutoencoderKL` config dict (as in config.json) and return its `VAEConfig`."
     cls = d.get('_class_name')
@@ -104,6 +103,7 @@ sd_cfg = vae_config_from_dict({'_class_name': 'AutoencoderKL', 'block_out_channe
                                'layers_per_block': 2, 'latent_channels': 4, 'norm_num_groups': 32})
 test_eq(sd_cfg.downsample_factor, 8)
 test_eq(sd_cfg.scaling_factor, 0.18215)   # absent from the hub's config.json -> diffusers' default
+test_eq(vae_config_from_dict({'_class_name': 'AutoencoderKL', 'scaling_factor': 0.13025}).scaling_factor, 0.13025)   # SDXL's VAE
 test_fail(lambda: vae_config_from_dict({'_class_name': 'VQModel'}), contains='AutoencoderKL')
 test_fail(lambda: vae_config_from_dict({'model_type': 'clip'}), contains="model_type='clip'")
 
@@ -387,63 +387,21 @@ test_fail(lambda: check_params(params, VAEConfig(block_out_channels=(8, 16), lay
 # ## Finding the checkpoint
 #
 # `repo_id_or_dir` is a local directory holding `config.json` and `diffusion_pytorch_model.safetensors`
-# (what diffusers' `save_pretrained` writes), or a Hugging Face hub id. Hub files come from the local
-# cache when they are there; otherwise they are downloaded — unless the hub cannot be reached, in which
-# case the error says so at once (instead of `huggingface_hub`'s retries) and says how to pass a
-# directory. Only the two files are fetched (the hub repos also hold a `.bin` and a `.ckpt` copy).
+# (what diffusers' `save_pretrained` writes), or a Hugging Face hub id, resolved by
+# `fsdit.hub.resolve_checkpoint` (the encoder's rule too): from the local cache when the files are there,
+# downloaded otherwise — unless the hub cannot be reached, in which case the error says so at once and
+# says how to pass a directory. Only the two files are fetched (the hub repos also hold a `.bin` and a
+# `.ckpt` copy).
+#
+#
+# The config is parsed with diffusers' `AutoencoderKL.load_config` when diffusers is installed (the
+# reference reader), else as plain JSON; the weights with `safetensors.numpy`.
 
 # %%
 #| export
 FILES = ('config.json', 'diffusion_pytorch_model.safetensors')
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE: return False
-    if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')): return True  # let the hub client try
-    u = urllib.parse.urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == 'https' else 80)), timeout=timeout).close()
-        return True
-    except OSError: return False
-
-
-def _offline_error(repo: str, why: str) -> OSError:
-    return OSError(f"cannot get the VAE {repo!r} from the Hugging Face hub ({why}; nor is it a local directory). "
-                   f"On a machine with internet run "
-                   f"`hf download {repo} {' '.join(FILES)} --local-dir DIR` (or diffusers' "
-                   f"AutoencoderKL.from_pretrained({repo!r}).save_pretrained(DIR)), copy DIR here and pass its path: "
-                   f"SDVAE.from_pretrained('DIR').")
-
-
-def resolve_checkpoint(repo_id_or_dir: str | os.PathLike, subfolder: str | None = None) -> Path:
-    "The local directory holding `FILES` for a directory or hub id (hub files are cached by huggingface_hub)."
-    p = Path(repo_id_or_dir).expanduser()
-    if p.is_dir():
-        d = p / subfolder if subfolder else p
-        if not (d / FILES[0]).is_file():
-            raise FileNotFoundError(f"{d} has no {FILES[0]}: expected a diffusers AutoencoderKL directory")
-        return d
-    repo = str(repo_id_or_dir)
-    if p.is_absolute() or repo.startswith(('.', '~')) or repo.count('/') > 1:
-        raise FileNotFoundError(f"no directory {repo!r} (and it is not a hub id like 'stabilityai/sd-vae-ft-mse')")
-    from huggingface_hub import hf_hub_download
-    def get(local: bool) -> Path:
-        got = [hf_hub_download(repo, f, subfolder=subfolder, local_files_only=local) for f in FILES]
-        return Path(got[0]).parent
-    try: return get(True)
-    except Exception: pass
-    if not _hub_reachable(): raise _offline_error(repo, 'no connection and no cached copy')
-    try: return get(False)
-    except Exception as e: raise _offline_error(repo, f'{type(e).__name__}: {e}') from e
-
-
-# %% [markdown]
-# The config is parsed with diffusers' `AutoencoderKL.load_config` when diffusers is installed (the
-# reference reader), else as plain JSON; the weights with `safetensors.numpy`.
-
-# %%
-#| export
 def load_checkpoint(d: Path) -> tuple[VAEConfig, dict[str, Any]]:
     "(config, Flax params as numpy float32) from a diffusers AutoencoderKL directory."
     try:
@@ -461,6 +419,16 @@ def load_checkpoint(d: Path) -> tuple[VAEConfig, dict[str, Any]]:
     check_params(params, config, source=str(wfile))
     return config, params
 
+
+# %% [markdown]
+# A folder with only a `.bin` copy of the weights is refused with the conversion to run:
+
+# %%
+_ck = Path(tempfile.mkdtemp())
+(_ck / 'config.json').write_text(json.dumps({'_class_name': 'AutoencoderKL', 'block_out_channels': [8], 'norm_num_groups': 4}))
+(_ck / 'diffusion_pytorch_model.bin').write_bytes(b'')
+test_fail(lambda: load_checkpoint(_ck), contains='only safetensors weights are read')
+test_eq(resolve_checkpoint(_ck, FILES), _ck)
 
 # %% [markdown]
 # ## `SDVAE`: the interface the package uses
@@ -535,7 +503,7 @@ class SDVAE:
     def from_pretrained(cls, repo_id_or_dir: str | os.PathLike = DEFAULT_VAE, dtype: str = 'float32',
                         latent_channels: int | None = 4, subfolder: str | None = None) -> "SDVAE":
         "Load a diffusers AutoencoderKL from a local directory or a hub id; `latent_channels=None` accepts any."
-        d = resolve_checkpoint(repo_id_or_dir, subfolder)
+        d = resolve_checkpoint(repo_id_or_dir, FILES, 'a diffusers AutoencoderKL', 'SDVAE.from_pretrained', subfolder)
         config, params = load_checkpoint(d)
         if latent_channels is not None and config.latent_channels != latent_channels:
             raise ValueError(f"{repo_id_or_dir}: expected a VAE with {latent_channels} latent channels, found "

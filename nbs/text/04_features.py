@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, hashlib, json, os, shutil, types
+import hashlib, json, os, shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,11 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from fsdit.data import (EpisodeSource, SPLITS, resize_rule, list_classes, list_images, load_image, encode_images,
-                        PixelEncoder, PixelSpace)
+from fsdit.config import TrainConfig
+from fsdit.data import (SPLITS, resize_rule, list_classes, list_images, load_image, encode_images, device_sharding,
+                        EpisodeSource)
+from fsdit.files import atomic_file, building
+from fsdit.vae import DEFAULT_VAE, DEFAULT_SCALING
 
 # %%
 import tempfile as _tf
@@ -38,20 +41,21 @@ def raises(f, match, exc=Exception):
 # ## Layout
 #
 # ```
-# FEATS/metadata.json   format_version, encoder and vae ids, image_size, resize rule, space, shapes, rows per split
+# FEATS/metadata.json   format_version, encoder and vae ids, latent_scale, image_size, resize rule, space, shapes, rows per split
 # FEATS/index.json      per row: split, class, label (class index within the split), path (relative to the data)
 # FEATS/embeds.npy      (N, D) float16, L2-normalised support-encoder embeddings
 # FEATS/moments.npy     (N, 2, 2, h, w, c) float16: [mirror 0/1][mean, logvar] of the VAE posterior
 # ```
 #
 # Rows run split by split (`train`, `val`, `test`), class by class (sorted), image by image (sorted), so
-# each class is a contiguous block. In pixel space (`PixelSpace`) the "posterior" is the image with
+# each class is a contiguous block. In pixel space (`fsdit.codecs.PixelSpace`) the "posterior" is the image with
 # logvar -30: one code path. The `.npy` files are memory-mapped when read.
 #
 # The encoders are objects with a `name` (recorded in the store) and a method: the support encoder
 # `.embed(images)` -> (n, D), the VAE `.moments(images)` -> (mean, logvar), images NHWC in [-1, 1] at
-# `image_size`, resized by one rule (`fsdit.data.resize_rule`, the same as `fsdit.encoder.preprocess_siglip`). Tests use the small stand-ins of
-# `fsdit.data`; `fsdit precompute` loads SigLIP2 and the SD-VAE.
+# `image_size`, resized by one rule (`fsdit.data.resize_rule`, the same as `fsdit.encoder.preprocess_siglip`). The
+# VAE also has a `scaling_factor` (recorded as `latent_scale`: see below). The examples here use toy encoders;
+# `fsdit precompute` (in `fsdit.codecs`) loads SigLIP2 and the SD-VAE, or the offline stand-ins.
 
 # %%
 #| export
@@ -104,6 +108,11 @@ class Store:
         r = self.rows(split); lab = np.asarray(self.index['label'])[r]
         return [r[lab == c] for c in range(int(lab.max()) + 1)] if len(r) else []
 
+    @property
+    def latent_scale(self) -> float:
+        "The factor between the stored latents and the model's space: the VAE's `scaling_factor` (1 in pixel space)."
+        return store_latent_scale(self.meta, self.path)
+
 
 def _damaged(path: Path, name: str, why: str) -> ValueError:
     return ValueError(f"feature store {path} is damaged: {name} {why}; delete the store and run `fsdit precompute` again")
@@ -150,8 +159,8 @@ def open_store(path, expect: dict | None = None, mmap: bool = True) -> Store:
 # batches whose leading axis is split over the local devices, and saved as its own file, renamed into
 # place when complete — the file's presence is the chunk's done-marker. A killed run leaves
 # `FEATS.partial/`; run again, it checks the plan is the same, skips the finished chunks and does the
-# rest. The store is assembled beside `FEATS` (in the hidden `.FEATS.assembling/`) and renamed into place at
-# the end, so `FEATS` is either absent or whole, and equals what one uninterrupted run gives. A run killed
+# rest. The store is assembled beside `FEATS` (in a hidden `.FEATS.partial-XXXX/`, `fsdit.files.building`) and
+# renamed into place at the end, so `FEATS` is either absent or whole, and equals what one uninterrupted run gives. A run killed
 # while assembling leaves the hidden folder; the next run deletes it before assembling again, and a run that
 # finds the store complete deletes what is left of `FEATS.partial/`. Folders get the usual permissions
 # (0755 under the usual umask), as runs do.
@@ -161,7 +170,6 @@ def open_store(path, expect: dict | None = None, mmap: bool = True) -> Store:
 def _encode_fn(f: Callable, n_dev: int, quantum: int):
     "Call `f` on a batch padded to a multiple of `quantum` (itself one of the devices), split over the devices."
     import jax
-    from fsdit.data import device_sharding
     shard = device_sharding() if n_dev > 1 else None
     def g(x):                                          # fixed shapes: one compilation, also for the last chunk
         n = len(x); pad = -n % quantum
@@ -178,15 +186,22 @@ def _chunk(paths: Sequence[Path], image_size: int, embed, moments, batch_size: i
 
 
 def _save_chunk(d: Path, i: int, arrays: dict):
-    tmp = d / f".chunk_{i:06d}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, d / f"chunk_{i:06d}.npz")          # atomic: the file is the done-marker
+    with atomic_file(d / f"chunk_{i:06d}.npz") as tmp:   # atomic: the file is the done-marker
+        np.savez(tmp, **arrays)
 
 
 def _plan(data: Path, encoder, vae, image_size: int, space: str, chunk_size: int, index: dict) -> dict:
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
     return dict(format_version=FORMAT_VERSION, encoder=encoder.name, vae=vae.name, image_size=image_size,
                 resize=resize_rule(image_size), space=space, chunk_size=chunk_size, rows=len(index['path']), index_sha256=digest)
+
+
+def _scaling_factor(vae, space: str) -> float:
+    "The moments codec's `scaling_factor` (1 in pixel space when it has none): recorded as the store's `latent_scale`."
+    f = getattr(vae, 'scaling_factor', 1.0 if space == 'pixel' else None)
+    if f is None: raise ValueError(f"the VAE {getattr(vae, 'name', vae)!r} has no `scaling_factor`: give it the factor its "
+                                   "latents are multiplied by for the model (diffusers' config.json `scaling_factor`)")
+    return float(f)
 
 
 # %%
@@ -197,6 +212,7 @@ def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'lat
     "Encode every image of the prepared split `data` once into the store `out` (resumable); returns it opened."
     import jax
     if chunk_size < 1 or batch_size < 1: raise ValueError(f"chunk_size and batch_size must be 1 or more, got {chunk_size}, {batch_size}")
+    scale = _scaling_factor(vae, space)
     data, out = Path(data).resolve(), Path(out)
     index = store_index(data, splits)
     plan = _plan(data, encoder, vae, image_size, space, chunk_size, index)
@@ -223,19 +239,17 @@ def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'lat
                                             batch_size, pool))
                 if on_chunk is not None: on_chunk(i)
             bar.update(e - s)
-    return _assemble(part, out, plan, index, len(starts))
+    return _assemble(part, out, {**plan, 'latent_scale': scale}, index, len(starts))
 
 
 # %%
 #| export
 def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> Store:
     "Concatenate the chunk files into the store beside `out`, then rename it into place."
-    first = np.load(part / 'chunk_000000.npz')
-    N = plan['rows']
-    for stale in out.parent.glob(f'.{out.name}.assembling*'): shutil.rmtree(stale)   # left by a run killed here
-    tmp = out.parent / f'.{out.name}.assembling'
-    tmp.mkdir()                                            # the umask's permissions (mkdtemp would give 0700)
-    try:
+    first, N = np.load(part / 'chunk_000000.npz'), plan['rows']
+    for stale in [*out.parent.glob(f'.{out.name}.partial-*'), *out.parent.glob(f'.{out.name}.assembling*')]:
+        shutil.rmtree(stale)                               # left by a run killed while assembling
+    with building(out) as tmp:
         E = np.lib.format.open_memmap(tmp / 'embeds.npy', 'w+', np.float16, (N, *first['embeds'].shape[1:]))
         M = np.lib.format.open_memmap(tmp / 'moments.npy', 'w+', np.float16, (N, *first['moments'].shape[1:]))
         for i in range(n_chunks):
@@ -247,10 +261,6 @@ def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> 
                 'complete': True}
         (tmp / 'index.json').write_text(json.dumps(index))
         (tmp / 'metadata.json').write_text(json.dumps(meta, indent=1))
-        if out.exists(): out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
     shutil.rmtree(part)
     return open_store(out)
 
@@ -267,8 +277,15 @@ def _split(root, classes=(('train', 3), ('val', 1), ('test', 2)), n=6, size=12):
             for i in range(n): Image.fromarray(rng.randint(0, 255, (size, size, 3), np.uint8)).save(d / f'{i}.png')
     return Path(root)
 
+class ToyEncoder:       # the examples' encoders: a random projection of the mean colour, and pixels as the "posterior"
+    def __init__(self, dim: int = 8): self.name, self.w = f'toy/colour-d{dim}', np.random.RandomState(0).randn(3, dim)
+    def embed(self, x): return np.asarray(x).mean((1, 2)) @ self.w
+class ToyPixels:
+    name, scaling_factor = 'toy/pixels', 1.0
+    def moments(self, x): return np.asarray(x), np.full(np.shape(x), -30.0)
+
 _root = Path(_tf.mkdtemp()); data = _split(_root / 'split')
-enc, vae = PixelEncoder(dim=8, grid=4), PixelSpace(size=16)
+enc, vae = ToyEncoder(), ToyPixels()
 st = precompute(data, _root / 'feats', enc, vae, image_size=16, space='pixel', chunk_size=5, batch_size=4, progress=False)
 test_eq((st.embeds.shape, st.moments.shape, st.embeds.dtype), ((36, 8), (36, 2, 2, 16, 16, 3), np.float16))
 test_eq(st.meta['splits'], {'train': 18, 'val': 6, 'test': 12})
@@ -276,7 +293,7 @@ test_eq([len(r) for r in st.class_rows('train')], [6, 6, 6]); test_eq(st.classes
 test_close(np.linalg.norm(st.embeds.astype(np.float32), axis=-1), 1, eps=1e-2)
 img = load_image(data / st.index['path'][7], 16) / 127.5 - 1
 test_close(st.moments[7, 0, 0], img, eps=1e-2); test_close(st.moments[7, 1, 0], img[:, ::-1], eps=1e-2)
-assert not Path(f"{_root / 'feats'}.partial").exists() and not list(_root.glob('.feats.assembling*'))
+assert not Path(f"{_root / 'feats'}.partial").exists() and not list(_root.glob('.feats*'))
 _mask = os.umask(0); os.umask(_mask)                                  # folders as mkdir makes them, not 0700
 test_eq(oct((_root / 'feats').stat().st_mode & 0o777), oct(0o777 & ~_mask))
 
@@ -304,8 +321,8 @@ test_eq(st2.index, st.index)
 
 # %%
 raises(lambda: open_store(_root / 'feats', {'encoder': 'google/siglip2-base-patch16-224', 'image_size': 224}),
-       "encoder is 'stand-in/pixel-randproj-g4-d8-s0', the run asks for 'google/siglip2-base-patch16-224'")
-raises(lambda: precompute(data, _root / 'feats', PixelEncoder(dim=16), vae, 16, 'pixel', progress=False), 'does not match')
+       "encoder is 'toy/colour-d8', the run asks for 'google/siglip2-base-patch16-224'")
+raises(lambda: precompute(data, _root / 'feats', ToyEncoder(dim=16), vae, 16, 'pixel', progress=False), 'does not match')
 test_eq(precompute(data, _root / 'feats', enc, vae, 16, 'pixel', progress=False).meta, st.meta)   # same call: reused
 
 # %% [markdown]
@@ -320,74 +337,55 @@ raises(lambda: open_store(bad), 'index.json cannot be read')
 
 
 # %% [markdown]
-# ## Command line
+# ## The latent scale
 #
-# `fsdit precompute --data SPLIT --out FEATS` loads SigLIP2 and the SD-VAE (hub ids or local folders).
-# `--stand-in` uses the offline stand-ins instead (pixel space, `PixelEncoder` — not SigLIP2).
+# The DiT models `latents * scaling_factor` (0.18215 for `stabilityai/sd-vae-ft-mse`, 0.13025 for the SDXL
+# VAE: unit variance in either case). The factor belongs to the VAE that made the latents, so `precompute`
+# records it in the store as `latent_scale`, and the trainer and sampler take it from there. A store made
+# before the factor was recorded is read with the one default that is safe — the default VAE's factor when
+# the store names that VAE, 1 in pixel space — and any other is refused with the fix rather than trained
+# at a wrong scale.
 
 # %%
 #| export
-def _named(obj, name: str, method: str):
-    "`obj` if it carries a `name`, else a view of it with `name` and `method`."
-    if getattr(obj, 'name', None): return obj
-    return types.SimpleNamespace(name=name, **{method: getattr(obj, method)})
-
-
-def precompute_cli(argv: list[str]) -> int:
-    "`fsdit precompute`: every image of a prepared split once through the frozen encoders."
-    from fsdit.cli import Parser, positive_int, check_out_dir, fail
-    p = Parser(prog='fsdit precompute', description=precompute.__doc__)
-    p.add_argument('--data', required=True, help='prepared split (output of `fsdit prepare`)')
-    p.add_argument('--out', required=True, help='feature store folder to write')
-    p.add_argument('--encoder', default='google/siglip2-base-patch16-224', help='SigLIP(2) hub id or local folder')
-    p.add_argument('--vae', default='stabilityai/sd-vae-ft-mse', help='SD-VAE hub id or local folder')
-    p.add_argument('--image-size', type=positive_int, default=None, help='224 (latent) or 32 (--stand-in)')
-    p.add_argument('--chunk-size', type=positive_int, default=1024); p.add_argument('--batch-size', type=positive_int, default=64)
-    p.add_argument('--stand-in', action='store_true', help='offline stand-ins: pixel space + PixelEncoder (NOT SigLIP2)')
-    p.add_argument('--embed-dim', type=positive_int, default=64, help='stand-in embedding width')
-    p.add_argument('--channels', type=int, default=3, help='stand-in pixel channels (3 or 1)')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='encoder compute dtype')
-    a = p.parse_args(argv)
-    try:
-        check_out_dir(a.out)
-        store_index(a.data)                                  # a split to read, before any encoder loads
-        if a.stand_in:
-            size = a.image_size or 32
-            enc, vae, space = PixelEncoder(dim=a.embed_dim), PixelSpace(size=size, channels=a.channels), 'pixel'
-        else:
-            from fsdit.encoder import SigLIPEncoder          # imported here: heavy, and only this path needs them
-            from fsdit.vae import SDVAE
-            size, space = a.image_size or 224, 'latent'
-            enc = _named(SigLIPEncoder.from_pretrained(a.encoder, dtype=a.dtype), a.encoder, 'embed')
-            vae = _named(SDVAE.from_pretrained(a.vae, dtype=a.dtype), a.vae, 'moments')
-        st = precompute(a.data, a.out, enc, vae, size, space, a.chunk_size, a.batch_size)
-    except (ValueError, OSError) as e:
-        return fail('precompute', e)
-    print(f"{a.out}: {len(st.embeds)} images, embeds {st.embeds.shape[1:]}, moments {st.moments.shape[1:]}, {st.meta['splits']}")
-    return 0
+def store_latent_scale(meta: dict, path=None) -> float:
+    "The store's recorded `latent_scale`; for a store made before it was recorded, the default VAE's or pixel space's."
+    if 'latent_scale' in meta: return float(meta['latent_scale'])
+    if meta.get('space') == 'pixel': return 1.0
+    if meta.get('vae') == DEFAULT_VAE: return DEFAULT_SCALING
+    raise ValueError(f"feature store {path or ''} does not record its VAE scaling factor (it was made with {meta.get('vae')!r} "
+                     "before stores recorded it): run `fsdit precompute` again, or add \"latent_scale\": <the VAE's "
+                     "scaling_factor, from its config.json> to its metadata.json")
 
 
 # %%
-import contextlib, io
-with contextlib.redirect_stdout(io.StringIO()) as o, contextlib.redirect_stderr(io.StringIO()):
-    test_eq(precompute_cli(['--data', str(data), '--out', str(_root / 'feats3'), '--stand-in', '--image-size', '16',
-                            '--embed-dim', '8', '--chunk-size', '7']), 0)
-st3 = open_store(_root / 'feats3', {'space': 'pixel', 'image_size': 16})
-test_eq((st3.embeds.shape, st3.moments.shape), ((36, 8), (36, 2, 2, 16, 16, 3)))
-assert '36 images' in o.getvalue()
+import dataclasses
+test_eq(st.latent_scale, 1.0); test_eq(st.meta['latent_scale'], 1.0)
+_old = {k: v for k, v in st.meta.items() if k != 'latent_scale'}           # a store made before the change
+test_eq(dataclasses.replace(st, meta=_old).latent_scale, 1.0)
+test_eq(store_latent_scale({**_old, 'space': 'latent', 'vae': 'stabilityai/sd-vae-ft-mse'}), 0.18215)
+raises(lambda: store_latent_scale({**_old, 'space': 'latent', 'vae': 'madebyollin/sdxl-vae-fp16-fix'}, 'FEATS'),
+       'does not record its VAE scaling factor')
 
 
 # %% [markdown]
-# ## The trainer's source
+# ## Episodes of a store
 #
-# `store_source` opens the store's train split for training episodes and its val split for validation, as an
-# `fsdit.data.EpisodeSource` that carries the store's latent scale.
+# `store_source` is what `fsdit train` reads: the train split's classes for training, the val split's for
+# validation, the class names for messages, and the store's latent scale.
 
 # %%
 #| export
-def store_source(feats, tc, val_batches: int = 4) -> EpisodeSource:
+def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:
     "Episodes of the feature store at `feats` (a path or an open store): train split for training, val split for validation."
     st = feats if isinstance(feats, Store) else open_store(feats)
-    scale = 1.0 if st.meta['space'] == 'pixel' else float(st.meta.get('latent_scale', 0.18215))
     return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'], val_batches,
-                         names={s: st.classes(s) for s in ('train', 'val')}, latent_scale=scale)
+                         names={s: st.classes(s) for s in ('train', 'val')}, latent_scale=st.latent_scale)
+
+
+# %%
+from fsdit.config import train_config
+src = store_source(_root / 'feats', train_config('test', batch_size=6, shots=3), 1)
+test_eq((src.space, src.latent_scale, src.names['val']), ('pixel', 1.0, ['val0']))
+b, pos = next(src.batches())
+test_eq((b['moments'].shape, b['support_embeds'].shape, pos), ((6, 2, 2, 16, 16, 3), (6, 3, 8), {'epoch': 0, 'offset': 6}))

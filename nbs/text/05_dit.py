@@ -15,6 +15,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
 from fsdit.config import ModelConfig, model_config, MODEL_PRESETS
+from fsdit.data import l2_normalize
 
 # %%
 from fastcore.test import test_eq, test_close
@@ -394,8 +395,7 @@ class DiT(nn.Module):
 
 
 # %% [markdown]
-# Helpers: a null condition of the right shapes (for `init`), a random example condition, parameters,
-# and the training-time CFG drop mask.
+# Helpers: a null condition of the right shapes (for `init`), a random example condition, parameters.
 
 # %%
 #| export
@@ -413,7 +413,7 @@ def example_cond(cfg: ModelConfig, B: int, seed: int = 0, K: int = 5) -> dict:
     rng = np.random.default_rng(seed)
     if cfg.cond == 'class': return {'labels': jnp.asarray(rng.integers(0, cfg.num_classes, B), jnp.int32)}
     e = rng.normal(size=(B, cfg.support_dim))
-    cond = {'support_embed': jnp.asarray(e / np.linalg.norm(e, axis=-1, keepdims=True), jnp.float32)}
+    cond = {'support_embed': jnp.asarray(l2_normalize(e), jnp.float32)}
     if cfg.cond in SUPPORT_LATENT_CONDS:
         shape = (B, K, cfg.input_size, cfg.input_size, cfg.in_channels)
         cond['support_latents'] = jnp.asarray(rng.normal(size=shape), jnp.float32)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fsdit.codecs import Codecs, run_codecs
 from fsdit.config import ModelConfig, TrainConfig
 from fsdit.images import save_png, support_grid, to_uint8
 from fsdit.run import Run, load_run
@@ -27,7 +28,7 @@ from fastcore.test import test_eq, test_close, test_fail
 from fsdit.config import model_config, train_config
 from fsdit.run import write_run_config, checkpoint_manager, save_checkpoint
 from fsdit.state import create_state
-from fsdit.data import offline_model_config
+from fsdit.codecs import offline_model_config
 
 def save_fresh_run(d, mc, tc, space='pixel'):
     "A run directory holding a freshly initialised model, written as `fsdit train` writes one."
@@ -43,72 +44,6 @@ run = load_run(run_dir)
 write_run_config(tmp / 'empty', mc, tc, 'pixel')                 # a run with no checkpoint yet
 r = np.random.default_rng(0)
 
-
-# %% [markdown]
-# ## The run's encoders
-#
-# Supports are encoded as the training data was: the support encoder of the feature store (SigLIP2 for
-# real runs; for the offline dataset the pixel stand-in `fsdit.data.PixelEncoder`, which is *not* SigLIP2)
-# and the VAE (the identity `PixelSpace` in pixel mode), which also decodes the samples. Which ones is read
-# from the store's `metadata.json` — the run's `config.json` when it names the store (`feats`), or
-# `--feats` — and, without a store, from the run: pixel runs use the stand-ins of the model's shape, latent
-# runs SigLIP2 and the SD-VAE (hub ids or local folders, overridable).
-
-# %%
-#| export
-DEFAULT_ENCODER, DEFAULT_VAE = 'google/siglip2-base-patch16-224', 'stabilityai/sd-vae-ft-mse'
-
-
-@dataclass
-class Codecs:
-    "How a run sees images: embed (N,H,W,3)->(N,D) unit rows; moments -> (mean, logvar); decode latents -> [-1, 1]."
-    embed: Callable
-    moments: Callable
-    decode: Callable
-    image_size: int
-    names: dict
-
-
-def stand_in_encoder(name: str):
-    "The `fsdit.data.PixelEncoder` whose `name` is `name` (the store records only the name)."
-    from fsdit.data import PixelEncoder
-    m = re.fullmatch(r'stand-in/pixel-randproj-g(\d+)-d(\d+)-s(\d+)', name)
-    if not m: raise ValueError(f"unknown stand-in encoder {name!r}")
-    enc = PixelEncoder(dim=int(m[2]), grid=int(m[1]), seed=int(m[3]))
-    assert enc.name == name
-    return enc
-
-
-def load_encoder(name: str):
-    "The support encoder a store names: a stand-in rebuilt from its name, else SigLIP(2) from a hub id or folder."
-    if name.startswith('stand-in/'): return stand_in_encoder(name)
-    from fsdit.encoder import SigLIPEncoder
-    return SigLIPEncoder.from_pretrained(name)
-
-
-def store_meta(run: Run | None = None, feats=None) -> dict | None:
-    "The feature store's metadata for a run: from `feats`, else from the store its config.json names (a damaged store is refused)."
-    from fsdit.features import open_store
-    path = feats or (run.config.get('feats') if run is not None else None)
-    if path is None or not (Path(path) / 'metadata.json').exists(): return None
-    return open_store(path).meta
-
-
-def run_codecs(run: Run, feats=None, encoder: str | None = None, vae: str | None = None) -> Codecs:
-    "The support encoder and VAE (or pixel identity) that made the run's training data."
-    mc, meta = run.mc, store_meta(run, feats) or {}
-    enc_name, vae_name = encoder or meta.get('encoder'), vae or meta.get('vae')
-    if run.space == 'pixel':
-        from fsdit.data import PixelEncoder, PixelSpace
-        enc = stand_in_encoder(enc_name) if enc_name else PixelEncoder(dim=mc.support_dim)
-        space = PixelSpace(size=mc.input_size, channels=mc.in_channels)
-        size = int(meta.get('image_size', mc.input_size))
-        return Codecs(enc.embed, space.moments, lambda z: np.asarray(z), size, {'encoder': enc.name, 'vae': space.name})
-    from fsdit.vae import SDVAE
-    enc_name, vae_name = enc_name or DEFAULT_ENCODER, vae_name or DEFAULT_VAE
-    enc = load_encoder(enc_name)
-    v = SDVAE.from_pretrained(vae_name)
-    return Codecs(enc.embed, v.moments, v.decode, int(meta.get('image_size', 224)), {'encoder': enc_name, 'vae': vae_name})
 
 
 # %% [markdown]
@@ -137,16 +72,10 @@ def class_dir_supports(d, k: int, seed: int = 0) -> list[Path]:
     return [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), k, replace=False))]
 
 
-def encode_supports(codecs: Codecs, images) -> tuple[np.ndarray, np.ndarray]:
-    "Support embeddings (K, D) and posterior-mean latents (K, h, w, c) of uint8 images (K, H, W, 3)."
-    x = np.asarray(images, np.float32) / 127.5 - 1
-    return np.asarray(codecs.embed(x), np.float32), np.asarray(codecs.moments(x)[0], np.float32)
-
-
 def sample_from_supports(run: Run, codecs: Codecs, images, n: int = 16, *, cfg_scale: float = 3.0, steps: int = 50,
                          seed: int = 0, method: str = 'euler', batch_size: int = 256) -> np.ndarray:
     "`n` images in [-1, 1] (n, H, W, C) of the class shown by the uint8 support images (K, H, W, 3)."
-    emb, lat = encode_supports(codecs, images)
+    emb, lat = codecs.encode(images)
     check_supports(run.mc, len(emb))
     tile = lambda a: np.repeat(a[None], n, 0)                      # every episode has the same K supports
     z = generate(run.params, run.mc, tile(emb), tile(lat), latent_scale=run.latent_scale, seed=seed, steps=steps,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
+from fsdit.data import l2_normalize
+
 # %%
 from fastcore.test import test_eq, test_close, test_fail
 
@@ -101,10 +103,9 @@ test_fail(lambda: frechet_distance(few[:1], few), contains='at least 2')
 
 # %%
 #| export
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    "x / |x| along `axis`."
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+def _unit(x) -> np.ndarray:
+    "Unit rows in float64 (store embeddings are float16: normalising in float16 loses the last digits)."
+    return l2_normalize(np.asarray(x, np.float64))
 
 
 def _class_sums(embeds, labels, n_classes: int) -> np.ndarray:
@@ -117,12 +118,12 @@ def class_prototypes(embeds, labels, n_classes: int | None = None) -> np.ndarray
     "Normalised mean of the normalised embeddings (N, D) of each class -> (C, D)."
     labels = np.asarray(labels)
     n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
-    return l2_normalize(_class_sums(l2_normalize(embeds), labels, n_classes))
+    return _unit(_class_sums(_unit(embeds), labels, n_classes))
 
 
 def prototype_accuracy(embeds, labels, prototypes) -> float:
     "Fraction of embeddings (N, D) whose nearest prototype (cosine) is their label's."
-    pred = (l2_normalize(embeds) @ np.asarray(prototypes).T).argmax(-1)
+    pred = (_unit(embeds) @ np.asarray(prototypes).T).argmax(-1)
     return float((pred == np.asarray(labels)).mean())
 
 
@@ -130,10 +131,10 @@ def heldout_prototype_accuracy(embeds, labels, ref_embeds, ref_labels, exclude, 
     "Nearest-prototype accuracy of embeddings (M, D) whose own class prototype leaves out the references `exclude` (M, K)."
     labels, ref_labels = np.asarray(labels), np.asarray(ref_labels)
     n_classes = int(ref_labels.max()) + 1 if n_classes is None else n_classes
-    e, q = l2_normalize(ref_embeds), l2_normalize(embeds)
+    e, q = _unit(ref_embeds), _unit(embeds)
     sums = _class_sums(e, ref_labels, n_classes)                  # (C, D)
-    scores = q @ l2_normalize(sums).T                              # (M, C)
-    own = l2_normalize(sums[labels] - e[np.asarray(exclude)].sum(1))   # (M, D) the supports are of the own class
+    scores = q @ _unit(sums).T                              # (M, C)
+    own = _unit(sums[labels] - e[np.asarray(exclude)].sum(1))   # (M, D) the supports are of the own class
     scores[np.arange(len(q)), labels] = (q * own).sum(-1)
     return float((scores.argmax(-1) == labels).mean())
 
@@ -142,10 +143,10 @@ def loo_prototype_accuracy(embeds, labels, n_classes: int | None = None) -> floa
     "Nearest-prototype accuracy of real embeddings, each left out of its own class's prototype."
     labels = np.asarray(labels)
     n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
-    e = l2_normalize(embeds)
+    e = _unit(embeds)
     sums = _class_sums(e, labels, n_classes)                      # (C, D)
-    protos = l2_normalize(sums)[None].repeat(len(e), 0)            # (N, C, D)
-    protos[np.arange(len(e)), labels] = l2_normalize(sums[labels] - e)
+    protos = _unit(sums)[None].repeat(len(e), 0)            # (N, C, D)
+    protos[np.arange(len(e)), labels] = _unit(sums[labels] - e)
     pred = np.einsum('nd,ncd->nc', e, protos).argmax(-1)
     return float((pred == labels).mean())
 
@@ -190,7 +191,7 @@ def pairwise_distances(x, y=None, metric: str = 'cosine') -> np.ndarray:
     "(N, M) distances between rows of x (N, ...) and y (M, ...): 'cosine' (1 - cos) or 'rms' (L2 / sqrt(dim))."
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     y = x if y is None else np.asarray(y, np.float64).reshape(len(y), -1)
-    if metric == 'cosine': return np.maximum(1.0 - l2_normalize(x) @ l2_normalize(y).T, 0.0)
+    if metric == 'cosine': return np.maximum(1.0 - _unit(x) @ _unit(y).T, 0.0)
     if metric == 'rms':
         d2 = (x ** 2).sum(1)[:, None] + (y ** 2).sum(1)[None] - 2 * x @ y.T
         return np.sqrt(np.maximum(d2, 0) / x.shape[1])

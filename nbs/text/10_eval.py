@@ -19,16 +19,17 @@ import numpy as np
 from fsdit.features import open_store
 from fsdit.fid import fid_inception
 from fsdit.images import to_uint8
-from fsdit.metrics import (frechet_distance, l2_normalize, class_prototypes, prototype_accuracy, heldout_prototype_accuracy,
+from fsdit.metrics import (frechet_distance, class_prototypes, prototype_accuracy, heldout_prototype_accuracy,
                            loo_prototype_accuracy, pairwise_distances, mean_pairwise_distance, class_diversity,
                            nearest_support_distance)
 from fsdit.run import load_run
-from fsdit.sample import run_codecs
+from fsdit.codecs import run_codecs
 from fsdit.sampler import generate
 
 # %%
 import tempfile
 from fastcore.test import test_eq, test_close, test_fail
+from fsdit.data import l2_normalize
 
 
 # %% [markdown]
@@ -301,7 +302,7 @@ test_eq(cs2.latents, mom_a[cs2.rows, 0, 0].astype(np.float32))
 # ## Evaluating a run
 #
 # `evaluate` runs the protocol on the unseen split and on seen classes with the run's own encoders
-# (`run_codecs`) and the EMA weights, and writes `eval.json` and one figure per metric: the
+# (`fsdit.codecs.run_codecs`) and the EMA weights, and writes `eval.json` and one figure per metric: the
 # model against the CFG scale for every shot count, with real images and both baselines as horizontal
 # lines. FID needs `fid=True` (the `fsdit[fid]` extra and its weights: `fid_weights` a local file offline).
 

@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import functools, json, os, shutil, tempfile, time
+import functools, json, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,7 +20,8 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-from fsdit.data import GLYPH_FONTS, glyph_name, render_class, partial_dir
+from fsdit.files import building
+from fsdit.glyphs import GLYPH_FONTS, glyph_name, render_class
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -72,7 +73,7 @@ test_eq((_l.shape, _f.shape), ((3, 7), (3, 256)))
 # ## Training it
 #
 # `render_judge_set` draws `per_class` images of each character exactly as the dataset draws its own
-# (`fsdit.data.render_class`: the fonts that have the character, in turn, with the same jitter), from its
+# (`fsdit.glyphs.render_class`: the fonts that have the character, in turn, with the same jitter), from its
 # own seed. `train_judge` fits the net with AdamW and a warmup-cosine schedule, then measures its accuracy
 # on a further rendering it did not train on (`accuracy`). Images enter as gray in [-1, 1]; RGB input is
 # averaged over channels and other sizes are resized, so the judge reads whatever the pipeline decodes.
@@ -198,25 +199,20 @@ test_close(_judge(_rgb)[1], _f, eps=1e-4)
 #
 # A judge takes about a minute to train on the demo's classes, so it is saved (`judge.npz` with the
 # parameters, `judge.json` with its characters, size and accuracy) and reused when its settings match.
-# The folder is written whole or not at all (temp folder, then rename).
+# The folder is written whole or not at all (`fsdit.files.building`: temp folder, then rename).
 
 # %%
 #| export
 def save_judge(judge: GlyphJudge, folder, settings: dict | None = None) -> Path:
     "Write `folder/judge.npz` and `folder/judge.json` atomically."
-    folder = Path(folder); folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_dir(folder)
-    try:
+    folder = Path(folder)
+    with building(folder, replace=True) as tmp:            # a judge trained with other settings is replaced
         flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
                 for path, v in jax.tree_util.tree_flatten_with_path(judge.params)[0]}
         np.savez(tmp / 'judge.npz', **flat)
         meta = dict(chars=judge.chars, size=judge.size, accuracy=judge.accuracy, widths=list(judge.widths),
                     feat_dim=judge.feat_dim, settings=settings or {})
         (tmp / 'judge.json').write_text(json.dumps(meta, ensure_ascii=False, indent=1))
-        if folder.exists(): shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
     return folder
 
 

@@ -4,11 +4,11 @@
 # > `fsdit demo --out DEMO`: the whole chain offline in minutes on a CPU — a glyph dataset rendered from the fonts matplotlib ships, split by class, a pixel-space feature store, a short training run, sample grids for seen and held-out classes, and the few-shot metrics beside real images and trivial baselines.
 #
 # Our machines reach no model hub and no dataset site, so the demo runs on data a dependency ships:
-# **characters as classes, fonts as images** (`fsdit.data.make_offline_dataset`: 1,000 visually distinct
+# **characters as classes, fonts as images** (`fsdit.glyphs.make_offline_dataset`: 1,000 visually distinct
 # characters of the fonts matplotlib ships, 20 images each). It is the same code path as a miniImageNet
 # run — `prepare`, `precompute`, `train`, `sample`, `eval` — with two stand-ins: the images themselves are
 # the "latents" (pixel space, gray), and the support encoder is a fixed random projection of downsampled
-# pixels (`fsdit.data.PixelEncoder`), **not SigLIP2**. Its referee is a glyph classifier trained on every
+# pixels (`fsdit.codecs.PixelEncoder`), **not SigLIP2**. Its referee is a glyph classifier trained on every
 # class (`fsdit.judge`): class consistency is the judge's verdict, glyph-FD is measured in its features.
 #
 # Each stage writes its output completely or not at all, and is skipped when its output is already
@@ -53,7 +53,7 @@ class DemoSize:
     "Everything the demo's size decides."
     per_class: int = 20                   # images per glyph class
     image_size: int = 16                  # pixels (the model's input grid)
-    classes: int = 1000                   # glyph classes (`fsdit.data.glyph_classes`), unless `chars` is given
+    classes: int = 1000                   # glyph classes (`fsdit.glyphs.glyph_classes`), unless `chars` is given
     chars: str | None = None              # the characters themselves
     channels: int = 1                     # 1: gray pixels; 3: RGB
     embed_dim: int = 64                   # stand-in support embedding width
@@ -98,7 +98,7 @@ def demo_size(name: str = 'full', **overrides) -> DemoSize:
 #| export
 def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
     "The pixel-space model and the training recipe of a demo size (`cond`: the size's unless given)."
-    from fsdit.data import offline_model_config
+    from fsdit.codecs import offline_model_config
     m, t = dict(s.model), dict(s.train)
     mc = offline_model_config(m.pop('preset'), size=s.image_size, channels=s.channels, embed_dim=s.embed_dim,
                               cond=cond or s.cond, **m)
@@ -141,7 +141,8 @@ def _log(log: Callable | None, msg: str):
 
 def demo_data(out, s: DemoSize, log: Callable | None = None) -> Path:
     "Render the glyph dataset and split it by class (both reused when complete); returns the split folder."
-    from fsdit.data import make_offline_dataset, prepare, offline_split_sizes, glyph_classes
+    from fsdit.data import prepare
+    from fsdit.glyphs import make_offline_dataset, offline_split_sizes, glyph_classes
     out = Path(out); t0 = time.time()
     reused = (out / 'glyphs' / 'glyphs.json').exists() and (out / 'split' / 'prepare.json').exists()
     chars = s.chars if s.chars or reused else glyph_classes(s.classes)
@@ -155,7 +156,7 @@ def demo_data(out, s: DemoSize, log: Callable | None = None) -> Path:
 
 def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = True):
     "The pixel-space feature store of the split with the stand-in encoder (reused when complete)."
-    from fsdit.data import PixelEncoder, PixelSpace
+    from fsdit.codecs import PixelEncoder, PixelSpace
     from fsdit.features import precompute
     out = Path(out); t0 = time.time(); reused = (out / 'feats' / 'metadata.json').exists()
     st = precompute(out / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
@@ -167,7 +168,7 @@ def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = T
 
 def demo_judge(out, s: DemoSize, log: Callable | None = None):
     "The glyph judge of every class of the dataset, trained once and kept in DEMO/judge (`fsdit.judge.glyph_judge`)."
-    from fsdit.data import glyph_char
+    from fsdit.glyphs import glyph_char
     from fsdit.judge import glyph_judge
     names = sorted(json.loads((Path(out) / 'glyphs' / 'glyphs.json').read_text())['classes'])
     return glyph_judge(Path(out) / 'judge', ''.join(map(glyph_char, names)), s.image_size, log=log, **s.judge)
@@ -218,7 +219,7 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
     from fsdit.eval import FewShotHook
     from fsdit.features import store_source
     from fsdit.run import read_records
-    from fsdit.sample import stand_in_encoder
+    from fsdit.codecs import stand_in_encoder
     from fsdit.train import train
     out = Path(out); run = out / 'run'; mc, tc = demo_configs(s, cond)
     if tc.max_steps in _saved_steps(run) and _last_step(run) >= tc.max_steps:
@@ -277,8 +278,8 @@ def _loader(run_dir) -> Callable:
 
 def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
     "DEMO/samples_seen.png (train classes) and DEMO/samples_heldout.png (test classes), remade when stale."
+    from fsdit.codecs import run_codecs
     from fsdit.images import save_png
-    from fsdit.sample import run_codecs
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None)
     files = {'seen': out / 'samples_seen.png', 'heldout': out / 'samples_heldout.png'}
     if all(_stamp_ok(p, step) for p in files.values()):

@@ -72,7 +72,7 @@ class RunView:
     def __init__(self, run_dir, feats=None):
         from fsdit.features import open_store
         from fsdit.run import load_run
-        from fsdit.sample import run_codecs
+        from fsdit.codecs import run_codecs
         self.run = load_run(run_dir)
         feats = feats or find_store(run_dir, self.run.config)
         if feats is None: raise ValueError(f"no feature store found for {run_dir}: pass feats=")

@@ -37,6 +37,7 @@ from fsdit.steps import make_train_step, train_step, replicate, shard, donate_st
 from fsdit.testing import synthetic_batch
 
 SD_VAE_SCALE = 0.18215   # the SD-VAE's scaling factor: the latent scale of the benchmarked steps (speed does not depend on it)
+from fsdit.data import l2_normalize
 
 # %%
 from fastcore.test import test_eq, test_close
@@ -457,9 +458,6 @@ def encoders(small: bool = False, seed: int = 0):
     return SigLIPEncoder.random(spec, seed=seed), SDVAE.random(vcfg, seed=seed)
 
 
-def _l2(z): return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.lru_cache(maxsize=4)
 def encoder_exes(small: bool, batch: int, shots: int, input_size: int):
     "Compiled `embed` (supports -> (n, b, K, D) float16) and `moments` (target -> (n, b, 2, 2, h, w, c) float16), their inputs."
@@ -471,7 +469,7 @@ def encoder_exes(small: bool, batch: int, shots: int, input_size: int):
     supports = jnp.asarray(r.uniform(-1, 1, (batch * n, shots, enc.image_size, enc.image_size, 3)), jnp.float32)
 
     def embed(p, s):                                    # (B, K, h, w, 3) -> (n, B/n, K, D), as the store holds it
-        z = _l2(enc.module.apply({'params': p}, s.reshape(-1, *s.shape[2:]))[1])
+        z = l2_normalize(enc.module.apply({'params': p}, s.reshape(-1, *s.shape[2:]))[1])
         return z.reshape(n, batch, shots, -1).astype(jnp.float16)
 
     def moments(p, x):                                  # (B, H, W, 3) -> (n, B/n, 2 mirror, 2, h, w, c)
@@ -537,6 +535,56 @@ def store_vs_online(size: str | ModelConfig, batch: int = 4, reps: int = 2, smal
 so = store_vs_online('mu', batch=4, reps=1, small=True)
 assert so['flops']['siglip'] > 0 and so['flops']['vae'] > 0 and so['predicted_ratio'] > 1
 assert so['measured_ratio'] > 0 and set(so['median_s']) == {'store', 'online', 'siglip', 'vae'}
+
+
+# %% [markdown]
+# ## The encoder against PyTorch
+#
+# `bench_encoder` times `SigLIPEncoder.embed` on full-size random weights (B/16 at 224) for each dtype,
+# beside transformers' PyTorch `SiglipVisionModel` on CPU, in one process. On a 2-core CPU it takes
+# minutes. Measured once, `bench_encoder(batch=64, iters=1)` (one warm-up batch then one timed batch of 64
+# images at 224 px, random B/16 weights), on a **2-core CPU** shared with other jobs (load average 10-13
+# during the run, so every figure is several times below what an idle machine gives; compare them with
+# each other, not with other machines):
+#
+# | implementation | images/s |
+# |---|---|
+# | Flax, float32 | 0.48 |
+# | Flax, bfloat16 | 0.38 (this CPU has no fast bfloat16 matmul; bfloat16 pays off on TPU/GPU) |
+# | PyTorch `SiglipVisionModel`, float32, CPU | 0.43 |
+
+# %%
+#| export
+def bench_encoder(batch: int = 64, iters: int = 3, dtypes=('float32', 'bfloat16'), torch_ref: bool = True,
+                  spec=None) -> dict[str, float]:
+    "Images/s of `embed` at `batch` for each dtype (and PyTorch's `SiglipVisionModel` on CPU when installed); random full-size weights."
+    from dataclasses import asdict
+    from fsdit.encoder import SigLIPEncoder, VisionSpec, to_torch
+    spec = spec or VisionSpec()
+    enc = SigLIPEncoder.random(spec)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, spec.image_size, spec.image_size, spec.num_channels)).astype(np.float32)
+    per_s = lambda f: batch / statistics.mean(time_calls(f, reps=iters))
+    encs = {dt: SigLIPEncoder(spec, enc.params, dt) for dt in dtypes}
+    out = {f'jax_{dt}': per_s(lambda: e.embed(x)) for dt, e in encs.items()}
+    if torch_ref:
+        try: import torch, transformers
+        except ImportError: return out
+        m = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**asdict(spec))).eval()
+        m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch(enc.params, spec).items()})
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        with torch.inference_mode(): out['torch_float32_cpu'] = per_s(lambda: m(pixel_values=xt).pooler_output)
+    return out
+
+
+# %% [markdown]
+# On a tiny tower (the full size takes minutes here) every implementation runs and reports a rate:
+
+# %%
+from fsdit.encoder import VisionSpec
+_tiny = VisionSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+_b = bench_encoder(batch=4, iters=1, spec=_tiny)
+test_eq(sorted(_b), ['jax_bfloat16', 'jax_float32', 'torch_float32_cpu'])
+assert all(v > 0 for v in _b.values())
 
 
 # %% [markdown]

@@ -21,7 +21,7 @@ from pathlib import Path
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # command: (module, function, one-line help)
     'prepare':    ('fsdit.data', 'prepare_cli', 'split a flat class-folder dataset into train/val/test by class'),
-    'precompute': ('fsdit.features', 'precompute_cli', 'run every image once through the frozen encoders into a feature store'),
+    'precompute': ('fsdit.codecs', 'precompute_cli', 'run every image once through the frozen encoders into a feature store'),
     'train':      ('fsdit.launch', 'train_cli', 'train (or resume) a run on a feature store, data-parallel over all devices'),
     'sample':     ('fsdit.sample', 'sample_cli', 'generate images of a class from a few support images'),
     'eval':       ('fsdit.eval', 'eval_cli', 'few-shot metrics on unseen (and seen) classes -> JSON + plots'),

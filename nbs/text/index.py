@@ -49,7 +49,7 @@
 #
 # Offline there is no model hub, so the demo uses two stand-ins: the images themselves are the
 # "latents" (pixel space instead of the SD-VAE), and the support encoder is a fixed random projection of
-# downsampled pixels (`fsdit.data.PixelEncoder`) — **not SigLIP2**. Everything else (store, episodes,
+# downsampled pixels (`fsdit.codecs.PixelEncoder`) — **not SigLIP2**. Everything else (store, episodes,
 # trainer, sampler, eval) is the code a miniImageNet run uses.
 #
 # **The judge** (`fsdit.judge`) is a small CNN trained on fresh renderings of all 1,000 classes (train, val

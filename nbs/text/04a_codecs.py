@@ -1,0 +1,285 @@
+# %% [markdown]
+# # Codecs
+#
+# > How a run sees images: the support encoder that embeds them and the VAE (or pixel space) that encodes and decodes them — SigLIP2 and the SD-VAE, or the offline stand-ins — chosen by the names a feature store records.
+
+# %%
+#| default_exp codecs
+
+# %%
+#| export
+from __future__ import annotations
+import re, types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import jax, jax.numpy as jnp
+
+from fsdit.config import model_config
+from fsdit.data import l2_normalize
+from fsdit.encoder import SigLIPEncoder
+from fsdit.features import open_store, precompute, store_index
+from fsdit.vae import DEFAULT_VAE, SDVAE
+
+# %%
+import contextlib, io, tempfile as _tf
+from fastcore.test import test_eq, test_close, test_fail
+from fsdit.data import EpisodeBatches, encode_images, host_batch, list_classes, list_images, load_image, online_batch, prepare
+from fsdit.glyphs import glyph_name, make_offline_dataset, offline_split_sizes
+
+_root = Path(_tf.mkdtemp())
+
+
+# %% [markdown]
+# ## Stand-in encoders for the offline dataset
+#
+# **The stand-in support encoder is not SigLIP2.** It is a fixed random projection (Gaussian, seeded)
+# of the image downsampled to `grid x grid` gray pixels, centred and scaled to unit norm, then
+# L2-normalised: it sees shapes and positions, no semantics. It makes the whole chain run offline with
+# the same code paths; numbers measured with it say nothing about SigLIP2 features. `PixelSpace` is
+# the pixel-space "VAE": the image itself (resized to `size`) is the posterior mean with log-variance
+# -30, so the posterior sample is the image and training, sampling and the store need no second path.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class PixelEncoder:
+    "Stand-in support encoder (NOT SigLIP2): seeded random projection of normalised downsampled pixels."
+    dim: int = 64
+    grid: int = 8
+    seed: int = 0
+
+    @property
+    def name(self) -> str: return f"stand-in/pixel-randproj-g{self.grid}-d{self.dim}-s{self.seed}"
+
+    @property
+    def matrix(self) -> np.ndarray:                                   # (grid*grid, dim)
+        return np.random.RandomState(self.seed).randn(self.grid ** 2, self.dim).astype(np.float32)
+
+    def embed(self, images):
+        "images (B, H, W, C) in [-1, 1] -> (B, dim) L2-normalised."
+        import jax, jax.numpy as jnp
+        x = jnp.asarray(images, jnp.float32).mean(-1)                  # (B, H, W) gray
+        x = jax.image.resize(x, (x.shape[0], self.grid, self.grid), 'linear', antialias=True).reshape(x.shape[0], -1)
+        x = l2_normalize(x - x.mean(-1, keepdims=True), eps=1e-6)
+        return l2_normalize(x @ jnp.asarray(self.matrix), eps=1e-6)
+
+
+@dataclass(frozen=True)
+class PixelSpace:
+    "Pixel-space stand-in for the VAE: mean = the image resized to `size`, logvar = -30."
+    size: int = 32
+    channels: int = 3
+
+    @property
+    def name(self) -> str: return f"pixel-{self.size}x{self.channels}"
+
+    @property
+    def scaling_factor(self) -> float: return 1.0                    # the images are the model's space
+
+    def moments(self, images):
+        "images (B, H, W, 3) in [-1, 1] -> (mean, logvar), each (B, size, size, channels)."
+        import jax, jax.numpy as jnp
+        x = jnp.asarray(images, jnp.float32)
+        if x.shape[1:3] != (self.size, self.size):
+            x = jax.image.resize(x, (x.shape[0], self.size, self.size, x.shape[-1]), 'linear', antialias=True)
+        if self.channels == 1: x = x.mean(-1, keepdims=True)
+        return x, jnp.full_like(x, -30.0)
+
+
+# %% [markdown]
+# On a few glyphs: unit-norm embeddings, the image and its mirror stored as their own posterior, the same
+# embedding every time, and the batch computed online from the files equal to the batch gathered from a
+# store of the same encoders:
+
+# %%
+pe, ps = PixelEncoder(dim=16), PixelSpace(size=16)
+make_offline_dataset(_root / 'glyphs', per_class=6, size=16, chars='0123λ€')
+prepare(_root / 'glyphs', _root / 'split', **offline_split_sizes(6), seed=0)
+imgs = np.stack([load_image(p, 16) for p in list_images(_root / 'glyphs' / glyph_name('0'))])
+e, mo = encode_images(imgs, pe.embed, ps.moments)
+test_eq((e.shape, e.dtype, mo.shape), ((6, 16), np.float16, (6, 2, 2, 16, 16, 3)))
+test_close(np.linalg.norm(e.astype(np.float32), axis=-1), 1, eps=1e-2)
+test_close(mo[:, 0, 0], imgs / 127.5 - 1, eps=1e-2); test_close(mo[:, 1, 0], imgs[:, :, ::-1] / 127.5 - 1, eps=1e-2)
+test_eq((float(mo[0, 0, 1].max()), ps.scaling_factor), (-30.0, 1.0))
+test_close(np.asarray(pe.embed(imgs / 127.5 - 1)), np.asarray(pe.embed(imgs / 127.5 - 1)))   # deterministic
+_paths = [p for c in list_classes(_root / 'split' / 'train') for p in list_images(_root / 'split' / 'train' / c)]
+_idx = next(EpisodeBatches([np.arange(6) + 6 * c for c in range(4)], 8, seed=0))
+_E, _M = encode_images(np.stack([load_image(p, 16) for p in _paths]), pe.embed, ps.moments)
+ob, sb = online_batch(_paths, _idx, pe.embed, ps.moments, 16), host_batch(_E, _M, _idx)
+for k in sb: test_close(ob[k].astype(np.float32), sb[k].astype(np.float32), eps=2e-3)
+
+
+# %% [markdown]
+# A pixel-space model for the offline data: 32x32x3 images, patch 4 (64 tokens), the stand-in's width.
+
+# %%
+#| export
+def offline_model_config(preset: str = 'mu', size: int = 32, channels: int = 3, embed_dim: int = 64, **overrides):
+    "A `ModelConfig` for the pixel-space offline dataset (`PixelSpace(size, channels)`, `PixelEncoder(embed_dim)`)."
+    return model_config(preset, **{'input_size': size, 'in_channels': channels, 'patch': 4,
+                                   'support_dim': embed_dim, **overrides})
+
+
+# %%
+c = offline_model_config(); test_eq((c.input_size, c.in_channels, c.tokens, c.support_dim), (32, 3, 64, 64))
+test_eq(offline_model_config(patch=2).tokens, 256)
+
+# %% [markdown]
+# ## The run's codecs
+#
+# Supports are encoded as the training data was: the support encoder of the feature store (SigLIP2 for
+# real runs; for the offline dataset the pixel stand-in `PixelEncoder`, which is *not* SigLIP2) and the VAE
+# (the identity `PixelSpace` in pixel mode), which also decodes the samples. Which ones is read from the
+# store's `metadata.json` — the run's `config.json` when it names the store (`feats`), or `--feats` — and,
+# without a store, from the run: pixel runs use the stand-ins of the model's shape, latent runs SigLIP2
+# and the SD-VAE (hub ids or local folders, overridable). A run here is anything with `.mc` (its
+# `ModelConfig`), `.space` and `.config` (its saved `config.json`), such as `fsdit.sample.Run`.
+#
+# `Codecs.encode` turns uint8 support images into what the sampler is conditioned on: their embeddings
+# and posterior-mean latents (unscaled, as the store holds them).
+
+# %%
+#| export
+DEFAULT_ENCODER = 'google/siglip2-base-patch16-224'
+
+
+@dataclass
+class Codecs:
+    "How a run sees images: embed (N,H,W,3)->(N,D) unit rows; moments -> (mean, logvar); decode latents -> [-1, 1]."
+    embed: Callable
+    moments: Callable
+    decode: Callable
+    image_size: int
+    names: dict
+
+    def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
+        "Support embeddings (K, D) and posterior-mean latents (K, h, w, c) of uint8 images (K, H, W, 3)."
+        x = np.asarray(images, np.float32) / 127.5 - 1
+        return np.asarray(self.embed(x), np.float32), np.asarray(self.moments(x)[0], np.float32)
+
+
+def stand_in_encoder(name: str) -> PixelEncoder:
+    "The `PixelEncoder` whose `name` is `name` (the store records only the name)."
+    m = re.fullmatch(r'stand-in/pixel-randproj-g(\d+)-d(\d+)-s(\d+)', name)
+    if not m: raise ValueError(f"unknown stand-in encoder {name!r}: expected a name like 'stand-in/pixel-randproj-g8-d64-s0'")
+    enc = PixelEncoder(dim=int(m[2]), grid=int(m[1]), seed=int(m[3]))
+    assert enc.name == name
+    return enc
+
+
+def load_encoder(name: str):
+    "The support encoder a store names: a stand-in rebuilt from its name, else SigLIP(2) from a hub id or folder."
+    if name.startswith('stand-in/'): return stand_in_encoder(name)
+    return SigLIPEncoder.from_pretrained(name)
+
+
+# %%
+test_eq(stand_in_encoder(PixelEncoder(dim=16, grid=4, seed=2).name), PixelEncoder(dim=16, grid=4, seed=2))
+test_eq(load_encoder('stand-in/pixel-randproj-g8-d64-s0'), PixelEncoder())
+test_fail(lambda: stand_in_encoder('stand-in/other'), contains='unknown stand-in encoder')
+
+
+# %%
+#| export
+def store_meta(run=None, feats=None) -> dict | None:
+    "The feature store's metadata for a run: from `feats`, else from the store its config.json names (a damaged store is refused)."
+    path = feats or (run.config.get('feats') if run is not None else None)
+    if path is None or not (Path(path) / 'metadata.json').exists(): return None
+    return open_store(path).meta
+
+
+def run_codecs(run, feats=None, encoder: str | None = None, vae: str | None = None) -> Codecs:
+    "The support encoder and VAE (or pixel identity) that made the run's training data."
+    mc, meta = run.mc, store_meta(run, feats) or {}
+    enc_name, vae_name = encoder or meta.get('encoder'), vae or meta.get('vae')
+    if run.space == 'pixel':
+        enc = stand_in_encoder(enc_name) if enc_name else PixelEncoder(dim=mc.support_dim)
+        space = PixelSpace(size=mc.input_size, channels=mc.in_channels)
+        size = int(meta.get('image_size', mc.input_size))
+        return Codecs(enc.embed, space.moments, lambda z: np.asarray(z), size, {'encoder': enc.name, 'vae': space.name})
+    enc_name, vae_name = enc_name or DEFAULT_ENCODER, vae_name or DEFAULT_VAE
+    enc = load_encoder(enc_name)
+    v = SDVAE.from_pretrained(vae_name)
+    return Codecs(enc.embed, v.moments, v.decode, int(meta.get('image_size', 224)), {'encoder': enc_name, 'vae': vae_name})
+
+
+# %% [markdown]
+# A pixel-space run without a store gets the stand-ins of its model's shape; one whose config names a
+# store gets that store's encoder and image size. `encode` gives one embedding and one latent per support:
+
+# %%
+_mc = offline_model_config('mu', size=16, channels=3, embed_dim=16)
+_run = types.SimpleNamespace(mc=_mc, space='pixel', config={})
+c0 = run_codecs(_run)
+test_eq((c0.names, c0.image_size), ({'encoder': PixelEncoder(dim=16).name, 'vae': 'pixel-16x3'}, 16))
+_emb, _lat = c0.encode(imgs[:3])
+test_eq((_emb.shape, _lat.shape), ((3, 16), (3, 16, 16, 3))); test_close(_lat, imgs[:3] / 127.5 - 1, eps=1e-5)
+test_close(np.linalg.norm(_emb, axis=-1), 1, eps=1e-5)
+test_eq(store_meta(_run), None)
+
+
+# %% [markdown]
+# ## Command line
+#
+# `fsdit precompute --data SPLIT --out FEATS` loads SigLIP2 and the SD-VAE (hub ids or local folders) and
+# runs `fsdit.features.precompute`; `--stand-in` uses the offline stand-ins instead (pixel space,
+# `PixelEncoder` — not SigLIP2). It lives here, with the codecs it chooses between. A run whose
+# `config.json` names the store then gets the same codecs back from `run_codecs`.
+
+# %%
+#| export
+def _named(obj, name: str, method: str):
+    "`obj` if it carries a `name`, else a view of it with `name`, `method` and its `scaling_factor` if any."
+    if getattr(obj, 'name', None): return obj
+    extra = {'scaling_factor': obj.scaling_factor} if hasattr(obj, 'scaling_factor') else {}
+    return types.SimpleNamespace(name=name, **{method: getattr(obj, method)}, **extra)
+
+
+def precompute_cli(argv: list[str]) -> int:
+    "`fsdit precompute`: every image of a prepared split once through the frozen encoders."
+    from fsdit.cli import Parser, positive_int, check_out_dir, fail
+    p = Parser(prog='fsdit precompute', description=precompute.__doc__)
+    p.add_argument('--data', required=True, help='prepared split (output of `fsdit prepare`)')
+    p.add_argument('--out', required=True, help='feature store folder to write')
+    p.add_argument('--encoder', default=DEFAULT_ENCODER, help='SigLIP(2) hub id or local folder')
+    p.add_argument('--vae', default=DEFAULT_VAE, help='SD-VAE (any diffusers AutoencoderKL) hub id or local folder')
+    p.add_argument('--image-size', type=positive_int, default=None, help='224 (latent) or 32 (--stand-in)')
+    p.add_argument('--chunk-size', type=positive_int, default=1024); p.add_argument('--batch-size', type=positive_int, default=64)
+    p.add_argument('--stand-in', action='store_true', help='offline stand-ins: pixel space + PixelEncoder (NOT SigLIP2)')
+    p.add_argument('--embed-dim', type=positive_int, default=64, help='stand-in embedding width')
+    p.add_argument('--channels', type=int, default=3, help='stand-in pixel channels (3 or 1)')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='encoder compute dtype')
+    a = p.parse_args(argv)
+    try:
+        check_out_dir(a.out)
+        store_index(a.data)                                  # a split to read, before any encoder loads
+        if a.stand_in:
+            size = a.image_size or 32
+            enc, vae, space = PixelEncoder(dim=a.embed_dim), PixelSpace(size=size, channels=a.channels), 'pixel'
+        else:
+            size, space = a.image_size or 224, 'latent'
+            enc = _named(SigLIPEncoder.from_pretrained(a.encoder, dtype=a.dtype), a.encoder, 'embed')
+            vae = _named(SDVAE.from_pretrained(a.vae, dtype=a.dtype), a.vae, 'moments')
+        st = precompute(a.data, a.out, enc, vae, size, space, a.chunk_size, a.batch_size)
+    except (ValueError, OSError) as e:
+        return fail('precompute', e)
+    print(f"{a.out}: {len(st.embeds)} images, embeds {st.embeds.shape[1:]}, moments {st.moments.shape[1:]}, {st.meta['splits']}")
+    return 0
+
+
+# %%
+with contextlib.redirect_stdout(io.StringIO()) as o, contextlib.redirect_stderr(io.StringIO()):
+    test_eq(precompute_cli(['--data', str(_root / 'split'), '--out', str(_root / 'feats3'), '--stand-in', '--image-size', '16',
+                            '--embed-dim', '8', '--chunk-size', '7']), 0)
+st3 = open_store(_root / 'feats3', {'space': 'pixel', 'image_size': 16})
+test_eq((st3.embeds.shape, st3.moments.shape), ((36, 8), (36, 2, 2, 16, 16, 3)))
+assert '36 images' in o.getvalue(); test_eq(st3.latent_scale, 1.0)
+c3 = run_codecs(types.SimpleNamespace(mc=offline_model_config('mu', size=16, embed_dim=8), space='pixel',
+                                      config={'feats': str(_root / 'feats3')}))
+test_eq((c3.names['encoder'], c3.image_size), (st3.meta['encoder'], 16))
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(precompute_cli(['--data', str(_root / 'nothing'), '--out', str(_root / 'feats4'), '--stand-in']), 1)
+assert err.getvalue().startswith('fsdit precompute: no images under')
