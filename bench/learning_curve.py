@@ -4,15 +4,16 @@ training minutes, read from each run's metrics.jsonl (the trainer's few-shot met
     python bench/learning_curve.py NAME=DEMO_OR_RUN_DIR ... [--out nbs/images/learning_curve.png] [--json curve.json]
 
 Training minutes are the sum of the logged step times (`train/step_time` x steps in each log window), so
-evaluation, checkpointing and compilation are not counted and runs on a loaded machine compare by their
-own step times.
+evaluation, checkpointing and compilation are not counted. A run that shared the machine logs inflated step
+times: `--step-s S` counts its minutes as steps x S instead (S: the bare step time measured on a quiet machine,
+`bench/demo_budget.json`), which puts runs made under different loads on one axis.
 """
 import argparse, json, sys
 from pathlib import Path
 
 
-def curve(run: Path) -> list[dict]:
-    "Records of the few-shot metrics with the training minutes spent up to their step."
+def curve(run: Path, step_s: float | None = None) -> list[dict]:
+    "Records of the few-shot metrics with the training minutes spent up to their step (steps x `step_s` if given)."
     run = run / 'run' if (run / 'run' / 'metrics.jsonl').exists() else run
     out, minutes, prev = [], 0.0, 0
     for line in (run / 'metrics.jsonl').read_text().splitlines():
@@ -21,7 +22,7 @@ def curve(run: Path) -> list[dict]:
         if 'train/step_time' in r:
             minutes += r['train/step_time'] * (r['step'] - prev) / 60; prev = r['step']
         if 'val_fs/judge_acc' in r:
-            out.append(dict(step=r['step'], minutes=round(minutes, 2), judge_acc=r['val_fs/judge_acc'],
+            out.append(dict(step=r['step'], minutes=round(r['step'] * step_s / 60 if step_s else minutes, 2), judge_acc=r['val_fs/judge_acc'],
                             real_judge_acc=r.get('val_fs/real_judge_acc'), glyph_fd=r.get('val_fs/glyph_fd'),
                             real_glyph_fd=r.get('val_fs/real_glyph_fd')))
     return out
@@ -50,11 +51,12 @@ def main(argv=None):
     ap.add_argument('runs', nargs='+', help='NAME=FOLDER (a demo folder or a run folder)')
     ap.add_argument('--out', default='learning_curve.png')
     ap.add_argument('--json', default=None)
+    ap.add_argument('--step-s', type=float, default=None, help='seconds per step for the minutes axis (default: the logged step times)')
     a = ap.parse_args(argv)
     curves = {}
     for spec in a.runs:
         name, _, folder = spec.partition('=')
-        curves[name] = curve(Path(folder or name))
+        curves[name] = curve(Path(folder or name), a.step_s)
     plot(curves, Path(a.out))
     text = json.dumps(curves, indent=1)
     if a.json: Path(a.json).write_text(text)

@@ -1,4 +1,4 @@
-"""fsdit.eval and fsdit.sample: metrics with known answers, the FID feature path, and the whole eval on a tiny trained run."""
+"""fsdit.eval and fsdit.supports: metrics with known answers, the FID feature path, and the whole eval on a tiny trained run."""
 import json
 import urllib.error
 
@@ -187,7 +187,7 @@ def test_quick_eval_for_training(tiny_run):
 
 def test_sample_cli_on_tiny_run(tiny_run, capsys):
     from PIL import Image
-    from fsdit.sample import sample_cli
+    from fsdit.supports import sample_cli
     cls = next((tiny_run / 'split' / 'test').iterdir())
     out = tiny_run / 'grid.png'
     rc = sample_cli(['--run', str(tiny_run / 'run'), '--class-dir', str(cls), '--n', '6', '--steps', '2',

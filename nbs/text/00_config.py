@@ -9,11 +9,12 @@
 # %%
 #| export
 from __future__ import annotations
-import dataclasses, json
-from dataclasses import dataclass, field, fields, replace, asdict
+from dataclasses import dataclass, fields, asdict
 from typing import Any
 
 # %%
+import json
+from dataclasses import replace
 from fastcore.test import test_eq, test_fail
 
 # %% [markdown]

@@ -127,7 +127,7 @@ def _store_json(path: Path, name: str):
 def _store_array(path: Path, name: str, rows: int, mode) -> np.ndarray:
     try: a = np.load(path / name, mmap_mode=mode)
     except FileNotFoundError: raise _damaged(path, name, 'is missing') from None
-    except (OSError, ValueError, EOFError) as e:      # truncated: numpy says "mmap length ...", "cannot reshape", EOF
+    except (OSError, ValueError, EOFError):      # truncated: numpy says "mmap length ...", "cannot reshape", EOF
         raise _damaged(path, name, f"is truncated or empty ({path / name}: {os.path.getsize(path / name)} bytes)") from None
     if len(a) != rows: raise _damaged(path, name, f"holds {len(a)} rows, its index {rows}")
     return a

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import jax, jax.numpy as jnp
 
 from fsdit.config import model_config
 from fsdit.data import l2_normalize
@@ -136,7 +135,7 @@ test_eq(offline_model_config(patch=2).tokens, 256)
 # store's `metadata.json` — the run's `config.json` when it names the store (`feats`), or `--feats` — and,
 # without a store, from the run: pixel runs use the stand-ins of the model's shape, latent runs SigLIP2
 # and the SD-VAE (hub ids or local folders, overridable). A run here is anything with `.mc` (its
-# `ModelConfig`), `.space` and `.config` (its saved `config.json`), such as `fsdit.sample.Run`.
+# `ModelConfig`), `.space` and `.config` (its saved `config.json`), such as `fsdit.supports.Run`.
 #
 # `Codecs.encode` turns uint8 support images into what the sampler is conditioned on: their embeddings
 # and posterior-mean latents (unscaled, as the store holds them).

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
-from fsdit.config import ModelConfig, model_config, MODEL_PRESETS
+from fsdit.config import ModelConfig
 from fsdit.data import l2_normalize
 
 # %%
 from fastcore.test import test_eq, test_close
+from fsdit.config import model_config, MODEL_PRESETS
 from fsdit.testing import perturb
 
 
@@ -191,7 +192,7 @@ class Attention(nn.Module):
     heads: int
     dtype: Any = jnp.float32
     implementation: str = 'xla'
-    with_weights: bool = False
+    with_entropy: bool = False
     n_query: int = 0            # queries averaged into the entropy (the target tokens); 0 = all
 
     @nn.compact
@@ -204,7 +205,7 @@ class Attention(nn.Module):
                                             dtype=self.dtype, name=name)(x)
         q, k, v = proj('q'), proj('k'), proj('v')                             # (B, T, H, d)
         ent = None
-        if self.with_weights:
+        if self.with_entropy:
             logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(D // self.heads)
             if kv_len is not None: logits = jnp.where(_key_mask(kv_len, T)[:, None, None], logits, -1e30)
             w = jax.nn.softmax(logits, axis=-1)                               # (B, H, T, T)
@@ -225,7 +226,7 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
     implementation: str = 'xla'
-    with_weights: bool = False
+    with_entropy: bool = False
     n_query: int = 0
 
     @nn.compact
@@ -234,7 +235,7 @@ class DiTBlock(nn.Module):
         mod = nn.Dense(6 * D, kernel_init=nn.initializers.zeros, dtype=dt, name='adaLN')(nn.silu(c))  # (B, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
         ln = lambda: nn.LayerNorm(use_bias=False, use_scale=False, dtype=dt)
-        h, ent = Attention(D, self.heads, dt, self.implementation, self.with_weights, self.n_query, name='attn')(
+        h, ent = Attention(D, self.heads, dt, self.implementation, self.with_entropy, self.n_query, name='attn')(
             modulate(ln()(x), shift_a, scale_a), kv_len)
         x = x + gate_a[:, None] * h                                          # (B, T, D)
         h = nn.Dense(int(D * self.mlp_ratio), kernel_init=nn.initializers.xavier_uniform(), dtype=dt, name='mlp_in')(

@@ -190,6 +190,14 @@ def example_keys(key: jax.Array, step, n: int, axis_name: str | None = None) -> 
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
 
 
+
+# %%
+k = example_keys(jax.random.PRNGKey(0), 3, 4)                         # one device: examples 0..3
+test_eq(k.shape, (4, 2)); assert len({tuple(np.asarray(r)) for r in k}) == 4
+test_eq(np.asarray(example_keys(jax.random.PRNGKey(0), 3, 4)), np.asarray(k))                     # a pure function of (key, step, index)
+assert not np.array_equal(np.asarray(example_keys(jax.random.PRNGKey(0), 4, 4)), np.asarray(k))  # a new step, new numbers
+
+
 # %% [markdown]
 # On the device a batch becomes the model's inputs. The target latent is a fresh posterior sample of the
 # chosen mirror state, $x_1 = (\mu + e^{\frac12 \log\sigma^2} n)\cdot s$, where $s$ is the VAE's scaling

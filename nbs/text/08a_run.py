@@ -58,12 +58,12 @@ def _jsonable(v):
 class RunLog:
     "Metrics to `RUN/metrics.jsonl` and to wandb; inactive on processes other than 0."
     def __init__(self, out_dir, config: dict, tc: TrainConfig, active: bool = True):
-        self.path, self.active, self.run = Path(out_dir) / 'metrics.jsonl', active, None
+        self.path, self.active, self.wandb = Path(out_dir) / 'metrics.jsonl', active, None
         mode = wandb_mode(tc.wandb_mode)
         if active and mode != 'disabled':
             import wandb
             os.environ['WANDB_MODE'] = mode
-            self.run = wandb.init(project=tc.wandb_project, name=tc.wandb_name, config=config, dir=str(out_dir), mode=mode,
+            self.wandb = wandb.init(project=tc.wandb_project, name=tc.wandb_name, config=config, dir=str(out_dir), mode=mode,
                                   id=_run_id(out_dir), resume='allow', settings=wandb.Settings(init_timeout=90, silent=True))
 
     def log(self, step: int, metrics: dict, images: dict | None = None):
@@ -71,9 +71,9 @@ class RunLog:
         if not self.active: return
         rec = {'step': step, **{k: _jsonable(v) for k, v in {**metrics, **(images or {})}.items()}}
         with open(self.path, 'a') as f: f.write(json.dumps(rec) + '\n')
-        if self.run is not None:
+        if self.wandb is not None:
             import wandb
-            self.run.log({**{k: v for k, v in rec.items() if isinstance(v, float)},
+            self.wandb.log({**{k: v for k, v in rec.items() if isinstance(v, float)},
                           **{k: wandb.Image(str(p)) for k, p in (images or {}).items()}}, step=step)
 
     def truncate(self, step: int, warn: Callable[[str], None] | None = None):
@@ -83,7 +83,7 @@ class RunLog:
         write_atomic(self.path, ''.join(l + '\n' for l in keep))
 
     def close(self):
-        if self.run is not None: self.run.finish()
+        if self.wandb is not None: self.wandb.finish()
 
 
 def read_records(path, warn: Callable[[str], None] | None = None) -> list[tuple[str, dict]]:
@@ -176,6 +176,16 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, template: TrainState, step: 
     target = jax.tree.map(np.asarray, flax.serialization.to_state_dict(template))
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return flax.serialization.from_state_dict(template, got['state']), dict(got['meta'])
+
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    mngr = checkpoint_manager(d, keep=1)
+    with quiet_orbax(): save_checkpoint(mngr, create_state(mc, tc), {'data': None})
+    test_eq(mngr.all_steps(), [0]); assert (Path(d) / 'checkpoints' / '0').is_dir()
+    back, meta = restore_checkpoint(mngr, create_state(mc, tc)); mngr.close()
+test_eq((int(back.step), meta), (0, {'data': None}))
 
 
 # %% [markdown]

@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import functools, math
+import functools
 from functools import partial
 from typing import Callable
 import numpy as np
@@ -57,6 +57,19 @@ def compute_grads(state, batch, *, model, mc, tc, latent_scale, axis_name=AXIS):
     return _pmean(loss, axis_name), _pmean(grads, axis_name), aux['loss'], aux['t']
 
 
+
+# %% [markdown]
+# On one device (`axis_name=None`) the reduction is the identity: the loss is the batch's mean, the
+# gradients have the parameters' structure, and the per-example losses and $t$ come back for the t-bins.
+
+# %%
+st0 = create_state(mc, tc)
+loss, grads, per_example, t = compute_grads(st0, synthetic_batch(4, mc), model=DiT(mc), mc=mc, tc=tc,
+                                            latent_scale=0.18215, axis_name=None)
+test_close(float(loss), float(per_example.mean()), eps=1e-6); test_eq((per_example.shape, t.shape), ((4,), (4,)))
+test_eq(jax.tree.structure(grads), jax.tree.structure(st0.params)); assert np.isfinite(float(global_norm(grads)))
+
+
 # %% [markdown]
 # The step itself is a pure function of (state, device batch): no host sync, no Python side effects.
 # Its metrics stay on the device until a log step fetches them; `finite` is the NaN/Inf check. The grad
@@ -77,6 +90,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scal
                    finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm), bin_sums=bin_sums, bin_counts=bin_counts)
     return state.replace(params=params, ema_params=ema_update(state.ema_params, params, tc.ema_decay),
                          opt_state=opt_state, step=state.step + 1), metrics
+
+
+
+# %%
+st1, m1 = train_step(st0, synthetic_batch(4, mc), model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
+                     latent_scale=0.18215, axis_name=None)
+test_eq(int(st1.step), 1); assert bool(m1['finite']) and float(m1['grad_norm_clipped']) <= tc.grad_clip
+test_eq(float(m1['bin_counts'].sum()), 4.0)
 
 
 # %% [markdown]
@@ -173,6 +194,13 @@ def make_eval_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float) -> Cal
     return data_parallel(partial(eval_step, model=DiT(mc), mc=mc, tc=tc, latent_scale=latent_scale), donate=False)
 
 
+
+# %%
+ev1 = eval_step(st0.params, synthetic_batch(4, mc), jax.random.PRNGKey(1), model=DiT(mc), mc=mc, tc=tc,
+                latent_scale=0.18215, axis_name=None)
+test_eq(float(ev1['count']), 4.0); test_eq(ev1['attn_entropy'].shape, (mc.depth, mc.heads))
+
+
 # %% [markdown]
 # On the host, the sums of every validation batch add up; the bin means come from `flow.bin_means`
 # (NaN for an empty bin), and the entropy is logged for an early, a middle and the last layer, and per
@@ -180,9 +208,6 @@ def make_eval_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float) -> Cal
 
 # %%
 #| export
-def _nan_none(x) -> float | None: return None if not math.isfinite(x) else float(x)
-
-
 def entropy_metrics(ent: np.ndarray, prefix: str = 'attn') -> dict:
     "Attention entropy (depth, heads): layers early/mid/late and every head of the last layer."
     depth = ent.shape[0]
@@ -244,4 +269,16 @@ def train_summary(pending: list[dict], loss_ema: float | None, alpha: float = 0.
            'train/lr': float(ms[-1]['lr'])}
     return {**out, **{f'train/loss_tbin_{i}': float(v) for i, v in enumerate(bins)}}, loss_ema
 
+# %% [markdown]
+# Two fetched steps (replicated, as the step returns them) summarise to their means and the last step's norms;
+# a non-finite one is named by its step.
 
+# %%
+def _m(loss, finite=True):
+    return replicate(dict(loss=np.float32(loss), grad_norm=np.float32(2.0), grad_norm_clipped=np.float32(1.0),
+                          param_norm=np.float32(3.0), lr=np.float32(1e-3), finite=np.bool_(finite),
+                          bin_sums=np.ones(10, np.float32), bin_counts=np.ones(10, np.float32)))
+out, ema = train_summary([_m(1.0), _m(3.0)], None)
+test_eq((out['train/loss'], out['train/param_norm']), (2.0, 3.0)); test_close(ema, 0.99 * 1.0 + 0.01 * 3.0)
+check_finite([_m(1.0)], 5)
+test_fail(lambda: check_finite([_m(1.0), _m(np.nan, finite=False)], 5), contains='at step 6')

@@ -213,7 +213,7 @@ class Trainer:
         check_finite(self.pending, self.step - len(self.pending) + 1)
         out, self.loss_ema = train_summary(self.pending, self.loss_ema)
         self.pending = []
-        (t0, s0), n = self.clock, self.step - self.clock[1]
+        t0, n = self.clock[0], self.step - self.clock[1]
         if n > 0:
             dt = time.perf_counter() - t0
             out.update({'train/step_time': dt / n, 'train/samples_per_s': n * self.tc.batch_size / dt})

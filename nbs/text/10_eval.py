@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, json, math, os, sys, contextlib
+import json, math, sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,10 +17,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fsdit.features import open_store
-from fsdit.fid import fid_inception
+from fsdit.fid import fid_inception, inception_features
 from fsdit.images import to_uint8
-from fsdit.metrics import (frechet_distance, class_prototypes, prototype_accuracy, heldout_prototype_accuracy,
-                           loo_prototype_accuracy, pairwise_distances, mean_pairwise_distance, class_diversity,
+from fsdit.metrics import (frechet_distance, heldout_prototype_accuracy, loo_prototype_accuracy, class_diversity,
                            nearest_support_distance)
 from fsdit.run import load_run
 from fsdit.codecs import run_codecs

@@ -135,8 +135,8 @@ def train_cli(argv: list[str]) -> int:
     try:
         if args.distributed: jax.distributed.initialize()
         check_out_dir(args.out)
-        run = run_json(args.out)
-        feats, n_val = args.feats or run.get('feats'), args.val_batches or run.get('val_batches', 4)
+        saved = run_json(args.out)                 # the run's config.json ({} for a new run)
+        feats, n_val = args.feats or saved.get('feats'), args.val_batches or saved.get('val_batches', 4)
         if feats is None: raise CLIError("--feats is required for a new run: the folder `fsdit precompute` wrote")
         store = open_store(feats)
         mc, tc = resolve_configs(args, store.meta)

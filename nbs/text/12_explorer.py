@@ -15,7 +15,7 @@
 # %%
 #| export
 from __future__ import annotations
-import io, json, os, re, time
+import io, json, re, time
 from pathlib import Path
 from typing import Sequence
 

@@ -22,8 +22,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, collections, functools, glob, json, os, platform, re, statistics, sys, tempfile, time
-from functools import partial
+import argparse, collections, functools, glob, json, os, platform, re, statistics, tempfile, time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,9 +30,8 @@ import numpy as np
 import jax, jax.numpy as jnp
 
 from fsdit.config import ModelConfig, TrainConfig, model_config, train_config
-from fsdit.dit import DiT
-from fsdit.state import create_state, make_optimizer
-from fsdit.steps import make_train_step, train_step, replicate, shard, donate_state
+from fsdit.state import create_state
+from fsdit.steps import make_train_step, replicate, shard
 from fsdit.testing import synthetic_batch
 
 SD_VAE_SCALE = 0.18215   # the SD-VAE's scaling factor: the latent scale of the benchmarked steps (speed does not depend on it)

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     'prepare':    ('fsdit.data', 'prepare_cli', 'split a flat class-folder dataset into train/val/test by class'),
     'precompute': ('fsdit.codecs', 'precompute_cli', 'run every image once through the frozen encoders into a feature store'),
     'train':      ('fsdit.launch', 'train_cli', 'train (or resume) a run on a feature store, data-parallel over all devices'),
-    'sample':     ('fsdit.sample', 'sample_cli', 'generate images of a class from a few support images'),
+    'sample':     ('fsdit.supports', 'sample_cli', 'generate images of a class from a few support images'),
     'eval':       ('fsdit.eval', 'eval_cli', 'few-shot metrics on unseen (and seen) classes -> JSON + plots'),
     'demo':       ('fsdit.demo', 'demo_cli', 'the whole chain offline on a small real dataset a dependency ships'),
     'bench':      ('fsdit.bench', 'bench_cli', 'benchmarks: train step, store vs online encoders, sampling, memory'),

@@ -1,23 +1,21 @@
 # %% [markdown]
-# # Sample
+# # Sampling from support images
 #
 # > New images of a class from a few support images: read the image files, encode them with the run's codecs, generate with the compiled sampler (spread over every local device), and write a grid with the supports on top — `fsdit sample`.
 
 # %%
-#| default_exp sample
+#| default_exp supports
 
 # %%
 #| export
 from __future__ import annotations
-import argparse, functools, json, re, sys
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from fsdit.codecs import Codecs, run_codecs
-from fsdit.config import ModelConfig, TrainConfig
 from fsdit.images import save_png, support_grid, to_uint8
 from fsdit.run import Run, load_run
 from fsdit.sampler import generate, check_supports
@@ -81,6 +79,16 @@ def sample_from_supports(run: Run, codecs: Codecs, images, n: int = 16, *, cfg_s
     z = generate(run.params, run.mc, tile(emb), tile(lat), latent_scale=run.latent_scale, seed=seed, steps=steps,
                  cfg_scale=cfg_scale, method=method, batch_size=batch_size)
     return np.asarray(codecs.decode(z), np.float32)
+
+
+
+# %%
+from PIL import Image
+(tmp / 'sup').mkdir()
+Image.fromarray(np.full((10, 14, 3), 200, np.uint8)).save(tmp / 'sup' / 'a.png')
+test_eq(read_supports([tmp / 'sup' / 'a.png'], 8).shape, (1, 8, 8, 3))
+test_fail(lambda: read_supports([tmp / 'sup' / 'a.png', tmp / 'sup' / 'none.png'], 8), contains='none.png (no such file)')
+test_eq(len(class_dir_supports(tmp / 'sup', 1)), 1)
 
 
 # %% [markdown]
