@@ -249,4 +249,3 @@ assert not np.allclose(z_all, generate(params, mc, emb, lat, steps=3, seed=2))
 test_fail(lambda: check_supports(model_config('mu', cond='class', num_classes=3), 5), contains='class-conditioned')
 test_fail(lambda: check_supports(mc, 0), contains='at least one support')
 check_supports(mc, 1); check_supports(model_config('mu', cond='context'), 7)   # any K >= 1
-

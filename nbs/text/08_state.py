@@ -124,4 +124,3 @@ st = create_state(mc, tc)  # one compiled call
 test_eq(int(st.step), 0)
 assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(st.params))
 test_close(ema_update({'w': jnp.zeros(2)}, {'w': jnp.ones(2)}, 0.9)['w'], 0.1)
-

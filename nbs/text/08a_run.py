@@ -119,7 +119,6 @@ with tempfile.TemporaryDirectory() as d:
     test_eq([r for _, r in read_records(Path(d) / 'metrics.jsonl')], recs); assert 'cut off' in said[0]
 test_eq(recs, [{'step': 5, 'train/loss': 1.5, 'train/loss_tbin_0': None}])
 
-
 # %% [markdown]
 # ## Checkpoints
 #
@@ -321,6 +320,7 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: run_json(d), contains='cannot be read')
 test_eq(run_latent_scale({'space': 'pixel', 'train': {}}), 1.0)
 
+
 # %% [markdown]
 # One run directory, one trainer: `RunLock` holds an exclusive `flock` on `RUN/train.lock` for the life of
 # the run, so a second `fsdit train` into the same `--out` is refused instead of interleaving checkpoints and
@@ -440,5 +440,3 @@ test_eq(jax.tree.structure(run.params), jax.tree.structure(create_state(mc, tc).
 test_fail(lambda: load_run(tmp / 'nothing'), contains='not a run directory')
 write_run_config(tmp / 'empty', mc, tc, 'pixel')
 test_fail(lambda: load_run(tmp / 'empty'), contains='no checkpoint')
-
-

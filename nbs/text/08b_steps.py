@@ -30,7 +30,6 @@ from fsdit.testing import synthetic_batch
 mc = model_config('mu')
 tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_every=5, keep=1, sample_steps=2)
 
-
 # %% [markdown]
 # ## The step
 #
@@ -268,6 +267,7 @@ def train_summary(pending: list[dict], loss_ema: float | None, alpha: float = 0.
            'train/grad_norm_clipped': mean('grad_norm_clipped'), 'train/param_norm': float(ms[-1]['param_norm']),
            'train/lr': float(ms[-1]['lr'])}
     return {**out, **{f'train/loss_tbin_{i}': float(v) for i, v in enumerate(bins)}}, loss_ema
+
 
 # %% [markdown]
 # Two fetched steps (replicated, as the step returns them) summarise to their means and the last step's norms;

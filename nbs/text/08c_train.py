@@ -69,6 +69,7 @@ params = create_state(mc, tc).params
 g = sample_grid(mc, tc, params, src.val_batches()[0], lambda z: z, 1.0, n=3)
 test_eq(g.shape[0], (5 + 3) * (28 + 2)); assert g.shape[1] > 3 * (28 + 2) and g.dtype == np.uint8
 
+
 # %% [markdown]
 # ## Stopping cleanly
 #
@@ -303,4 +304,3 @@ with tempfile.TemporaryDirectory() as run_dir:
     recs = [json.loads(l) for l in open(Path(run_dir) / 'metrics.jsonl')]
     test_eq(json.loads((Path(run_dir) / 'config.json').read_text())['latent_scale'], 1.0)
 test_eq(seen, [2, 4]); test_eq([r['hook/n_leaves'] for r in recs], [len(jax.tree.leaves(params))] * 2)
-

@@ -226,5 +226,3 @@ sup = rng.normal(size=(5, 3, 8))
 test_close(nearest_support_distance(sup[:, 1], sup, 'rms'), np.zeros(5), eps=1e-6)   # copies
 assert (nearest_support_distance(sup[:, 1] + 1, sup, 'rms') > 0).all()
 test_fail(lambda: pairwise_distances(pts, metric='l1'), contains="'cosine' or 'rms'")
-
-

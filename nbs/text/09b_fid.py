@@ -115,5 +115,3 @@ if fid_available():
 else:
     test_fail(lambda: fid_inception(weights=None), contains="torchvision")
 test_eq(to_uint8(np.array([-1., 0., 1.])), np.array([0, 128, 255], np.uint8))
-
-

@@ -29,6 +29,7 @@ from fsdit.sampler import generate
 import tempfile
 from fastcore.test import test_eq, test_close, test_fail
 from fsdit.data import l2_normalize
+rng = np.random.default_rng(0)
 
 
 # %% [markdown]
@@ -466,6 +467,7 @@ q = quick_eval(init_params(mc_toy, jax.random.PRNGKey(0)), mc_toy, toy, lambda z
 test_eq(q['val_fs/real_proto_acc'], 1.0); test_eq(q['val_fs/chance'], 0.25)
 assert all(np.isfinite(v) for v in q.values()) and q['val_fs/nn_support_embed'] > q['val_fs/real_nn_support_embed']
 
+
 # %% [markdown]
 # `FewShotHook` runs `quick_eval` inside training, as one of the trainer's evaluation hooks
 # (`fsdit.train.Trainer(hooks=...)`): called with the EMA parameters and the step, it returns the metrics to
@@ -530,6 +532,7 @@ def offline(images): raise OSError("google/siglip2-base-patch16-224: not on disk
 off = FewShotHook(src, mc_fs, tc_fs, None, offline)
 test_eq(off(None, 2), {}); assert off.embed is None and off(None, 4) == {}
 
+
 # %% [markdown]
 # ## Command line
 #
@@ -572,7 +575,6 @@ def eval_cli(argv: list[str]) -> int:
     print(results_table(res['records']))
     print(f"wrote {a.out or Path(a.run) / 'eval'}/eval.json and figures")
     return 0
-
 
 # %% [markdown]
 # ## Measured: does the conditioning generalise? (issue: seed vs in-context supports)

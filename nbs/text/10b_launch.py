@@ -28,7 +28,6 @@ import numpy as np
 from fastcore.test import test_eq, test_fail
 from fsdit.codecs import PixelEncoder
 
-
 # %% [markdown]
 # ## Command line
 #
@@ -176,5 +175,3 @@ a = train_parser().parse_args(['--out', '/nonexistent/run', '--model', 'mu', '--
 m_, t_ = resolve_configs(a, {'latent_shape': [16, 16, 3], 'embed_dim': 64})
 test_eq((t_.batch_size, t_.wandb_name, t_.ema_decay, t_.warmup), (16, 'r1', 0.5, 2))
 test_eq((m_.hidden, m_.input_size, m_.in_channels, m_.support_dim, m_.remat), (32, 16, 3, 64, True))
-
-

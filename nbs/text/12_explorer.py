@@ -23,7 +23,7 @@ import numpy as np
 import ipywidgets as W
 
 # %%
-import tempfile
+import os, tempfile
 from fastcore.test import test_eq, test_fail, test_ne
 
 

@@ -386,6 +386,7 @@ def summarize_step(times: list[float], flops: float, batch: int, peak: float | N
 # matmuls do — see `BENCHMARKS.md`.
 
 # %%
+from fsdit.steps import donate_state
 run, facts = train_runner('mu', batch=4)
 assert facts['flops'] > 0 and facts['params'] > 0
 test_eq(facts['memory']['alias'] > 0, donate_state())
