@@ -29,9 +29,15 @@ _torchvision_without_compiled_ops()
 
 
 @pytest.fixture(scope='session')
-def demo_tiny(tmp_path_factory):
-    "A finished `tiny` demo (data, store, a 30-step run) in DIR/demo; yields DIR. Shared: treat as read-only."
+def demo_tiny(tmp_path_factory, worker_id):
+    """A finished `tiny` demo (data, store, a 30-step run) in DIR/demo; yields DIR. Shared: treat as read-only.
+
+    Made once for the whole session, across pytest-xdist workers: the first worker builds it under a file lock,
+    the others find every stage complete and reuse it (the demo skips finished stages)."""
+    from filelock import FileLock
     from fsdit.demo import demo
-    d = tmp_path_factory.mktemp('demo_tiny')
-    demo(d / 'demo', 'tiny', until='train', progress=False)
+    root = tmp_path_factory.getbasetemp() if worker_id == 'master' else tmp_path_factory.getbasetemp().parent
+    d = root / 'demo_tiny'
+    with FileLock(str(root / 'demo_tiny.lock')):
+        demo(d / 'demo', 'tiny', until='train', progress=False)
     return d

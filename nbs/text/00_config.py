@@ -70,12 +70,6 @@ class ModelConfig:
     def head_dim(self) -> int: return self.hidden // self.heads
 
 
-# %% [markdown]
-# Impossible settings fail when the config is made, with the fix in the message — not deep inside a
-# traced function. (The seed's `debug` preset used patch 8, which does not divide 28.)
-
-# %%
-#| export
 def _require(ok: bool, msg: str):
     if not ok: raise ValueError(msg)
 
@@ -99,14 +93,6 @@ def validate_model(c: ModelConfig):
     _require(c.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {c.attention!r}")
 
 
-# %% [markdown]
-# ## Model presets
-#
-# The DiT family's sizes (Peebles & Xie, Table 1) at patch 2, the seed's `debug` size, and `mu`, a
-# model small enough that every notebook runs on a CPU in seconds. `B/2` is the seed's "big" model.
-
-# %%
-#| export
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     'mu':    dict(hidden=32, depth=2, heads=2, patch=2),
     # the seed's debug size; its patch 8 does not divide 28, so patch 4 (49 tokens)
@@ -130,17 +116,6 @@ def model_config(name: str = 'B/2', **overrides) -> ModelConfig:
     return ModelConfig(**{**_preset(MODEL_PRESETS, 'model', name), **overrides})
 
 
-# %% [markdown]
-# ## The training run
-#
-# The seed's recipe is the default: AdamW (0.9, 0.99, weight decay 0.01), LR 1e-4 with 5k warmup and a
-# cosine decay to 1e-6, global-norm clip 1.0, EMA 0.9999, global batch 128, 200k steps, samples at CFG
-# 3.0 with 50 Euler steps. Short runs need their own warmup and EMA decay: with 0.9999 the EMA is still
-# $0.9999^{1000} \approx 90\%$ the initial weights after 1,000 steps, so a short run's EMA model would
-# sample noise.
-
-# %%
-#| export
 T_SAMPLING = ('logit_normal', 'uniform')
 EPISODES = ('disjoint', 'fixed')
 WANDB_MODES = ('online', 'offline', 'disabled')
@@ -180,8 +155,6 @@ class TrainConfig:
     def __post_init__(self): validate_train(self)
 
 
-# %%
-#| export
 def validate_train(c: TrainConfig):
     "Raise `ValueError` naming the field and the fix if `c` cannot run."
     for name in ('batch_size', 'max_steps', 'shots', 'log_every', 'eval_every', 'sample_every', 'save_every', 'keep', 'sample_steps'):
@@ -206,15 +179,6 @@ def check_batch(batch_size: int, n_devices: int, n_processes: int = 1):
     _require(n_devices % n_processes == 0, f"{n_devices} devices do not split over {n_processes} processes")
 
 
-# %% [markdown]
-# ## Training presets
-#
-# `seed` is the table above. `short` is for runs of a few thousand steps (the offline demo), `test`
-# for runs of tens of steps in tests: both warm up quickly and use an EMA decay whose horizon
-# ($1/(1-d)$ steps) fits inside the run.
-
-# %%
-#| export
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     'seed':  dict(),
     'short': dict(batch_size=64, max_steps=3_000, lr=3e-4, warmup=200, ema_decay=0.999, log_every=50,
@@ -235,6 +199,32 @@ def _check_fields(cls, overrides: dict):
     bad = sorted(set(overrides) - names)
     if bad: raise TypeError(f"{cls.__name__} has no field(s) {bad}; fields are {sorted(names)}")
 
+
+# %% [markdown]
+# Impossible settings fail when the config is made, with the fix in the message — not deep inside a
+# traced function. (The seed's `debug` preset used patch 8, which does not divide 28.)
+
+# %% [markdown]
+# ## Model presets
+#
+# The DiT family's sizes (Peebles & Xie, Table 1) at patch 2, the seed's `debug` size, and `mu`, a
+# model small enough that every notebook runs on a CPU in seconds. `B/2` is the seed's "big" model.
+
+# %% [markdown]
+# ## The training run
+#
+# The seed's recipe is the default: AdamW (0.9, 0.99, weight decay 0.01), LR 1e-4 with 5k warmup and a
+# cosine decay to 1e-6, global-norm clip 1.0, EMA 0.9999, global batch 128, 200k steps, samples at CFG
+# 3.0 with 50 Euler steps. Short runs need their own warmup and EMA decay: with 0.9999 the EMA is still
+# $0.9999^{1000} \approx 90\%$ the initial weights after 1,000 steps, so a short run's EMA model would
+# sample noise.
+
+# %% [markdown]
+# ## Training presets
+#
+# `seed` is the table above. `short` is for runs of a few thousand steps (the offline demo), `test`
+# for runs of tens of steps in tests: both warm up quickly and use an EMA decay whose horizon
+# ($1/(1-d)$ steps) fits inside the run.
 
 # %% [markdown]
 # Overrides win over presets — the seed's code silently replaced them:

@@ -64,11 +64,6 @@ def _complete(d: Path, patterns: Sequence[str]) -> bool:
     return (d / 'config.json').is_file() and any(any(d.glob(p)) for p in patterns if p != 'config.json')
 
 
-# %% [markdown]
-# The error carries everything needed to recover without network:
-
-# %%
-#| export
 def _unavailable(repo: str, why: str, what: str, patterns: Sequence[str], loader: str) -> HubUnavailableError:
     include = ' '.join(f"'{p}'" for p in patterns)
     return HubUnavailableError(
@@ -110,6 +105,9 @@ def resolve_checkpoint(repo_id_or_dir: str | os.PathLike, patterns: Sequence[str
     if not _complete(d, patterns): raise _unavailable(repo, f'it holds none of {list(patterns)}', what, patterns, loader)
     return d
 
+
+# %% [markdown]
+# The error carries everything needed to recover without network:
 
 # %% [markdown]
 # A folder is used as it is; a folder without `config.json`, or a path that is neither a folder nor a hub

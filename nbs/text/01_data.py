@@ -20,6 +20,7 @@ from PIL import Image
 
 from fsdit.config import TrainConfig
 from fsdit.files import building
+from fsdit.cli import Parser, fail
 
 # %%
 import tempfile as _tf
@@ -224,13 +225,6 @@ def _build(dst_tmp: Path, splits: dict, good: dict, copy: bool):
                 else: os.symlink(os.path.abspath(p), d / p.name)
 
 
-# %% [markdown]
-# `prepare` scans before it writes, builds the split in a hidden folder beside `dst` and renames it into
-# place at the end (`fsdit.files.building`), so a refused or failed run leaves nothing half-made. The arguments are recorded in
-# `dst/prepare.json`: the same call again is a no-op, a different split into an existing `dst` is refused.
-
-# %%
-#| export
 def prepare(src, dst, train: int = 60, val: int = 16, test: int = 20, seed: int = 42, split: str = 'seed',
             copy: bool = False) -> dict:
     "Split the flat class folders in `src` into `dst/{train,val,test}/<class>/`; returns the manifest."
@@ -251,6 +245,11 @@ def prepare(src, dst, train: int = 60, val: int = 16, test: int = 20, seed: int 
         (tmp / 'prepare.json').write_text(json.dumps(manifest, indent=1))
     return manifest
 
+
+# %% [markdown]
+# `prepare` scans before it writes, builds the split in a hidden folder beside `dst` and renames it into
+# place at the end (`fsdit.files.building`), so a refused or failed run leaves nothing half-made. The arguments are recorded in
+# `dst/prepare.json`: the same call again is a no-op, a different split into an existing `dst` is refused.
 
 # %% [markdown]
 # A small flat dataset with the usual defects: a truncated file, a hidden file, a text file.
@@ -290,7 +289,6 @@ assert not (_root / 'split2').exists()
 #| export
 def prepare_cli(argv: list[str]) -> int:
     "`fsdit prepare`: split a flat class-folder dataset by class; a refusal is one line on stderr and exit status 1."
-    from fsdit.cli import Parser, fail
     p = Parser(prog='fsdit prepare', description=prepare.__doc__)
     p.add_argument('--src', required=True, help='folder of class folders (flat miniImageNet)')
     p.add_argument('--dst', required=True, help='output: DST/{train,val,test}/<class>/')

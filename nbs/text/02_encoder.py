@@ -151,8 +151,6 @@ class EncoderLayer(nn.Module):
         return h + MLP(self.spec, self.dtype, name='mlp')(ln(name='layer_norm2')(h))
 
 
-# %%
-#| export
 class MAPHead(nn.Module):
     "Multihead attention pooling: a learned probe attends over the tokens."
     spec: VisionSpec
@@ -188,11 +186,6 @@ class SiglipVision(nn.Module):
         return h, pooled
 
 
-# %% [markdown]
-# Random weights for tests and benchmarks are drawn with numpy from the parameter shapes:
-
-# %%
-#| export
 def random_params(spec: VisionSpec, seed: int = 0) -> dict:
     "Random float32 params of `SiglipVision(spec)`, drawn with numpy (a jit-compiled Flax init takes many seconds on a CPU)."
     rng = np.random.default_rng(seed)
@@ -204,6 +197,9 @@ def random_params(spec: VisionSpec, seed: int = 0) -> dict:
         return (0.02 * rng.normal(size=s.shape) if name != 'probe' else rng.normal(size=s.shape)).astype(np.float32)
     return jax.tree_util.tree_map_with_path(draw, shapes['params'])
 
+
+# %% [markdown]
+# Random weights for tests and benchmarks are drawn with numpy from the parameter shapes:
 
 # %%
 tiny = VisionSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
@@ -242,12 +238,6 @@ def torch_keys(spec: VisionSpec) -> list[str]:
     return ks
 
 
-# %% [markdown]
-# The conversion walks the Flax parameter tree and the torch names together, so one table serves both
-# directions (`to_flax` to load, `to_torch` to save a checkpoint transformers can read back).
-
-# %%
-#| export
 def _lin(t): return {'kernel': t['weight'].T, 'bias': t['bias']}
 def _ln(t): return {'scale': t['weight'], 'bias': t['bias']}
 def _sub(sd, prefix): return {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + '.')}
@@ -293,6 +283,10 @@ def to_torch(params: dict, spec: VisionSpec) -> dict[str, np.ndarray]:
         sd['head.attention.in_proj_bias'] = np.concatenate([np.asarray(att[n]['bias']) for n in ('q_proj', 'k_proj', 'v_proj')])
     return sd
 
+
+# %% [markdown]
+# The conversion walks the Flax parameter tree and the torch names together, so one table serves both
+# directions (`to_flax` to load, `to_torch` to save a checkpoint transformers can read back).
 
 # %% [markdown]
 # The round trip is exact and covers every tensor the reference model has, no more and no fewer:
@@ -345,8 +339,6 @@ def _safetensors_files(d: Path) -> list[Path]:
                           "resave the model with save_pretrained(..., safe_serialization=True)")
 
 
-# %%
-#| export
 def _get(f, k) -> np.ndarray:
     try: return f.get_tensor(k)
     except TypeError: return np.asarray(jax.device_get(f.get_tensor(k)), np.float32)  # bfloat16: numpy can't read it
@@ -384,6 +376,8 @@ def expected_shapes(spec: VisionSpec) -> dict[str, tuple]:
     return {k: v.shape for k, v in to_torch(zeros, spec).items()}
 
 
+HUB_PATTERNS = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors']
+
 # %% [markdown]
 # ## Hub ids and the offline case
 #
@@ -392,10 +386,6 @@ def expected_shapes(spec: VisionSpec) -> dict[str, tuple]:
 # without network — our CI, a Kaggle session with internet off, `HF_HUB_OFFLINE=1` — refused within
 # seconds by a `HubUnavailableError` that names the repo and says how to pass a local directory instead.
 # Only `config.json` and the safetensors files are fetched.
-
-# %%
-#| export
-HUB_PATTERNS = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors']
 
 # %%
 #| hide
@@ -493,8 +483,7 @@ _embed = jax.jit(lambda module, params, x: l2_normalize(_pool(module, params, x)
 _encode_supports = jax.jit(lambda module, params, s: l2_normalize(_pool(module, params, s.reshape(-1, *s.shape[2:])))
                            .reshape(*s.shape[:2], -1).mean(1), static_argnums=0)   # (B, K, H, W, C) -> (B, D)
 
-# %%
-#| export
+
 DTYPE_NAMES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 

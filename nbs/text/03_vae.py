@@ -66,12 +66,6 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-# %% [markdown]
-# A config dict becomes a `VAEConfig` only if it describes a VAE this module can run: an `AutoencoderKL`
-# built from the plain encoder and decoder blocks. Anything else fails here, naming what was found.
-
-# %%
-#| export
 def vae_config_from_dict(d: dict[str, Any], source: str = 'config') -> VAEConfig:
     "Validate a diffusers `AutoencoderKL` config dict (as in config.json) and return its `VAEConfig`."
     cls = d.get('_class_name')
@@ -96,6 +90,10 @@ def vae_config_from_dict(d: dict[str, Any], source: str = 'config') -> VAEConfig
     if bad: raise ValueError(f"{source}: norm_num_groups {c.norm_num_groups} does not divide the channels {bad}")
     return c
 
+
+# %% [markdown]
+# A config dict becomes a `VAEConfig` only if it describes a VAE this module can run: an `AutoencoderKL`
+# built from the plain encoder and decoder blocks. Anything else fails here, naming what was found.
 
 # %%
 sd_cfg = vae_config_from_dict({'_class_name': 'AutoencoderKL', 'block_out_channels': [128, 256, 512, 512],
@@ -263,13 +261,6 @@ class Decoder(nn.Module):
         return _conv(c.out_channels, dtype=self.dtype, name='conv_out')(x)
 
 
-# %% [markdown]
-# `AutoencoderKL.moments` returns the diagonal Gaussian posterior; like diffusers'
-# `DiagonalGaussianDistribution` it clips the log-variance to [-30, 20]. Outputs are float32 whatever the
-# compute dtype.
-
-# %%
-#| export
 class AutoencoderKL(nn.Module):
     "diffusers' `AutoencoderKL` (encoder, decoder, optional 1x1 quant convs) as a Flax module."
     c: VAEConfig
@@ -294,6 +285,11 @@ class AutoencoderKL(nn.Module):
 
     def __call__(self, x): return self.decode(self.moments(x)[0])
 
+
+# %% [markdown]
+# `AutoencoderKL.moments` returns the diagonal Gaussian posterior; like diffusers'
+# `DiagonalGaussianDistribution` it clips the log-variance to [-30, 20]. Outputs are float32 whatever the
+# compute dtype.
 
 # %%
 tiny = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
@@ -487,8 +483,6 @@ def _check_array(x, what: str, channels: int, factor: int = 1, value_range: bool
                              f"(from [0, 1]: 2x - 1; from [0, 255]: x / 127.5 - 1)")
 
 
-# %%
-#| export
 class SDVAE:
     "A frozen SD-VAE: `moments`, `sample` and `decode`, jit-compiled over fixed parameters."
 

@@ -75,16 +75,6 @@ def store_index(data, splits: Sequence[str] = SPLITS) -> dict[str, list]:
     return idx
 
 
-# %% [markdown]
-# ## Reading a store
-#
-# `open_store` refuses a folder that is not a complete store and, given `expect`, a store made with other
-# encoders, image size or format than the run asks for — with what differs in the message. A store whose
-# files were damaged after it was made (a file truncated or emptied, a disk that filled up while it was
-# copied) is refused naming the store and the file, rather than failing later inside numpy or json.
-
-# %%
-#| export
 @dataclass
 class Store:
     "A feature store: metadata, index and memory-mapped arrays."
@@ -152,21 +142,6 @@ def open_store(path, expect: dict | None = None, mmap: bool = True) -> Store:
     return Store(path, meta, index, _store_array(path, 'embeds.npy', rows, mode), _store_array(path, 'moments.npy', rows, mode))
 
 
-# %% [markdown]
-# ## Precompute
-#
-# The rows are cut into chunks at fixed boundaries (`chunk_size` rows). Each chunk is loaded, encoded in
-# batches whose leading axis is split over the local devices, and saved as its own file, renamed into
-# place when complete — the file's presence is the chunk's done-marker. A killed run leaves
-# `FEATS.partial/`; run again, it checks the plan is the same, skips the finished chunks and does the
-# rest. The store is assembled beside `FEATS` (in a hidden `.FEATS.partial-XXXX/`, `fsdit.files.building`) and
-# renamed into place at the end, so `FEATS` is either absent or whole, and equals what one uninterrupted run gives. A run killed
-# while assembling leaves the hidden folder; the next run deletes it before assembling again, and a run that
-# finds the store complete deletes what is left of `FEATS.partial/`. Folders get the usual permissions
-# (0755 under the usual umask), as runs do.
-
-# %%
-#| export
 def _encode_fn(f: Callable, n_dev: int, quantum: int):
     "Call `f` on a batch padded to a multiple of `quantum` (itself one of the devices), split over the devices."
     import jax
@@ -204,8 +179,6 @@ def _scaling_factor(vae, space: str) -> float:
     return float(f)
 
 
-# %%
-#| export
 def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'latent', chunk_size: int = 512,
                batch_size: int = 64, splits: Sequence[str] = SPLITS, progress: bool = True,
                on_chunk: Callable[[int], None] | None = None) -> Store:
@@ -242,8 +215,6 @@ def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'lat
     return _assemble(part, out, {**plan, 'latent_scale': scale}, index, len(starts))
 
 
-# %%
-#| export
 def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> Store:
     "Concatenate the chunk files into the store beside `out`, then rename it into place."
     first, N = np.load(part / 'chunk_000000.npz'), plan['rows']
@@ -264,6 +235,27 @@ def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> 
     shutil.rmtree(part)
     return open_store(out)
 
+
+# %% [markdown]
+# ## Reading a store
+#
+# `open_store` refuses a folder that is not a complete store and, given `expect`, a store made with other
+# encoders, image size or format than the run asks for — with what differs in the message. A store whose
+# files were damaged after it was made (a file truncated or emptied, a disk that filled up while it was
+# copied) is refused naming the store and the file, rather than failing later inside numpy or json.
+
+# %% [markdown]
+# ## Precompute
+#
+# The rows are cut into chunks at fixed boundaries (`chunk_size` rows). Each chunk is loaded, encoded in
+# batches whose leading axis is split over the local devices, and saved as its own file, renamed into
+# place when complete — the file's presence is the chunk's done-marker. A killed run leaves
+# `FEATS.partial/`; run again, it checks the plan is the same, skips the finished chunks and does the
+# rest. The store is assembled beside `FEATS` (in a hidden `.FEATS.partial-XXXX/`, `fsdit.files.building`) and
+# renamed into place at the end, so `FEATS` is either absent or whole, and equals what one uninterrupted run gives. A run killed
+# while assembling leaves the hidden folder; the next run deletes it before assembling again, and a run that
+# finds the store complete deletes what is left of `FEATS.partial/`. Folders get the usual permissions
+# (0755 under the usual umask), as runs do.
 
 # %% [markdown]
 # A tiny prepared split of 16 px images, encoded with the stand-ins in pixel space:

@@ -21,6 +21,7 @@ from fsdit.data import l2_normalize
 from fsdit.encoder import SigLIPEncoder
 from fsdit.features import open_store, precompute, store_index
 from fsdit.vae import DEFAULT_VAE, SDVAE
+from fsdit.cli import Parser, positive_int, check_out_dir, fail
 
 # %%
 import contextlib, io, tempfile as _tf
@@ -239,7 +240,6 @@ def _named(obj, name: str, method: str):
 
 def precompute_cli(argv: list[str]) -> int:
     "`fsdit precompute`: every image of a prepared split once through the frozen encoders."
-    from fsdit.cli import Parser, positive_int, check_out_dir, fail
     p = Parser(prog='fsdit precompute', description=precompute.__doc__)
     p.add_argument('--data', required=True, help='prepared split (output of `fsdit prepare`)')
     p.add_argument('--out', required=True, help='feature store folder to write')

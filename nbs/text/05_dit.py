@@ -305,6 +305,17 @@ class SupportTokens(nn.Module):
         return tok.reshape(B, K * tok.shape[1], cfg.hidden)                  # (B, K*T_s, D)
 
 
+SUPPORT_LATENT_CONDS = ('context', 'aligned')
+
+
+def support_stats(latents, drop=None):
+    "Support latents `(B, K, H, W, C)` -> `(B, H, W, 2C + 1)`: mean, std over K, presence; zeros where `drop`."
+    latents = latents.astype(jnp.float32)
+    stats = jnp.concatenate([latents.mean(1), latents.std(1), jnp.ones(latents.shape[:1] + latents.shape[2:4] + (1,))], -1)
+    if drop is None: return stats
+    return jnp.where(jnp.asarray(drop, bool)[:, None, None, None], 0.0, stats)
+
+
 # %% [markdown]
 # ## Aligned supports (`cond='aligned'`)
 #
@@ -316,19 +327,6 @@ class SupportTokens(nn.Module):
 # dropped example (CFG's null) gets zeros in all of them, as if no supports were given. It assumes the
 # supports' content sits roughly where the target's does — true of centred glyphs and of object-centric
 # photos at the coarse scale of a latent grid; the mean embedding still enters through adaLN.
-
-# %%
-#| export
-SUPPORT_LATENT_CONDS = ('context', 'aligned')
-
-
-def support_stats(latents, drop=None):
-    "Support latents `(B, K, H, W, C)` -> `(B, H, W, 2C + 1)`: mean, std over K, presence; zeros where `drop`."
-    latents = latents.astype(jnp.float32)
-    stats = jnp.concatenate([latents.mean(1), latents.std(1), jnp.ones(latents.shape[:1] + latents.shape[2:4] + (1,))], -1)
-    if drop is None: return stats
-    return jnp.where(jnp.asarray(drop, bool)[:, None, None, None], 0.0, stats)
-
 
 # %%
 _sl = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 4, 2))
@@ -395,11 +393,6 @@ class DiT(nn.Module):
         return v, {'attn_entropy': jnp.stack(ents), 'act_rms': jnp.stack(rms)}   # (depth, heads), (depth,)
 
 
-# %% [markdown]
-# Helpers: a null condition of the right shapes (for `init`), a random example condition, parameters.
-
-# %%
-#| export
 def null_cond(cfg: ModelConfig, B: int, K: int = 1) -> dict:
     "The null condition for a batch of `B`: zero support embedding / the null label (`'context'`: K zero supports)."
     if cfg.cond == 'class': return {'labels': jnp.full((B,), cfg.num_classes, jnp.int32)}
@@ -437,6 +430,8 @@ def param_count(params) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
+# %% [markdown]
+# Helpers: a null condition of the right shapes (for `init`), a random example condition, parameters.
 
 # %% [markdown]
 # ## Invariants

@@ -257,12 +257,6 @@ class Trainer:
         if self.lock is not None: self.lock.release(); self.lock = None
 
 
-# %% [markdown]
-# `train` is the whole run. A NaN or Inf loss raises `NonFiniteLoss` at the next log or save step, before
-# anything is written: the checkpoints on disk are all from before the failure.
-
-# %%
-#| export
 def train(mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None, extra: dict | None = None,
           hooks: Sequence[Callable[[Any, int], dict]] = ()) -> dict:
     """Train (or resume) the run in `out_dir` until `tc.max_steps`; returns the last logged metrics.
@@ -273,6 +267,10 @@ def train(mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | 
         with StopSignal() as stop: return trainer.run(stop)
     finally: trainer.close()
 
+
+# %% [markdown]
+# `train` is the whole run. A NaN or Inf loss raises `NonFiniteLoss` at the next log or save step, before
+# anything is written: the checkpoints on disk are all from before the failure.
 
 # %% [markdown]
 # A short run on the synthetic store: the loss falls, every metric lands in `metrics.jsonl` (empty t-bins as

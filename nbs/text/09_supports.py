@@ -19,6 +19,8 @@ from fsdit.codecs import Codecs, run_codecs
 from fsdit.images import save_png, support_grid, to_uint8
 from fsdit.run import Run, load_run
 from fsdit.sampler import generate, check_supports
+from fsdit.cli import Parser, positive_int, check_out_file, fail
+from fsdit.data import check_image, load_image, list_images
 
 # %%
 import tempfile
@@ -54,7 +56,6 @@ r = np.random.default_rng(0)
 #| export
 def read_supports(paths: Sequence, size: int) -> np.ndarray:
     "uint8 images (K, size, size, 3) from image files; `ValueError` naming every file that cannot be read."
-    from fsdit.data import check_image, load_image
     bad = {str(p): ('no such file' if not Path(p).is_file() else check_image(p)) for p in paths}
     bad = {p: why for p, why in bad.items() if why}
     if bad: raise ValueError("cannot read support image(s): " + '; '.join(f"{p} ({why})" for p, why in bad.items()))
@@ -63,7 +64,6 @@ def read_supports(paths: Sequence, size: int) -> np.ndarray:
 
 def class_dir_supports(d, k: int, seed: int = 0) -> list[Path]:
     "`k` image files drawn at random (seeded) from the folder `d`."
-    from fsdit.data import list_images
     if not Path(d).is_dir(): raise ValueError(f"--class-dir {d} is not a folder")
     files = list_images(d)
     if len(files) < k: raise ValueError(f"{d} holds {len(files)} images; {k} supports were asked for: use --shots {len(files)} or less")
@@ -105,7 +105,6 @@ test_eq(len(class_dir_supports(tmp / 'sup', 1)), 1)
 #| export
 def sample_cli(argv: list[str]) -> int:
     "`fsdit sample`: images of a class from a few support images, as a grid with the supports on top."
-    from fsdit.cli import Parser, positive_int, check_out_file, fail
     p = Parser(prog='fsdit sample', description=sample_cli.__doc__)
     p.add_argument('--run', required=True, help='run directory of `fsdit train`')
     g = p.add_mutually_exclusive_group(required=True)

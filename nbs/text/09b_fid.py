@@ -80,12 +80,6 @@ def fid_inception(weights: str | None = 'download', device: str | None = None):
     return model.eval().to(device)
 
 
-# %% [markdown]
-# Images enter as fsdit holds them, NHWC in [-1, 1] (or uint8). Generated images are first quantised
-# to uint8, as they would be when saved to PNG files and read back by pytorch-fid's own script.
-
-# %%
-#| export
 def inception_features(images, model, batch_size: int = 50) -> np.ndarray:
     "pytorch-fid pool3 features (N, 2048) of NHWC images (uint8, or float in [-1, 1]; grayscale is repeated)."
     torch, _ = _import_fid()
@@ -101,6 +95,10 @@ def inception_features(images, model, batch_size: int = 50) -> np.ndarray:
             out.append(f.squeeze(3).squeeze(2).cpu().numpy().astype(np.float64))
     return np.concatenate(out) if out else np.zeros((0, 2048))
 
+
+# %% [markdown]
+# Images enter as fsdit holds them, NHWC in [-1, 1] (or uint8). Generated images are first quantised
+# to uint8, as they would be when saved to PNG files and read back by pytorch-fid's own script.
 
 # %% [markdown]
 # With the extra installed, random weights give 2048-d features for any image size; without it (or with a

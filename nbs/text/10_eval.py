@@ -24,6 +24,7 @@ from fsdit.metrics import (frechet_distance, heldout_prototype_accuracy, loo_pro
 from fsdit.run import load_run
 from fsdit.codecs import run_codecs
 from fsdit.sampler import generate
+from fsdit.cli import Parser, positive_int, check_out_dir, fail
 
 # %%
 import tempfile
@@ -176,12 +177,6 @@ def image_record(im: Images, real: Images, supports, n_classes: int, real_ref: b
     return rec
 
 
-# %% [markdown]
-# A `Pipeline` says how images are made and measured; `evaluate_classes` runs the protocol on one class
-# set for every shot count and CFG scale, the real images and both baselines beside the model.
-
-# %%
-#| export
 @dataclass
 class Pipeline:
     "decode: latents (B, h, w, c) -> images in [-1, 1]; embed: images -> (B, D); generate: see `evaluate_classes`."
@@ -226,6 +221,10 @@ def evaluate_classes(pipe: Pipeline, cs: ClassSet, *, n_per_class: int = 128, sh
             out.append({**tag('model', k, float(cfg)), **record(images_of(lat, lab, pipe), sup)})
     return out
 
+
+# %% [markdown]
+# A `Pipeline` says how images are made and measured; `evaluate_classes` runs the protocol on one class
+# set for every shot count and CFG scale, the real images and both baselines beside the model.
 
 # %% [markdown]
 # On toy data — four "classes" of 8x8 images around four templates, decoded by the identity and embedded
@@ -355,13 +354,6 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
     return res
 
 
-# %% [markdown]
-# Results go to `eval.json` (NaN written as null) and `fig_<metric>.png`: one panel per split, the model's
-# value against the CFG scale for each shot count, and horizontal lines for the real images (dotted),
-# the copy baseline (dashed) and the support-mean baseline (dash-dot) in the same colour.
-
-# %%
-#| export
 def _jsonable(x):
     if isinstance(x, dict): return {k: _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
@@ -417,6 +409,11 @@ def results_table(records: list[dict], metrics: Sequence[str] = tuple(METRICS)) 
     w = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     return '\n'.join(' '.join(c.rjust(w[i]) for i, c in enumerate(row)) for row in [head] + rows)
 
+
+# %% [markdown]
+# Results go to `eval.json` (NaN written as null) and `fig_<metric>.png`: one panel per split, the model's
+# value against the CFG scale for each shot count, and horizontal lines for the real images (dotted),
+# the copy baseline (dashed) and the support-mean baseline (dash-dot) in the same colour.
 
 # %%
 tmp_out = Path(tempfile.mkdtemp())
@@ -544,7 +541,6 @@ test_eq(off(None, 2), {}); assert off.embed is None and off(None, 4) == {}
 #| export
 def eval_cli(argv: list[str]) -> int:
     "`fsdit eval`: few-shot metrics of a run on unseen and seen classes -> eval.json + figures."
-    from fsdit.cli import Parser, positive_int, check_out_dir, fail
     p = Parser(prog='fsdit eval', description=eval_cli.__doc__)
     p.add_argument('--run', required=True, help='run directory of `fsdit train`')
     p.add_argument('--feats', default=None, help="feature store (default: the one the run's config.json names)")
@@ -575,6 +571,17 @@ def eval_cli(argv: list[str]) -> int:
     print(results_table(res['records']))
     print(f"wrote {a.out or Path(a.run) / 'eval'}/eval.json and figures")
     return 0
+
+
+
+# %% [markdown]
+# A folder that is not a run is refused in one line on stderr, before anything loads:
+
+# %%
+import contextlib, io
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(eval_cli(['--run', str(Path(tempfile.mkdtemp()) / 'none')]), 1)
+assert err.getvalue().startswith('fsdit eval: ') and 'not a run directory' in err.getvalue() and err.getvalue().count('\n') == 1
 
 # %% [markdown]
 # ## Measured: does the conditioning generalise? (issue: seed vs in-context supports)

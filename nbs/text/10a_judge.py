@@ -96,8 +96,6 @@ def _gray(images, size: int) -> jax.Array:
     return x
 
 
-# %%
-#| export
 @dataclass
 class GlyphJudge:
     "A trained glyph classifier: `judge(images) -> (logits, features)`; `index(names)` maps class folders to labels."
@@ -152,8 +150,6 @@ class _Static:
     def __iter__(self): return iter(self.v)
 
 
-# %%
-#| export
 def train_judge(chars: str, size: int = 32, per_class: int = 16, epochs: int = 10, batch_size: int = 128,
                 lr: float = 2e-3, seed: int = 1, log: Callable | None = None) -> GlyphJudge:
     "Fit a `GlyphJudge` on fresh renderings of `chars` and measure its accuracy on a further rendering."

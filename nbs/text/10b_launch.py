@@ -22,6 +22,8 @@ from fsdit.eval import FewShotHook
 from fsdit.features import open_store, store_source
 from fsdit.run import run_json, read_run_config, ignore_closed_loops
 from fsdit.train import train
+from fsdit.codecs import load_encoder
+from fsdit.vae import SDVAE
 
 # %%
 import numpy as np
@@ -82,8 +84,6 @@ def resolve_configs(args, store_meta: dict | None) -> tuple[ModelConfig, TrainCo
     return mc, config_from_dict(TrainConfig, {**tc0, **pick('train')})
 
 
-# %%
-#| export
 def lazy(load: Callable[[], Any]) -> Callable[[], Any]:
     "A function returning `load()`, which runs at its first call only (nothing loads if it is never called)."
     got = []
@@ -102,7 +102,6 @@ def lazy_call(load: Callable[[], Any], method: str) -> Callable:
 def lazy_vae_decode(name: str) -> Callable:
     "A decode callable that loads the SD-VAE `name` at its first call (only when a sample grid is drawn)."
     def load():
-        from fsdit.vae import SDVAE
         return SDVAE.from_pretrained(name)
     return lazy_call(load, 'decode')
 
@@ -112,7 +111,6 @@ def store_embed(meta: dict) -> Callable | None:
     name = meta.get('encoder')
     if not name or (meta.get('space') == 'pixel' and not str(name).startswith('stand-in/')): return None
     def load():
-        from fsdit.codecs import load_encoder
         return load_encoder(name)
     return lazy_call(load, 'embed')
 
@@ -147,7 +145,6 @@ def train_cli(argv: list[str]) -> int:
     except (RuntimeError, ValueError, KeyError, TypeError, OSError) as e:   # NonFiniteLoss, RunInUse: RuntimeError
         return fail('train', e)
     return 0
-
 
 
 # %%

@@ -29,6 +29,18 @@ from typing import Any, Callable
 import numpy as np
 
 from fsdit.config import train_config, TrainConfig, ModelConfig
+from fsdit.cli import Parser, positive_int, fail
+from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace, stand_in_encoder, run_codecs
+from fsdit.data import prepare
+from fsdit.eval import FewShotHook, evaluate
+from fsdit.features import precompute, store_source
+from fsdit.glyphs import make_offline_dataset, offline_split_sizes, glyph_classes, glyph_char
+from fsdit.images import class_rows_grid, to_uint8, save_png
+from fsdit.judge import glyph_judge
+from fsdit.launch import lazy
+from fsdit.run import read_records, load_run
+from fsdit.supports import sample_from_supports
+from fsdit.train import train
 
 # %%
 import tempfile
@@ -91,20 +103,17 @@ def demo_size(name: str = 'full', **overrides) -> DemoSize:
     return replace(DEMO_SIZES[name], **overrides)
 
 
-# %% [markdown]
-# The configs the sizes make, through the same preset functions a user calls:
-
-# %%
-#| export
 def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
     "The pixel-space model and the training recipe of a demo size (`cond`: the size's unless given)."
-    from fsdit.codecs import offline_model_config
     m, t = dict(s.model), dict(s.train)
     mc = offline_model_config(m.pop('preset'), size=s.image_size, channels=s.channels, embed_dim=s.embed_dim,
                               cond=cond or s.cond, **m)
     tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, wandb_mode='disabled', **t)
     return mc, tc
 
+
+# %% [markdown]
+# The configs the sizes make, through the same preset functions a user calls:
 
 # %%
 mc, tc = demo_configs(DEMO_SIZES['full'])
@@ -141,8 +150,6 @@ def _log(log: Callable | None, msg: str):
 
 def demo_data(out, s: DemoSize, log: Callable | None = None) -> Path:
     "Render the glyph dataset and split it by class (both reused when complete); returns the split folder."
-    from fsdit.data import prepare
-    from fsdit.glyphs import make_offline_dataset, offline_split_sizes, glyph_classes
     out = Path(out); t0 = time.time()
     reused = (out / 'glyphs' / 'glyphs.json').exists() and (out / 'split' / 'prepare.json').exists()
     chars = s.chars if s.chars or reused else glyph_classes(s.classes)
@@ -156,8 +163,6 @@ def demo_data(out, s: DemoSize, log: Callable | None = None) -> Path:
 
 def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = True):
     "The pixel-space feature store of the split with the stand-in encoder (reused when complete)."
-    from fsdit.codecs import PixelEncoder, PixelSpace
-    from fsdit.features import precompute
     out = Path(out); t0 = time.time(); reused = (out / 'feats' / 'metadata.json').exists()
     st = precompute(out / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
                     image_size=s.image_size, space='pixel', chunk_size=1024, batch_size=256, progress=progress)
@@ -168,22 +173,12 @@ def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = T
 
 def demo_judge(out, s: DemoSize, log: Callable | None = None):
     "The glyph judge of every class of the dataset, trained once and kept in DEMO/judge (`fsdit.judge.glyph_judge`)."
-    from fsdit.glyphs import glyph_char
-    from fsdit.judge import glyph_judge
     names = sorted(json.loads((Path(out) / 'glyphs' / 'glyphs.json').read_text())['classes'])
     return glyph_judge(Path(out) / 'judge', ''.join(map(glyph_char, names)), s.image_size, log=log, **s.judge)
 
 
-# %% [markdown]
-# Training goes through `fsdit.train.train` on episodes from the store. The trainer logs to
-# `RUN/metrics.jsonl`; a thread follows that file to move a progress bar, so the trainer needs no hook.
-# A run already at its last step is not touched.
-
-# %%
-#| export
 def _last_step(run: Path) -> int:
     "The last logged step of a run (0 when none)."
-    from fsdit.run import read_records
     p = run / 'metrics.jsonl'
     recs = read_records(p) if p.exists() else []     # a last line cut by a crash is skipped (the trainer repairs it)
     return int(recs[-1][1]['step']) if recs else 0
@@ -216,11 +211,6 @@ class _Follow(threading.Thread):
 def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable | None = None, progress: bool = True,
                judge=None) -> Path:
     "Train (or resume, or reuse) the demo run in DEMO/run; returns its folder. With a `judge` the few-shot metrics score by it."
-    from fsdit.eval import FewShotHook
-    from fsdit.features import store_source
-    from fsdit.run import read_records
-    from fsdit.codecs import stand_in_encoder
-    from fsdit.train import train
     out = Path(out); run = out / 'run'; mc, tc = demo_configs(s, cond)
     if tc.max_steps in _saved_steps(run) and _last_step(run) >= tc.max_steps:
         _log(log, f"train:   {run}  (done: {tc.max_steps} steps, reused)"); return run
@@ -238,17 +228,8 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
     return run
 
 
-# %% [markdown]
-# The grids show, one class a row, the 5 supports (left of the gap) and images generated from them at
-# the run's CFG scale; the supports are drawn from the store, each class with its own seed. A grid is
-# remade only when the run it shows has moved on (its step is recorded beside it).
-
-# %%
-#| export
 def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.ndarray:
     "A grid of `s.grid_classes` classes of `split`: 5 supports from the store, `s.grid_samples` samples each."
-    from fsdit.images import class_rows_grid, to_uint8
-    from fsdit.supports import sample_from_supports
     rng = np.random.default_rng(seed)
     crs = store.class_rows(split)
     pick = np.sort(rng.choice(len(crs), min(s.grid_classes, len(crs)), replace=False))
@@ -262,8 +243,6 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
     return class_rows_grid(sups, gens)
 
 
-# %%
-#| export
 def _stamp_ok(path: Path, step: int | None) -> bool:
     meta = path.with_suffix('.json')
     return path.exists() and meta.exists() and json.loads(meta.read_text()).get('step') == step
@@ -271,15 +250,11 @@ def _stamp_ok(path: Path, step: int | None) -> bool:
 
 def _loader(run_dir) -> Callable:
     "A function that loads the run (EMA weights) at its first call and returns the same `Run` after."
-    from fsdit.launch import lazy
-    from fsdit.run import load_run
     return lazy(lambda: load_run(run_dir))
 
 
 def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
     "DEMO/samples_seen.png (train classes) and DEMO/samples_heldout.png (test classes), remade when stale."
-    from fsdit.codecs import run_codecs
-    from fsdit.images import save_png
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None)
     files = {'seen': out / 'samples_seen.png', 'heldout': out / 'samples_heldout.png'}
     if all(_stamp_ok(p, step) for p in files.values()):
@@ -294,17 +269,6 @@ def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: 
     return files
 
 
-# %% [markdown]
-# The evaluation is `fsdit.eval.evaluate` on the held-out test classes and as many seen (train) classes,
-# with the judge: its class consistency (`judge_acc`), glyph-FD (`glyph_fd`), diversity and distance to the
-# nearest support in its features, for the model at each CFG scale, for real images (the judge never
-# trained on them: they are its held-out accuracy and the FD floor), and for the two trivial baselines
-# (*copy* returns a support, *mean* the supports' pixel mean). The stand-in embedding's numbers are in
-# `eval.json` too. `summary.json` keeps the headline at the size's CFG: each figure of the model beside
-# real images', and the ratios the demo is judged by (`vs_real`).
-
-# %%
-#| export
 from fsdit.eval import JUDGE_METRICS as HEADLINE
 
 
@@ -334,7 +298,6 @@ def summary_table(summary: dict) -> str:
 
 def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None, judge=None) -> dict:
     "DEMO/eval/eval.json and figures (remade when the run moved on); returns the summary."
-    from fsdit.eval import evaluate
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None); ev = out / 'eval' / 'eval.json'
     if ev.exists() and json.loads(ev.read_text()).get('step') == step and (out / 'summary.json').exists():
         _log(log, f"eval:    {ev}  (reused)")
@@ -350,11 +313,6 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
     return summary
 
 
-# %% [markdown]
-# ## The whole chain
-
-# %%
-#| export
 STAGES = ('data', 'store', 'judge', 'train', 'samples', 'eval')
 
 
@@ -386,6 +344,28 @@ def _keep_timings(path: Path, now: dict):
     old = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**old, **{k: v for k, v in now.items() if v >= 1.0 or k not in old}}, indent=1))
 
+
+# %% [markdown]
+# Training goes through `fsdit.train.train` on episodes from the store. The trainer logs to
+# `RUN/metrics.jsonl`; a thread follows that file to move a progress bar, so the trainer needs no hook.
+# A run already at its last step is not touched.
+
+# %% [markdown]
+# The grids show, one class a row, the 5 supports (left of the gap) and images generated from them at
+# the run's CFG scale; the supports are drawn from the store, each class with its own seed. A grid is
+# remade only when the run it shows has moved on (its step is recorded beside it).
+
+# %% [markdown]
+# The evaluation is `fsdit.eval.evaluate` on the held-out test classes and as many seen (train) classes,
+# with the judge: its class consistency (`judge_acc`), glyph-FD (`glyph_fd`), diversity and distance to the
+# nearest support in its features, for the model at each CFG scale, for real images (the judge never
+# trained on them: they are its held-out accuracy and the FD floor), and for the two trivial baselines
+# (*copy* returns a support, *mean* the supports' pixel mean). The stand-in embedding's numbers are in
+# `eval.json` too. `summary.json` keeps the headline at the size's CFG: each figure of the model beside
+# real images', and the ratios the demo is judged by (`vs_real`).
+
+# %% [markdown]
+# ## The whole chain
 
 # %% [markdown]
 # At the `tiny` size the whole chain takes seconds. A second call reuses every stage:
@@ -434,7 +414,6 @@ Image.open(d / 'samples_heldout.png').resize((g.shape[1] * 3, g.shape[0] * 3), I
 #| export
 def demo_cli(argv: list[str]) -> int:
     "`fsdit demo`: the whole chain offline on the glyph dataset — data, store, train, samples, eval."
-    from fsdit.cli import Parser, positive_int, fail
     p = Parser(prog='fsdit demo', description=demo_cli.__doc__)
     p.add_argument('--out', default='demo', help='demo folder (reused: finished stages are skipped)')
     p.add_argument('--size', default='full', choices=sorted(DEMO_SIZES),

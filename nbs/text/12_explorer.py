@@ -21,6 +21,11 @@ from typing import Sequence
 
 import numpy as np
 import ipywidgets as W
+from fsdit.codecs import run_codecs
+from fsdit.features import open_store
+from fsdit.images import to_uint8
+from fsdit.run import load_run
+from fsdit.sampler import generate
 
 # %%
 import os, tempfile
@@ -57,22 +62,9 @@ def find_store(run_dir, config: dict | None = None) -> Path | None:
     return None
 
 
-# %% [markdown]
-# ## What the explorer needs from a run
-#
-# `RunView` holds the loaded run (EMA parameters), its store and its codecs. Images of the store are
-# shown as the model sees them: the posterior means decoded (in pixel space, the images themselves).
-# `generate` uses the store's support embeddings and latents, tiled over the `n` episodes, through
-# `fsdit.sampler.generate`, and decodes.
-
-# %%
-#| export
 class RunView:
     "A run, its feature store and codecs: classes, images and samples for the explorer."
     def __init__(self, run_dir, feats=None):
-        from fsdit.features import open_store
-        from fsdit.run import load_run
-        from fsdit.codecs import run_codecs
         self.run = load_run(run_dir)
         feats = feats or find_store(run_dir, self.run.config)
         if feats is None: raise ValueError(f"no feature store found for {run_dir}: pass feats=")
@@ -93,14 +85,11 @@ class RunView:
 
     def images(self, rows) -> np.ndarray:
         "uint8 (K, H, W, 3) images of store rows, as the model sees them."
-        from fsdit.images import to_uint8
         lat = np.asarray(self.store.moments[np.asarray(rows), 0, 0], np.float32)
         return to_uint8(np.asarray(self.codecs.decode(lat), np.float32), rgb=True)
 
     def generate(self, rows, n: int, cfg_scale: float, steps: int, seed: int) -> np.ndarray:
         "uint8 (n, H, W, 3): `n` samples conditioned on the supports at store `rows`."
-        from fsdit.images import to_uint8
-        from fsdit.sampler import generate
         rows = np.asarray(rows)
         tile = lambda a: np.repeat(np.asarray(a, np.float32)[None], n, 0)
         z = generate(self.run.params, self.run.mc, tile(self.store.embeds[rows]), tile(self.store.moments[rows, 0, 0]),
@@ -113,16 +102,6 @@ class RunView:
         return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
 
-# %% [markdown]
-# ## The run's training curves
-#
-# From `metrics.jsonl`: the loss per t-bin (10 bins of $t \in [0, 1]$, 0 = noise, 1 = data) of the last
-# record that has them, for the training interval and the validation episodes (live and EMA weights;
-# empty bins are `null` and stay gaps), and the attention entropy of the early, middle and late layers
-# over the steps.
-
-# %%
-#| export
 def metrics_view(records: list[dict]) -> dict:
     "{'step', 't_bins': {prefix: [10 values]}, 'entropy': {layer: ([steps], [values])}} from metrics records."
     tb, ent, step = {}, {}, None
@@ -150,6 +129,22 @@ def metrics_png(view: dict) -> bytes:
     fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=80); plt.close(fig)
     return buf.getvalue()
 
+
+# %% [markdown]
+# ## What the explorer needs from a run
+#
+# `RunView` holds the loaded run (EMA parameters), its store and its codecs. Images of the store are
+# shown as the model sees them: the posterior means decoded (in pixel space, the images themselves).
+# `generate` uses the store's support embeddings and latents, tiled over the `n` episodes, through
+# `fsdit.sampler.generate`, and decodes.
+
+# %% [markdown]
+# ## The run's training curves
+#
+# From `metrics.jsonl`: the loss per t-bin (10 bins of $t \in [0, 1]$, 0 = noise, 1 = data) of the last
+# record that has them, for the training interval and the validation episodes (live and EMA weights;
+# empty bins are `null` and stay gaps), and the attention entropy of the early, middle and late layers
+# over the steps.
 
 # %%
 recs = [{'step': 5, 'train/loss_tbin_0': 1.0, 'train/loss_tbin_1': None, 'attn/entropy_late': 2.0},
@@ -186,16 +181,6 @@ def _image_row(images, css: str) -> list:
     return out
 
 
-# %% [markdown]
-# The actions. Loading a run sets the controls to its training settings (shots, CFG scale, sampler
-# steps) and starts on the held-out split when it has one; changing the split or the class draws a fresh
-# support set.
-#
-# `generate` draws `n` samples from the support set at CFG 0 (the unconditional model) and at the chosen
-# scale, from the same noise, and shows the two rows one above the other.
-
-# %%
-#| export
 class Explorer:
     "Browse a run's classes and support sets and generate with CFG; every control calls a plain method."
     def __init__(self, root, feats=None, split: str | None = None, n: int = 6, cfg_scale: float | None = None,
@@ -327,6 +312,14 @@ class Explorer:
         from IPython.display import display
         display(self.widget)
 
+
+# %% [markdown]
+# The actions. Loading a run sets the controls to its training settings (shots, CFG scale, sampler
+# steps) and starts on the held-out split when it has one; changing the split or the class draws a fresh
+# support set.
+#
+# `generate` draws `n` samples from the support set at CFG 0 (the unconditional model) and at the chosen
+# scale, from the same noise, and shows the two rows one above the other.
 
 # %% [markdown]
 # ## A tiny run to explore

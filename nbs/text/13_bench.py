@@ -36,6 +36,10 @@ from fsdit.testing import synthetic_batch
 
 SD_VAE_SCALE = 0.18215   # the SD-VAE's scaling factor: the latent scale of the benchmarked steps (speed does not depend on it)
 from fsdit.data import l2_normalize
+from fsdit.dit import DiT, init_params, example_cond
+from fsdit.encoder import SigLIPEncoder, VisionSpec, to_torch
+from fsdit.sampler import sample, integrate, guided_velocity
+from fsdit.vae import SDVAE, VAEConfig
 
 # %%
 from fastcore.test import test_eq, test_close
@@ -241,13 +245,6 @@ def dot_flops(instrs: dict[str, dict]) -> float:
     return total
 
 
-# %% [markdown]
-# `profile_shares` runs a callable under the profiler and sums the event time per class.
-# `ProfileData` (reading the trace back in-process) is in `jax.profiler` since JAX 0.4.3x; where it is
-# missing the function returns `None` rather than guessing.
-
-# %%
-#| export
 def profile_shares(run: Callable[[], Any], hlo_text: str, reps: int = 1) -> dict | None:
     "Run `run()` `reps` times under the profiler; the share of event time per op class and the seconds summed."
     ProfileData = getattr(jax.profiler, 'ProfileData', None)
@@ -269,6 +266,11 @@ def profile_shares(run: Callable[[], Any], hlo_text: str, reps: int = 1) -> dict
     if not s: return None
     return dict(shares={k: v / s for k, v in total.most_common()}, op_seconds=s / 1e9 / reps)
 
+
+# %% [markdown]
+# `profile_shares` runs a callable under the profiler and sums the event time per class.
+# `ProfileData` (reading the trace back in-process) is in `jax.profiler` since JAX 0.4.3x; where it is
+# missing the function returns `None` rather than guessing.
 
 # %% [markdown]
 # On a small MLP with its gradient: the module's dots are what XLA counts (plus a few elementwise FLOPs),
@@ -365,12 +367,6 @@ def interleave(runners: dict[str, Callable[[], float]], reps: int = 3) -> dict[s
     return out
 
 
-# %% [markdown]
-# `summarize_step` turns timings and FLOPs into the figures the issue asks for: step time, samples/s,
-# model FLOP/s and its fraction of the measured matmul peak (`mfu`).
-
-# %%
-#| export
 def summarize_step(times: list[float], flops: float, batch: int, peak: float | None = None) -> dict:
     "Median step seconds, samples/s, FLOP/s and the fraction of `peak` FLOP/s."
     s = stats(times)
@@ -379,6 +375,10 @@ def summarize_step(times: list[float], flops: float, batch: int, peak: float | N
     if peak: out['mfu'] = out['flops_per_s'] / peak
     return out
 
+
+# %% [markdown]
+# `summarize_step` turns timings and FLOPs into the figures the issue asks for: step time, samples/s,
+# model FLOP/s and its fraction of the measured matmul peak (`mfu`).
 
 # %% [markdown]
 # On `mu`, a batch of 4: the step runs and XLA counts its FLOPs; the state's buffers are donated (XLA reports
@@ -447,8 +447,6 @@ SD_VAE_BLOCKS = (128, 256, 512, 512)  # stabilityai/sd-vae-ft-mse: 2 resnets per
 
 def encoders(small: bool = False, seed: int = 0):
     "Random-weight SigLIP (B/16 at 224) and SD-VAE (encoder and decoder) of full size, or tiny ones (`small`)."
-    from fsdit.encoder import SigLIPEncoder, VisionSpec
-    from fsdit.vae import SDVAE, VAEConfig
     if small:  # width 768 kept: the DiT's support_dim
         spec = VisionSpec(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
         vcfg = VAEConfig(block_out_channels=(32, 32), layers_per_block=1)
@@ -505,13 +503,6 @@ def online_parts(size: str | ModelConfig, batch: int = 4, shots: int = 5, small:
     return dict(runners=runners, flops=flops, batch=batch * jax.local_device_count())
 
 
-# %% [markdown]
-# `store_vs_online` predicts the online/store ratio from the FLOPs, then times the four runners interleaved.
-# The encoders alone explain a measured ratio that differs from the FLOP ratio: their convolutions and
-# attention run at a different fraction of the peak than the DiT's matmuls (`flops_per_s` per piece).
-
-# %%
-#| export
 def store_vs_online(size: str | ModelConfig, batch: int = 4, reps: int = 2, small: bool = False, **model_kw) -> dict:
     "FLOP-predicted and measured cost of a training iteration with the encoders run per step vs the feature store."
     parts = online_parts(size, batch, small=small, **model_kw)
@@ -525,6 +516,11 @@ def store_vs_online(size: str | ModelConfig, batch: int = 4, reps: int = 2, smal
                 pieces_ratio=(med['store'] + med['siglip'] + med['vae']) / med['store'],
                 seconds=ts, median_s=med, flops_per_s={k: fl[k] / med[k] for k in fl})
 
+
+# %% [markdown]
+# `store_vs_online` predicts the online/store ratio from the FLOPs, then times the four runners interleaved.
+# The encoders alone explain a measured ratio that differs from the FLOP ratio: their convolutions and
+# attention run at a different fraction of the peak than the DiT's matmuls (`flops_per_s` per piece).
 
 # %% [markdown]
 # With tiny encoders and the `mu` DiT the pieces run (reusing the step compiled above); their ratio says
@@ -558,7 +554,6 @@ def bench_encoder(batch: int = 64, iters: int = 3, dtypes=('float32', 'bfloat16'
                   spec=None) -> dict[str, float]:
     "Images/s of `embed` at `batch` for each dtype (and PyTorch's `SiglipVisionModel` on CPU when installed); random full-size weights."
     from dataclasses import asdict
-    from fsdit.encoder import SigLIPEncoder, VisionSpec, to_torch
     spec = spec or VisionSpec()
     enc = SigLIPEncoder.random(spec)
     x = np.random.default_rng(0).uniform(-1, 1, (batch, spec.image_size, spec.image_size, spec.num_channels)).astype(np.float32)
@@ -601,8 +596,6 @@ assert all(v > 0 for v in _b.values())
 def sampling_bench(size: str | ModelConfig, n: int = 16, steps: int = 50, cfg_scale: float = 3.0, reps: int = 2,
                    **model_kw) -> dict:
     "Images/s of the compiled sampling loop, and its overhead over `steps` x one compiled step."
-    from fsdit.dit import DiT, init_params, example_cond
-    from fsdit.sampler import sample, integrate, guided_velocity
     mc = _model(size, **model_kw)
     model = DiT(mc)
     params = random_like(jax.eval_shape(lambda: init_params(mc, jax.random.PRNGKey(0))))   # see `train_inputs`
