@@ -37,8 +37,6 @@ def usage() -> str:
     return f"usage: fsdit <command> [options]\n\ncommands:\n{rows}\n\n`fsdit <command> --help` for a command's options."
 
 
-# %%
-#| export
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `fsdit` console script."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -102,14 +100,6 @@ def positive_int(text: str) -> int:
     return v
 
 
-# %% [markdown]
-# An output path is checked where it will be written: it must not be a file where a folder is wanted (or the
-# reverse), and the folder that holds it — or the nearest one that exists, for a path to be created — must
-# take a new file. Writing a throwaway file is the test, so a read-only mount is caught as well as a
-# read-only folder. Nothing is created.
-
-# %%
-#| export
 def _existing_ancestor(p: Path) -> Path:
     p = p.absolute()
     while not p.exists() and p != p.parent: p = p.parent
@@ -146,6 +136,12 @@ def check_out_file(path, flag: str = '--out') -> Path:
     _check_parent(p, p.parent, flag)
     return p
 
+
+# %% [markdown]
+# An output path is checked where it will be written: it must not be a file where a folder is wanted (or the
+# reverse), and the folder that holds it — or the nearest one that exists, for a path to be created — must
+# take a new file. Writing a throwaway file is the test, so a read-only mount is caught as well as a
+# read-only folder. Nothing is created.
 
 # %% [markdown]
 # A refusal is one line with the command's name; argparse's errors are one line too; an output path under a

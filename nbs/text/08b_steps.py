@@ -56,26 +56,6 @@ def compute_grads(state, batch, *, model, mc, tc, latent_scale, axis_name=AXIS):
     return _pmean(loss, axis_name), _pmean(grads, axis_name), aux['loss'], aux['t']
 
 
-
-# %% [markdown]
-# On one device (`axis_name=None`) the reduction is the identity: the loss is the batch's mean, the
-# gradients have the parameters' structure, and the per-example losses and $t$ come back for the t-bins.
-
-# %%
-st0 = create_state(mc, tc)
-loss, grads, per_example, t = compute_grads(st0, synthetic_batch(4, mc), model=DiT(mc), mc=mc, tc=tc,
-                                            latent_scale=0.18215, axis_name=None)
-test_close(float(loss), float(per_example.mean()), eps=1e-6); test_eq((per_example.shape, t.shape), ((4,), (4,)))
-test_eq(jax.tree.structure(grads), jax.tree.structure(st0.params)); assert np.isfinite(float(global_norm(grads)))
-
-
-# %% [markdown]
-# The step itself is a pure function of (state, device batch): no host sync, no Python side effects.
-# Its metrics stay on the device until a log step fetches them; `finite` is the NaN/Inf check. The grad
-# norm is reported before clipping and after it ($\min(\|g\|, c)$ is exactly the norm clipping leaves).
-
-# %%
-#| export
 def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scale, axis_name=AXIS):
     "One optimizer step on this device's share of the global batch; returns the new state and metrics."
     loss, grads, per_example, t = compute_grads(state, batch, model=model, mc=mc, tc=tc,
@@ -91,26 +71,6 @@ def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scal
                          opt_state=opt_state, step=state.step + 1), metrics
 
 
-
-# %%
-st1, m1 = train_step(st0, synthetic_batch(4, mc), model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
-                     latent_scale=0.18215, axis_name=None)
-test_eq(int(st1.step), 1); assert bool(m1['finite']) and float(m1['grad_norm_clipped']) <= tc.grad_clip
-test_eq(float(m1['bin_counts'].sum()), 4.0)
-
-
-# %% [markdown]
-# `data_parallel` is the one place that knows how the step is spread over devices: `jax.pmap` over the
-# local devices with the named axis. Moving to `jax.shard_map` means changing this wrapper only.
-#
-# On accelerators the state's buffers are donated: the step updates them in place and the peak holds two
-# parameter-sized buffers fewer. On the CPU backend they are not: there XLA, given the donated state, keeps the
-# gradients and the updates in two parameter-sized temporaries of their own (1.25 GB more at B/2), and the step
-# was slower in every interleaved round at B/2 (`BENCHMARKS.md`). The state is replicated with `jax.device_put` and a `NamedSharding`
-# (`device_put_replicated` is gone from current JAX).
-
-# %%
-#| export
 def donate_state() -> bool:
     "Whether the train step donates the state by default: on accelerators yes, on the CPU backend no."
     return jax.default_backend() != 'cpu'
@@ -147,6 +107,21 @@ def shard(batch: dict, n_devices: int) -> dict:
     if B % n_devices: raise ValueError(f"a batch of {B} cannot be split evenly over {n_devices} devices")
     return {k: v.reshape(n_devices, v.shape[0] // n_devices, *v.shape[1:]) for k, v in batch.items()}
 
+
+# %% [markdown]
+# The step itself is a pure function of (state, device batch): no host sync, no Python side effects.
+# Its metrics stay on the device until a log step fetches them; `finite` is the NaN/Inf check. The grad
+# norm is reported before clipping and after it ($\min(\|g\|, c)$ is exactly the norm clipping leaves).
+
+# %% [markdown]
+# `data_parallel` is the one place that knows how the step is spread over devices: `jax.pmap` over the
+# local devices with the named axis. Moving to `jax.shard_map` means changing this wrapper only.
+#
+# On accelerators the state's buffers are donated: the step updates them in place and the peak holds two
+# parameter-sized buffers fewer. On the CPU backend they are not: there XLA, given the donated state, keeps the
+# gradients and the updates in two parameter-sized temporaries of their own (1.25 GB more at B/2), and the step
+# was slower in every interleaved round at B/2 (`BENCHMARKS.md`). The state is replicated with `jax.device_put` and a `NamedSharding`
+# (`device_put_replicated` is gone from current JAX).
 
 # %% [markdown]
 # One step on the `mu` model: the loss is finite, the step counter moves, clipping caps the norm, and the
@@ -193,20 +168,6 @@ def make_eval_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float) -> Cal
     return data_parallel(partial(eval_step, model=DiT(mc), mc=mc, tc=tc, latent_scale=latent_scale), donate=False)
 
 
-
-# %%
-ev1 = eval_step(st0.params, synthetic_batch(4, mc), jax.random.PRNGKey(1), model=DiT(mc), mc=mc, tc=tc,
-                latent_scale=0.18215, axis_name=None)
-test_eq(float(ev1['count']), 4.0); test_eq(ev1['attn_entropy'].shape, (mc.depth, mc.heads))
-
-
-# %% [markdown]
-# On the host, the sums of every validation batch add up; the bin means come from `flow.bin_means`
-# (NaN for an empty bin), and the entropy is logged for an early, a middle and the last layer, and per
-# head of the last layer.
-
-# %%
-#| export
 def entropy_metrics(ent: np.ndarray, prefix: str = 'attn') -> dict:
     "Attention entropy (depth, heads): layers early/mid/late and every head of the last layer."
     depth = ent.shape[0]
@@ -225,6 +186,11 @@ def validate(eval_fn: Callable, params, val_batches: list, key, prefix: str) -> 
     out.update({f'{prefix}/loss_tbin_{i}': float(v) for i, v in enumerate(bins)})
     return {**out, **entropy_metrics(tot['attn_entropy'] / len(val_batches))}
 
+
+# %% [markdown]
+# On the host, the sums of every validation batch add up; the bin means come from `flow.bin_means`
+# (NaN for an empty bin), and the entropy is logged for an early, a middle and the last layer, and per
+# head of the last layer.
 
 # %%
 eval_fn = make_eval_step(mc, tc, 0.18215)
