@@ -237,16 +237,11 @@ test_eq((t.warmup, t.ema_decay, t.batch_size), (7, 0.999, 64))
 test_eq(train_config().ema_decay, 0.9999)
 for name in MODEL_PRESETS: assert model_config(name).tokens > 0
 
-
 # %% [markdown]
 # Impossible settings are refused with the fix in the message:
 
 # %%
-def raises(f, match):
-    try: f()
-    except (ValueError, KeyError, TypeError) as e:
-        assert match in str(e), f"{match!r} not in {e!r}"; return str(e)
-    raise AssertionError('no error raised')
+from fsdit.testing import raises
 
 print(raises(lambda: model_config('B/2', patch=8), 'does not divide the input size 28'))
 print(raises(lambda: model_config('B/2', heads=7), 'heads 7 does not divide hidden 768'))

@@ -26,12 +26,7 @@ from fsdit.cli import Parser, fail
 import tempfile as _tf
 from fastcore.test import test_eq, test_fail, test_close
 
-def raises(f, match, exc=Exception):
-    "Assert that `f()` raises `exc` with `match` in its message; return the message."
-    try: f()
-    except exc as e:
-        assert match in str(e), f"{match!r} not in {e!r}"; return str(e)
-    raise AssertionError('no error raised')
+from fsdit.testing import raises
 
 def same(a: dict, b: dict):
     "Assert two dicts of arrays are equal."

@@ -24,12 +24,7 @@ import tempfile as _tf
 from fastcore.test import test_eq
 from fsdit.data import SPLITS, list_images, load_image, prepare
 
-def raises(f, match, exc=Exception):
-    "Assert that `f()` raises `exc` with `match` in its message; return the message."
-    try: f()
-    except exc as e:
-        assert match in str(e), f"{match!r} not in {e!r}"; return str(e)
-    raise AssertionError('no error raised')
+from fsdit.testing import raises
 
 _root = Path(_tf.mkdtemp())
 

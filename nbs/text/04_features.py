@@ -29,13 +29,7 @@ import tempfile as _tf
 from fastcore.test import test_eq, test_close
 from PIL import Image
 
-def raises(f, match, exc=Exception):
-    "Assert that `f()` raises `exc` with `match` in its message; return the message."
-    try: f()
-    except exc as e:
-        assert match in str(e), f"{match!r} not in {e!r}"; return str(e)
-    raise AssertionError('no error raised')
-
+from fsdit.testing import raises
 
 # %% [markdown]
 # ## Layout

@@ -122,3 +122,25 @@ opt = optax.adam(1e-2); step = fit_step(apply, opt)
 p, st, l0 = step(params, opt.init(params), x, cond, jax.random.PRNGKey(2), x * 0, t)
 _, _, l1 = step(p, st, x, cond, jax.random.PRNGKey(2), x * 0, t)
 assert float(l1) < float(l0)
+
+
+# %% [markdown]
+# ## Errors in examples
+#
+# `raises` is how the notebooks show an error case: it runs `f`, checks that it raises `exc` with `match` in
+# the message, and returns the message so an example can print what a user would read.
+
+# %%
+#| export
+def raises(f, match: str, exc=Exception) -> str:
+    "Assert that `f()` raises `exc` with `match` in its message; return the message."
+    try: f()
+    except exc as e:
+        assert match in str(e), f"{match!r} not in {e!r}"; return str(e)
+    raise AssertionError('no error raised')
+
+
+# %%
+test_eq(raises(lambda: int('x'), 'invalid literal', ValueError), "invalid literal for int() with base 10: 'x'")
+test_fail(lambda: raises(lambda: 1, 'anything'), contains='no error raised')
+test_fail(lambda: raises(lambda: int('x'), 'other words'), contains='not in')

@@ -30,16 +30,10 @@ from fsdit.run import write_run_config, checkpoint_manager, save_checkpoint
 from fsdit.state import create_state
 from fsdit.codecs import offline_model_config
 
-def save_fresh_run(d, mc, tc, space='pixel'):
-    "A run directory holding a freshly initialised model, written as `fsdit train` writes one."
-    write_run_config(d, mc, tc, space)
-    mngr = checkpoint_manager(d, keep=1); save_checkpoint(mngr, create_state(mc, tc), {}); mngr.close()
-    return Path(d)
-
-tmp = Path(tempfile.mkdtemp())
-mc = offline_model_config('mu', size=8, channels=3, embed_dim=16)
-tc = train_config('test', shots=3)
-run_dir = save_fresh_run(tmp / 'run', mc, tc)
+tmp = Path(tempfile.mkdtemp())                                   # a freshly initialised run, saved as `fsdit train` saves one
+mc, tc, run_dir = offline_model_config('mu', size=8, channels=3, embed_dim=16), train_config('test', shots=3), tmp / 'run'
+write_run_config(run_dir, mc, tc, 'pixel')
+with checkpoint_manager(run_dir, keep=1) as mngr: save_checkpoint(mngr, create_state(mc, tc), {})
 run = load_run(run_dir)
 write_run_config(tmp / 'empty', mc, tc, 'pixel')                 # a run with no checkpoint yet
 r = np.random.default_rng(0)
