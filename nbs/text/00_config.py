@@ -135,6 +135,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     t_sampling: str = 'logit_normal'  # t = sigmoid(N(0,1)), or 'uniform'
+    mirror: bool = True          # the seed's random horizontal flip of the target; off where a mirror image is another class
     shots: int = 5               # supports per episode
     episodes: str = 'disjoint'   # 'disjoint' (every image once per epoch) | 'fixed' (the seed's table)
     cfg_scale: float = 3.0       # for sample grids

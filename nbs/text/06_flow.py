@@ -200,7 +200,8 @@ assert not np.array_equal(np.asarray(example_keys(jax.random.PRNGKey(0), 4, 4)),
 
 # %% [markdown]
 # On the device a batch becomes the model's inputs. The target latent is a fresh posterior sample of the
-# chosen mirror state, $x_1 = (\mu + e^{\frac12 \log\sigma^2} n)\cdot s$, where $s$ is the VAE's scaling
+# mirror state chosen at random (the seed's flip augmentation; `TrainConfig.mirror=False` turns it off for
+# data such as characters, where a mirror image is another class), $x_1 = (\mu + e^{\frac12 \log\sigma^2} n)\cdot s$, where $s$ is the VAE's scaling
 # factor as the feature store records it (0.18215 for the SD-VAE, 0.13025 for the SDXL VAE, 1 in pixel
 # mode, where the store holds the image as $\mu$ with $\log\sigma^2 = -30$); the support embedding is the
 # mean of the K support embeddings, in float32. The support latents of the `aligned` and `context`
@@ -223,7 +224,7 @@ def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig,
     "Target x1 (B, h, w, c), t (B,), noise (B, h, w, c), CFG drop (B,) and condition, each example from its own key."
     def one(key, moments):  # moments (2 mirror, 2 [mean, logvar], h, w, c)
         kt, keps, kdrop, knoise, kmirror = jax.random.split(key, 5)
-        mean, logvar = moments[jax.random.bernoulli(kmirror).astype(jnp.int32)].astype(jnp.float32)
+        mean, logvar = moments[(jax.random.bernoulli(kmirror) & tc.mirror).astype(jnp.int32)].astype(jnp.float32)
         x1 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(knoise, mean.shape)) * latent_scale
         drop = jax.random.bernoulli(kdrop, mc.cfg_drop) & train
         return x1, sample_t(kt, (), tc.t_sampling), jax.random.normal(keps, mean.shape), drop
@@ -247,6 +248,9 @@ test_eq(np.asarray(rev[0][::-1]), np.asarray(x1)); test_eq(np.asarray(rev[1][::-
 pb = synthetic_batch(4, mc, space='pixel')
 x1p = np.asarray(inputs(pb, keys, mc, tc, 1.0)[0])[:, None]
 assert np.all(np.isclose(x1p, pb['moments'][:, :, 0].astype(np.float32), atol=1e-5).all((2, 3, 4)).any(1))
+# without the mirror augmentation (glyphs: a mirrored character is another character) the target is never flipped
+x1u = np.asarray(inputs(pb, keys, mc, train_config('test', mirror=False), 1.0)[0])
+test_close(x1u, pb['moments'][:, 0, 0].astype(np.float32), eps=1e-5)
 
 
 # %% [markdown]
