@@ -129,7 +129,7 @@ class Trainer:
         check_batch(tc.batch_size, jax.device_count(), jax.process_count())
         self.mc, self.tc, self.source, self.out = mc, tc, source, Path(out_dir)
         self.main, self.n_dev = jax.process_index() == 0, jax.local_device_count()
-        self.scale = float(getattr(source, 'latent_scale', 1.0))   # the store's VAE scaling factor (1 in pixel space)
+        self.scale = source.latent_scale   # the store's VAE scaling factor (1 in pixel space)
         self.decode, self.hooks = decode or (lambda z: z), list(hooks)
         if hasattr(source, 'check'): source.check()       # settings the data cannot meet: refused before any write
         self.val_host = source.val_batches()

@@ -478,10 +478,9 @@ assert all(np.isfinite(v) for v in q.values()) and q['val_fs/nn_support_embed'] 
 #| export
 class FewShotHook:
     "A trainer hook: `quick_eval` of the EMA parameters on fixed validation classes of `source`; {} once it cannot run."
-    def __init__(self, source, mc, tc, decode: Callable, embed: Callable, judge=None, latent_scale: float | None = None):
+    def __init__(self, source, mc, tc, decode: Callable, embed: Callable, judge=None):
         self.source, self.mc, self.tc, self.judge = source, mc, tc, judge
         self.decode, self.embed, self.cs, self.real = decode or (lambda z: z), embed, None, None
-        self.scale = float(getattr(source, 'latent_scale', 1.0)) if latent_scale is None else latent_scale
 
     def class_set(self) -> ClassSet:
         "The validation classes and real images, drawn once (seeded)."
@@ -497,7 +496,7 @@ class FewShotHook:
             if self.cs is None:
                 self.cs = self.class_set()
                 self.real = images_of(self.cs.latents, self.cs.labels, Pipeline(self.decode, self.embed, judge=self.judge))
-            return quick_eval(params, self.mc, self.cs, self.decode, self.embed, latent_scale=self.scale,
+            return quick_eval(params, self.mc, self.cs, self.decode, self.embed, latent_scale=self.source.latent_scale,
                               n_per_class=tc.fewshot_n, shots=tc.shots, cfg_scale=tc.cfg_scale, steps=tc.sample_steps,
                               seed=tc.seed, real=self.real, judge=self.judge)
         except (OSError, ValueError) as e:  # an encoder that cannot load (offline hub) must not end the run

@@ -101,18 +101,14 @@ def lazy_call(load: Callable[[], Any], method: str) -> Callable:
 
 def lazy_vae_decode(name: str) -> Callable:
     "A decode callable that loads the SD-VAE `name` at its first call (only when a sample grid is drawn)."
-    def load():
-        return SDVAE.from_pretrained(name)
-    return lazy_call(load, 'decode')
+    return lazy_call(lambda: SDVAE.from_pretrained(name), 'decode')
 
 
 def store_embed(meta: dict) -> Callable | None:
     "The store's support encoder as images -> embeddings, loaded at its first call; None for an unknown stand-in."
     name = meta.get('encoder')
     if not name or (meta.get('space') == 'pixel' and not str(name).startswith('stand-in/')): return None
-    def load():
-        return load_encoder(name)
-    return lazy_call(load, 'embed')
+    return lazy_call(lambda: load_encoder(name), 'embed')
 
 
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
