@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from fsdit.data import EpisodeBatches, host_batch
-from fsdit.steps import shard   # the trainer's per-device layout
 
 N_CLASSES, PER_CLASS, D, LATENT = 60, 600, 768, (28, 28, 4)
 
@@ -39,7 +38,7 @@ def time_pass(it, embeds, moments, iters: int, n_devices: int) -> dict:
     t_idx, t_gather = [], []
     for _ in range(iters):
         t0 = time.perf_counter(); idx = next(it)
-        t1 = time.perf_counter(); b = shard(host_batch(embeds, moments, idx), n_devices)
+        t1 = time.perf_counter(); b = host_batch(embeds, moments, idx)   # the trainer's Layout.put_batch takes it as is
         t2 = time.perf_counter()
         t_idx.append(t1 - t0); t_gather.append(t2 - t1)
     tot = np.add(t_idx, t_gather) * 1e3

@@ -14,8 +14,9 @@ them (pmap over the local devices; AdamW with warmup-cosine, global-norm clip 1.
 encoders. train.py imports TensorFlow, wandb and the encoders at module level, so instead of importing
 it this script parses it and executes only the step's definitions (`flow_interpolate`, `flow_velocity`,
 `compute_t_bin_losses`, `Trainer`) with the names they use. What runs for us: `fsdit.bench.train_runner`,
-i.e. `fsdit.steps.make_train_step` on a feature-store batch (float16 moments of both mirror states and 5
-float16 support embeddings per episode; the posterior sample, mirror and mean support are drawn inside).
+i.e. `fsdit.steps.make_train_step` (`jax.jit` over the device mesh) on a feature-store batch (float16 moments
+of both mirror states and 5 float16 support embeddings per episode; the posterior sample, mirror and mean
+support are drawn inside). With `--pmap`, also the same step as the trainer ran it before, under `jax.pmap`.
 
 Both are compiled ahead and warmed, every step is waited for, the two are called alternately (ours,
 original, ours, ...) `--reps` rounds, and medians are reported with the matmul peak measured in the same
@@ -29,7 +30,10 @@ from typing import Any
 import numpy as np
 import jax, jax.numpy as jnp
 
-from fsdit import bench
+from fsdit import bench, steps
+from fsdit.config import train_config
+from fsdit.dit import DiT
+from fsdit.state import make_optimizer
 
 SIZES = {'S/2': (384, 12, 6), 'B/2': (768, 12, 12), 'L/2': (1024, 24, 16), 'XL/2': (1152, 28, 16), 'mu': (32, 2, 2)}
 STEP_DEFS = ('flow_interpolate', 'flow_velocity', 'compute_t_bin_losses', 'Trainer')
@@ -91,6 +95,32 @@ def original_runner(o: dict, size: str, batch: int, max_steps: int = 200_000):
     return run, dict(params=n_params, flops=bench.cost(c)['flops'], memory=bench.memory(c), hlo=c.as_text())
 
 
+def pmap_runner(size: str, batch: int):
+    """The trainer's previous step: the same `fsdit.steps.train_step` per device under `jax.pmap` (state replicated
+    on every local device, gradients pmean-ed over the axis), as the trainer ran it before the jit + sharding layout."""
+    mc, n = bench._model(size), jax.local_device_count()
+    tc = train_config('seed', batch_size=batch * n)
+    fn = jax.pmap(functools.partial(steps.train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
+                                    latent_scale=bench.SD_VAE_SCALE, axis_name='batch'),
+                  axis_name='batch', donate_argnums=(0,) if steps.donate_state() else ())
+    state, b = bench.train_inputs(mc, tc, batch)
+    stack = lambda x: np.stack([np.asarray(x)] * n)
+    state = jax.tree.map(stack, steps.to_host(state))
+    b = {k: np.asarray(v).reshape(n, batch, *v.shape[1:]) for k, v in b.items()}
+    c = fn.lower(state, b).compile()
+    box = {'state': state}
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        box['state'], m = c(box['state'], b)
+        bench.block((box['state'], m))
+        return time.perf_counter() - t0
+
+    run()
+    n_params = sum(int(np.prod(p.shape[1:])) for p in jax.tree.leaves(state.params))
+    return run, dict(params=n_params, flops=bench.cost(c)['flops'], memory=bench.memory(c), hlo=c.as_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n\n', 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument('--profile', action='store_true', help='op-class shares of both steps from a profile')
     ap.add_argument('--other-donation', action='store_true',
                     help="also time our step with the other donation setting (the trainer donates the state on accelerators, not on CPU)")
+    ap.add_argument('--pmap', action='store_true', help="also time the trainer's previous step: the same step under jax.pmap")
     ap.add_argument('--out', type=Path, help='append JSON lines here')
     a = ap.parse_args(argv)
     o = load_original(a.original)
@@ -120,8 +151,9 @@ def main(argv=None) -> int:
         runs, facts = {}, {}
         runs['ours'], facts['ours'] = bench.train_runner(size, a.batch)
         runs['original'], facts['original'] = original_runner(o, size, a.batch)
+        if a.pmap: runs['ours, pmap'], facts['ours, pmap'] = pmap_runner(size, a.batch)
         if a.other_donation:
-            other = not bench._train().donate_state()
+            other = not steps.donate_state()
             name = 'ours, state donated' if other else 'ours, no donation'
             runs[name], facts[name] = bench.train_runner(size, a.batch, donate=other)
         ts = bench.interleave(runs, a.reps)

@@ -24,7 +24,6 @@ def jit_runner(mc, batch: int):
     step = jax.jit(functools.partial(T.train_step, model=T.DiT(mc), tx=T.make_optimizer(tc), mc=mc, tc=tc,
                                      latent_scale=1.0, axis_name=None))
     state, b = B.train_inputs(mc, tc, batch)
-    state, b = T.unreplicate(state), jax.tree.map(lambda x: x[0], b)
     c = step.lower(state, b).compile()
     box = {'state': state}
 

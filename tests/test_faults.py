@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ['--model', 'mu', '--model.patch', '4', '--preset', 'test', '--batch-size', '8', '--max-steps', '4',
          '--log-every', '2', '--eval-every', '4', '--sample-every', '4', '--save-every', '2', '--keep', '2',
          '--sample-steps', '2', '--val-batches', '1']
-TIMING = ('train/step_time', 'train/samples_per_s', 'samples/grid')
+TIMING = ('train/step_time', 'train/samples_per_s', 'train/tflops_per_device', 'train/mfu', 'samples/grid')
 SCRIPTS = ['ёж', 'κλάση', '猫', 'قط']   # every class folder is renamed '<word> <glyph name>'
 
 

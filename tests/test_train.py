@@ -115,7 +115,7 @@ def test_resume_after_sigterm_is_bitwise(train_store, train_run, monkeypatch):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)): np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     ra, rb = _records(train_run), _records(run)
     assert sorted(rb) == [2, 3, 4, 6, 8] and sorted(ra) == [2, 4, 6, 8]
-    skip = ('train/step_time', 'train/samples_per_s', 'samples/grid')
+    skip = ('train/step_time', 'train/samples_per_s', 'train/tflops_per_device', 'train/mfu', 'samples/grid')
     for s in (6, 8):   # whole log intervals after the resume: every metric bitwise equal
         assert {k: v for k, v in ra[s].items() if k not in skip} == {k: v for k, v in rb[s].items() if k not in skip}
 
@@ -127,7 +127,7 @@ def test_keep_last_and_metrics(train_run):
     assert sorted(recs) == [2, 4, 6, 8]
     r = recs[8]
     for k in ('train/loss', 'train/loss_ema', 'train/grad_norm', 'train/grad_norm_clipped', 'train/param_norm', 'train/lr',
-              'train/samples_per_s', 'val/loss', 'val_ema/loss', 'val/train_val_gap', 'attn/entropy_early',
+              'train/samples_per_s', 'train/tflops_per_device', 'train/mfu', 'val/loss', 'val_ema/loss', 'val/train_val_gap', 'attn/entropy_early',
               'attn/entropy_mid', 'attn/entropy_late', 'attn/entropy_last_head0', 'samples/grid'):
         assert k in r, k
     bins = [r[f'train/loss_tbin_{i}'] for i in range(10)]
@@ -164,45 +164,50 @@ def test_nan_stops_and_keeps_last_good_checkpoint(train_store, train_run, tmp_pa
 
 _DEVICES = textwrap.dedent('''
     import sys, numpy as np, jax
-    from functools import partial
     from fsdit.config import model_config, train_config
-    from fsdit.dit import DiT
-    from fsdit import state as S, steps as T, testing
+    from fsdit import steps as T, testing
     assert jax.local_device_count() == 8
     mc = model_config('mu', input_size=16, support_dim=32)
-    tc = train_config('test', batch_size=16, lr=1e-2, warmup=1)
-    batch = testing.synthetic_batch(16, mc, seed=1)
     out = {}
-    for n in (1, 8):
-        devs = jax.local_devices()[:n]
-        kw = dict(model=DiT(mc), mc=mc, tc=tc, latent_scale=0.18215)
-        grads = jax.pmap(partial(T.compute_grads, **kw), axis_name=T.AXIS, devices=devs)
-        step = jax.pmap(partial(T.train_step, tx=S.make_optimizer(tc), **kw), axis_name=T.AXIS, devices=devs)
-        state = T.replicate(S.create_state(mc, tc), devs)
-        loss, g, _, _ = grads(state, T.shard(batch, n))
-        out[f'loss{n}'] = np.asarray(loss)[0]
-        for i, x in enumerate(jax.tree.leaves(T.unreplicate(g))): out[f'g{n}_{i}'] = x
-        losses = []
+    for name, n, fsdp in (('one', 1, False), ('dp8', 8, False), ('fsdp8', 8, True)):
+        tc = train_config('test', batch_size=16, lr=1e-2, warmup=1, fsdp=fsdp, fsdp_min_size=256)
+        lay = T.layout_for(tc, jax.devices()[:n])
+        step = T.make_train_step(mc, tc, 0.18215, lay)
+        state = lay.create(mc, tc)
+        specs = [s.spec for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.params))]
+        out[f'{name}_sharded'] = np.array(sum(any(a is not None for a in sp) for sp in specs))
+        out[f'{name}_leaves'] = np.array(len(specs))
+        for i, x in enumerate(jax.tree.leaves(lay.fetch(state.params))): out[f'{name}_p0_{i}'] = x
+        losses, norms = [], []
         for s in range(3):
-            state, m = step(state, T.shard(testing.synthetic_batch(16, mc, seed=s), n)); losses.append(T.unreplicate(m['loss']))
-        out[f'losses{n}'] = np.array(losses)
-        for i, x in enumerate(jax.tree.leaves(T.unreplicate(state.params))): out[f'p{n}_{i}'] = x
+            state, m = step(state, lay.put_batch(testing.synthetic_batch(16, mc, seed=s)))
+            m = T.to_host(m); losses.append(m['loss']); norms.append(m['grad_norm'])
+        out[f'{name}_losses'], out[f'{name}_norms'] = np.array(losses), np.array(norms)
+        for i, x in enumerate(jax.tree.leaves(lay.fetch(state))): out[f'{name}_s_{i}'] = x
+        if n == 8:   # a batch this process cannot split evenly is refused with the fix
+            try: lay.put_batch(testing.synthetic_batch(12, mc)); out[f'{name}_refused'] = np.array('')
+            except ValueError as e: out[f'{name}_refused'] = np.array(str(e))
     np.savez(sys.argv[1], **out)
 ''')
 
 
 @pytest.mark.oldjax
 def test_one_vs_eight_devices(tmp_path):
+    "1 device == 8 devices data-parallel == 8 devices FSDP: same initial state, losses, gradient norms and final state."
     f = tmp_path / 'out.npz'
     r = subprocess.run([sys.executable, '-c', _DEVICES, str(f)], capture_output=True, text=True, timeout=600,
                        env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
     assert r.returncode == 0, r.stderr[-3000:]
     o = np.load(f)
-    np.testing.assert_allclose(o['loss1'], o['loss8'], rtol=1e-6)
-    np.testing.assert_allclose(o['losses1'], o['losses8'], rtol=1e-5)
-    for k in o.files:
-        if k.startswith('g1_'): np.testing.assert_allclose(o[k], o['g8_' + k[3:]], rtol=1e-4, atol=1e-7)
-        if k.startswith('p1_'): np.testing.assert_allclose(o[k], o['p8_' + k[3:]], rtol=1e-4, atol=1e-6)
+    assert int(o['one_sharded']) == 0 and int(o['dp8_sharded']) == 0
+    assert 0 < int(o['fsdp8_sharded']) < int(o['fsdp8_leaves'])     # big tensors split, small ones replicated
+    for other in ('dp8', 'fsdp8'):
+        assert 'multiple of 8' in str(o[f'{other}_refused'])
+        np.testing.assert_allclose(o['one_losses'], o[f'{other}_losses'], rtol=1e-5)
+        np.testing.assert_allclose(o['one_norms'], o[f'{other}_norms'], rtol=1e-4)
+        for k in o.files:
+            if k.startswith('one_p0_'): np.testing.assert_array_equal(o[k], o[other + k[3:]])   # same init, any layout
+            if k.startswith('one_s_'): np.testing.assert_allclose(o[k], o[other + k[3:]], rtol=1e-4, atol=1e-6)
 
 
 _PROCESS = textwrap.dedent('''
@@ -223,14 +228,17 @@ _PROCESS = textwrap.dedent('''
 ''')
 
 
-def test_two_processes_match_one(train_store, train_run, tmp_path):
-    """Two JAX processes on loopback CPU (1 device each, half the batch each) give the one-process run.
+@pytest.mark.parametrize('fsdp', [False, True], ids=['replicated', 'fsdp'])
+def test_two_processes_match_one(train_store, train_run, tmp_path, fsdp):
+    """Two JAX processes on loopback CPU (1 device each, half the batch each) give the one-process run, with the
+    state replicated or sharded over the two (FSDP: each process holds and checkpoints half of every big tensor).
     SIGTERM reaches process 1 only, after step 5: both processes stop together at the next log step (6), save
     it and exit cleanly (a process stopping alone would leave the other waiting in a collective)."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     run = tmp_path / 'run_2p'
-    procs = [subprocess.Popen([sys.executable, '-c', _PROCESS, str(port), str(i), str(train_store), str(run), '5', *FLAGS],
+    extra = ['--fsdp', 'true', '--fsdp-min-size', '256'] if fsdp else []
+    procs = [subprocess.Popen([sys.executable, '-c', _PROCESS, str(port), str(i), str(train_store), str(run), '5', *FLAGS, *extra],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outs)
@@ -243,6 +251,10 @@ def test_two_processes_match_one(train_store, train_run, tmp_path):
     (a, _), (b, meta) = _final_params(train_run, 6), _final_params(run)
     assert int(b.step) == 6 and meta['data'] == _final_params(train_run, 6)[1]['data']
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)): np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    # each process wrote its own part of the checkpoint; none gathered the whole state to write it alone
+    parts = [sum(f.stat().st_size for f in (run / 'checkpoints' / '6' / 'state' / f'ocdbt.process_{i}').rglob('*') if f.is_file())
+             for i in range(2)]
+    assert min(parts) > 0.3 * sum(parts), parts
 
 
 def test_train_memory_counts_the_state():

@@ -136,6 +136,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     t_sampling: str = 'logit_normal'  # t = sigmoid(N(0,1)), or 'uniform'
     mirror: bool = True          # the seed's random horizontal flip of the target; off where a mirror image is another class
+    fsdp: bool = False           # shard parameters, EMA and optimizer state over the devices (ZeRO-3); default: replicated
+    fsdp_min_size: int = 16384   # FSDP: tensors with fewer elements stay replicated
     shots: int = 5               # supports per episode
     episodes: str = 'disjoint'   # 'disjoint' (every image once per epoch) | 'fixed' (the seed's table)
     cfg_scale: float = 3.0       # for sample grids
@@ -158,7 +160,8 @@ class TrainConfig:
 
 def validate_train(c: TrainConfig):
     "Raise `ValueError` naming the field and the fix if `c` cannot run."
-    for name in ('batch_size', 'max_steps', 'shots', 'log_every', 'eval_every', 'sample_every', 'save_every', 'keep', 'sample_steps'):
+    for name in ('batch_size', 'max_steps', 'shots', 'log_every', 'eval_every', 'sample_every', 'save_every', 'keep', 'sample_steps',
+                 'fsdp_min_size'):
         _require(getattr(c, name) > 0, f"TrainConfig.{name} must be positive, got {getattr(c, name)}")
     _require(c.fewshot_every >= 0, f"TrainConfig.fewshot_every must be 0 (off) or positive, got {c.fewshot_every}")
     _require(c.fewshot_classes >= 2 and c.fewshot_n >= 1,

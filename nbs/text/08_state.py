@@ -103,13 +103,15 @@ class TrainState:
     key: jax.Array   # (2,) uint32 base key of the run
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def create_state(mc: ModelConfig, tc: TrainConfig) -> TrainState:
-    "A fresh state: parameters from `init_params`, EMA = parameters, step 0 (one compiled call)."
+def init_state(mc: ModelConfig, tc: TrainConfig) -> TrainState:
+    "A fresh state: parameters from `init_params`, EMA = parameters, step 0 (traceable: jit it with any output shardings)."
     init_key, run_key = jax.random.split(jax.random.PRNGKey(tc.seed))
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), init_params(mc, init_key))
     return TrainState(params, jax.tree.map(jnp.copy, params), make_optimizer(tc).init(params),
                       jnp.zeros((), jnp.int32), run_key)
+
+
+create_state = jax.jit(init_state, static_argnums=(0, 1))  # one compiled call, on the default device
 
 
 def ema_update(ema, params, decay: float):

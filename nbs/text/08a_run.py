@@ -124,9 +124,10 @@ test_eq(recs, [{'step': 5, 'train/loss': 1.5, 'train/loss_tbin_0': None}])
 #
 # orbax-checkpoint writes each checkpoint to a temporary directory and renames it when complete, and keeps
 # the last `keep`. A checkpoint holds only what a resume needs: parameters, EMA, optimizer state, step and
-# key (as host arrays of the first device's copy), and as JSON the data position and the loss EMA —
-# orbax needs about 3x the checkpoint in host RAM while saving, so nothing else goes in. Every process calls
-# save and restore (orbax synchronises them; the primary process writes).
+# key, and as JSON the data position and the loss EMA — nothing else goes in. The arrays are saved as they lie
+# on the devices: a replicated array once, a sharded one (FSDP) shard by shard, each process writing the shards
+# it holds, so no host ever gathers the whole state. Every process calls save and restore (orbax synchronises
+# them); a restore reads each array straight into the sharding the template's array has.
 
 # %%
 #| export
@@ -139,11 +140,15 @@ def checkpoint_manager(out_dir, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(out_dir).absolute() / 'checkpoints', options=opts)
 
 
+def _leaf(x): return x if isinstance(x, jax.Array) else np.asarray(x)
+def _host_int(x) -> int: return int(np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x))
+
+
 def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict):
-    "Save a host state and JSON `meta` under the state's step."
-    host = jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))
+    "Save a state and JSON `meta` under the state's step: device arrays as they lie (each process writes its shards), host arrays as given."
+    tree = jax.tree.map(_leaf, flax.serialization.to_state_dict(state))
     with quiet_orbax():
-        mngr.save(int(host['step']), args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
+        mngr.save(_host_int(tree['step']), args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
         mngr.wait_until_finished()
 
 
@@ -168,11 +173,12 @@ def ignore_closed_loops(hook=None):
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> tuple[TrainState, dict] | None:
-    "The (host) state and meta at `step` (default: the latest), shaped like `template`; None when there is no checkpoint."
+    """The state and meta at `step` (default: the latest), shaped like `template`; None when there is no checkpoint.
+    Device-array leaves of `template` come back in their shardings (each process reads only its shards), host ones as numpy."""
     step = mngr.latest_step() if step is None else step
     if step is None: return None
     if step not in mngr.all_steps(): raise ValueError(f"no checkpoint of step {step}; kept: {sorted(mngr.all_steps())}")
-    target = jax.tree.map(np.asarray, flax.serialization.to_state_dict(template))
+    target = jax.tree.map(_leaf, flax.serialization.to_state_dict(template))
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return flax.serialization.from_state_dict(template, got['state']), dict(got['meta'])
 
@@ -183,8 +189,11 @@ with tempfile.TemporaryDirectory() as d:
     mngr = checkpoint_manager(d, keep=1)
     with quiet_orbax(): save_checkpoint(mngr, create_state(mc, tc), {'data': None})
     test_eq(mngr.all_steps(), [0]); assert (Path(d) / 'checkpoints' / '0').is_dir()
-    back, meta = restore_checkpoint(mngr, create_state(mc, tc)); mngr.close()
+    back, meta = restore_checkpoint(mngr, create_state(mc, tc))          # device template: device arrays
+    host, _ = restore_checkpoint(mngr, jax.tree.map(np.asarray, create_state(mc, tc))); mngr.close()  # host template: numpy
 test_eq((int(back.step), meta), (0, {'data': None}))
+assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(back))
+assert all(type(x) is np.ndarray for x in jax.tree.leaves(host))
 
 
 # %% [markdown]

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Train and eval steps
 #
-# > The pure per-device train and validation steps, and the one wrapper that spreads them over the devices (`jax.pmap` along a data axis): gradients and metrics reduced across devices, metrics fetched on the host only at log steps.
+# > The pure train and validation steps on the global batch, and the one place that lays the run out over the devices: `jax.jit` over a device `Mesh` with `NamedSharding` — the batch split along the data axis, the state replicated or (FSDP) sharded — with metrics fetched on the host only at log steps.
 
 # %%
 #| default_exp steps
@@ -10,16 +10,18 @@
 #| export
 from __future__ import annotations
 import functools
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 import numpy as np
 import jax, jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fsdit.config import ModelConfig, TrainConfig
 from fsdit.dit import DiT
 from fsdit.flow import example_keys, loss_fn, t_bin_stats, bin_means
-from fsdit.state import TrainState, make_optimizer, lr_schedule, ema_update
+from fsdit.state import TrainState, init_state, make_optimizer, lr_schedule, ema_update
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -33,15 +35,25 @@ tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_eve
 # %% [markdown]
 # ## The step
 #
-# The loss is `fsdit.flow.loss_fn`, the flow-matching MSE of the model's velocity on a device batch. Each device computes the loss and gradient
-# of its share; `pmean` over the data axis makes them the global batch's (all shares are the same size).
-# The per-example losses also go into 10 t-bins as sums and counts, reduced with `psum`: a bin's mean is
-# sum / count over all devices (NaN when empty) — the seed averaged per-device bin means with empty bins
-# counted as 0, which reads the edge bins too low.
+# The loss is `fsdit.flow.loss_fn`, the flow-matching MSE of the model's velocity, and the step is written
+# for the whole global batch: one optimizer step, no host sync, no Python side effects. How the batch and the
+# state are spread over devices is not the step's business — `jax.jit` with shardings (below) partitions it,
+# and XLA inserts the reductions a data-parallel step needs. Each example's noise and time come from its
+# global index (`fsdit.flow.example_keys`), so the step draws the same numbers on one device or on many.
+#
+# The same functions also run per device under `jax.pmap` or `shard_map` when given the axis name
+# (`axis_name`): then the loss and gradients are `pmean`-ed and the t-bin sums `psum`-med over it. The
+# benchmarks use that to time the previous (pmap) trainer against this one.
+#
+# The per-example losses go into 10 t-bins as sums and counts: a bin's mean is sum / count over the whole
+# batch (NaN when empty) — the seed averaged per-device bin means with empty bins counted as 0, which reads
+# the edge bins too low. Metrics stay on the device until a log step fetches them; `finite` is the NaN/Inf
+# check. The grad norm is reported before clipping and after it ($\min(\|g\|, c)$ is exactly the norm
+# clipping leaves).
 
 # %%
 #| export
-AXIS = 'batch'  # the data-parallel axis name
+AXIS = 'data'  # the mesh axis: the batch is split along it, and under FSDP the state too
 
 
 def _pmean(x, axis_name): return x if axis_name is None else jax.lax.pmean(x, axis_name)
@@ -49,17 +61,19 @@ def global_norm(tree) -> jax.Array: return jnp.sqrt(sum(jnp.sum(jnp.square(x.ast
 def _psum(x, axis_name): return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def compute_grads(state, batch, *, model, mc, tc, latent_scale, axis_name=AXIS):
-    "Global-batch loss and gradients (pmean over the data axis), and this device's per-example losses and t."
+def compute_grads(state, batch, *, model, mc, tc, latent_scale, axis_name=None):
+    "Loss and gradients of the batch (pmean-ed over `axis_name` when run per device), per-example losses and t."
     keys = example_keys(state.key, state.step, batch['moments'].shape[0], axis_name)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, batch, keys, mc, tc, latent_scale)
     return _pmean(loss, axis_name), _pmean(grads, axis_name), aux['loss'], aux['t']
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scale, axis_name=AXIS):
-    "One optimizer step on this device's share of the global batch; returns the new state and metrics."
+def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scale, axis_name=None,
+               grad_sharding=None):
+    "One optimizer step on the batch; returns the new state and metrics. `grad_sharding`: where gradients live (FSDP)."
     loss, grads, per_example, t = compute_grads(state, batch, model=model, mc=mc, tc=tc,
                                                 latent_scale=latent_scale, axis_name=axis_name)
+    if grad_sharding is not None: grads = jax.lax.with_sharding_constraint(grads, grad_sharding)  # reduce-scatter
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = global_norm(grads)
@@ -71,74 +85,176 @@ def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scal
                          opt_state=opt_state, step=state.step + 1), metrics
 
 
+# %% [markdown]
+# ## The layout: a mesh, and where each array lives
+#
+# `Layout` is the one place that knows how a run sits on its devices. Its mesh is one axis, `AXIS`, over every
+# device of every process. The batch is always split along it (each process feeds its own rows, as the
+# data stream gives them). The state is either
+#
+# - **replicated** (data parallel, the default): every device holds all of it, as `pmap` did; or
+# - **FSDP** (`TrainConfig.fsdp`, ZeRO-3): parameters, EMA and both Adam moments split over the devices, so
+#   each holds $1/n$ of them. XLA gathers a layer's weights where the layer needs them and reduce-scatters
+#   the gradients back to the shards.
+#
+# The sharding rule is per tensor: a tensor of at least `min_shard` elements is split along its largest
+# dimension that the device count divides; smaller ones (biases, norms, the step counter, the key) stay
+# replicated — splitting them saves nothing and costs a collective each.
+#
+# Host data goes onto the mesh with `put` (a state: every process holds the same host copy) and
+# `put_batch` (this process's rows of the global batch); `fetch` brings arrays back, gathering sharded
+# ones first — with several processes every process must call it together, as with any collective.
+
+# %%
+#| export
+def make_mesh(devices=None) -> Mesh:
+    "A one-axis mesh (`AXIS`) over `devices` (default: every device of every process)."
+    return Mesh(np.array(devices if devices is not None else jax.devices()), (AXIS,))
+
+
+@functools.lru_cache(maxsize=16)
+def _gather_fn(sharding: NamedSharding) -> Callable:
+    return jax.jit(lambda tree: tree, out_shardings=sharding)
+
+
+@dataclass(frozen=True)
+class Layout:
+    "Where a run's arrays live: the batch split along `AXIS`; the state replicated, or sharded when `fsdp`."
+    mesh: Mesh
+    fsdp: bool = False
+    min_shard: int = 16384       # FSDP: tensors with fewer elements stay replicated
+
+    @property
+    def n(self) -> int: return self.mesh.size
+    @property
+    def replicated(self) -> NamedSharding: return NamedSharding(self.mesh, P())
+    @property
+    def batch(self) -> NamedSharding: return NamedSharding(self.mesh, P(AXIS))
+
+    def spec(self, shape) -> P:
+        "The rule for one tensor: split its largest dimension the device count divides, if it is big enough and `fsdp`."
+        shape = tuple(shape)
+        if not self.fsdp or self.n == 1 or int(np.prod(shape, dtype=np.int64)) < self.min_shard: return P()
+        for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[d] % self.n == 0: return P(*[AXIS if i == d else None for i in range(len(shape))])
+        return P()
+
+    def shardings(self, tree) -> Any:
+        "A `NamedSharding` for every leaf of `tree` (arrays or shape structs)."
+        return jax.tree.map(lambda x: NamedSharding(self.mesh, self.spec(np.shape(x))), tree)
+
+    def create(self, mc: ModelConfig, tc: TrainConfig) -> TrainState:
+        "A fresh state made directly in its shardings (never whole on one device)."
+        shapes = jax.eval_shape(lambda: init_state(mc, tc))
+        return jax.jit(init_state, static_argnums=(0, 1), out_shardings=self.shardings(shapes))(mc, tc)
+
+    def put(self, tree) -> Any:
+        "Host arrays, the same on every process, onto the mesh in their shardings."
+        def one(x, s):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+        return jax.tree.map(one, tree, self.shardings(tree))
+
+    def put_batch(self, batch: dict) -> dict:
+        "This process's rows of the global batch as global arrays split along `AXIS`."
+        n_local = len(self.mesh.local_devices)
+        B = len(next(iter(batch.values())))
+        if B % n_local:
+            raise ValueError(f"a batch of {B} rows cannot be split evenly over this process's {n_local} devices; "
+                             f"make the batch size a multiple of {n_local * jax.process_count()}")
+        return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v)) for k, v in batch.items()}
+
+    def fetch(self, tree) -> Any:
+        "Whole host copies of device arrays; sharded ones are gathered first (with several processes: call on all)."
+        if any(isinstance(x, jax.Array) and not x.is_fully_replicated for x in jax.tree.leaves(tree)):
+            tree = _gather_fn(self.replicated)(tree)
+        return to_host(tree)
+
+
+def to_host(tree) -> Any:
+    "Host numpy copies of arrays every device holds whole (replicated metrics and state, fetched trees)."
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated: raise ValueError("this array is split over processes: gather it with Layout.fetch")
+            x = x.addressable_data(0)
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
+
+
+def layout_for(tc: TrainConfig, devices=None) -> Layout:
+    "The layout a run of `tc` uses: every device; FSDP when `tc.fsdp`, for tensors of at least `tc.fsdp_min_size` elements."
+    return Layout(make_mesh(devices), fsdp=tc.fsdp, min_shard=tc.fsdp_min_size)
+
+
+# %% [markdown]
+# On the `mu` model with FSDP over one device nothing is split (there is nothing to split over). With a
+# layout that pretends to have 4 devices the rule shows itself: a `(128, 512)` kernel is split along its 512
+# outputs, a bias of 512 stays whole, and a tensor no dimension of which the device count divides stays whole.
+
+# %%
+class _FakeMesh:   # only `size` is read by `spec`
+    size = 4
+lay4 = Layout(_FakeMesh(), fsdp=True, min_shard=1024)
+test_eq(lay4.spec((128, 512)), P(None, AXIS)); test_eq(lay4.spec((512,)), P())
+test_eq(lay4.spec((3, 5, 7, 9)), P()); test_eq(lay4.spec((2, 2, 4, 1024)), P(None, None, None, AXIS))
+test_eq(Layout(_FakeMesh(), fsdp=False).spec((128, 512)), P())
+lay = layout_for(tc)
+st = lay.create(mc, tc)
+for a, b_ in zip(jax.tree.leaves(st), jax.tree.leaves(create_state(mc, tc))): np.testing.assert_array_equal(a, b_)
+test_eq(lay.fetch(lay.put({'w': np.arange(6.0)}))['w'], np.arange(6.0))
+
+
+# %% [markdown]
+# ## The compiled steps
+#
+# `make_train_step` is the step under `jax.jit` with the layout's shardings on the way in and out: the state
+# keeps its shardings from step to step, the batch comes split along `AXIS`, and the metrics come out
+# replicated, so every process can read them without a collective. Under FSDP the gradients are pinned to
+# the parameters' shardings, which makes XLA reduce-scatter them instead of all-reducing whole gradients.
+#
+# On accelerators the state's buffers are donated: the step updates them in place and the peak holds two
+# parameter-sized buffers fewer. On the CPU backend they are not: there XLA, given the donated state, keeps the
+# gradients and the updates in two parameter-sized temporaries of their own (1.25 GB more at B/2), and the step
+# was slower in every interleaved round at B/2 (`BENCHMARKS.md`).
+
+# %%
+#| export
 def donate_state() -> bool:
     "Whether the train step donates the state by default: on accelerators yes, on the CPU backend no."
     return jax.default_backend() != 'cpu'
 
 
-def data_parallel(step_fn: Callable, donate: bool | None = None) -> Callable:
-    "Run a per-device step on every local device along `AXIS`; the state (argument 0) donated if `donate` (default `donate_state()`)."
-    donate = donate_state() if donate is None else donate
-    return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,) if donate else ())
+def state_shardings(layout: Layout, mc: ModelConfig, tc: TrainConfig) -> TrainState:
+    "The shardings of a `TrainState` of `mc` and `tc` in `layout`."
+    return layout.shardings(jax.eval_shape(lambda: init_state(mc, tc)))
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float, donate: bool | None = None) -> Callable:
-    "The data-parallel train step: (replicated state, sharded batch) -> (state, metrics)."
-    return data_parallel(partial(train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
-                                 latent_scale=latent_scale), donate)
+def make_train_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float, layout: Layout,
+                    donate: bool | None = None) -> Callable:
+    "The train step over `layout`: (state, batch split along `AXIS`) -> (state, replicated metrics)."
+    donate = donate_state() if donate is None else donate
+    sh = state_shardings(layout, mc, tc)
+    fn = partial(train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc, latent_scale=latent_scale,
+                 grad_sharding=sh.params if layout.fsdp else None)
+    return jax.jit(fn, in_shardings=(sh, layout.batch), out_shardings=(sh, layout.replicated),
+                   donate_argnums=(0,) if donate else ())
 
-
-def replicate(tree, devices=None):
-    "A copy of `tree` on every local device, stacked on a leading device axis."
-    devices = devices or jax.local_devices()
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
-    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
-
-
-def unreplicate(tree):
-    "The first local device's copy of a replicated tree, as host numpy arrays."
-    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
-
-
-def shard(batch: dict, n_devices: int) -> dict:
-    "Split a host batch (B, ...) into (n_devices, B / n_devices, ...); `ValueError` unless B divides evenly."
-    B = len(next(iter(batch.values())))
-    if B % n_devices: raise ValueError(f"a batch of {B} cannot be split evenly over {n_devices} devices")
-    return {k: v.reshape(n_devices, v.shape[0] // n_devices, *v.shape[1:]) for k, v in batch.items()}
-
-
-# %% [markdown]
-# The step itself is a pure function of (state, device batch): no host sync, no Python side effects.
-# Its metrics stay on the device until a log step fetches them; `finite` is the NaN/Inf check. The grad
-# norm is reported before clipping and after it ($\min(\|g\|, c)$ is exactly the norm clipping leaves).
-
-# %% [markdown]
-# `data_parallel` is the one place that knows how the step is spread over devices: `jax.pmap` over the
-# local devices with the named axis. Moving to `jax.shard_map` means changing this wrapper only.
-#
-# On accelerators the state's buffers are donated: the step updates them in place and the peak holds two
-# parameter-sized buffers fewer. On the CPU backend they are not: there XLA, given the donated state, keeps the
-# gradients and the updates in two parameter-sized temporaries of their own (1.25 GB more at B/2), and the step
-# was slower in every interleaved round at B/2 (`BENCHMARKS.md`). The state is replicated with `jax.device_put` and a `NamedSharding`
-# (`device_put_replicated` is gone from current JAX).
 
 # %% [markdown]
 # One step on the `mu` model: the loss is finite, the step counter moves, clipping caps the norm, and the
 # EMA moved by exactly $1 - d$ of the update.
 
 # %%
-n_dev = jax.local_device_count()
-step_fn = make_train_step(mc, tc, 0.18215)
-state = replicate(create_state(mc, tc))
-p0 = unreplicate(state.params)
-state, m = step_fn(state, shard(synthetic_batch(tc.batch_size, mc), n_dev))
-m = unreplicate(m)
+step_fn = make_train_step(mc, tc, 0.18215, lay)
+state = lay.create(mc, tc)
+p0 = lay.fetch(state.params)
+state, m = step_fn(state, lay.put_batch(synthetic_batch(tc.batch_size, mc)))
+m = to_host(m)
 assert m['finite'] and np.isfinite(m['loss']) and m['grad_norm_clipped'] <= tc.grad_clip
-test_eq(int(unreplicate(state.step)), 1); test_eq(float(m['lr']), 0.0)  # the first warmup step has lr 0
+test_eq(int(to_host(state.step)), 1); test_eq(float(m['lr']), 0.0)  # the first warmup step has lr 0
 test_eq(m['bin_counts'].sum(), tc.batch_size)
-test_fail(lambda: shard(synthetic_batch(3, mc), 2), contains='cannot be split evenly')
-ema, p1 = unreplicate(state.ema_params), unreplicate(state.params)
+ema, p1 = lay.fetch(state.ema_params), lay.fetch(state.params)
 for e, a, b_ in zip(jax.tree.leaves(ema), jax.tree.leaves(p0), jax.tree.leaves(p1)): test_close(e, tc.ema_decay * a + (1 - tc.ema_decay) * b_, eps=1e-6)
 
 
@@ -151,8 +267,8 @@ for e, a, b_ in zip(jax.tree.leaves(ema), jax.tree.leaves(p0), jax.tree.leaves(p
 
 # %%
 #| export
-def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, latent_scale, axis_name=AXIS) -> dict:
-    "Validation sums over the global batch: loss sum, count, t-bin sums/counts; attention entropy (depth, heads)."
+def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, latent_scale, axis_name=None) -> dict:
+    "Validation sums over the batch: loss sum, count, t-bin sums/counts; attention entropy (depth, heads)."
     keys = example_keys(key, 0, batch['moments'].shape[0], axis_name)
     _, aux = loss_fn(params, model, batch, keys, mc, tc, latent_scale, train=False, intermediates=True)
     per_example = aux['loss']
@@ -163,9 +279,11 @@ def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, latent_scal
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float) -> Callable:
-    "The data-parallel eval step: (replicated params, sharded batch, replicated key) -> summed metrics."
-    return data_parallel(partial(eval_step, model=DiT(mc), mc=mc, tc=tc, latent_scale=latent_scale), donate=False)
+def make_eval_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float, layout: Layout) -> Callable:
+    "The eval step over `layout`: (params as the state holds them, split batch, replicated key) -> replicated sums."
+    sh = state_shardings(layout, mc, tc).params
+    return jax.jit(partial(eval_step, model=DiT(mc), mc=mc, tc=tc, latent_scale=latent_scale),
+                   in_shardings=(sh, layout.batch, layout.replicated), out_shardings=layout.replicated)
 
 
 def entropy_metrics(ent: np.ndarray, prefix: str = 'attn') -> dict:
@@ -176,10 +294,10 @@ def entropy_metrics(ent: np.ndarray, prefix: str = 'attn') -> dict:
 
 
 def validate(eval_fn: Callable, params, val_batches: list, key, prefix: str) -> dict:
-    "Loss, t-bin losses and attention entropy of replicated `params` over fixed sharded validation batches."
+    "Loss, t-bin losses and attention entropy of `params` over fixed validation batches (on the mesh)."
     tot = None
     for b in val_batches:
-        out = unreplicate(eval_fn(params, b, key))
+        out = to_host(eval_fn(params, b, key))
         tot = out if tot is None else jax.tree.map(np.add, tot, out)
     bins = np.asarray(bin_means(tot['bin_sums'], tot['bin_counts']))
     out = {f'{prefix}/loss': float(tot['loss_sum'] / tot['count'])}
@@ -193,9 +311,9 @@ def validate(eval_fn: Callable, params, val_batches: list, key, prefix: str) -> 
 # head of the last layer.
 
 # %%
-eval_fn = make_eval_step(mc, tc, 0.18215)
-vb = [shard(synthetic_batch(8, mc, seed=1), n_dev)]
-vkey = replicate(jax.random.PRNGKey(1))
+eval_fn = make_eval_step(mc, tc, 0.18215, lay)
+vb = [lay.put_batch(synthetic_batch(8, mc, seed=1))]
+vkey = lay.put(jax.random.PRNGKey(1))
 ev = validate(eval_fn, state.params, vb, vkey, 'val')
 np.testing.assert_equal(ev, validate(eval_fn, state.params, vb, vkey, 'val'))  # fixed episodes and keys: same numbers
 assert np.isfinite(ev['val/loss']) and {'attn/entropy_early', 'attn/entropy_late', 'attn/entropy_last_head1'} <= set(ev)
@@ -206,7 +324,7 @@ assert np.isfinite(ev['val/loss']) and {'attn/entropy_early', 'attn/entropy_late
 #
 # Nothing leaves the device between log steps: each step's metrics are kept as device arrays and fetched
 # together at the next log step. There a loss EMA over the interval's step losses (decay 0.99 per step: ours, not the seed's), the interval means and the
-# t-bin means of the whole interval (sums and counts over every step and device) are formed. The first
+# t-bin means of the whole interval (sums and counts over every step) are formed. The first
 # non-finite step stops the run. Time per step is the wall time of the interval divided by its steps;
 # the clock starts after the first step so that compilation is not counted.
 
@@ -218,14 +336,14 @@ class NonFiniteLoss(RuntimeError):
 
 def check_finite(pending: list[dict], first_step: int):
     "Raise `NonFiniteLoss` naming the first step whose loss or gradient norm is not finite."
-    flags = [bool(unreplicate(m['finite'])) for m in pending]
+    flags = [bool(to_host(m['finite'])) for m in pending]
     if not all(flags):
         raise NonFiniteLoss(f"loss or gradient norm is NaN/Inf at step {first_step + flags.index(False)}")
 
 
 def train_summary(pending: list[dict], loss_ema: float | None, alpha: float = 0.99) -> tuple[dict, float]:
     "Interval means, last-step norms, t-bin means and the updated loss EMA (0.99 per step) of fetched step metrics."
-    ms = [unreplicate(m) for m in pending]
+    ms = [to_host(m) for m in pending]
     for m in ms: loss_ema = float(m['loss']) if loss_ema is None else alpha * loss_ema + (1 - alpha) * float(m['loss'])
     mean = lambda k: float(np.mean([m[k] for m in ms]))
     bins = np.asarray(bin_means(sum(m['bin_sums'] for m in ms), sum(m['bin_counts'] for m in ms)))
@@ -241,9 +359,9 @@ def train_summary(pending: list[dict], loss_ema: float | None, alpha: float = 0.
 
 # %%
 def _m(loss, finite=True):
-    return replicate(dict(loss=np.float32(loss), grad_norm=np.float32(2.0), grad_norm_clipped=np.float32(1.0),
-                          param_norm=np.float32(3.0), lr=np.float32(1e-3), finite=np.bool_(finite),
-                          bin_sums=np.ones(10, np.float32), bin_counts=np.ones(10, np.float32)))
+    return lay.put(dict(loss=np.float32(loss), grad_norm=np.float32(2.0), grad_norm_clipped=np.float32(1.0),
+                        param_norm=np.float32(3.0), lr=np.float32(1e-3), finite=np.bool_(finite),
+                        bin_sums=np.ones(10, np.float32), bin_counts=np.ones(10, np.float32)))
 out, ema = train_summary([_m(1.0), _m(3.0)], None)
 test_eq((out['train/loss'], out['train/param_norm']), (2.0, 3.0)); test_close(ema, 0.99 * 1.0 + 0.01 * 3.0)
 check_finite([_m(1.0)], 5)

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Train
 #
-# > The training loop: a `Trainer` that holds one run — the replicated state, the data stream and its position, checkpoints, metrics, sample grids and evaluation hooks — and resumes exactly; `train` runs it to the end or to a stop signal.
+# > The training loop: a `Trainer` that holds one run — the state on the device mesh (replicated or FSDP-sharded), the data stream and its position, checkpoints, metrics, sample grids and evaluation hooks — and resumes exactly; `train` runs it to the end or to a stop signal.
 
 # %%
 #| default_exp train
@@ -24,7 +24,8 @@ from fsdit.run import (RunLog, RunLock, CheckpointError, write_run_config, check
                        restore_latest, os_reason)
 from fsdit.sampler import sample
 from fsdit.state import TrainState, create_state
-from fsdit.steps import (make_train_step, make_eval_step, replicate, unreplicate, shard, validate, check_finite,
+from fsdit.perf import cost, device_peak, mfu
+from fsdit.steps import (make_train_step, make_eval_step, layout_for, to_host, validate, check_finite,
                          train_summary)
 
 # %%
@@ -109,7 +110,8 @@ with StopSignal() as stop:
 # %% [markdown]
 # ## The run
 #
-# `Trainer` holds one run: the replicated state, the data stream and its position, the checkpoints and the
+# `Trainer` holds one run: the state on the device mesh (`fsdit.steps.Layout`: replicated, or sharded with
+# `TrainConfig.fsdp`), the data stream and its position, the checkpoints and the
 # log. A new `Trainer` on a run directory with checkpoints continues from the newest readable one — parameters, EMA,
 # optimizer state, step, key, data position and loss EMA — so the losses after a resume are those of an
 # uninterrupted run. The run directory also keeps the configs as `config.json`; resuming with a different
@@ -119,16 +121,21 @@ with StopSignal() as stop:
 # batch, batch per device), so a refused command leaves no `config.json` for the corrected one to trip over.
 # A step's record goes to `metrics.jsonl` before its checkpoint: a run killed between the two resumes from
 # the checkpoint before and writes the record again, equal to the lost one.
+#
+# The step is compiled ahead of time on the first batch, and XLA's cost analysis of that executable gives the
+# model FLOPs of one step per device. Each log step turns them into `train/tflops_per_device` (FLOPs over the
+# measured step time) and `train/mfu` (that over the device's peak: the bf16 datasheet figure of TPUs and GPUs, or
+# on a CPU a matmul measured at start, `fsdit.perf.device_peak`).
 
 # %%
 #| export
 class Trainer:
-    "One run in `out_dir`: state on the local devices, data stream, checkpoints, metrics; resumes if it can."
+    "One run in `out_dir`: state on the device mesh, data stream, checkpoints, metrics; resumes if it can."
     def __init__(self, mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None,
                  extra: dict | None = None, hooks: Sequence[Callable[[Any, int], dict]] = ()):
         check_batch(tc.batch_size, jax.device_count(), jax.process_count())
         self.mc, self.tc, self.source, self.out = mc, tc, source, Path(out_dir)
-        self.main, self.n_dev = jax.process_index() == 0, jax.local_device_count()
+        self.main, self.layout = jax.process_index() == 0, layout_for(tc)
         self.scale = source.latent_scale   # the store's VAE scaling factor (1 in pixel space)
         self.decode, self.hooks = decode or (lambda z: z), list(hooks)
         if hasattr(source, 'check'): source.check()       # settings the data cannot meet: refused before any write
@@ -141,13 +148,14 @@ class Trainer:
         "Save the configs, restore the newest readable checkpoint (or start), open the log."
         mc, tc = self.mc, self.tc
         if self.main: write_run_config(self.out, mc, tc, self.source.space, {**(extra or {}), 'latent_scale': self.scale})
-        self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scale), make_eval_step(mc, tc, self.scale)
+        self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scale, self.layout), make_eval_step(mc, tc, self.scale, self.layout)
+        self.exe, self.flops, self.peak = None, None, device_peak()[0]   # the compiled step, its FLOPs per device
         self.ckpt = checkpoint_manager(self.out, tc.keep)
         state, meta = self.restore()
-        self.step, self.position, self.loss_ema = int(state.step), meta.get('data'), meta.get('loss_ema')
-        self.start_step, self.state, self.pending, self.clock = self.step, replicate(state), [], None
-        self.val = [shard(b, self.n_dev) for b in self.val_host]
-        self.val_key = replicate(jax.random.PRNGKey(tc.seed + 1))
+        self.step, self.position, self.loss_ema = int(to_host(state.step)), meta.get('data'), meta.get('loss_ema')
+        self.start_step, self.state, self.pending, self.clock = self.step, state, [], None
+        self.val = [self.layout.put_batch(b) for b in self.val_host]
+        self.val_key = self.layout.put(jax.random.PRNGKey(tc.seed + 1))
         self.log = RunLog(self.out, {'model': config_to_dict(mc), 'train': config_to_dict(tc)}, tc, active=self.main)
         self.log.truncate(self.step, self.warn)
         self.last: dict = {}
@@ -156,15 +164,15 @@ class Trainer:
         if self.main: print(f"fsdit train: {msg}", file=sys.stderr)
 
     def restore(self) -> tuple[TrainState, dict]:
-        "The newest readable checkpoint; damaged newer ones are moved to RUN/checkpoints_damaged/. A fresh state if none."
-        fresh = create_state(self.mc, self.tc)
+        "The newest readable checkpoint, read into the layout's shardings; damaged newer ones are moved to RUN/checkpoints_damaged/. A fresh state if none."
+        fresh = self.layout.create(self.mc, self.tc)
         got = restore_latest(self.ckpt, fresh)
         if got is None: return fresh, {}
         state, meta, damaged = got
         for step, why in sorted(damaged.items(), reverse=True):
             dst = self.out / 'checkpoints_damaged' / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
             if self.main: dst.parent.mkdir(exist_ok=True); shutil.move(self.out / 'checkpoints' / str(step), dst)
-            self.warn(f"checkpoint {step} is damaged ({why}); moved to {dst}, resuming from step {int(state.step)}")
+            self.warn(f"checkpoint {step} is damaged ({why}); moved to {dst}, resuming from step {int(to_host(state.step))}")
         if damaged:   # a manager that has not seen the move would count the damaged steps as kept
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
@@ -177,12 +185,19 @@ class Trainer:
         batches = self.source.batches(self.position)
         while self.step < self.tc.max_steps and not self.stop_requested(stop):
             batch, self.position = next(batches)
-            self.state, m = self.step_fn(self.state, shard(batch, self.n_dev))
+            b = self.layout.put_batch(batch)
+            if self.exe is None: self.compile(b)
+            self.state, m = self.exe(self.state, b)
             self.pending.append(m); self.step += 1
             self.after_step()
         if self.pending: self.log.log(self.step, self.train_metrics())  # stopped between log steps
         self.save()
         return self.last
+
+    def compile(self, batch):
+        "Compile the step ahead of time (once) and read its FLOPs per device from XLA's cost analysis."
+        self.exe = self.step_fn.lower(self.state, batch).compile()
+        self.flops = cost(self.exe)['flops'] or None
 
     def stop_requested(self, stop: StopSignal | None) -> bool:
         "Whether to stop now; several processes decide together at log steps (any one asked: all stop)."
@@ -199,8 +214,11 @@ class Trainer:
         rec, images = {}, {}
         if s % tc.log_every == 0 or last: rec.update(self.train_metrics())
         if s % tc.eval_every == 0 or last: rec.update(self.eval_metrics(rec.get('train/loss')))
-        if (s % tc.sample_every == 0 or last) and self.main: images = self.samples()
-        if tc.fewshot_every and (s % tc.fewshot_every == 0 or last) and self.main: rec.update(self.run_hooks())
+        grid, hooks = s % tc.sample_every == 0 or last, bool(tc.fewshot_every) and (s % tc.fewshot_every == 0 or last)
+        # every process fetches (under FSDP a gather is a collective); process 0 draws and evaluates
+        ema = self.layout.fetch(self.state.ema_params) if grid or hooks else None
+        if grid and self.main: images = self.samples(ema)
+        if hooks and self.main: rec.update(self.run_hooks(ema))
         if rec or images: self.log.log(s, rec, images); self.last = {'step': s, **rec, **images}
         if s % tc.save_every == 0: self.save()   # after the step's record: a kill between the two loses nothing
         if rec or images: self.restart_clock(None)
@@ -218,6 +236,7 @@ class Trainer:
         if n > 0:
             dt = time.perf_counter() - t0
             out.update({'train/step_time': dt / n, 'train/samples_per_s': n * self.tc.batch_size / dt})
+            if self.flops: out.update({f'train/{k}': v for k, v in mfu(self.flops, dt / n, self.peak).items()})
         return out
 
     def eval_metrics(self, train_loss: float | None) -> dict:
@@ -229,15 +248,15 @@ class Trainer:
         gap = {} if train_loss is None else {'val/train_val_gap': live['val/loss'] - train_loss}
         return {**live, **ema, **gap}
 
-    def samples(self) -> dict:
-        "A sample grid from the EMA parameters, saved as RUN/samples/step_NNNNNNN.png."
-        grid = sample_grid(self.mc, self.tc, unreplicate(self.state.ema_params), self.val_host[0], self.decode, self.scale)
+    def samples(self, ema) -> dict:
+        "A sample grid from the (fetched) EMA parameters, saved as RUN/samples/step_NNNNNNN.png."
+        grid = sample_grid(self.mc, self.tc, ema, self.val_host[0], self.decode, self.scale)
         return {'samples/grid': str(save_png(grid, self.out / 'samples' / f'step_{self.step:07d}.png'))}
 
-    def run_hooks(self) -> dict:
-        "The evaluation hooks' metrics of the EMA parameters (e.g. `fsdit.eval.FewShotHook`)."
-        params, out = unreplicate(self.state.ema_params), {}
-        for hook in self.hooks: out.update(hook(params, self.step))
+    def run_hooks(self, ema) -> dict:
+        "The evaluation hooks' metrics of the (fetched) EMA parameters (e.g. `fsdit.eval.FewShotHook`)."
+        out = {}
+        for hook in self.hooks: out.update(hook(ema, self.step))
         return out
 
     def save(self):
@@ -245,7 +264,7 @@ class Trainer:
         check_finite(self.pending, self.step - len(self.pending) + 1)
         before = self.ckpt.latest_step()
         if before == self.step: return
-        try: save_checkpoint(self.ckpt, unreplicate(self.state), {'data': self.position, 'loss_ema': self.loss_ema})
+        try: save_checkpoint(self.ckpt, self.state, {'data': self.position, 'loss_ema': self.loss_ema})
         except Exception as e:   # a full disk: orbax keeps the earlier checkpoints, its half-written one is not taken
             raise CheckpointError(f"checkpoint {self.step} could not be written ({os_reason(e)}); the earlier ones are intact: "
                                   f"make room and run the same command again (it resumes from step {before or 0})") from e
@@ -284,6 +303,7 @@ with tempfile.TemporaryDirectory() as run_dir:
     ckpts = sorted(p.name for p in (Path(run_dir) / 'checkpoints').iterdir())
 test_eq([r['step'] for r in recs], [5, 10]); test_eq(ckpts, ['10']); assert grid_ok
 assert recs[1]['train/loss'] < recs[0]['train/loss'] and recs[1]['train/samples_per_s'] > 0
+assert recs[1]['train/tflops_per_device'] > 0 and 0 < recs[1]['train/mfu'] < 2   # a measured CPU peak can be beaten a little
 assert {'val/loss', 'val_ema/loss', 'val/train_val_gap', 'attn/entropy_late', 'train/loss_tbin_9'} <= set(recs[1])
 
 # %% [markdown]

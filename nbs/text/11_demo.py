@@ -77,7 +77,7 @@ class DemoSize:
     model: dict = field(default_factory=lambda: dict(preset='mu', hidden=128, depth=4, heads=4, patch=2))
     train: dict = field(default_factory=lambda: dict(
         preset='short', mirror=False, batch_size=64, max_steps=1100, lr=1e-3, warmup=100, ema_decay=0.995, log_every=50,
-        eval_every=550, sample_every=1100, save_every=550, fewshot_every=400, fewshot_classes=16, fewshot_n=6, keep=2))
+        eval_every=550, sample_every=1100, save_every=550, fewshot_every=550, fewshot_classes=16, fewshot_n=6, keep=2))
     judge: dict = field(default_factory=lambda: dict(per_class=16, epochs=10))   # `fsdit.judge.train_judge`
     cfg: float = 3.0                      # CFG of the grids and the headline (chosen on validation classes)
     grid_classes: int = 8                 # classes in each sample grid

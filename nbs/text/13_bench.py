@@ -31,8 +31,9 @@ import jax, jax.numpy as jnp
 
 from fsdit.config import ModelConfig, TrainConfig, model_config, train_config
 from fsdit.state import create_state
-from fsdit.steps import make_train_step, replicate, shard
+from fsdit.steps import make_train_step, layout_for, state_shardings
 from fsdit.testing import synthetic_batch
+from fsdit.perf import block, time_calls, stats, compiled, cost, memory, matmul_peak, device_peak
 
 SD_VAE_SCALE = 0.18215   # the SD-VAE's scaling factor: the latent scale of the benchmarked steps (speed does not depend on it)
 from fsdit.data import l2_normalize
@@ -76,96 +77,12 @@ def machine_info() -> dict:
 info = machine_info()
 assert info['cores'] >= 1 and info['jax'] == jax.__version__ and info['backend'] in ('cpu', 'gpu', 'tpu')
 
-
 # %% [markdown]
-# ## Timing, FLOPs and memory of a compiled program
+# ## Timing, FLOPs and memory, and the machine's peak
 #
-# `time_calls` waits for every call; `compiled` gives the XLA executable of a function ahead of time,
-# so compilation never lands in a timing, and that executable answers both questions XLA can answer
-# without running it: how many FLOPs (`cost`) and how many bytes (`memory`: arguments, outputs,
-# donated-and-reused buffers, temporaries; peak = arguments + outputs - aliased + temporaries).
-
-# %%
-#| export
-def block(tree):
-    "Wait until every array in `tree` is computed."
-    return jax.block_until_ready(tree)
-
-
-def time_calls(fn: Callable, *args, reps: int = 3, warmup: int = 1) -> list[float]:
-    "Wall seconds of `reps` calls of `fn(*args)`, each waited for, after `warmup` untimed calls."
-    for _ in range(warmup): block(fn(*args))
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); block(fn(*args)); out.append(time.perf_counter() - t0)
-    return out
-
-
-def stats(ts: list[float]) -> dict:
-    "Median, min and max of a list of timings (seconds)."
-    return dict(median=statistics.median(ts), min=min(ts), max=max(ts), n=len(ts))
-
-
-def compiled(fn: Callable, *args, **kwargs):
-    "The compiled XLA executable of `fn(*args)` (`fn` is jit-wrapped unless it is already a jit/pmap function)."
-    f = fn if hasattr(fn, 'lower') else jax.jit(fn)
-    return f.lower(*args, **kwargs).compile()
-
-
-def cost(c) -> dict:
-    "FLOPs, bytes accessed and transcendentals of an executable, from XLA's cost analysis."
-    ca = c.cost_analysis()
-    if isinstance(ca, (list, tuple)): ca = ca[0] if ca else {}  # older JAX returned one dict per module
-    ca = ca or {}
-    return {k: float(ca.get(src, 0.0)) for k, src in
-            (('flops', 'flops'), ('bytes', 'bytes accessed'), ('transcendentals', 'transcendentals'))}
-
-
-def memory(c) -> dict:
-    "Bytes XLA plans for an executable: argument, output, alias (donated and reused), temp, and their peak."
-    m = c.memory_analysis()
-    d = {k: int(getattr(m, f'{k}_size_in_bytes', 0) or 0) for k in ('argument', 'output', 'alias', 'temp')}
-    d['peak'] = d['argument'] + d['output'] - d['alias'] + d['temp']
-    return d
-
-
-# %% [markdown]
-# A matmul of two `(n, n)` matrices costs $2n^3$ FLOPs, and XLA counts exactly that; its timings are
-# waited for:
-
-# %%
-a = jnp.ones((64, 64))
-c = compiled(jnp.dot, a, a)
-test_eq(cost(c)['flops'], 2 * 64 ** 3)
-m = memory(c)
-test_eq((m['argument'], m['output']), (2 * 64 * 64 * 4, 64 * 64 * 4))
-assert m['peak'] >= m['argument'] + m['output']
-ts = time_calls(c, a, a, reps=3)
-assert len(ts) == 3 and all(t > 0 for t in ts) and stats(ts)['min'] <= stats(ts)['median'] <= stats(ts)['max']
-
-
-# %% [markdown]
-# ## The machine's matmul peak
-#
-# The reference for "how close to the machine" is not a datasheet but a large matmul in the same dtype,
-# timed in the same run: on a CPU it is what the BLAS-like kernels XLA calls reach on these cores at this
-# moment (load included). `mfu` is a program's FLOP/s over that.
-
-# %%
-#| export
-def matmul_peak(n: int = 2048, dtype: str = 'float32', reps: int = 5) -> dict:
-    "Measured FLOP/s of an `(n, n) @ (n, n)` matmul in `dtype`: median and best of `reps` timed calls."
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a, b = jax.random.normal(k1, (n, n), dtype), jax.random.normal(k2, (n, n), dtype)
-    ts = time_calls(compiled(jnp.dot, a, b), a, b, reps=reps)
-    flops = 2.0 * n ** 3
-    return dict(n=n, dtype=dtype, flops=flops, seconds=ts, flops_per_s=flops / statistics.median(ts),
-                best_flops_per_s=flops / min(ts))
-
-
-# %%
-pk = matmul_peak(256, reps=3)
-assert pk['best_flops_per_s'] >= pk['flops_per_s'] > 0 and pk['flops'] == 2 * 256 ** 3
+# `fsdit.perf` holds the counters the trainer also uses: `time_calls` (every call waited for), `compiled`
+# (the executable ahead of time), `cost` and `memory` (XLA's FLOP and byte counts, per device) and
+# `matmul_peak` (the reference for MFU on a CPU: a large matmul in the same dtype, timed in the same run).
 
 # %% [markdown]
 # ## Where the time goes: op classes from a profile
@@ -311,14 +228,15 @@ def _size_name(size) -> str: return size if isinstance(size, str) else 'custom'
 
 
 @functools.lru_cache(maxsize=8)
-def train_step_exe(mc: ModelConfig, batch: int, donate: bool | None = None):
-    "The compiled data-parallel train step for `batch` examples per device (state donated: `donate`, default the trainer's), and its `TrainConfig` (cached)."
-    n = jax.local_device_count()
-    tc = train_config('seed', batch_size=batch * n)
-    lead = lambda s: jax.ShapeDtypeStruct((n, *s.shape), s.dtype)
-    state = jax.tree.map(lead, jax.eval_shape(lambda: create_state(mc, tc)))
-    b = {k: jax.ShapeDtypeStruct((n, batch, *v.shape[1:]), v.dtype) for k, v in synthetic_batch(1, mc).items()}
-    return compiled(make_train_step(mc, tc, SD_VAE_SCALE, donate), state, b), tc
+def train_step_exe(mc: ModelConfig, batch: int, donate: bool | None = None, fsdp: bool = False):
+    """The trainer's compiled step over every device for `batch` examples per device (state donated: `donate`, default
+    the trainer's; sharded: `fsdp`), and its `TrainConfig` (cached). Compiled from shapes: no memory is allocated."""
+    n = jax.device_count()
+    tc = train_config('seed', batch_size=batch * n, fsdp=fsdp)
+    layout = layout_for(tc)
+    state = jax.eval_shape(lambda: create_state(mc, tc))
+    b = {k: jax.ShapeDtypeStruct((n * batch, *v.shape[1:]), v.dtype) for k, v in synthetic_batch(1, mc).items()}
+    return compiled(make_train_step(mc, tc, SD_VAE_SCALE, layout, donate), state, b), tc
 
 
 def random_like(shapes, seed: int = 0, scale: float = 0.02):
@@ -328,21 +246,22 @@ def random_like(shapes, seed: int = 0, scale: float = 0.02):
 
 
 def train_inputs(mc: ModelConfig, tc: TrainConfig, batch: int, seed: int = 0):
-    "A replicated state of the trainer's structure and a sharded synthetic batch."
+    "A state of the trainer's structure in the trainer's layout of `tc`, and a synthetic batch split over the devices."
     # Drawn with numpy from the state's shapes: compiling the init costs seconds even at `mu`, and a
     # step's speed does not depend on the values (parameters N(0, 0.02), optimizer moments zero as at init).
-    n = jax.local_device_count()
+    layout = layout_for(tc)
     shapes = jax.eval_shape(lambda: create_state(mc, tc))
     params = random_like(shapes.params, seed)
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(
         params=params, ema_params=params, key=np.asarray(jax.random.PRNGKey(seed)))
-    return replicate(state), shard(synthetic_batch(batch * n, mc), n)
+    return layout.put(state), layout.put_batch(synthetic_batch(batch * jax.local_device_count(), mc))
 
 
-def train_runner(size: str | ModelConfig, batch: int = 16, donate: bool | None = None, **model_kw) -> tuple[Callable[[], float], dict]:
+def train_runner(size: str | ModelConfig, batch: int = 16, donate: bool | None = None, fsdp: bool = False,
+                 **model_kw) -> tuple[Callable[[], float], dict]:
     "A callable that runs one warmed train step (carrying the state) and returns its wall seconds; the step's facts."
     mc = _model(size, **model_kw)
-    c, tc = train_step_exe(mc, batch, donate)
+    c, tc = train_step_exe(mc, batch, donate, fsdp)
     state, b = train_inputs(mc, tc, batch)
     box = {'state': state}
 
@@ -353,9 +272,9 @@ def train_runner(size: str | ModelConfig, batch: int = 16, donate: bool | None =
         return time.perf_counter() - t0
 
     run()  # first call: allocations, thread pools
-    params = sum(int(np.prod(p.shape[1:])) for p in jax.tree.leaves(box['state'].params))   # one device's copy
-    f = cost(c)['flops']
-    return run, dict(size=_size_name(size), batch=batch, params=params, flops=f, flops_per_sample=f / batch,
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(box['state'].params))
+    f = cost(c)['flops']   # per device
+    return run, dict(size=_size_name(size), batch=batch, fsdp=fsdp, params=params, flops=f, flops_per_sample=f / batch,
                      memory=memory(c), hlo=c.as_text())
 
 
@@ -387,6 +306,7 @@ def summarize_step(times: list[float], flops: float, batch: int, peak: float | N
 
 # %%
 from fsdit.steps import donate_state
+pk = matmul_peak(256, reps=3)
 run, facts = train_runner('mu', batch=4)
 assert facts['flops'] > 0 and facts['params'] > 0
 test_eq(facts['memory']['alias'] > 0, donate_state())
@@ -414,13 +334,20 @@ assert r['samples_per_s'] > 0 and r['mfu'] > 0 and r['reps'] == 2
 
 # %%
 #| export
-def train_memory(size: str | ModelConfig, batch: int, **model_kw) -> dict:
-    "Bytes per device of the data-parallel train step at `batch` per device: the state by part, and XLA's plan."
-    mc = _model(size, **model_kw); exe, tc = train_step_exe(mc, batch, donate=True)
-    state = jax.eval_shape(lambda: create_state(mc, tc))
-    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
-    p = nbytes(state.params)
-    return dict(size=_size_name(size), batch=batch, params=p, ema=p, adam=nbytes(state.opt_state), grads=p, **memory(exe))
+def _shard_bytes(shapes, shardings) -> int:
+    "Bytes one device holds of arrays of `shapes` laid out by `shardings`."
+    return sum(int(np.prod(sh.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+
+
+def train_memory(size: str | ModelConfig, batch: int, fsdp: bool = False, **model_kw) -> dict:
+    """Bytes per device of the train step at `batch` per device over every device (`fsdp`: the state sharded):
+    the state by part as one device holds it, and XLA's plan."""
+    mc = _model(size, **model_kw); exe, tc = train_step_exe(mc, batch, donate=True, fsdp=fsdp)
+    state, sh = jax.eval_shape(lambda: create_state(mc, tc)), state_shardings(layout_for(tc), mc, tc)
+    p = _shard_bytes(state.params, sh.params)
+    return dict(size=_size_name(size), batch=batch, devices=jax.device_count(), fsdp=fsdp, params=p, ema=p,
+                adam=_shard_bytes(state.opt_state, sh.opt_state), grads=p, **memory(exe))
 
 
 # %%
@@ -457,24 +384,25 @@ def encoders(small: bool = False, seed: int = 0):
 
 @functools.lru_cache(maxsize=4)
 def encoder_exes(small: bool, batch: int, shots: int, input_size: int):
-    "Compiled `embed` (supports -> (n, b, K, D) float16) and `moments` (target -> (n, b, 2, 2, h, w, c) float16), their inputs."
+    "Compiled `embed` (supports -> (B, K, D) float16) and `moments` (target -> (B, 2, 2, h, w, c) float16), split as the step takes them."
     n = jax.local_device_count()
+    split = layout_for(train_config('seed')).batch        # the train step's batch sharding
     enc, vae = encoders(small)
     side = vae.config.downsample_factor * input_size
     r = np.random.default_rng(0)
     target = jnp.asarray(r.uniform(-1, 1, (batch * n, side, side, 3)), jnp.float32)                  # (B, 224, 224, 3)
     supports = jnp.asarray(r.uniform(-1, 1, (batch * n, shots, enc.image_size, enc.image_size, 3)), jnp.float32)
 
-    def embed(p, s):                                    # (B, K, h, w, 3) -> (n, B/n, K, D), as the store holds it
+    def embed(p, s):                                    # (B, K, h, w, 3) -> (B, K, D), as the store holds it
         z = l2_normalize(enc.module.apply({'params': p}, s.reshape(-1, *s.shape[2:]))[1])
-        return z.reshape(n, batch, shots, -1).astype(jnp.float16)
+        return z.reshape(batch * n, shots, -1).astype(jnp.float16)
 
-    def moments(p, x):                                  # (B, H, W, 3) -> (n, B/n, 2 mirror, 2, h, w, c)
+    def moments(p, x):                                  # (B, H, W, 3) -> (B, 2 mirror, 2, h, w, c)
         mean, logvar = vae.module.apply({'params': p}, x, method='moments')
-        m = jnp.broadcast_to(jnp.stack([mean, logvar], 1)[:, None], (x.shape[0], 2, 2, *mean.shape[1:]))
-        return m.reshape(n, batch, *m.shape[1:]).astype(jnp.float16)
+        return jnp.broadcast_to(jnp.stack([mean, logvar], 1)[:, None], (x.shape[0], 2, 2, *mean.shape[1:])).astype(jnp.float16)
 
-    c_emb, c_mom = compiled(embed, enc.params, supports), compiled(moments, vae.params, target)
+    c_emb = compiled(jax.jit(embed, out_shardings=split), enc.params, supports)
+    c_mom = compiled(jax.jit(moments, out_shardings=split), vae.params, target)
     return (lambda: c_emb(enc.params, supports)), (lambda: c_mom(vae.params, target)), cost(c_emb)['flops'], cost(c_mom)['flops']
 
 
@@ -621,6 +549,115 @@ sb = sampling_bench('mu', n=2, steps=4, reps=2)
 assert sb['images_per_s'] > 0 and sb['flops_per_step'] > 0 and sb['loop_s'] > 0 and sb['step_s'] > 0
 assert -1 < sb['overhead'] < 10   # at `mu` size one step is ~0.1 ms, so this is dominated by timer noise
 
+# %% [markdown]
+# ## On an accelerator: one command, bfloat16
+#
+# `accel_bench` is what to run the moment a GPU or TPU is at hand (`fsdit bench accel`, a few minutes): the
+# trainer's own step in bfloat16 at 16 examples per device — data parallel at S/2 and B/2, FSDP at L/2 and
+# XL/2 — with samples/s, TFLOP/s per device and MFU against the device's datasheet peak
+# (`fsdit.perf.PEAK_TFLOPS`); the sampler's images/s (50 Euler steps with CFG); and memory per device, both
+# XLA's plan and, where the runtime reports it, the peak the device saw. A size that does not fit is
+# recorded with its error and the others still run. `accel_markdown` turns the records into the section of
+# `BENCHMARKS.md` that `write_section` replaces in place, so the file always shows the last measurement
+# with its device's name.
+
+# %%
+#| export
+ACCEL_BEGIN, ACCEL_END = '<!-- accel-bench:begin -->', '<!-- accel-bench:end -->'
+
+
+def _device_peak_bytes() -> int | None:
+    "The peak bytes the first local device has held (GPUs and TPUs report it; the CPU does not)."
+    try: st = jax.local_devices()[0].memory_stats()
+    except Exception: return None
+    return int(st['peak_bytes_in_use']) if st and 'peak_bytes_in_use' in st else None
+
+
+def accel_bench(dp_sizes=('S/2', 'B/2'), fsdp_sizes=('L/2', 'XL/2'), batch: int = 16, reps: int = 5, n: int = 16,
+                steps: int = 50, cfg_scale: float = 3.0, attention: str = 'xla', log: Callable[[dict], None] = lambda r: None) -> list[dict]:
+    "Train step (data parallel at `dp_sizes`, FSDP at `fsdp_sizes`) and sampler records in bfloat16; each is also passed to `log`."
+    peak, where = device_peak()
+    kw, recs = dict(dtype='bfloat16', attention=attention), []
+    for size, fsdp in [(s, False) for s in dp_sizes] + [(s, True) for s in fsdp_sizes]:
+        t0 = time.perf_counter()
+        rec = dict(bench='accel_train', size=size, fsdp=fsdp, batch_per_device=batch, devices=jax.device_count(), **kw)
+        try:
+            run, facts = train_runner(size, batch, fsdp=fsdp, **kw)
+            times = interleave({size: run}, reps)[size]
+            rec.update(params=facts['params'], flops_per_device=facts['flops'], memory=facts['memory'], times=times,
+                       **summarize_step(times, facts['flops'], batch, peak))
+            rec['samples_per_s_total'] = rec.pop('samples_per_s') * jax.device_count()
+            rec['tflops_per_device'] = rec.pop('flops_per_s') / 1e12
+            del run
+        except Exception as e:   # typically out of memory at this size
+            rec['error'] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        rec.update(device_peak_bytes=_device_peak_bytes(), peak_source=where, wall_s=time.perf_counter() - t0)
+        recs.append(rec); log(rec)
+    for size in dp_sizes:
+        t0 = time.perf_counter()
+        rec = dict(bench='accel_sample', **kw, **sampling_bench(size, n, steps, cfg_scale, reps=max(1, reps // 2), **kw))
+        rec['wall_s'] = time.perf_counter() - t0
+        recs.append(rec); log(rec)
+    return recs
+
+
+def _gib(b) -> str: return '-' if b is None else f"{b / 2**30:.2f}"
+
+
+def accel_markdown(recs: list[dict], info: dict) -> str:
+    "The BENCHMARKS.md section of `accel_bench` records, between the markers `write_section` looks for."
+    L = [ACCEL_BEGIN, '## Accelerators: bfloat16, measured by `fsdit bench accel`', '',
+         f"Device: **{info['devices']}** ({info['backend']}), JAX {info['jax']}, {info['time']}; written by "
+         "`fsdit bench accel --markdown BENCHMARKS.md`. Train step at "
+         f"{recs[0]['batch_per_device'] if recs else '-'} examples per device, bfloat16 compute, float32 state; "
+         "MFU against the datasheet peak of the device (`fsdit.perf.PEAK_TFLOPS`); memory per device: XLA's "
+         "plan (peak = arguments + outputs - aliased + temporaries) and the peak the device reported.", '',
+         '| size | layout | devices | step (s) | samples/s (all devices) | TFLOP/s per device | MFU | planned peak GiB | device peak GiB |',
+         '|---|---|---|---|---|---|---|---|---|']
+    for r in recs:
+        if r['bench'] != 'accel_train': continue
+        lay = 'FSDP' if r['fsdp'] else 'replicated'
+        if 'error' in r:
+            L.append(f"| {r['size']} | {lay} | {r['devices']} | {r['error'][:80]} | | | | | |"); continue
+        mfu_s = f"{r['mfu']:.1%}" if 'mfu' in r else '-'
+        L.append(f"| {r['size']} | {lay} | {r['devices']} | {r['step_s']:.4f} | {r['samples_per_s_total']:.1f} | "
+                 f"{r['tflops_per_device']:.1f} | {mfu_s} | {_gib(r['memory']['peak'])} | {_gib(r['device_peak_bytes'])} |")
+    L += ['', '| size | images per call | Euler steps (CFG) | images/s | overhead over single steps |', '|---|---|---|---|---|']
+    for r in recs:
+        if r['bench'] == 'accel_sample':
+            L.append(f"| {r['size']} | {r['n']} | {r['steps']} ({r['cfg_scale']:g}) | {r['images_per_s']:.1f} | {r['overhead']:.1%} |")
+    return '\n'.join(L + ['', ACCEL_END]) + '\n'
+
+
+def write_section(path, section: str):
+    "Replace the text between the accel markers of the file at `path` with `section` (appended when absent)."
+    p = Path(path)
+    text = p.read_text() if p.exists() else ''
+    if ACCEL_BEGIN in text and ACCEL_END in text:
+        a, b = text.index(ACCEL_BEGIN), text.index(ACCEL_END) + len(ACCEL_END)
+        text = text[:a] + section.rstrip('\n') + text[b:]
+    else:
+        text = text.rstrip('\n') + '\n\n' + section
+    p.write_text(text)
+
+
+# %% [markdown]
+# On this machine's CPU at `mu` size (bfloat16 on a CPU is slow, and its "peak" is the measured float32
+# matmul, so these figures mean nothing; the records and the section are what is checked), written twice
+# into a file that has other text around the section: the second write replaces the first.
+
+# %%
+ar = accel_bench(('mu',), ('mu',), batch=2, reps=1, n=2, steps=2)
+test_eq([(r['bench'], r.get('fsdp')) for r in ar], [('accel_train', False), ('accel_train', True), ('accel_sample', None)])
+assert all('error' not in r and r['samples_per_s_total'] > 0 and r['mfu'] > 0 for r in ar[:2]) and ar[2]['images_per_s'] > 0
+md = accel_markdown(ar, info)
+assert md.count('| mu |') == 3 and 'FSDP' in md and info['devices'] in md
+with tempfile.TemporaryDirectory() as d:
+    f = Path(d) / 'B.md'; f.write_text('# Benchmarks\n\nbefore\n')
+    write_section(f, md); write_section(f, md.replace('| mu |', '| mu2 |'))
+    t = f.read_text()
+test_eq((t.count(ACCEL_BEGIN), t.count('| mu2 |'), t.count('| mu |')), (1, 3, 0)); assert t.startswith('# Benchmarks\n\nbefore')
+
 
 # %% [markdown]
 # ## The command line
@@ -634,13 +671,14 @@ assert -1 < sb['overhead'] < 10   # at `mu` size one step is ~0.1 ms, so this is
 # | `train` | `train_runner` + `summarize_step` per size, with the op-class profile (`--profile`) |
 # | `online` | `store_vs_online` per size |
 # | `sample` | `sampling_bench` per size (`--steps`, `--n`) |
-# | `memory` | `train_memory` per size and `--batches` |
-# | `all` | all of them |
+# | `memory` | `train_memory` per size and `--batches` (`--fsdp`: the state sharded over every device) |
+# | `accel` | `accel_bench` in bfloat16: `--sizes` data parallel, `--fsdp-sizes` FSDP; `--markdown FILE` writes its section |
+# | `all` | all of them but `accel` |
 
 # %%
 #| export
-def _train_record(size, batch, reps, peak, profile, **model_kw) -> dict:
-    run, facts = train_runner(size, batch, **model_kw)
+def _train_record(size, batch, reps, peak, profile, fsdp=False, **model_kw) -> dict:
+    run, facts = train_runner(size, batch, fsdp=fsdp, **model_kw)
     times = interleave({size: run}, reps)[size]
     rec = dict(size=size, batch=batch, params=facts['params'], flops_per_sample=facts['flops_per_sample'],
                memory=facts['memory'], times=times, **summarize_step(times, facts['flops'], batch, peak))
@@ -654,7 +692,7 @@ def _train_record(size, batch, reps, peak, profile, **model_kw) -> dict:
 def bench_cli(argv: list[str] | None = None) -> int:
     "`fsdit bench`: run benchmarks and print JSON records (see the table above)."
     ap = argparse.ArgumentParser(prog='fsdit bench', description='Benchmarks of the train step, encoders, sampling and memory.')
-    ap.add_argument('what', nargs='+', choices=['peak', 'train', 'online', 'sample', 'memory', 'all'])
+    ap.add_argument('what', nargs='+', choices=['peak', 'train', 'online', 'sample', 'memory', 'accel', 'all'])
     ap.add_argument('--sizes', nargs='+', default=['S/2', 'B/2'], help='model presets (mu, S/2, B/2, ...)')
     ap.add_argument('--batch', type=int, default=16, help='train-step batch per device')
     ap.add_argument('--online-batch', type=int, default=4, help='batch of the store-vs-online iteration')
@@ -668,10 +706,13 @@ def bench_cli(argv: list[str] | None = None) -> int:
     ap.add_argument('--dtype', default='float32', help="compute dtype of the DiT and the matmul peak ('bfloat16' on accelerators)")
     ap.add_argument('--attention', default='xla', help="jax.nn.dot_product_attention implementation ('cudnn' on GPU)")
     ap.add_argument('--remat', action='store_true', help='rematerialise the DiT blocks (ModelConfig.remat)')
+    ap.add_argument('--fsdp', action='store_true', help='train and memory: the state sharded over every device (FSDP)')
+    ap.add_argument('--fsdp-sizes', nargs='*', default=['L/2', 'XL/2'], help='accel: model presets trained with FSDP')
+    ap.add_argument('--markdown', type=Path, help='accel: write its section into this Markdown file (e.g. BENCHMARKS.md)')
     ap.add_argument('--out', type=Path, help='also append the JSON records to this file (JSON lines)')
     try: a = ap.parse_args(argv)
     except SystemExit as e: return int(e.code or 0)   # --help, or a usage error (2) already printed
-    what = {'peak', 'train', 'online', 'sample', 'memory'} if 'all' in a.what else set(a.what)
+    what = {'peak', 'train', 'online', 'sample', 'memory'} | set(a.what) - {'all'} if 'all' in a.what else set(a.what)
 
     def emit(rec):
         rec = {**rec, 'machine': machine_info()}
@@ -680,18 +721,21 @@ def bench_cli(argv: list[str] | None = None) -> int:
         if a.out:
             with open(a.out, 'a') as f: f.write(line + '\n')
 
+    if 'accel' in what:
+        recs = accel_bench(a.sizes, a.fsdp_sizes, a.batch, a.reps, a.n, a.steps, a.cfg, a.attention, log=emit)
+        if a.markdown: write_section(a.markdown, accel_markdown(recs, machine_info()))
     peak = None
     if what & {'peak', 'train'}:
         p = matmul_peak(a.peak_n, a.dtype, reps=a.reps); peak = p['flops_per_s']; emit(dict(bench='peak', **p))
     kw = dict(dtype=a.dtype, attention=a.attention, **({'remat': True} if a.remat else {}))
     for size in a.sizes:
-        if 'train' in what: emit(dict(bench='train', **kw, **_train_record(size, a.batch, a.reps, peak, a.profile, **kw)))
+        if 'train' in what: emit(dict(bench='train', **kw, **_train_record(size, a.batch, a.reps, peak, a.profile, a.fsdp, **kw)))
         if 'online' in what:
             r = store_vs_online(size, a.online_batch, reps=a.reps, **kw); emit(dict(bench='online', size=size, **kw, **r))
         if 'sample' in what:
             emit(dict(bench='sample', **kw, **sampling_bench(size, a.n, a.steps, a.cfg, reps=a.reps, **kw)))
         if 'memory' in what:
-            for b in a.batches: emit(dict(bench='memory', **kw, **train_memory(size, b, **kw)))
+            for b in a.batches: emit(dict(bench='memory', **kw, **train_memory(size, b, a.fsdp, **kw)))
     return 0
 
 

@@ -120,7 +120,10 @@ assert os.path.exists(f'{FEATS}/metadata.json')
 # CFG dropout 0.1; bfloat16 compute with float32 parameters. Data-parallel over the 8 cores.
 # Checkpoints (params, EMA, optimizer, step, RNG, data position) are written every 5,000 steps, at the
 # end and when the session is stopped; the last 3 are kept. Metrics go to `RUN/metrics.jsonl` and to
-# wandb (offline unless `WANDB_API_KEY` is set, e.g. from Kaggle's *Secrets*).
+# wandb (offline unless `WANDB_API_KEY` is set, e.g. from Kaggle's *Secrets*), with `train/mfu` against the
+# v5e's 197 bf16 TFLOP/s per core. B/2 fits a core with its whole state; for L/2 or XL/2 add `--fsdp true`,
+# which splits parameters, EMA and optimizer state over the 8 cores (XL/2's state is about 10.8 GB in float32:
+# replicated it does not fit a 16 GB core, sharded each core holds an eighth).
 
 # %%
 #| kaggle
