@@ -152,6 +152,7 @@ class Trainer:
         self.exe, self.flops, self.peak = None, None, device_peak()[0]   # the compiled step, its FLOPs per device
         self.ckpt = checkpoint_manager(self.out, tc.keep)
         state, meta = self.restore()
+        state = jax.device_put(state, self.layout.shardings(state))   # exactly the compiled step's layout (a no-op when it is)
         self.step, self.position, self.loss_ema = int(to_host(state.step)), meta.get('data'), meta.get('loss_ema')
         self.start_step, self.state, self.pending, self.clock = self.step, state, [], None
         self.val = [self.layout.put_batch(b) for b in self.val_host]
