@@ -219,7 +219,8 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
     if mc.cond in SUPPORT_LATENT_CONDS and 'support_latents' not in given: raise ValueError(f"cond={mc.cond!r} needs support_latents")
     if mc.cond == 'class' and 'labels' not in given: raise ValueError("cond='class' needs labels")
     M, n_dev, mesh = len(next(iter(given.values()))), jax.local_device_count(), _mesh()
-    bs = -(-min(batch_size, M) // n_dev) * n_dev                  # every batch one shape: one compilation
+    n_batches = max(1, -(-M // batch_size))
+    bs = max(1, -(-(-(-M // n_batches)) // n_dev)) * n_dev        # equal batches of one shape (one compilation), little padding
     key, shape, model = jax.random.PRNGKey(seed), (mc.input_size, mc.input_size, mc.in_channels), _dit(mc)
     params = jax.device_put(params, NamedSharding(mesh, P()))
     out = []
@@ -234,6 +235,8 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
 
 
 # %% [markdown]
+# The episodes are cut into the fewest batches of at most `batch_size`, all of one size, so that padding the last
+# one wastes little (400 episodes at 256: two batches of 200, not 256 + 144 padded to 256, which sampled 28% more).
 # An image depends on its episode and the seed, not on how the episodes were batched; supports given to a
 # class-conditioned model, or none to a support-conditioned one, are refused.
 

@@ -574,10 +574,11 @@ def _device_peak_bytes() -> int | None:
 
 
 def accel_bench(dp_sizes=('S/2', 'B/2'), fsdp_sizes=('L/2', 'XL/2'), batch: int = 16, reps: int = 5, n: int = 16,
-                steps: int = 50, cfg_scale: float = 3.0, attention: str = 'xla', log: Callable[[dict], None] = lambda r: None) -> list[dict]:
+                steps: int = 50, cfg_scale: float = 3.0, attention: str = 'xla', remat: bool = False,
+                log: Callable[[dict], None] = lambda r: None) -> list[dict]:
     "Train step (data parallel at `dp_sizes`, FSDP at `fsdp_sizes`) and sampler records in bfloat16; each is also passed to `log`."
     peak, where = device_peak()
-    kw, recs = dict(dtype='bfloat16', attention=attention), []
+    kw, recs = dict(dtype='bfloat16', attention=attention, **({'remat': True} if remat else {})), []
     for size, fsdp in [(s, False) for s in dp_sizes] + [(s, True) for s in fsdp_sizes]:
         t0 = time.perf_counter()
         rec = dict(bench='accel_train', size=size, fsdp=fsdp, batch_per_device=batch, devices=jax.device_count(), **kw)
@@ -595,7 +596,8 @@ def accel_bench(dp_sizes=('S/2', 'B/2'), fsdp_sizes=('L/2', 'XL/2'), batch: int 
         recs.append(rec); log(rec)
     for size in dp_sizes:
         t0 = time.perf_counter()
-        rec = dict(bench='accel_sample', **kw, **sampling_bench(size, n, steps, cfg_scale, reps=max(1, reps // 2), **kw))
+        rec = dict(bench='accel_sample', **kw, **sampling_bench(size, n, steps, cfg_scale, reps=max(1, reps // 2),
+                                                                dtype=kw['dtype'], attention=attention))
         rec['wall_s'] = time.perf_counter() - t0
         recs.append(rec); log(rec)
     return recs
@@ -609,7 +611,8 @@ def accel_markdown(recs: list[dict], info: dict) -> str:
     L = [ACCEL_BEGIN, '## Accelerators: bfloat16, measured by `fsdit bench accel`', '',
          f"Device: **{info['devices']}** ({info['backend']}), JAX {info['jax']}, {info['time']}; written by "
          "`fsdit bench accel --markdown BENCHMARKS.md`. Train step at "
-         f"{recs[0]['batch_per_device'] if recs else '-'} examples per device, bfloat16 compute, float32 state; "
+         f"{recs[0]['batch_per_device'] if recs else '-'} examples per device, bfloat16 compute"
+         f"{' with the blocks rematerialised (--remat)' if any(r.get('remat') for r in recs) else ''}, float32 state; "
          "MFU against the datasheet peak of the device (`fsdit.perf.PEAK_TFLOPS`); memory per device: XLA's "
          "plan (peak = arguments + outputs - aliased + temporaries) and the peak the device reported.", '',
          '| size | layout | devices | step (s) | samples/s (all devices) | TFLOP/s per device | MFU | planned peak GiB | device peak GiB |',
@@ -722,7 +725,7 @@ def bench_cli(argv: list[str] | None = None) -> int:
             with open(a.out, 'a') as f: f.write(line + '\n')
 
     if 'accel' in what:
-        recs = accel_bench(a.sizes, a.fsdp_sizes, a.batch, a.reps, a.n, a.steps, a.cfg, a.attention, log=emit)
+        recs = accel_bench(a.sizes, a.fsdp_sizes, a.batch, a.reps, a.n, a.steps, a.cfg, a.attention, a.remat, log=emit)
         if a.markdown: write_section(a.markdown, accel_markdown(recs, machine_info()))
     peak = None
     if what & {'peak', 'train'}:
