@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import shutil, signal, sys, threading, time
+import logging, shutil, signal, sys, threading, time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -267,6 +267,7 @@ class Trainer:
         if before == self.step: return
         try: save_checkpoint(self.ckpt, self.state, {'data': self.position, 'loss_ema': self.loss_ema})
         except Exception as e:   # a full disk: orbax keeps the earlier checkpoints, its half-written one is not taken
+            logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # its abandoned write tasks would print tracebacks at exit
             raise CheckpointError(f"checkpoint {self.step} could not be written ({os_reason(e)}); the earlier ones are intact: "
                                   f"make room and run the same command again (it resumes from step {before or 0})") from e
 

@@ -62,9 +62,9 @@
 # and the distance to the nearest support are measured in the same features. Blur cannot fool it: the
 # supports' mean image is 6x the floor on glyph-FD.
 #
-# Measured with `make demo` from a fresh clone on a 2-core CPU with nothing else running: 16.1 minutes
-# from the clone to the last figure (install 0.8; stages: data 0.5, store 0.2, judge 1.3, train 10.8, samples 0.5, eval 2.1);
-# that run still flipped its targets, which changes no step time. The CFG scale (3) was chosen on validation
+# Measured with `make demo` from a fresh clone on a 2-core CPU with nothing else running: 15.4 minutes
+# from the clone to the last figure (install 0.9; stages: data 0.5, store 0.2, judge 1.3, train 10.4, samples 0.2, eval 1.9),
+# and the numbers below, to the digit. The CFG scale (3) was chosen on validation
 # classes (`bench/demo_cfg.py`); the held-out numbers below were not tuned on.
 #
 # | held-out classes (40 of 200), CFG 3 | judge class consistency | glyph-FD | diversity | distance to nearest support |
