@@ -182,8 +182,9 @@
 # The step is one `jax.jit` program over a mesh of every device of every process: the batch is split along
 # it, each process feeding its own rows. By default every device holds the whole state (data parallel); with
 # `--fsdp true` parameters, EMA and both Adam moments are split over the devices (ZeRO-3; tensors under
-# `--fsdp-min-size` elements stay whole) and XLA gathers each layer's weights where it needs them — how L/2
-# and XL/2 fit a v5e core's 16 GB. Checkpoints are written shard by shard by the processes that hold them, and
+# `--fsdp-min-size` elements stay whole) and XLA gathers each layer's weights where it needs them. Compiled for
+# 8 devices in bfloat16 at 16 examples per device, that takes L/2 from 17.4 to 11.3 GiB per device and XL/2 from
+# 23.9 to 15.0 GiB, which is then mostly activations: XL/2 at 12 per device plans 12.2 GiB (`BENCHMARKS.md` §7). Checkpoints are written shard by shard by the processes that hold them, and
 # a run resumes in either layout. `fsdit bench accel` measures the step and the sampler in bfloat16 on whatever
 # accelerator is at hand and writes its section of `BENCHMARKS.md`.
 #
@@ -233,9 +234,11 @@
 # | what | figure |
 # |---|---|
 # | train step, batch 16, ours vs the original FSDiT (same run, 5 interleaved rounds) | S/2: 5.31 vs 5.38 s, B/2: 21.87 vs 23.34 s (paired ratios, median 1.03 and 1.00): as fast; ours at 66% / 50% of the matmul peak measured in the same run |
+# | train step, batch 16: one `jit` over the device mesh (now) vs the `pmap` step it replaced (3 interleaved rounds) | S/2: 5.79 vs 5.86 s, B/2: 19.44 vs 19.77 s: no slower (within the round-to-round noise) |
 # | sampling, 16 images, 50 Euler steps with CFG, one compiled loop | 0.075 images/s at S/2, 0.024 at B/2; loop vs its steps timed alone -2.1% / +1.2% (within the ±5% noise) |
 # | feature store vs encoders per step (SigLIP2 x5 + VAE encoder at 224 px), batch 4 | predicted 14.8x (S/2) and 4.61x (B/2) from FLOPs; measured 14.1x and 5.7x (the VAE's convolutions run at 3/4 of the step's FLOP/s) |
 # | B/2 train-step memory per device (compiled plan) | 7.06 GB at batch 16 (fits a 16 GB v5e core), 12.4 GB at batch 32 |
+# | train-step memory per device, 8 devices, bfloat16, 16 per device (compiled plan) | XL/2: 23.9 GiB replicated, 15.0 GiB with FSDP (12.2 at 12 per device); L/2: 17.4 -> 11.3 GiB |
 # | host batch assembly, B=128, miniImageNet-sized store | 1.6-1.8 ms median (target < 10 ms) |
 
 # %% [markdown]
