@@ -117,6 +117,12 @@ def _gather_fn(sharding: NamedSharding) -> Callable:
     return jax.jit(lambda tree: tree, out_shardings=sharding)
 
 
+@functools.lru_cache(maxsize=8)
+def _init_fn(layout: 'Layout', mc: ModelConfig, tc: TrainConfig) -> Callable:
+    "`init_state` under jit with the layout's output shardings (cached: one compilation per model, recipe and layout)."
+    return jax.jit(lambda: init_state(mc, tc), out_shardings=layout.shardings(jax.eval_shape(lambda: init_state(mc, tc))))
+
+
 @dataclass(frozen=True)
 class Layout:
     "Where a run's arrays live: the batch split along `AXIS`; the state replicated, or sharded when `fsdp`."
@@ -145,8 +151,7 @@ class Layout:
 
     def create(self, mc: ModelConfig, tc: TrainConfig) -> TrainState:
         "A fresh state made directly in its shardings (never whole on one device)."
-        shapes = jax.eval_shape(lambda: init_state(mc, tc))
-        return jax.jit(init_state, static_argnums=(0, 1), out_shardings=self.shardings(shapes))(mc, tc)
+        return _init_fn(self, mc, tc)()
 
     def put(self, tree) -> Any:
         "Host arrays, the same on every process, onto the mesh in their shardings."
@@ -241,7 +246,26 @@ def make_train_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float, layou
                    donate_argnums=(0,) if donate else ())
 
 
+_EXES: dict = {}
+
+
+def compiled_step(step_fn: Callable, *args):
+    """`step_fn` (a jit function) compiled ahead of time for arguments like `args` — same shapes, dtypes and
+    shardings — so that XLA's cost analysis of the very executable that runs can be read. Cached per process:
+    a second run of the same model and layout (a resume, another trainer) reuses it."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (step_fn, tree, tuple((np.shape(x), str(x.dtype), getattr(x, 'sharding', None)) for x in leaves))
+    if key not in _EXES:
+        if len(_EXES) >= 8: _EXES.pop(next(iter(_EXES)))
+        _EXES[key] = step_fn.lower(*args).compile()
+    return _EXES[key]
+
+
 # %% [markdown]
+# The trainer calls the step through `compiled_step`: compiled ahead of time, so that XLA's cost analysis of the
+# executable that runs gives the step's FLOPs (for MFU), and cached, so that a resumed run or a second trainer
+# of the same model and layout in one process does not compile again.
+#
 # One step on the `mu` model: the loss is finite, the step counter moves, clipping caps the norm, and the
 # EMA moved by exactly $1 - d$ of the update.
 
@@ -249,7 +273,10 @@ def make_train_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float, layou
 step_fn = make_train_step(mc, tc, 0.18215, lay)
 state = lay.create(mc, tc)
 p0 = lay.fetch(state.params)
-state, m = step_fn(state, lay.put_batch(synthetic_batch(tc.batch_size, mc)))
+batch = lay.put_batch(synthetic_batch(tc.batch_size, mc))
+exe = compiled_step(step_fn, state, batch)
+assert compiled_step(step_fn, state, batch) is exe      # one compilation per shapes and layout
+state, m = exe(state, batch)
 m = to_host(m)
 assert m['finite'] and np.isfinite(m['loss']) and m['grad_norm_clipped'] <= tc.grad_clip
 test_eq(int(to_host(state.step)), 1); test_eq(float(m['lr']), 0.0)  # the first warmup step has lr 0

@@ -25,7 +25,7 @@ from fsdit.run import (RunLog, RunLock, CheckpointError, write_run_config, check
 from fsdit.sampler import sample
 from fsdit.state import TrainState, create_state
 from fsdit.perf import cost, device_peak, mfu
-from fsdit.steps import (make_train_step, make_eval_step, layout_for, to_host, validate, check_finite,
+from fsdit.steps import (make_train_step, make_eval_step, compiled_step, layout_for, to_host, validate, check_finite,
                          train_summary)
 
 # %%
@@ -197,7 +197,7 @@ class Trainer:
 
     def compile(self, batch):
         "Compile the step ahead of time (once) and read its FLOPs per device from XLA's cost analysis."
-        self.exe = self.step_fn.lower(self.state, batch).compile()
+        self.exe = compiled_step(self.step_fn, self.state, batch)
         self.flops = cost(self.exe)['flops'] or None
 
     def stop_requested(self, stop: StopSignal | None) -> bool:
