@@ -34,6 +34,7 @@ from fsdit.state import create_state
 from fsdit.steps import make_train_step, layout_for, state_shardings
 from fsdit.testing import synthetic_batch
 from fsdit.perf import block, time_calls, stats, compiled, cost, memory, matmul_peak, device_peak
+from fsdit.cli import CLIError
 
 SD_VAE_SCALE = 0.18215   # the SD-VAE's scaling factor: the latent scale of the benchmarked steps (speed does not depend on it)
 from fsdit.data import l2_normalize
@@ -43,7 +44,7 @@ from fsdit.sampler import sample, integrate, guided_velocity
 from fsdit.vae import SDVAE, VAEConfig
 
 # %%
-from fastcore.test import test_eq, test_close
+from fastcore.test import test_eq, test_close, test_fail
 
 
 # %% [markdown]
@@ -228,12 +229,13 @@ def _size_name(size) -> str: return size if isinstance(size, str) else 'custom'
 
 
 @functools.lru_cache(maxsize=8)
-def train_step_exe(mc: ModelConfig, batch: int, donate: bool | None = None, fsdp: bool = False):
-    """The trainer's compiled step over every device for `batch` examples per device (state donated: `donate`, default
-    the trainer's; sharded: `fsdp`), and its `TrainConfig` (cached). Compiled from shapes: no memory is allocated."""
-    n = jax.device_count()
+def train_step_exe(mc: ModelConfig, batch: int, donate: bool | None = None, fsdp: bool = False, devices: tuple | None = None):
+    """The trainer's compiled step over every device (or over `devices`, e.g. a TPU slice's from `tpu_devices`) for
+    `batch` examples per device (state donated: `donate`, default the trainer's; sharded: `fsdp`), and its
+    `TrainConfig` (cached). Compiled from shapes: no memory is allocated."""
+    n = len(devices) if devices else jax.device_count()
     tc = train_config('seed', batch_size=batch * n, fsdp=fsdp)
-    layout = layout_for(tc)
+    layout = layout_for(tc, devices)
     state = jax.eval_shape(lambda: create_state(mc, tc))
     b = {k: jax.ShapeDtypeStruct((n * batch, *v.shape[1:]), v.dtype) for k, v in synthetic_batch(1, mc).items()}
     return compiled(make_train_step(mc, tc, SD_VAE_SCALE, layout, donate), state, b), tc
@@ -340,14 +342,27 @@ def _shard_bytes(shapes, shardings) -> int:
                for x, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
 
 
-def train_memory(size: str | ModelConfig, batch: int, fsdp: bool = False, **model_kw) -> dict:
-    """Bytes per device of the train step at `batch` per device over every device (`fsdp`: the state sharded):
-    the state by part as one device holds it, and XLA's plan."""
-    mc = _model(size, **model_kw); exe, tc = train_step_exe(mc, batch, donate=True, fsdp=fsdp)
-    state, sh = jax.eval_shape(lambda: create_state(mc, tc)), state_shardings(layout_for(tc), mc, tc)
+def train_memory(size: str | ModelConfig, batch: int, fsdp: bool = False, devices: tuple | None = None, **model_kw) -> dict:
+    """Bytes per device of the train step at `batch` per device over every device, or over `devices` (`fsdp`: the
+    state sharded): the state by part as one device holds it, and XLA's plan (the plan of the devices' compiler)."""
+    mc = _model(size, **model_kw); exe, tc = train_step_exe(mc, batch, donate=True, fsdp=fsdp, devices=devices)
+    state, sh = jax.eval_shape(lambda: create_state(mc, tc)), state_shardings(layout_for(tc, devices), mc, tc)
     p = _shard_bytes(state.params, sh.params)
-    return dict(size=_size_name(size), batch=batch, devices=jax.device_count(), fsdp=fsdp, params=p, ema=p,
-                adam=_shard_bytes(state.opt_state, sh.opt_state), grads=p, **memory(exe))
+    return dict(size=_size_name(size), batch=batch, devices=len(devices) if devices else jax.device_count(), fsdp=fsdp,
+                params=p, ema=p, adam=_shard_bytes(state.opt_state, sh.opt_state), grads=p, **memory(exe))
+
+
+def tpu_devices(topology: str) -> tuple:
+    """The devices of a TPU slice (`'v5e:2x4'`, `'v5p:2x2x1'`, ...) for compiling ahead of time from any host, no TPU
+    needed: XLA's TPU compiler then plans the memory a real slice would use. Needs the `libtpu` wheel that matches
+    jax (`pip install "jax[tpu]==<jax's version>"`)."""
+    from jax.experimental import topologies
+    try:
+        return tuple(topologies.get_topology_desc(platform='tpu', topology_name=topology).devices)
+    except Exception as e:  # no libtpu, a libtpu for another jax, or a name the compiler does not know
+        raise CLIError(f"cannot compile for the TPU slice {topology!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+                         f'This needs the libtpu that matches jax {jax.__version__}: pip install "jax[tpu]=={jax.__version__}"; '
+                         "topologies are named like v5e:2x4 or v5p:2x2x1.") from None
 
 
 # %%
@@ -355,6 +370,16 @@ m4 = train_memory('mu', 4)
 test_eq((m4['argument'], m4['output']), (facts['memory']['argument'], facts['memory']['output']))
 assert m4['peak'] == m4['argument'] + m4['output'] - m4['alias'] + m4['temp'] and m4['alias'] > 0
 test_eq((m4['ema'], m4['grads']), (m4['params'], m4['params'])); assert 2 * m4['params'] <= m4['adam'] < 2 * m4['params'] + 1024   # two moments (+ step counters)
+
+# %% [markdown]
+# The CPU compiler plans memory differently from a TPU's: it schedules for speed, and expands the
+# optimisation barriers that `remat` leaves, so its plan of a large step is an upper bound. `tpu_devices` gives
+# the devices of a TPU slice that no one holds, and `train_memory(..., devices=tpu_devices('v5e:2x4'))` compiles
+# the step with XLA's TPU compiler from any host (`bench/memory_plan.py --topology v5e:2x4`). Without the libtpu
+# wheel, or for a slice the compiler does not know, it stops with what to install or how slices are named:
+
+# %%
+test_fail(lambda: tpu_devices('v5e:9x9'), contains='topologies are named like v5e:2x4')
 
 # %% [markdown]
 # ## Store vs online encoders
