@@ -29,9 +29,15 @@ demo: venv
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
+# One persistent XLA compilation cache for a test run: the tests' subprocesses (8 devices, two processes, the demo,
+# the trainer's faults) and the notebooks compile many of the same programs. Size-capped, so its file lock keeps
+# concurrent workers from reading a half-written entry. Delete the folder to test cold compiles.
+TEST_JAX_CACHE := JAX_COMPILATION_CACHE_DIR="$(CURDIR)/.cache/jax-tests" JAX_COMPILATION_CACHE_MAX_SIZE=4000000000 \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
+
 test: venv-dev browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
-	PATH="$(BIN):$$PATH" $(BIN)/nbdev_test --n_workers 2 --timing
+	$(TEST_JAX_CACHE) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(TEST_JAX_CACHE) PATH="$(BIN):$$PATH" $(BIN)/nbdev_test --n_workers 2 --timing
 
 # The notebooks are the source: export the package, clean the notebooks, write their text forms and README.md.
 sync:
@@ -53,4 +59,4 @@ test-oldjax:
 	$(OLD_VENV)/bin/pip install -q --no-compile "$(TORCH)"
 	$(OLD_VENV)/bin/pip install -q --no-compile "$(TORCHVISION)" "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0" -e ".[dev,fid]"
 	$(OLD_VENV)/bin/pip check
-	$(OLD_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "oldjax or fid" tests
+	$(TEST_JAX_CACHE) $(OLD_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "oldjax or fid" tests

@@ -53,7 +53,7 @@ from fastcore.test import test_eq, test_fail
 # `full` is the README's demo: 1,000 glyph classes at 16x16 gray (700 train / 100 val / 200 held-out
 # test classes), a DiT of width 128 and depth 4 on 64 patch tokens (patch 2) with the supports aligned
 # beside the target (`cond='aligned'`, `fsdit.dit.support_stats`), 1,100 steps of 64 episodes at
-# lr 1e-3, 25 Euler steps at CFG 3 (chosen on validation classes) for samples, and the evaluation on 40
+# lr 1e-3, 15 Euler steps at CFG 3 (both chosen on validation classes) for samples, and the evaluation on 40
 # of the 200 held-out classes and on 40 seen ones. `long` trains the same model 6,000 steps (5.5 times longer; about an hour on a quiet 2-core machine). `tiny` runs the same stages in seconds (this
 # notebook, the tests and the explorer's notebook use it). `cond` picks another conditioning (`'support'`
 # is the seed's: the mean support embedding through adaLN only).
@@ -85,7 +85,7 @@ class DemoSize:
     eval_classes: int = 40                # classes of each split in the eval (drawn at random)
     eval_per_class: int = 10              # generated images per class (half a class's real images: see glyph-FD)
     eval_cfg: tuple = (3.0,)              # CFG scales evaluated
-    sample_steps: int = 25                # Euler steps for grids and eval (the seed samples with 50)
+    sample_steps: int = 15                # Euler steps for grids and eval (the seed samples with 50; chosen on val)
 
 
 DEMO_SIZES = {
@@ -122,7 +122,7 @@ def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, Tra
 # %%
 mc, tc = demo_configs(DEMO_SIZES['full'])
 test_eq((mc.input_size, mc.in_channels, mc.tokens, mc.support_dim, mc.cond), (16, 1, 64, 64, 'aligned'))
-test_eq((tc.batch_size, tc.max_steps, tc.sample_steps, tc.cfg_scale), (64, 1100, 25, 3.0))
+test_eq((tc.batch_size, tc.max_steps, tc.sample_steps, tc.cfg_scale), (64, 1100, 15, 3.0))
 test_eq(demo_configs(DEMO_SIZES['full'], 'support')[0].cond, 'support')
 mc_t, tc_t = demo_configs(demo_size('tiny'), cond='context')
 test_eq((mc_t.input_size, mc_t.tokens, mc_t.cond, tc_t.max_steps), (16, 16, 'context', 30))

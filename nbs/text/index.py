@@ -107,8 +107,10 @@
 #
 # No CFG scale reaches both targets on validation classes either (`bench/demo_cfg.py`, 50 validation classes x 10,
 # real images 81.4% and floor 20.2 there): consistency peaks at CFG 3 (61.8%; 2.5: 59.4%; 4: 61.2%), while
-# glyph-FD is within 2x the floor only at CFG 2 and below (2: 39.7, 1.96x, at 50.6% consistency). 50 Euler steps
-# instead of 25 change neither (CFG 3: 61.4%, 51.9). So CFG 3 stays, and what is missing is the model, not the
+# glyph-FD is within 2x the floor only at CFG 2 and below (2: 39.7, 1.96x, at 50.6% consistency). The number of
+# Euler steps hardly matters: at CFG 3, 10, 15, 20, 25 and 50 steps give 63.0, 62.6, 62.2, 61.8 and 61.4% with
+# glyph-FD 53.2, 52.1, 52.1, 51.8 and 51.9 (Heun, 8 and 12 steps: 61.4% / 53.6, 61.8% / 52.7). So CFG 3 stays,
+# the demo samples with 15 Euler steps (40% less sampling than 25), and what is missing is the model, not the
 # sampler's settings.
 #
 # ![held-out classes: 5 supports | 8 samples at CFG 3](nbs/images/demo_heldout.png)
@@ -182,9 +184,10 @@
 # The step is one `jax.jit` program over a mesh of every device of every process: the batch is split along
 # it, each process feeding its own rows. By default every device holds the whole state (data parallel); with
 # `--fsdp true` parameters, EMA and both Adam moments are split over the devices (ZeRO-3; tensors under
-# `--fsdp-min-size` elements stay whole) and XLA gathers each layer's weights where it needs them. Compiled for
-# 8 devices in bfloat16 at 16 examples per device, that takes L/2 from 17.4 to 11.3 GiB per device and XL/2 from
-# 23.9 to 15.0 GiB, which is then mostly activations: XL/2 at 12 per device plans 12.2 GiB (`BENCHMARKS.md` §7). Checkpoints are written shard by shard by the processes that hold them, and
+# `--fsdp-min-size` elements stay whole) and XLA gathers each layer's weights where it needs them. Planned by
+# XLA's TPU compiler for a v5e-8 in bfloat16 at 16 examples per core (`bench/memory_plan.py --topology v5e:2x4`,
+# which needs libtpu but no TPU), that takes XL/2 from 14.4 to 8.1 GiB per core and L/2 from 10.3 to 5.5 GiB;
+# rematerialising the blocks (`--model.remat true`) takes XL/2 with FSDP to 2.7 GiB (`BENCHMARKS.md` §7). Checkpoints are written shard by shard by the processes that hold them, and
 # a run resumes in either layout. `fsdit bench accel` measures the step and the sampler in bfloat16 on whatever
 # accelerator is at hand and writes its section of `BENCHMARKS.md`.
 #
@@ -238,7 +241,7 @@
 # | sampling, 16 images, 50 Euler steps with CFG, one compiled loop | 0.075 images/s at S/2, 0.024 at B/2; loop vs its steps timed alone -2.1% / +1.2% (within the ±5% noise) |
 # | feature store vs encoders per step (SigLIP2 x5 + VAE encoder at 224 px), batch 4 | predicted 14.8x (S/2) and 4.61x (B/2) from FLOPs; measured 14.1x and 5.7x (the VAE's convolutions run at 3/4 of the step's FLOP/s) |
 # | B/2 train-step memory per device (compiled plan) | 7.06 GB at batch 16 (fits a 16 GB v5e core), 12.4 GB at batch 32 |
-# | train-step memory per device, 8 devices, bfloat16, 16 per device (compiled plan) | XL/2: 23.9 GiB replicated, 15.0 GiB with FSDP (12.2 at 12 per device); L/2: 17.4 -> 11.3 GiB |
+# | train-step memory per v5e core, v5e-8, bfloat16, 16 per core (XLA's TPU compiler's plan) | XL/2: 14.4 GiB replicated, 8.07 GiB with FSDP, 2.73 with FSDP and remat; L/2: 10.3 -> 5.5 GiB |
 # | host batch assembly, B=128, miniImageNet-sized store | 1.6-1.8 ms median (target < 10 ms) |
 
 # %% [markdown]
