@@ -31,9 +31,10 @@ browser:
 
 # One persistent XLA compilation cache for a test run: the tests' subprocesses (8 devices, two processes, the demo,
 # the trainer's faults) and the notebooks compile many of the same programs. Size-capped, so its file lock keeps
-# concurrent workers from reading a half-written entry. Delete the folder to test cold compiles.
+# concurrent workers from reading a half-written entry; every compile is kept, down to the eager ops that the
+# subprocesses and notebooks repeat. Delete the folder to test cold compiles.
 TEST_JAX_CACHE := JAX_COMPILATION_CACHE_DIR="$(CURDIR)/.cache/jax-tests" JAX_COMPILATION_CACHE_MAX_SIZE=4000000000 \
-	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 
 test: venv-dev browser
 	$(TEST_JAX_CACHE) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests

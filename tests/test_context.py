@@ -92,9 +92,12 @@ def test_cfg_drop_removes_support_tokens_and_vector(ctx):
 def test_only_target_tokens_are_read_out(ctx):
     "The final layer sees the target tokens only, whatever K; the output has the input's shape."
     cfg, f, p, x, t, c = ctx
+    # compiled as one program per K (run eagerly, every op of the model compiles on its own: a minute on 2 cores)
+    probe = jax.jit(lambda p, x, t, ck: DiT(cfg).apply({'params': p}, x, t, ck, capture_intermediates=True,
+                                                       mutable=['intermediates']))
     for K in (1, 5, 7):
         ck = example_cond(cfg, B, seed=4, K=K)
-        v, state = DiT(cfg).apply({'params': p}, x, t, ck, capture_intermediates=True, mutable=['intermediates'])
+        v, state = probe(p, x, t, ck)
         inter = state['intermediates']
         assert v.shape == x.shape
         assert inter['final']['__call__'][0].shape == (B, cfg.tokens, cfg.patch ** 2 * cfg.in_channels)
