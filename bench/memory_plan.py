@@ -32,12 +32,12 @@ def main(argv=None) -> int:
     from fsdit.cli import CLIError, fail
     try: devices = tpu_devices(a.topology) if a.topology else None
     except CLIError as e: return fail('memory_plan', e)
-    if not a.topology: assert jax.device_count() == a.devices, 'set the device count before JAX is imported'
     if a.topology:
         from importlib.metadata import version
-        try: libtpu = version('libtpu')
-        except Exception: libtpu = 'unknown'
-    target = f"TPU {a.topology} (XLA's TPU compiler, libtpu {libtpu})" if a.topology else f'{a.devices} CPU devices (XLA\'s CPU compiler)'
+        target = f"TPU {a.topology} (XLA's TPU compiler, libtpu {version('libtpu')})"   # tpu_devices found libtpu
+    else:
+        assert jax.device_count() == a.devices, 'set the device count before JAX is imported'
+        target = f"{a.devices} CPU devices (XLA's CPU compiler)"
     gib = lambda b: b / 2**30
     rows = []
     for size in a.sizes:

@@ -22,6 +22,7 @@ from fsdit.config import ModelConfig, TrainConfig
 from fsdit.dit import DiT
 from fsdit.flow import example_keys, loss_fn, t_bin_stats, bin_means
 from fsdit.state import TrainState, init_state, make_optimizer, lr_schedule, ema_update
+from fsdit.perf import compiled
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -257,7 +258,7 @@ def compiled_step(step_fn: Callable, *args):
     key = (step_fn, tree, tuple((np.shape(x), str(x.dtype), getattr(x, 'sharding', None)) for x in leaves))
     if key not in _EXES:
         if len(_EXES) >= 8: _EXES.pop(next(iter(_EXES)))
-        _EXES[key] = step_fn.lower(*args).compile()
+        _EXES[key] = compiled(step_fn, *args)
     return _EXES[key]
 
 

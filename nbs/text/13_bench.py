@@ -346,9 +346,10 @@ def train_memory(size: str | ModelConfig, batch: int, fsdp: bool = False, device
     """Bytes per device of the train step at `batch` per device over every device, or over `devices` (`fsdp`: the
     state sharded): the state by part as one device holds it, and XLA's plan (the plan of the devices' compiler)."""
     mc = _model(size, **model_kw); exe, tc = train_step_exe(mc, batch, donate=True, fsdp=fsdp, devices=devices)
-    state, sh = jax.eval_shape(lambda: create_state(mc, tc)), state_shardings(layout_for(tc, devices), mc, tc)
+    layout = layout_for(tc, devices)
+    state, sh = jax.eval_shape(lambda: create_state(mc, tc)), state_shardings(layout, mc, tc)
     p = _shard_bytes(state.params, sh.params)
-    return dict(size=_size_name(size), batch=batch, devices=len(devices) if devices else jax.device_count(), fsdp=fsdp,
+    return dict(size=_size_name(size), batch=batch, devices=layout.n, fsdp=fsdp,
                 params=p, ema=p, adam=_shard_bytes(state.opt_state, sh.opt_state), grads=p, **memory(exe))
 
 
