@@ -64,7 +64,9 @@
 #
 # Measured with `make demo` from a fresh clone on a 2-core CPU with nothing else running: 13.7 minutes
 # from the clone to the last figure (install 0.9; stages: data 0.4, store 0.2, judge 1.2, train 9.7, samples 0.2, eval 1.0;
-# a 2-core Intel Xeon KVM guest). The learning rate (2e-3), the CFG scale (3) and the 15 Euler steps were chosen on
+# a 2-core Intel Xeon KVM guest); on a 2-core AMD EPYC KVM guest, whose step is faster, 9.7 minutes (install 0.5;
+# data 0.3, store 0.1, judge 0.8, train 7.2, samples 0.1, eval 0.7) with the default's numbers below to the digit.
+# The learning rate (2e-3), the CFG scale (3) and the 15 Euler steps were chosen on
 # validation classes (`bench/demo_cfg.py`); the held-out numbers below were not tuned on. The rows other than the
 # default come from their own runs of `fsdit demo` (the flip and its seed-conditioning row sampled with 25 steps).
 #
