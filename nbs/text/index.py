@@ -64,11 +64,11 @@
 #
 # Measured with `make demo` from a fresh clone on a 2-core CPU with nothing else running: 13.7 minutes
 # from the clone to the last figure (install 0.9; stages: data 0.4, store 0.2, judge 1.2, train 9.7, samples 0.2, eval 1.0;
-# a 2-core Intel Xeon KVM guest); on a 2-core AMD EPYC KVM guest, whose step is faster, 9.7 minutes (install 0.5;
+# a 2-core Intel Xeon KVM guest, at lr 1e-3: the learning rate does not change the cost); on a 2-core AMD EPYC KVM guest, whose step is faster, 9.7 minutes (install 0.5;
 # data 0.3, store 0.1, judge 0.8, train 7.2, samples 0.1, eval 0.7) with the default's numbers below to the digit.
 # The learning rate (2e-3), the CFG scale (3) and the 15 Euler steps were chosen on
 # validation classes (`bench/demo_cfg.py`); the held-out numbers below were not tuned on. The rows other than the
-# default come from their own runs of `fsdit demo` (the flip and its seed-conditioning row sampled with 25 steps).
+# default come from their own runs of `fsdit demo` (the flip's rows sampled with 25 steps).
 #
 # | held-out classes (40 of 200), CFG 3 | judge class consistency | glyph-FD | diversity | distance to nearest support |
 # |---|---|---|---|---|
