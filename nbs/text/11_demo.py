@@ -91,9 +91,8 @@ class DemoSize:
 
 DEMO_SIZES = {
     'full': DemoSize(),
-    'long': DemoSize(train=dict(preset='short', mirror=False, batch_size=64, max_steps=6000, lr=1e-3, warmup=100, ema_decay=0.999,
-                                log_every=100, eval_every=1500, sample_every=6000, save_every=1000,
-                                fewshot_every=1000, fewshot_classes=16, fewshot_n=6, keep=2)),
+    'long': DemoSize(train={**DemoSize().train, **dict(max_steps=6000, lr=1e-3, ema_decay=0.999, log_every=100, eval_every=1500,
+                                                      sample_every=6000, save_every=1000, fewshot_every=1000)}),
     'tiny': DemoSize(per_class=6, chars='0123456789ABCDEFGHIJKLMN', embed_dim=16, model=dict(preset='mu', patch=4),
                      train=dict(preset='test', mirror=False, batch_size=8, max_steps=30, log_every=10, eval_every=30,
                                 sample_every=30, save_every=30, keep=1),
