@@ -1,6 +1,6 @@
 """A demo run judged on more classes than the demo's eval (40 per split): held-out and seen, same settings.
 
-    python bench/demo_wide_eval.py DEMO [--classes 200] [--n 10] [--cfg 3] [--steps 15] [--out DEMO/eval_wide]
+    python bench/demo_wide_eval.py DEMO [--classes 200] [--n 10] [--cfg 8] [--interval 0.6 1] [--steps 15] [--out DEMO/eval_wide]
 
 The demo reports 40 held-out and 40 seen classes x 10 images to stay within its minutes. Class consistency
 then has a standard error of several points, and glyph-FD's real-vs-real floor is inflated by the small
@@ -10,7 +10,7 @@ sample (the Frechet distance of two finite samples is biased upward). This print
 import argparse, json, sys
 from pathlib import Path
 
-from fsdit.demo import demo_summary
+from fsdit.demo import demo_summary, DemoSize
 from fsdit.eval import evaluate
 from fsdit.features import open_store
 from fsdit.judge import load_judge
@@ -22,7 +22,8 @@ def main(argv=None):
     ap.add_argument('demo')
     ap.add_argument('--classes', type=int, default=200)
     ap.add_argument('--n', type=int, default=10, help='generated images per class')
-    ap.add_argument('--cfg', type=float, default=3.0)
+    ap.add_argument('--cfg', type=float, default=DemoSize().cfg)
+    ap.add_argument('--interval', type=float, nargs=2, default=DemoSize().cfg_interval, help='guidance interval (t)')
     ap.add_argument('--steps', type=int, default=15)
     ap.add_argument('--out', default=None)
     a = ap.parse_args(argv)
@@ -30,8 +31,8 @@ def main(argv=None):
     run, store, judge = load_run(d / 'run'), open_store(d / 'feats'), load_judge(d / 'judge')
     res = evaluate(run, store, split='test', seen_split='train', n_per_class=a.n, shots=(run.tc.shots,),
                    cfg_scales=(a.cfg,), steps=a.steps, max_real_per_class=None, judge=judge, n_classes=a.classes,
-                   out=a.out or d / 'eval_wide')
-    print(json.dumps({'step': run.step, 'cond': run.mc.cond, 'cfg': a.cfg, 'steps': a.steps, **demo_summary(res, a.cfg)}, indent=1))
+                   out=a.out or d / 'eval_wide', cfg_interval=a.interval)
+    print(json.dumps({'step': run.step, 'cond': run.mc.cond, 'cfg': a.cfg, 'cfg_interval': list(a.interval), 'steps': a.steps, **demo_summary(res, a.cfg)}, indent=1))
     return 0
 
 

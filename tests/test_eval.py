@@ -157,7 +157,7 @@ def test_eval_cli_on_tiny_run(tiny_run, capsys):
     from fsdit.eval import eval_cli
     out = tiny_run / 'eval'
     rc = eval_cli(['--run', str(tiny_run / 'run'), '--feats', str(tiny_run / 'feats'), '--shots', '1', '3',
-                   '--cfg', '0', '3', '--n', '4', '--steps', '2', '--max-real', '6', '--out', str(out)])
+                   '--cfg', '0', '3', '--cfg-interval', '0.5', '1', '--n', '4', '--steps', '2', '--max-real', '6', '--out', str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / 'eval.json').read_text())
     recs = res['records']
@@ -165,6 +165,7 @@ def test_eval_cli_on_tiny_run(tiny_run, capsys):
     # per split and shots: real, copy, mean, and the model at 2 cfg scales
     assert len(recs) == 2 * 2 * (3 + 2)
     assert len(res['classes']['train']) == len(res['classes']['test']) == 4
+    assert res['settings']['cfg_interval'] == [0.5, 1.0] and res['settings']['cfg_scales'] == [0.0, 3.0]
     model = [r for r in recs if r['method'] == 'model']
     assert all(0 <= r['proto_acc'] <= 1 and r['fd_embed'] >= -1e-6 and r['n'] == 16 for r in model)
     assert all(r['nn_support_pixel'] == pytest.approx(0, abs=1e-6) for r in recs if r['method'] == 'copy')

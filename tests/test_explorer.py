@@ -30,6 +30,12 @@ def test_generate_cfg0_beside_scale_and_seeded(explorer):
     assert [len(r.children) for r in ex.sample_box.children] == [3, 3]
     assert 'generated 2 images at CFG 0 and 2' in ex.status.value
     first = {k: v.copy() for k, v in ex.last.items()}
+    # the run guides over its own interval (the tiny demo's: 0.5 <= t <= 1), but the CFG 0 row is unconditional all along
+    assert ex.view.run.tc.cfg_interval == (0.5, 1.0)
+    kw = dict(n=2, steps=3, seed=7)
+    np.testing.assert_array_equal(first[2.0], ex.view.generate(ex.supports, cfg_scale=2.0, **kw))
+    np.testing.assert_array_equal(first[0.0], ex.view.generate(ex.supports, cfg_scale=0.0, cfg_interval=(0.0, 1.0), **kw))
+    assert not np.array_equal(first[0.0], ex.view.generate(ex.supports, cfg_scale=0.0, **kw))
     out = ex.generate()
     np.testing.assert_array_equal(out[2.0], first[2.0])                   # same seed, same images
     ex.seed_w.value = 8

@@ -140,7 +140,8 @@ class TrainConfig:
     fsdp_min_size: int = 16384   # FSDP: tensors with fewer elements stay replicated
     shots: int = 5               # supports per episode
     episodes: str = 'disjoint'   # 'disjoint' (every image once per epoch) | 'fixed' (the seed's table)
-    cfg_scale: float = 3.0       # for sample grids
+    cfg_scale: float = 3.0       # for sample grids and the few-shot metrics
+    cfg_interval: tuple = (0.0, 1.0)  # guidance where lo <= t <= hi (t=0 noise, t=1 data); conditional elsewhere
     sample_steps: int = 50       # Euler steps for sample grids
     log_every: int = 100
     eval_every: int = 5_000
@@ -155,7 +156,9 @@ class TrainConfig:
     wandb_project: str = 'fsdit'
     wandb_name: str | None = None
 
-    def __post_init__(self): validate_train(self)
+    def __post_init__(self):
+        if isinstance(self.cfg_interval, list): object.__setattr__(self, 'cfg_interval', tuple(self.cfg_interval))  # from JSON
+        validate_train(self)
 
 
 def validate_train(c: TrainConfig):
@@ -170,6 +173,9 @@ def validate_train(c: TrainConfig):
     _require(0 < c.min_lr <= c.lr, f"lr must be positive and at least min_lr: got lr {c.lr}, min_lr {c.min_lr}")
     _require(0.0 <= c.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {c.ema_decay}")
     _require(c.grad_clip > 0, f"grad_clip must be positive, got {c.grad_clip}")
+    iv = c.cfg_interval
+    _require(isinstance(iv, tuple) and len(iv) == 2 and all(isinstance(v, (int, float)) for v in iv) and 0 <= iv[0] <= iv[1] <= 1,
+             f"cfg_interval must be two times (lo, hi) with 0 <= lo <= hi <= 1 (t=0 noise, t=1 data), got {c.cfg_interval!r}")
     _require(c.t_sampling in T_SAMPLING, f"t_sampling must be one of {T_SAMPLING}, got {c.t_sampling!r}")
     _require(c.episodes in EPISODES, f"episodes must be one of {EPISODES}, got {c.episodes!r}")
     _require(c.wandb_mode in WANDB_MODES, f"wandb_mode must be one of {WANDB_MODES}, got {c.wandb_mode!r}")
@@ -254,6 +260,7 @@ raises(lambda: model_config('C/2'), "unknown model preset 'C/2'")
 raises(lambda: model_config('mu', widht=3), "no field(s) ['widht']")
 raises(lambda: model_config('mu', cond='class'), 'num_classes')
 raises(lambda: train_config(warmup=10**6), 'warmup')
+raises(lambda: train_config(cfg_interval=(0.7, 0.2)), 'cfg_interval must be two times')
 check_batch(128, 8); check_batch(128, 8, 2)
 
 
@@ -279,5 +286,5 @@ def config_from_dict(cls, d: dict):
 # %%
 c = model_config('S/2', cond='context', dtype='bfloat16')
 test_eq(config_from_dict(ModelConfig, json.loads(json.dumps(config_to_dict(c)))), c)
-t = train_config('test', seed=3)
-test_eq(config_from_dict(TrainConfig, config_to_dict(t)), t)
+t = train_config('test', seed=3, cfg_interval=(0.6, 1.0))
+test_eq(config_from_dict(TrainConfig, json.loads(json.dumps(config_to_dict(t)))), t)   # the interval comes back a tuple

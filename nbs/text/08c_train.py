@@ -43,7 +43,7 @@ tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_eve
 #
 # Every `sample_every` steps process 0 draws a grid from the EMA parameters on the first validation
 # episodes: the K support images, the target, the plain conditional sample (guidance off, CFG scale 1: the row that
-# shows whether the condition was learned) and the guided one at `cfg_scale`, each from the same fixed noise,
+# shows whether the condition was learned) and the guided one at `cfg_scale` (over `cfg_interval`), each from the same fixed noise,
 # every row labelled, so that grids of successive steps are comparable. `decode` maps posterior-space
 # latents (N, h, w, c) to images in [-1, 1] (the VAE decoder; the identity in pixel mode).
 
@@ -55,12 +55,14 @@ def sample_grid(mc: ModelConfig, tc: TrainConfig, params, batch: dict, decode: C
     b = {k: v[:n] for k, v in batch.items()}
     cond, model = condition(b, mc, latent_scale), DiT(mc)
     noise = jax.random.normal(jax.random.PRNGKey(tc.seed + 2), b['moments'].shape[:1] + b['moments'].shape[-3:])
-    gen = [sample(model.apply, params, noise, cond, steps=tc.sample_steps, cfg_scale=s) for s in (None, tc.cfg_scale)]
+    gen = [sample(model.apply, params, noise, cond, steps=tc.sample_steps, cfg_scale=s, cfg_interval=tc.cfg_interval)
+           for s in (None, tc.cfg_scale)]
     show = lambda z: to_uint8(decode(jnp.asarray(z, jnp.float32)), rgb=True)
     K = b['support_latents'].shape[1]
     rows = [show(b['support_latents'][:, k]) for k in range(K)] + [show(b['moments'][:, 0, 0])]
     rows += [show(np.asarray(g) / latent_scale) for g in gen]
-    labels = [f'support {k + 1}' for k in range(K)] + ['target', 'CFG 1', f'CFG {tc.cfg_scale:g}']
+    guided = '' if tuple(tc.cfg_interval) == (0.0, 1.0) else ' t in [{:g},{:g}]'.format(*tc.cfg_interval)
+    labels = [f'support {k + 1}' for k in range(K)] + ['target', 'CFG 1', f'CFG {tc.cfg_scale:g}{guided}']
     return label_rows(image_grid(rows), labels, rows[0].shape[1] + 2)
 
 

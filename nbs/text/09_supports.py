@@ -18,7 +18,7 @@ import numpy as np
 from fsdit.codecs import Codecs, run_codecs
 from fsdit.images import save_png, support_grid, to_uint8
 from fsdit.run import Run, load_run
-from fsdit.sampler import generate, check_supports
+from fsdit.sampler import generate, check_supports, check_interval
 from fsdit.cli import Parser, positive_int, check_out_file, fail
 from fsdit.data import check_image, load_image, list_images
 
@@ -65,13 +65,13 @@ def class_dir_supports(d, k: int, seed: int = 0) -> list[Path]:
 
 
 def sample_from_supports(run: Run, codecs: Codecs, images, n: int = 16, *, cfg_scale: float = 3.0, steps: int = 50,
-                         seed: int = 0, method: str = 'euler', batch_size: int = 256) -> np.ndarray:
-    "`n` images in [-1, 1] (n, H, W, C) of the class shown by the uint8 support images (K, H, W, 3)."
+                         seed: int = 0, method: str = 'euler', batch_size: int = 256, cfg_interval=(0.0, 1.0)) -> np.ndarray:
+    "`n` images in [-1, 1] (n, H, W, C) of the class shown by the uint8 support images (K, H, W, 3); CFG as `fsdit.sampler.sample`."
     emb, lat = codecs.encode(images)
     check_supports(run.mc, len(emb))
     tile = lambda a: np.repeat(a[None], n, 0)                      # every episode has the same K supports
     z = generate(run.params, run.mc, tile(emb), tile(lat), latent_scale=run.latent_scale, seed=seed, steps=steps,
-                 cfg_scale=cfg_scale, method=method, batch_size=batch_size)
+                 cfg_scale=cfg_scale, method=method, batch_size=batch_size, cfg_interval=cfg_interval)
     return np.asarray(codecs.decode(z), np.float32)
 
 
@@ -90,7 +90,8 @@ test_eq(len(class_dir_supports(tmp / 'sup', 1)), 1)
 #
 # `fsdit sample --run RUN --support a.jpg b.jpg ... --n 16 --cfg 3.0 --steps 50 --seed 0 --out grid.png`, or
 # `--class-dir DIR` (with `--shots K`, default the run's training shots) to draw the supports from a
-# folder. Writes the grid, and with `--npz` the raw samples; folders that do not exist yet are made. Every input
+# folder. `--cfg` and `--cfg-interval LO HI` (guidance only where LO <= t <= HI) default to the run's own
+# (`TrainConfig.cfg_scale`, `cfg_interval`). Writes the grid, and with `--npz` the raw samples; folders that do not exist yet are made. Every input
 # and output path is checked before the run loads, and nothing is written until the samples exist: a refusal
 # prints one line, exits 1 and leaves no file behind. (A negative `--cfg` is guidance *away* from the
 # supports, $v_u + s\,(v_c - v_u)$ with $s < 0$: well defined, so accepted.)
@@ -106,7 +107,10 @@ def sample_cli(argv: list[str]) -> int:
     g.add_argument('--class-dir', help='folder of images of one class to draw the supports from')
     p.add_argument('--shots', type=positive_int, default=None, help="supports drawn from --class-dir (default: the run's shots)")
     p.add_argument('--n', type=positive_int, default=16, help='images to generate')
-    p.add_argument('--cfg', type=float, default=3.0, help='classifier-free guidance scale (negative: away from the supports)')
+    p.add_argument('--cfg', type=float, default=None,
+                   help="classifier-free guidance scale (negative: away from the supports; default: the run's)")
+    p.add_argument('--cfg-interval', type=float, nargs=2, default=None, metavar=('LO', 'HI'),
+                   help="guide only where LO <= t <= HI (t=0 noise, t=1 data; default: the run's)")
     p.add_argument('--steps', type=positive_int, default=50, help='sampler steps')
     p.add_argument('--method', default='euler', choices=('euler', 'heun'))
     p.add_argument('--seed', type=int, default=0)
@@ -121,12 +125,16 @@ def sample_cli(argv: list[str]) -> int:
     try:
         outs = [check_out_file(a.out)] + ([check_out_file(a.npz, '--npz')] if a.npz else [])
         if a.support: read_supports(a.support, 8)             # every file readable, before the run loads
+        interval = None if a.cfg_interval is None else check_interval(a.cfg_interval)
         run = load_run(a.run, ema=not a.raw, warn=say)
         if run.mc.cond == 'class': check_supports(run.mc, 1)
         files = a.support or class_dir_supports(a.class_dir, a.shots or run.tc.shots, a.seed)
         codecs = run_codecs(run, a.feats, a.encoder, a.vae)
         sup = read_supports(files, codecs.image_size)
-        x = sample_from_supports(run, codecs, sup, a.n, cfg_scale=a.cfg, steps=a.steps, seed=a.seed, method=a.method)
+        cfg = run.tc.cfg_scale if a.cfg is None else a.cfg
+        interval = interval or check_interval(run.tc.cfg_interval)
+        x = sample_from_supports(run, codecs, sup, a.n, cfg_scale=cfg, steps=a.steps, seed=a.seed, method=a.method,
+                                 cfg_interval=interval)
         if len(sup) != run.tc.shots:
             say(f"note: the run was trained on {run.tc.shots}-shot episodes; sampled from {len(sup)} supports")
         for o in outs: o.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +142,8 @@ def sample_cli(argv: list[str]) -> int:
         save_png(support_grid(sup, x), a.out)
     except (ValueError, OSError) as e:
         return fail('sample', e)
-    print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {a.cfg}, {a.steps} steps)")
+    guided = '' if interval == (0.0, 1.0) else f' for t in [{interval[0]:g}, {interval[1]:g}]'
+    print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {cfg}{guided}, {a.steps} steps)")
     return 0
 
 
@@ -156,7 +165,10 @@ with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stder
     test_eq(cli('--class-dir', tmp / 'cls', '--shots', '4'), 1)   # only 3 images there
     test_eq(cli('--support', files[0], tmp / 'broken.jpg', tmp / 'missing.png'), 1)
     test_eq(sample_cli(['--run', str(tmp / 'empty'), '--support', str(files[0])]), 1)
+    test_eq(cli('--support', *files, '--cfg-interval', '0.9', '0.1'), 1)  # refused before the run loads
+    test_eq(cli('--support', *files, '--cfg-interval', '0.5', '1'), 0)
 grid = np.asarray(Image.open(tmp / 'grid.png'))
 test_eq(grid.shape, (2 * (8 + 2), 5 * (8 + 2), 3))             # supports row + one row of 5 samples
 assert 'broken.jpg' in err.getvalue() and 'missing.png (no such file)' in err.getvalue() and 'no checkpoint' in err.getvalue()
-assert 'holds 3 images' in err.getvalue()
+assert 'holds 3 images' in err.getvalue() and '0 <= lo <= hi <= 1' in err.getvalue()
+assert 'cfg 3.0, 2 steps' in out.getvalue() and 'cfg 3.0 for t in [0.5, 1], 2 steps' in out.getvalue()

@@ -23,7 +23,7 @@ from fsdit.metrics import (frechet_distance, heldout_prototype_accuracy, loo_pro
                            nearest_support_distance)
 from fsdit.run import load_run
 from fsdit.codecs import run_codecs
-from fsdit.sampler import generate
+from fsdit.sampler import generate, check_interval
 from fsdit.cli import Parser, positive_int, check_out_dir, fail
 
 # %%
@@ -318,11 +318,12 @@ JUDGE_METRICS = ('judge_acc', 'glyph_fd', 'diversity_judge', 'nn_support_judge')
 
 
 def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch_size: int = 256, fid_model=None,
-                   judge=None) -> Pipeline:
-    "A `Pipeline` that samples a loaded `fsdit.run.Run` and decodes/embeds with its codecs."
+                   judge=None, cfg_interval=(0.0, 1.0)) -> Pipeline:
+    "A `Pipeline` that samples a loaded `fsdit.run.Run` (guidance where t is in `cfg_interval`) and decodes/embeds with its codecs."
     if run.mc.cond == 'class': raise ValueError("a class-conditioned run (cond='class') cannot generate unseen classes from supports")
     gen = lambda emb, lat, cfg, seed: generate(run.params, run.mc, emb, lat, latent_scale=run.latent_scale, seed=seed,
-                                               steps=steps, cfg_scale=cfg, method=method, batch_size=batch_size)
+                                               steps=steps, cfg_scale=cfg, method=method, batch_size=batch_size,
+                                               cfg_interval=cfg_interval)
     return Pipeline(codecs.decode, codecs.embed, gen, fid_model, batch_size=min(batch_size, 64), judge=judge)
 
 
@@ -330,13 +331,14 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
              shots: Sequence[int] = (5,), cfg_scales: Sequence[float] = (3.0,), steps: int = 50, seed: int = 0,
              max_real_per_class: int | None = 128, fid: bool = False, fid_weights: str | None = 'download',
              method: str = 'euler', batch_size: int = 256, codecs=None, judge=None, n_classes: int | None = None,
-             out=None) -> dict:
+             out=None, cfg_interval=(0.0, 1.0)) -> dict:
     "Few-shot metrics of a run (dir or `Run`) on `split` (`n_classes` of them, drawn at random; default all) and as many seen classes; writes eval.json + figures to `out`."
     run = load_run(run) if isinstance(run, (str, Path)) else run
     store = open_store(store) if isinstance(store, (str, Path)) else store
     codecs = codecs or run_codecs(run, store.path)
+    cfg_interval = check_interval(cfg_interval)
     pipe = model_pipeline(run, codecs, steps=steps, method=method, batch_size=batch_size,
-                          fid_model=fid_inception(fid_weights) if fid else None, judge=judge)
+                          fid_model=fid_inception(fid_weights) if fid else None, judge=judge, cfg_interval=cfg_interval)
     unseen = class_set(store, split, max_real_per_class, n_classes, seed=seed)
     sets = {split: unseen}
     if seen_split: sets[seen_split] = class_set(store, seen_split, max_real_per_class, unseen.n_classes, seed)
@@ -347,7 +349,7 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
     res = dict(run=str(run.path), step=run.step, store=str(store.path), space=run.space, cond=run.mc.cond,
                trained_shots=run.tc.shots, codecs=codecs.names, classes={k: v.names for k, v in sets.items()},
                settings=dict(n_per_class=n_per_class, shots=list(shots), cfg_scales=list(map(float, cfg_scales)),
-                             steps=steps, method=method, seed=seed, max_real_per_class=max_real_per_class, fid=fid,
+                             cfg_interval=list(cfg_interval), steps=steps, method=method, seed=seed, max_real_per_class=max_real_per_class, fid=fid,
                              judge=None if judge is None else dict(classes=len(judge.chars), accuracy=judge.accuracy)),
                records=records)
     if out is not None: write_results(res, out)
@@ -437,9 +439,10 @@ assert tbl.splitlines()[0].split()[:5] == ['split', 'method', 'shots', 'cfg', 'p
 #| export
 def quick_eval(params, mc, cs: ClassSet, decode: Callable, embed: Callable, *, latent_scale: float = 1.0,
                n_per_class: int = 8, shots: int = 5, cfg_scale: float = 3.0, steps: int = 20, seed: int = 0,
-               prefix: str = 'val_fs', real: Images | None = None, judge=None) -> dict:
+               prefix: str = 'val_fs', real: Images | None = None, judge=None, cfg_interval=(0.0, 1.0)) -> dict:
     "Cheap few-shot metrics of `params` on a class set: {prefix/proto_acc, .../fd_embed, ...}; `real` as in `evaluate_classes`."
-    gen = lambda emb, lat, cfg, s: generate(params, mc, emb, lat, latent_scale=latent_scale, seed=s, steps=steps, cfg_scale=cfg)
+    gen = lambda emb, lat, cfg, s: generate(params, mc, emb, lat, latent_scale=latent_scale, seed=s, steps=steps, cfg_scale=cfg,
+                                            cfg_interval=cfg_interval)
     recs = evaluate_classes(Pipeline(decode, embed, gen, judge=judge), cs, n_per_class=n_per_class, shots=(shots,),
                             cfg_scales=(cfg_scale,), seed=seed, baselines=False, real=real)
     real, model = recs
@@ -498,7 +501,7 @@ class FewShotHook:
                 self.real = images_of(self.cs.latents, self.cs.labels, Pipeline(self.decode, self.embed, judge=self.judge))
             return quick_eval(params, self.mc, self.cs, self.decode, self.embed, latent_scale=self.source.latent_scale,
                               n_per_class=tc.fewshot_n, shots=tc.shots, cfg_scale=tc.cfg_scale, steps=tc.sample_steps,
-                              seed=tc.seed, real=self.real, judge=self.judge)
+                              seed=tc.seed, real=self.real, judge=self.judge, cfg_interval=tc.cfg_interval)
         except (OSError, ValueError) as e:  # an encoder that cannot load (offline hub) must not end the run
             print(f"fsdit train: few-shot metrics are off for this run: {e}", file=sys.stderr)
             self.embed = None
@@ -547,7 +550,9 @@ def eval_cli(argv: list[str]) -> int:
     p.add_argument('--seen-split', default='train', help='split of the seen classes')
     p.add_argument('--no-seen', action='store_true', help='skip the seen classes')
     p.add_argument('--shots', type=positive_int, nargs='+', default=[5])
-    p.add_argument('--cfg', type=float, nargs='+', default=[3.0])
+    p.add_argument('--cfg', type=float, nargs='+', default=None, help="CFG scales (default: the run's)")
+    p.add_argument('--cfg-interval', type=float, nargs=2, default=None, metavar=('LO', 'HI'),
+                   help="guide only where LO <= t <= HI (t=0 noise, t=1 data; default: the run's)")
     p.add_argument('--n', type=positive_int, default=128, help='generated images per class (per shots and cfg)')
     p.add_argument('--max-real', type=int, default=128, help='real images per class (0: all)')
     p.add_argument('--steps', type=positive_int, default=50); p.add_argument('--method', default='euler', choices=('euler', 'heun'))
@@ -559,12 +564,14 @@ def eval_cli(argv: list[str]) -> int:
     if a.max_real < 0: p.error(f"argument --max-real: must be 0 (all) or more, got {a.max_real}")
     try:
         out = check_out_dir(a.out or Path(a.run) / 'eval')
+        interval = None if a.cfg_interval is None else check_interval(a.cfg_interval)
         run = load_run(a.run, warn=lambda msg: print(f"fsdit eval: {msg}", file=sys.stderr))
         feats = a.feats or run.config.get('feats')
         if feats is None: raise ValueError("no feature store: pass --feats FEATS")
         res = evaluate(run, feats, split=a.split, seen_split=None if a.no_seen else a.seen_split, n_per_class=a.n,
-                       shots=a.shots, cfg_scales=a.cfg, steps=a.steps, seed=a.seed, max_real_per_class=a.max_real or None,
-                       fid=a.fid, fid_weights=a.fid_weights, method=a.method, batch_size=a.batch_size, out=out)
+                       shots=a.shots, cfg_scales=a.cfg or [run.tc.cfg_scale], steps=a.steps, seed=a.seed, max_real_per_class=a.max_real or None,
+                       fid=a.fid, fid_weights=a.fid_weights, method=a.method, batch_size=a.batch_size, out=out,
+                       cfg_interval=interval or run.tc.cfg_interval)
     except (ValueError, OSError, RuntimeError, ImportError, KeyError) as e:
         return fail('eval', e)
     print(results_table(res['records']))

@@ -53,9 +53,10 @@ from fastcore.test import test_eq, test_fail
 # `full` is the README's demo: 1,000 glyph classes at 16x16 gray (700 train / 100 val / 200 held-out
 # test classes), a DiT of width 128 and depth 4 on 64 patch tokens (patch 2) with the supports aligned
 # beside the target (`cond='aligned'`, `fsdit.dit.support_stats`), 1,100 steps of 64 episodes at
-# lr 2e-3, 15 Euler steps at CFG 3 (all three chosen on validation classes) for samples, and the evaluation on 40
-# of the 200 held-out classes and on 40 seen ones. `long` trains the same model 6,000 steps at lr 1e-3 with a
-# slower EMA (5.5 times longer; 40 minutes to an hour on a quiet 2-core machine). `tiny` runs the same stages in seconds (this
+# lr 2e-3, 15 Euler steps with guidance at scale 8 over the last 40% of the path (0.6 <= t <= 1; `fsdit.sampler`)
+# for samples (all of it chosen on validation classes), and the evaluation on 40 of the 200 held-out classes and on
+# 40 seen ones. `long` trains the same model 6,000 steps at lr 1e-3 with a slower EMA (5.5 times longer; 40 minutes
+# to an hour on a quiet 2-core machine) and guides at scale 4 over the same interval (chosen on its validation classes). `tiny` runs the same stages in seconds (this
 # notebook, the tests and the explorer's notebook use it). `cond` picks another conditioning (`'support'`
 # is the seed's: the mean support embedding through adaLN only).
 #
@@ -80,23 +81,25 @@ class DemoSize:
         preset='short', mirror=False, batch_size=64, max_steps=1100, lr=2e-3, warmup=100, ema_decay=0.995, log_every=50,
         eval_every=550, sample_every=1100, save_every=550, fewshot_every=550, fewshot_classes=16, fewshot_n=6, keep=2))
     judge: dict = field(default_factory=lambda: dict(per_class=16, epochs=10))   # `fsdit.judge.train_judge`
-    cfg: float = 3.0                      # CFG of the grids and the headline (chosen on validation classes)
+    cfg: float = 8.0                      # CFG of the grids and the headline (chosen on validation classes)
+    cfg_interval: tuple = (0.6, 1.0)      # ... applied where 0.6 <= t <= 1, the last 40% of the path (chosen with it)
     grid_classes: int = 8                 # classes in each sample grid
     grid_samples: int = 8                 # samples per class in the grids
     eval_classes: int = 40                # classes of each split in the eval (drawn at random)
     eval_per_class: int = 10              # generated images per class (half a class's real images: see glyph-FD)
-    eval_cfg: tuple = (3.0,)              # CFG scales evaluated
+    eval_cfg: tuple = (8.0,)              # CFG scales evaluated (over `cfg_interval`)
     sample_steps: int = 15                # Euler steps for grids and eval (the seed samples with 50; chosen on val)
 
 
 DEMO_SIZES = {
     'full': DemoSize(),
     'long': DemoSize(train={**DemoSize().train, **dict(max_steps=6000, lr=1e-3, ema_decay=0.999, log_every=100, eval_every=1500,
-                                                      sample_every=6000, save_every=1000, fewshot_every=1000)}),
+                                                      sample_every=6000, save_every=1000, fewshot_every=1000)},
+                     cfg=4.0, eval_cfg=(4.0,)),
     'tiny': DemoSize(per_class=6, chars='0123456789ABCDEFGHIJKLMN', embed_dim=16, model=dict(preset='mu', patch=4),
                      train=dict(preset='test', mirror=False, batch_size=8, max_steps=30, log_every=10, eval_every=30,
                                 sample_every=30, save_every=30, keep=1),
-                     judge=dict(per_class=8, epochs=4, batch_size=32), cfg=3.0,
+                     judge=dict(per_class=8, epochs=4, batch_size=32), cfg=3.0, cfg_interval=(0.5, 1.0),
                      grid_classes=3, grid_samples=8, eval_classes=4, eval_per_class=2, eval_cfg=(3.0,), sample_steps=4),
 }
 
@@ -112,7 +115,8 @@ def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, Tra
     m, t = dict(s.model), dict(s.train)
     mc = offline_model_config(m.pop('preset'), size=s.image_size, channels=s.channels, embed_dim=s.embed_dim,
                               cond=cond or s.cond, **m)
-    tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, wandb_mode='disabled', **t)
+    tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
+                      wandb_mode='disabled', **t)
     return mc, tc
 
 
@@ -122,7 +126,7 @@ def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, Tra
 # %%
 mc, tc = demo_configs(DEMO_SIZES['full'])
 test_eq((mc.input_size, mc.in_channels, mc.tokens, mc.support_dim, mc.cond), (16, 1, 64, 64, 'aligned'))
-test_eq((tc.batch_size, tc.max_steps, tc.lr, tc.sample_steps, tc.cfg_scale), (64, 1100, 2e-3, 15, 3.0))
+test_eq((tc.batch_size, tc.max_steps, tc.lr, tc.sample_steps, tc.cfg_scale, tc.cfg_interval), (64, 1100, 2e-3, 15, 8.0, (0.6, 1.0)))
 test_eq(demo_configs(DEMO_SIZES['full'], 'support')[0].cond, 'support')
 mc_t, tc_t = demo_configs(demo_size('tiny'), cond='context')
 test_eq((mc_t.input_size, mc_t.tokens, mc_t.cond, tc_t.max_steps), (16, 16, 'context', 30))
@@ -241,7 +245,7 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
     for c in pick:
         rows = np.sort(rng.choice(crs[c], run.tc.shots, replace=False))
         sup = to_uint8(np.asarray(store.moments[rows, 0, 0], np.float32), rgb=True)   # pixel mode: the images
-        gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=s.cfg,
+        gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
                                    steps=s.sample_steps, seed=seed + int(c))
         sups.append(sup); gens.append(to_uint8(gen, rgb=True))
     return class_rows_grid(sups, gens)
@@ -257,6 +261,11 @@ def _loader(run_dir) -> Callable:
     return lazy(lambda: load_run(run_dir))
 
 
+def _guidance(s: DemoSize) -> str:
+    lo, hi = s.cfg_interval
+    return f"CFG {s.cfg:g}" + ('' if (lo, hi) == (0, 1) else f" for {lo:g} <= t <= {hi:g}")
+
+
 def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
     "DEMO/samples_seen.png (train classes) and DEMO/samples_heldout.png (test classes), remade when stale."
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None)
@@ -267,8 +276,9 @@ def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: 
     codecs, t0 = run_codecs(run, store.path), time.time()
     for (name, path), split in zip(files.items(), ('train', 'test')):
         save_png(demo_grid(run, codecs, store, split, s), path)
-        path.with_suffix('.json').write_text(json.dumps({'step': run.step, 'split': split, 'cfg': s.cfg}))
-    _log(log, f"samples: {files['seen']}, {files['heldout']}  (supports | samples at CFG {s.cfg:g}; "
+        path.with_suffix('.json').write_text(json.dumps({'step': run.step, 'split': split, 'cfg': s.cfg,
+                                                         'cfg_interval': list(s.cfg_interval)}))
+    _log(log, f"samples: {files['seen']}, {files['heldout']}  (supports | samples at {_guidance(s)}; "
               f"{time.time() - t0:.0f} s)")
     return files
 
@@ -309,10 +319,11 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
     run, t0 = (get_run or _loader(out / 'run'))(), time.time()
     res = evaluate(run, store, split='test', seen_split='train', n_per_class=s.eval_per_class,
                    shots=(run.tc.shots,), cfg_scales=s.eval_cfg, steps=s.sample_steps, max_real_per_class=None,
-                   judge=judge, n_classes=s.eval_classes, out=out / 'eval')
-    summary = {'step': run.step, 'cond': run.mc.cond, 'cfg': s.cfg, **demo_summary(res, s.cfg)}
+                   judge=judge, n_classes=s.eval_classes, out=out / 'eval', cfg_interval=s.cfg_interval)
+    summary = {'step': run.step, 'cond': run.mc.cond, 'cfg': s.cfg, 'cfg_interval': list(s.cfg_interval),
+               **demo_summary(res, s.cfg)}
     (out / 'summary.json').write_text(json.dumps(summary, indent=1))
-    _log(log, f"eval:    {ev}  ({time.time() - t0:.0f} s; CFG {s.cfg:g}, the judge's metrics; vs_real = model / real)\n"
+    _log(log, f"eval:    {ev}  ({time.time() - t0:.0f} s; {_guidance(s)}, the judge's metrics; vs_real = model / real)\n"
               + summary_table(summary))
     return summary
 
@@ -384,7 +395,7 @@ test_eq(sorted(p.name for p in d.iterdir()),
         ['eval', 'feats', 'glyphs', 'judge', 'run', 'samples_heldout.json', 'samples_heldout.png', 'samples_seen.json',
          'samples_seen.png', 'split', 'summary.json', 'timings.json'])
 sm = json.loads((d / 'summary.json').read_text())
-test_eq((sm['step'], set(sm)), (30, {'step', 'cond', 'cfg', 'test', 'train'}))
+test_eq((sm['step'], set(sm)), (30, {'step', 'cond', 'cfg', 'cfg_interval', 'test', 'train'}))
 assert {'real', 'copy', 'mean', 'model', 'vs_real'} <= set(sm['test']) and sm['test']['classes'] == 4
 assert sm['test']['copy']['nn_support_judge'] < 1e-6 and sm['test']['real']['nn_support_judge'] > 0
 test_eq(list(r['timings']), list(STAGES)); test_eq(r['run'], d / 'run')

@@ -88,12 +88,13 @@ class RunView:
         lat = np.asarray(self.store.moments[np.asarray(rows), 0, 0], np.float32)
         return to_uint8(np.asarray(self.codecs.decode(lat), np.float32), rgb=True)
 
-    def generate(self, rows, n: int, cfg_scale: float, steps: int, seed: int) -> np.ndarray:
-        "uint8 (n, H, W, 3): `n` samples conditioned on the supports at store `rows`."
+    def generate(self, rows, n: int, cfg_scale: float, steps: int, seed: int, cfg_interval=None) -> np.ndarray:
+        "uint8 (n, H, W, 3): `n` samples conditioned on the supports at store `rows`; guided over the run's `cfg_interval` by default."
         rows = np.asarray(rows)
         tile = lambda a: np.repeat(np.asarray(a, np.float32)[None], n, 0)
         z = generate(self.run.params, self.run.mc, tile(self.store.embeds[rows]), tile(self.store.moments[rows, 0, 0]),
-                     latent_scale=self.run.latent_scale, seed=seed, steps=steps, cfg_scale=cfg_scale)
+                     latent_scale=self.run.latent_scale, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                     cfg_interval=self.run.tc.cfg_interval if cfg_interval is None else cfg_interval)
         return to_uint8(np.asarray(self.codecs.decode(z), np.float32), rgb=True)
 
     def metrics(self) -> list[dict]:
@@ -285,7 +286,8 @@ class Explorer:
         self._say('generating...'); t0 = time.time()
         scales = sorted({0.0, float(self.cfg_w.value)})
         kw = dict(n=self.n_w.value, steps=self.steps_w.value, seed=self.seed_w.value)
-        self.last = {s: self.view.generate(self.supports, cfg_scale=s, **kw) for s in scales}
+        whole = lambda s: (0.0, 1.0) if s == 0 else None       # scale 0 is unconditional all along the path
+        self.last = {s: self.view.generate(self.supports, cfg_scale=s, cfg_interval=whole(s), **kw) for s in scales}
         rows = []
         for s, ims in self.last.items():
             label = W.HTML(f"<b>CFG {s:g}</b>" + (' (unconditional)' if s == 0 else ''), layout=W.Layout(width='140px'))
