@@ -66,6 +66,8 @@
 # from the clone to the last figure (install 0.9; stages: data 0.4, store 0.2, judge 1.2, train 9.7, samples 0.2, eval 1.0;
 # a 2-core Intel Xeon KVM guest, at lr 1e-3: the learning rate does not change the cost); on a 2-core AMD EPYC KVM guest, whose step is faster, 9.7 minutes (install 0.5;
 # data 0.3, store 0.1, judge 0.8, train 7.2, samples 0.1, eval 0.7) with the default's numbers below to the digit.
+# With the guidance below, on a Xeon guest again (faster that day), 7.4 minutes (install 0.4; data 0.2, store 0.1,
+# judge 0.6, train 5.4, samples 0.1, eval 0.6), with the default's rows below to the digit and the grid byte-identical.
 # The learning rate (2e-3), the guidance (scale 8 over the last 40% of the path, below) and the 15 Euler steps were
 # chosen on validation classes (`bench/demo_cfg.py`); the held-out numbers below were not tuned on. The rows marked
 # "3 all along" sample the same checkpoints with guidance over the whole path, as the demo did before; the figures of
