@@ -161,6 +161,21 @@ class TrainConfig:
         validate_train(self)
 
 
+def check_interval(interval) -> tuple[float, float]:
+    "A guidance interval as two floats (lo, hi), or `ValueError` unless 0 <= lo <= hi <= 1 (t=0 noise, t=1 data)."
+    try: lo, hi = map(float, interval)
+    except (TypeError, ValueError): raise ValueError(f"a guidance interval is two times (lo, hi) in [0, 1], got {interval!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"a guidance interval (lo, hi) needs 0 <= lo <= hi <= 1 (t=0 noise, t=1 data), got {interval!r}")
+    return lo, hi
+
+
+def interval_text(interval) -> str:
+    "' for t in [lo, hi]' to follow a CFG scale in messages and labels; '' for the whole path."
+    lo, hi = check_interval(interval)
+    return '' if (lo, hi) == (0.0, 1.0) else f' for t in [{lo:g}, {hi:g}]'
+
+
 def validate_train(c: TrainConfig):
     "Raise `ValueError` naming the field and the fix if `c` cannot run."
     for name in ('batch_size', 'max_steps', 'shots', 'log_every', 'eval_every', 'sample_every', 'save_every', 'keep', 'sample_steps',
@@ -173,9 +188,8 @@ def validate_train(c: TrainConfig):
     _require(0 < c.min_lr <= c.lr, f"lr must be positive and at least min_lr: got lr {c.lr}, min_lr {c.min_lr}")
     _require(0.0 <= c.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {c.ema_decay}")
     _require(c.grad_clip > 0, f"grad_clip must be positive, got {c.grad_clip}")
-    iv = c.cfg_interval
-    _require(isinstance(iv, tuple) and len(iv) == 2 and all(isinstance(v, (int, float)) for v in iv) and 0 <= iv[0] <= iv[1] <= 1,
-             f"cfg_interval must be two times (lo, hi) with 0 <= lo <= hi <= 1 (t=0 noise, t=1 data), got {c.cfg_interval!r}")
+    try: check_interval(c.cfg_interval)
+    except ValueError as e: raise ValueError(f"cfg_interval must be two times (lo, hi): {e}") from None
     _require(c.t_sampling in T_SAMPLING, f"t_sampling must be one of {T_SAMPLING}, got {c.t_sampling!r}")
     _require(c.episodes in EPISODES, f"episodes must be one of {EPISODES}, got {c.episodes!r}")
     _require(c.wandb_mode in WANDB_MODES, f"wandb_mode must be one of {WANDB_MODES}, got {c.wandb_mode!r}")

@@ -17,7 +17,7 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fsdit.config import ModelConfig
+from fsdit.config import ModelConfig, check_interval
 from fsdit.dit import DiT, SUPPORT_LATENT_CONDS
 from fsdit.flow import condition
 
@@ -140,15 +140,6 @@ def _static(apply_fn):
 @partial(jax.jit, static_argnames=('apply_fn', 'steps', 'method'))
 def _sample(apply_fn, params, noise, cond, cfg_scale, interval, steps, method):
     return integrate(guided_velocity(apply_fn, params, cond, cfg_scale, interval), noise, steps, method)
-
-
-def check_interval(interval) -> tuple[float, float]:
-    "`interval` as two floats (lo, hi), or `ValueError` unless 0 <= lo <= hi <= 1."
-    try: lo, hi = map(float, interval)
-    except (TypeError, ValueError): raise ValueError(f"a guidance interval is two times (lo, hi) in [0, 1], got {interval!r}") from None
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"a guidance interval (lo, hi) needs 0 <= lo <= hi <= 1 (t=0 noise, t=1 data), got {interval!r}")
-    return lo, hi
 
 
 def sample(apply_fn: Callable, params, noise, cond: dict, *, steps: int = 50, cfg_scale=3.0, method: str = 'euler',

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import jax, jax.numpy as jnp
 
-from fsdit.config import ModelConfig, TrainConfig, check_batch, config_to_dict
+from fsdit.config import ModelConfig, TrainConfig, check_batch, config_to_dict, interval_text
 from fsdit.dit import DiT
 from fsdit.flow import condition
 from fsdit.images import to_uint8, image_grid, label_rows, save_png
@@ -61,8 +61,7 @@ def sample_grid(mc: ModelConfig, tc: TrainConfig, params, batch: dict, decode: C
     K = b['support_latents'].shape[1]
     rows = [show(b['support_latents'][:, k]) for k in range(K)] + [show(b['moments'][:, 0, 0])]
     rows += [show(np.asarray(g) / latent_scale) for g in gen]
-    guided = '' if tuple(tc.cfg_interval) == (0.0, 1.0) else ' t in [{:g},{:g}]'.format(*tc.cfg_interval)
-    labels = [f'support {k + 1}' for k in range(K)] + ['target', 'CFG 1', f'CFG {tc.cfg_scale:g}{guided}']
+    labels = [f'support {k + 1}' for k in range(K)] + ['target', 'CFG 1', f'CFG {tc.cfg_scale:g}{interval_text(tc.cfg_interval)}']
     return label_rows(image_grid(rows), labels, rows[0].shape[1] + 2)
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from fsdit.codecs import Codecs, run_codecs
 from fsdit.images import save_png, support_grid, to_uint8
 from fsdit.run import Run, load_run
-from fsdit.sampler import generate, check_supports, check_interval
+from fsdit.config import check_interval, interval_text
+from fsdit.sampler import generate, check_supports
 from fsdit.cli import Parser, positive_int, check_out_file, fail
 from fsdit.data import check_image, load_image, list_images
 
@@ -142,8 +143,7 @@ def sample_cli(argv: list[str]) -> int:
         save_png(support_grid(sup, x), a.out)
     except (ValueError, OSError) as e:
         return fail('sample', e)
-    guided = '' if interval == (0.0, 1.0) else f' for t in [{interval[0]:g}, {interval[1]:g}]'
-    print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {cfg}{guided}, {a.steps} steps)")
+    print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {cfg}{interval_text(interval)}, {a.steps} steps)")
     return 0
 
 

@@ -23,7 +23,8 @@ from fsdit.metrics import (frechet_distance, heldout_prototype_accuracy, loo_pro
                            nearest_support_distance)
 from fsdit.run import load_run
 from fsdit.codecs import run_codecs
-from fsdit.sampler import generate, check_interval
+from fsdit.config import check_interval
+from fsdit.sampler import generate
 from fsdit.cli import Parser, positive_int, check_out_dir, fail
 
 # %%

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fsdit.config import train_config, TrainConfig, ModelConfig
+from fsdit.config import train_config, TrainConfig, ModelConfig, interval_text
 from fsdit.cli import Parser, positive_int, fail
 from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace, stand_in_encoder, run_codecs
 from fsdit.data import prepare
@@ -263,9 +263,7 @@ def _loader(run_dir) -> Callable:
     return lazy(lambda: load_run(run_dir))
 
 
-def _guidance(s: DemoSize) -> str:
-    lo, hi = s.cfg_interval
-    return f"CFG {s.cfg:g}" + ('' if (lo, hi) == (0, 1) else f" for {lo:g} <= t <= {hi:g}")
+def _guidance(s: DemoSize) -> str: return f"CFG {s.cfg:g}{interval_text(s.cfg_interval)}"
 
 
 def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
