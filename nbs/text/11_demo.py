@@ -38,6 +38,7 @@ from fsdit.glyphs import make_offline_dataset, offline_split_sizes, glyph_classe
 from fsdit.images import class_rows_grid, to_uint8, save_png
 from fsdit.judge import glyph_judge
 from fsdit.launch import lazy
+from fsdit.files import write_atomic
 from fsdit.run import read_records, load_run
 from fsdit.supports import sample_from_supports
 from fsdit.train import train
@@ -253,9 +254,18 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
     return class_rows_grid(sups, gens)
 
 
-def _stamp_ok(path: Path, step: int | None) -> bool:
-    meta = path.with_suffix('.json')
-    return path.exists() and meta.exists() and json.loads(meta.read_text()).get('step') == step
+def _stamp(s: DemoSize, step: int | None, stage: str) -> dict:
+    "What a grid or the eval was made from: the run's step and the size's sampling settings (the stage is remade when one differs)."
+    d = {'step': step, 'cfg': s.cfg, 'cfg_interval': list(s.cfg_interval), 'sample_steps': s.sample_steps}
+    if stage == 'samples': return {**d, 'grid': [s.grid_classes, s.grid_samples]}
+    return {**d, 'eval': [s.eval_classes, s.eval_per_class, list(s.eval_cfg)]}
+
+
+def _stamp_ok(meta: Path, want: dict) -> bool:
+    "Whether the JSON `meta` records every setting of `want` as it is now."
+    try: have = json.loads(meta.read_text())
+    except (OSError, ValueError): return False
+    return isinstance(have, dict) and all(have.get(k) == v for k, v in want.items())
 
 
 def _loader(run_dir) -> Callable:
@@ -270,14 +280,14 @@ def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: 
     "DEMO/samples_seen.png (train classes) and DEMO/samples_heldout.png (test classes), remade when stale."
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None)
     files = {'seen': out / 'samples_seen.png', 'heldout': out / 'samples_heldout.png'}
-    if all(_stamp_ok(p, step) for p in files.values()):
+    if all(p.exists() and _stamp_ok(p.with_suffix('.json'), _stamp(s, step, 'samples')) for p in files.values()):
         _log(log, f"samples: {files['seen']}, {files['heldout']}  (reused)"); return files
     run = (get_run or _loader(out / 'run'))()
     codecs, t0 = run_codecs(run, store.path), time.time()
     for (name, path), split in zip(files.items(), ('train', 'test')):
+        path.with_suffix('.json').unlink(missing_ok=True)   # a grid without its stamp is never taken for a finished one
         save_png(demo_grid(run, codecs, store, split, s), path)
-        path.with_suffix('.json').write_text(json.dumps({'step': run.step, 'split': split, 'cfg': s.cfg,
-                                                         'cfg_interval': list(s.cfg_interval)}))
+        write_atomic(path.with_suffix('.json'), json.dumps({**_stamp(s, run.step, 'samples'), 'split': split}))
     _log(log, f"samples: {files['seen']}, {files['heldout']}  (supports | samples at {_guidance(s)}; "
               f"{time.time() - t0:.0f} s)")
     return files
@@ -313,16 +323,16 @@ def summary_table(summary: dict) -> str:
 def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None, judge=None) -> dict:
     "DEMO/eval/eval.json and figures (remade when the run moved on); returns the summary."
     out = Path(out); step = max(_saved_steps(out / 'run'), default=None); ev = out / 'eval' / 'eval.json'
-    if ev.exists() and json.loads(ev.read_text()).get('step') == step and (out / 'summary.json').exists():
+    if ev.exists() and _stamp_ok(out / 'summary.json', _stamp(s, step, 'eval')):
         _log(log, f"eval:    {ev}  (reused)")
         return json.loads((out / 'summary.json').read_text())
+    (out / 'summary.json').unlink(missing_ok=True)
     run, t0 = (get_run or _loader(out / 'run'))(), time.time()
     res = evaluate(run, store, split='test', seen_split='train', n_per_class=s.eval_per_class,
                    shots=(run.tc.shots,), cfg_scales=s.eval_cfg, steps=s.sample_steps, max_real_per_class=None,
                    judge=judge, n_classes=s.eval_classes, out=out / 'eval', cfg_interval=s.cfg_interval)
-    summary = {'step': run.step, 'cond': run.mc.cond, 'cfg': s.cfg, 'cfg_interval': list(s.cfg_interval),
-               **demo_summary(res, s.cfg)}
-    (out / 'summary.json').write_text(json.dumps(summary, indent=1))
+    summary = {**_stamp(s, run.step, 'eval'), 'cond': run.mc.cond, **demo_summary(res, s.cfg)}
+    write_atomic(out / 'summary.json', json.dumps(summary, indent=1))
     _log(log, f"eval:    {ev}  ({time.time() - t0:.0f} s; {_guidance(s)}, the judge's metrics; vs_real = model / real)\n"
               + summary_table(summary))
     return summary
@@ -395,7 +405,7 @@ test_eq(sorted(p.name for p in d.iterdir()),
         ['eval', 'feats', 'glyphs', 'judge', 'run', 'samples_heldout.json', 'samples_heldout.png', 'samples_seen.json',
          'samples_seen.png', 'split', 'summary.json', 'timings.json'])
 sm = json.loads((d / 'summary.json').read_text())
-test_eq((sm['step'], set(sm)), (30, {'step', 'cond', 'cfg', 'cfg_interval', 'test', 'train'}))
+test_eq((sm['step'], set(sm)), (30, {'step', 'cond', 'cfg', 'cfg_interval', 'sample_steps', 'eval', 'test', 'train'}))
 assert {'real', 'copy', 'mean', 'model', 'vs_real'} <= set(sm['test']) and sm['test']['classes'] == 4
 assert sm['test']['copy']['nn_support_judge'] < 1e-6 and sm['test']['real']['nn_support_judge'] > 0
 test_eq(list(r['timings']), list(STAGES)); test_eq(r['run'], d / 'run')
@@ -406,6 +416,23 @@ msgs2 = []
 t0 = time.time(); demo(d, 'tiny', log=msgs2.append, progress=False)
 assert all('reused' in m for m in msgs2[1:-1]) and len(msgs2) == 8, msgs2
 assert time.time() - t0 < first
+
+# %% [markdown]
+# A grid and the eval are stamped with what they were made from (the run's step, the guidance, the sampler's steps,
+# how many classes and images): asked for other settings, the demo remakes them and reuses the rest. A stage cut
+# short leaves no stamp, so it is never taken for a finished one.
+
+# %%
+msgs3 = []
+demo(d, replace(demo_size('tiny'), cfg=2.0, eval_cfg=(2.0,)), log=msgs3.append, progress=False)
+test_eq([('reused' in m) for m in msgs3[1:7]], [True] * 4 + [False] * 2)
+test_eq([json.loads((d / f).read_text())['cfg'] for f in ('samples_heldout.json', 'summary.json')], [2.0, 2.0])
+(d / 'summary.json').write_text('{"step": 30, "cfg"')            # a summary cut off while it was written
+msgs4 = []; demo(d, replace(demo_size('tiny'), cfg=2.0, eval_cfg=(2.0,)), log=msgs4.append, progress=False)
+assert 'reused' in msgs4[5] and 'reused' not in msgs4[6], msgs4
+msgs5 = []; demo(d, 'tiny', log=msgs5.append, progress=False)          # back to the size's own guidance
+test_eq([('reused' in m) for m in msgs5[1:7]], [True] * 4 + [False] * 2)
+test_eq(json.loads((d / 'summary.json').read_text())['cfg'], 3.0)
 
 # %% [markdown]
 # The grid of held-out classes (tiny: 30 training steps, so noise is what it should show). At the tiny
