@@ -57,9 +57,9 @@ from fastcore.test import test_eq, test_fail
 # lr 2e-3 (warmup 200 steps, EMA decay 0.9975: the EMA averages over the same number of episodes as 0.995 did at
 # batch 64, and a step of 32 costs half of one of 64 on a 2-core CPU, so the budget is unchanged), 15 Euler steps with guidance at scale 8 over the last 40% of the path (0.6 <= t <= 1; `fsdit.sampler`)
 # for samples (all of it chosen on validation classes), and the evaluation on 40 of the 200 held-out classes and on
-# 40 seen ones. `long` trains a wider model (width 192) 6,000 steps at lr 1e-3 with a slower EMA (about 46 minutes of
-# training on a quiet 2-core machine) and guides at scale 4 over the last half of the path (0.5 <= t <= 1; width,
-# scale and interval chosen on its validation classes). `tiny` runs the same stages in seconds (this
+# 40 seen ones. `long` trains a wider and deeper model (width 192, depth 6) 6,000 steps of 64 at lr 1e-3 with a slower
+# EMA (about 92 minutes of training on a quiet 2-core machine, 0.92 s a step) and guides at scale 4 over the last half
+# of the path (0.5 <= t <= 1; width, depth, scale and interval chosen on its validation classes). `tiny` runs the same stages in seconds (this
 # notebook, the tests and the explorer's notebook use it). `cond` picks another conditioning (`'support'`
 # is the seed's: the mean support embedding through adaLN only).
 #
@@ -96,7 +96,7 @@ class DemoSize:
 
 DEMO_SIZES = {
     'full': DemoSize(),
-    'long': DemoSize(model={**DemoSize().model, 'hidden': 192},
+    'long': DemoSize(model={**DemoSize().model, 'hidden': 192, 'depth': 6},
                      train={**DemoSize().train, **dict(batch_size=64, max_steps=6000, lr=1e-3, warmup=100, ema_decay=0.999, log_every=100, eval_every=1500,
                                                       sample_every=6000, save_every=1000, fewshot_every=1000)},
                      cfg=4.0, cfg_interval=(0.5, 1.0), eval_cfg=(4.0,)),
@@ -132,7 +132,9 @@ mc, tc = demo_configs(DEMO_SIZES['full'])
 test_eq((mc.input_size, mc.in_channels, mc.tokens, mc.support_dim, mc.cond), (16, 1, 64, 64, 'aligned'))
 test_eq((tc.batch_size, tc.max_steps, tc.lr, tc.sample_steps, tc.cfg_scale, tc.cfg_interval), (32, 2200, 2e-3, 15, 8.0, (0.6, 1.0)))
 test_eq((tc.warmup, tc.ema_decay), (200, 0.9975))
-test_eq([(c.batch_size, c.max_steps, c.warmup) for c in [demo_configs(DEMO_SIZES['long'])[1]]], [(64, 6000, 100)])
+mc_l, tc_l = demo_configs(DEMO_SIZES['long'])
+test_eq((mc_l.hidden, mc_l.depth, tc_l.batch_size, tc_l.max_steps, tc_l.warmup, tc_l.cfg_scale, tc_l.cfg_interval),
+        (192, 6, 64, 6000, 100, 4.0, (0.5, 1.0)))
 test_eq(demo_configs(DEMO_SIZES['full'], 'support')[0].cond, 'support')
 mc_t, tc_t = demo_configs(demo_size('tiny'), cond='context')
 test_eq((mc_t.input_size, mc_t.tokens, mc_t.cond, tc_t.max_steps), (16, 16, 'context', 30))
@@ -203,13 +205,18 @@ def _saved_steps(run: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+def _resume_step(run: Path) -> int:
+    "The step a run resumes from: its newest checkpoint (0 when none). The log may run past it; the trainer cuts it back."
+    return max(_saved_steps(run), default=0)
+
+
 class _Follow(threading.Thread):
     "Moves a tqdm bar to the last step logged in RUN/metrics.jsonl until stopped."
     def __init__(self, run: Path, total: int, enabled: bool):
         super().__init__(daemon=True)
         from tqdm.auto import tqdm
         self.path, self.bar, self.done = run, tqdm(total=total, desc='train', unit='step', disable=not enabled), threading.Event()
-        self.bar.update(_last_step(run))
+        self.bar.update(_resume_step(run))
 
     def run_once(self):
         s = _last_step(self.path)
@@ -228,7 +235,7 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
     out = Path(out); run = out / 'run'; mc, tc = demo_configs(s, cond)
     if tc.max_steps in _saved_steps(run) and _last_step(run) >= tc.max_steps:
         _log(log, f"train:   {run}  (done: {tc.max_steps} steps, reused)"); return run
-    t0, step0 = time.time(), _last_step(run)
+    t0, step0 = time.time(), _resume_step(run)
     feats = str(Path(store.path).absolute())
     follow = _Follow(run, tc.max_steps, progress); follow.start()
     source = store_source(feats, tc)
@@ -236,7 +243,8 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
     try: train(mc, tc, source, run, extra={'feats': feats}, hooks=[hook])   # as `fsdit train --feats` does
     finally: follow.stop()
     last = read_records(run / 'metrics.jsonl')[-1][1]
-    _log(log, f"train:   {run}  ({mc.cond} conditioning, {tc.max_steps - step0} steps of {tc.batch_size} in "
+    _log(log, f"train:   {run}  ({mc.cond} conditioning, {tc.max_steps - step0} steps of {tc.batch_size}"
+              f"{f' from step {step0}' if step0 else ''} in "
               f"{time.time() - t0:.0f} s; final train loss {last.get('train/loss', float('nan')):.4f}, "
               f"val loss {last.get('val/loss', float('nan')):.4f})")
     return run
@@ -376,7 +384,14 @@ def _keep_timings(path: Path, now: dict):
 # %% [markdown]
 # Training goes through `fsdit.train.train` on episodes from the store. The trainer logs to
 # `RUN/metrics.jsonl`; a thread follows that file to move a progress bar, so the trainer needs no hook.
-# A run already at its last step is not touched.
+# A run already at its last step is not touched. A run cut off resumes from its newest checkpoint, which may be
+# behind the last line of its log (the trainer cuts the log back to it), so that is where the bar starts and what the
+# stage's line counts from:
+
+# %%
+_r = Path(tempfile.mkdtemp()) / 'run'; (_r / 'checkpoints' / '1000').mkdir(parents=True)
+(_r / 'metrics.jsonl').write_text(''.join(json.dumps({'step': k, 'train/loss': 0.2}) + '\n' for k in (500, 1000, 1500)))
+test_eq((_resume_step(_r), _last_step(_r), _resume_step(_r.parent / 'none')), (1000, 1500, 0))
 
 # %% [markdown]
 # The grids show, one class a row, the 5 supports (left of the gap) and images generated from them at
@@ -462,7 +477,7 @@ def demo_cli(argv: list[str]) -> int:
     p = Parser(prog='fsdit demo', description=demo_cli.__doc__)
     p.add_argument('--out', default='demo', help='demo folder (reused: finished stages are skipped)')
     p.add_argument('--size', default='full', choices=sorted(DEMO_SIZES),
-                   help="'full' (minutes on a CPU), 'long' (about six times longer) or 'tiny' (seconds)")
+                   help="'full' (minutes on a CPU), 'long' (about 1.6 hours on a 2-core CPU) or 'tiny' (seconds)")
     p.add_argument('--cond', default=None, choices=('aligned', 'support', 'context'),
                    help="default (the size's): 'aligned', the supports' pixels beside the target; 'support': the seed's mean "
                         "embedding via adaLN only; 'context': supports also as tokens")
