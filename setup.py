@@ -8,14 +8,16 @@ cfg = cfg['DEFAULT']
 
 def _reqs(key): return cfg.get(key, '').split()
 
-licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
-lic = licenses[cfg['license']]
+# settings.ini names the license as nbdev does; the package metadata carries its SPDX expression (PEP 639), with no
+# `License ::` classifier beside it (setuptools >= 77 refuses the two together, and warns about the classifier alone)
+licenses = {'apache2': 'Apache-2.0'}
 setuptools.setup(
     name=cfg['lib_name'], version=cfg['version'], description=cfg['description'],
     long_description=open('README.md', encoding='utf-8').read(), long_description_content_type='text/markdown',
-    author=cfg['author'], author_email=cfg['author_email'], url=cfg['git_url'], license=lic[0],
+    author=cfg['author'], author_email=cfg['author_email'], url=cfg['git_url'],
+    license_expression=licenses[cfg['license']],
     keywords=cfg['keywords'].split(), python_requires=f">={cfg['min_python']}",
-    classifiers=[f"License :: {lic[1]}", 'Programming Language :: Python :: 3',
+    classifiers=['Programming Language :: Python :: 3',
                  'Intended Audience :: Science/Research', 'Topic :: Scientific/Engineering :: Artificial Intelligence'],
     packages=setuptools.find_packages(include=['fsdit', 'fsdit.*']), include_package_data=True,
     install_requires=_reqs('requirements'),

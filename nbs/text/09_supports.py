@@ -89,10 +89,10 @@ test_eq(len(class_dir_supports(tmp / 'sup', 1)), 1)
 # %% [markdown]
 # ## Command line
 #
-# `fsdit sample --run RUN --support a.jpg b.jpg ... --n 16 --cfg 3.0 --steps 50 --seed 0 --out grid.png`, or
+# `fsdit sample --run RUN --support a.jpg b.jpg ... --n 16 --cfg 3.0 --steps 15 --seed 0 --out grid.png`, or
 # `--class-dir DIR` (with `--shots K`, default the run's training shots) to draw the supports from a
-# folder. `--cfg` and `--cfg-interval LO HI` (guidance only where LO <= t <= HI) default to the run's own
-# (`TrainConfig.cfg_scale`, `cfg_interval`). Writes the grid, and with `--npz` the raw samples; folders that do not exist yet are made. Every input
+# folder. `--cfg`, `--cfg-interval LO HI` (guidance only where LO <= t <= HI) and `--steps` default to the run's own
+# (`TrainConfig.cfg_scale`, `cfg_interval`, `sample_steps`). Writes the grid, and with `--npz` the raw samples; folders that do not exist yet are made. Every input
 # and output path is checked before the run loads, and nothing is written until the samples exist: a refusal
 # prints one line, exits 1 and leaves no file behind. (A negative `--cfg` is guidance *away* from the
 # supports, $v_u + s\,(v_c - v_u)$ with $s < 0$: well defined, so accepted.)
@@ -112,7 +112,7 @@ def sample_cli(argv: list[str]) -> int:
                    help="classifier-free guidance scale (negative: away from the supports; default: the run's)")
     p.add_argument('--cfg-interval', type=float, nargs=2, default=None, metavar=('LO', 'HI'),
                    help="guide only where LO <= t <= HI (t=0 noise, t=1 data; default: the run's)")
-    p.add_argument('--steps', type=positive_int, default=50, help='sampler steps')
+    p.add_argument('--steps', type=positive_int, default=None, help="sampler steps (default: the run's)")
     p.add_argument('--method', default='euler', choices=('euler', 'heun'))
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='grid.png', help='grid image to write')
@@ -134,7 +134,8 @@ def sample_cli(argv: list[str]) -> int:
         sup = read_supports(files, codecs.image_size)
         cfg = run.tc.cfg_scale if a.cfg is None else a.cfg
         interval = interval or check_interval(run.tc.cfg_interval)
-        x = sample_from_supports(run, codecs, sup, a.n, cfg_scale=cfg, steps=a.steps, seed=a.seed, method=a.method,
+        steps = a.steps or run.tc.sample_steps
+        x = sample_from_supports(run, codecs, sup, a.n, cfg_scale=cfg, steps=steps, seed=a.seed, method=a.method,
                                  cfg_interval=interval)
         if len(sup) != run.tc.shots:
             say(f"note: the run was trained on {run.tc.shots}-shot episodes; sampled from {len(sup)} supports")
@@ -143,7 +144,7 @@ def sample_cli(argv: list[str]) -> int:
         save_png(support_grid(sup, x), a.out)
     except (ValueError, OSError) as e:
         return fail('sample', e)
-    print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {cfg}{interval_text(interval)}, {a.steps} steps)")
+    print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {cfg}{interval_text(interval)}, {steps} steps)")
     return 0
 
 
@@ -167,8 +168,10 @@ with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stder
     test_eq(sample_cli(['--run', str(tmp / 'empty'), '--support', str(files[0])]), 1)
     test_eq(cli('--support', *files, '--cfg-interval', '0.9', '0.1'), 1)  # refused before the run loads
     test_eq(cli('--support', *files, '--cfg-interval', '0.5', '1'), 0)
+    test_eq(sample_cli(['--run', str(run_dir), '--n', '2', '--out', str(tmp / 'grid2.png'), '--support', *map(str, files)]), 0)
 grid = np.asarray(Image.open(tmp / 'grid.png'))
 test_eq(grid.shape, (2 * (8 + 2), 5 * (8 + 2), 3))             # supports row + one row of 5 samples
 assert 'broken.jpg' in err.getvalue() and 'missing.png (no such file)' in err.getvalue() and 'no checkpoint' in err.getvalue()
 assert 'holds 3 images' in err.getvalue() and '0 <= lo <= hi <= 1' in err.getvalue()
 assert 'cfg 3.0, 2 steps' in out.getvalue() and 'cfg 3.0 for t in [0.5, 1], 2 steps' in out.getvalue()
+assert f'cfg 3.0, {tc.sample_steps} steps' in out.getvalue()      # no --steps: the run's own sampler steps
