@@ -35,7 +35,7 @@ from fastcore.test import test_eq, test_fail
 
 # %%
 #| export
-CONDS = ('support', 'class', 'context', 'aligned')
+CONDS = ('support', 'class', 'context', 'aligned', 'xattn')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION = ('xla', 'cudnn')
 
@@ -50,10 +50,10 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     input_size: int = 28         # latent (or pixel) grid side
     in_channels: int = 4         # 4 for SD-VAE latents, 3 (or 1) in pixel mode
-    cond: str = 'support'        # 'support' | 'class' | 'context' | 'aligned'
+    cond: str = 'support'        # 'support' | 'class' | 'context' | 'aligned' | 'xattn'
     support_dim: int = 768       # SigLIP2 B/16 embedding width
     num_classes: int = 0         # only for cond='class'
-    context_patch: int = 4       # patch of the support latents for cond='context' (49 tokens each at 28x28)
+    context_patch: int = 4       # patch of the support latents for cond='context' / 'xattn' (49 tokens each at 28x28)
     cfg_drop: float = 0.1        # probability the condition is replaced by the null condition in training
     dtype: str = 'float32'       # compute dtype; parameters are always float32
     attention: str = 'xla'       # jax.nn.dot_product_attention implementation
@@ -86,7 +86,7 @@ def validate_model(c: ModelConfig):
     _require(c.hidden % 4 == 0, f"hidden {c.hidden} must be a multiple of 4 for the 2-D sin-cos positions")
     _require(c.cond in CONDS, f"cond must be one of {CONDS}, got {c.cond!r}")
     _require(c.cond != 'class' or c.num_classes > 0, "cond='class' needs num_classes > 0")
-    _require(c.cond != 'context' or c.input_size % c.context_patch == 0,
+    _require(c.cond not in ('context', 'xattn') or c.input_size % c.context_patch == 0,
              f"context_patch {c.context_patch} does not divide the input size {c.input_size}")
     _require(0.0 <= c.cfg_drop < 1.0, f"cfg_drop must be in [0, 1), got {c.cfg_drop}")
     _require(c.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {c.dtype!r}")

@@ -66,9 +66,9 @@ def _ft2font(path: str):
 def _has_glyph(path: str, ch: str) -> bool: return _ft2font(path).get_char_index(ord(ch)) != 0
 
 
-def render_glyph(ch: str, font: str, size: int = 32, shift=(0.0, 0.0), scale: float = 1.0, angle: float = 0.0,
-                 stroke: int = 0) -> np.ndarray:
-    "One character in one matplotlib font: uint8 (size, size) dark on white, jittered as asked."
+def _glyph_ink(ch: str, font: str, size: int, shift=(0.0, 0.0), scale: float = 1.0, angle: float = 0.0,
+               stroke: int = 0) -> np.ndarray:
+    "The ink of one character: uint8 (size, size), 255 where the stroke is, rendered at 4x and downsampled."
     from PIL import ImageDraw, ImageFont
     S = 4 * size                                            # render large, then downsample (antialiasing)
     f = ImageFont.truetype(_font_path(font), int(0.6 * S * scale))
@@ -76,7 +76,18 @@ def render_glyph(ch: str, font: str, size: int = 32, shift=(0.0, 0.0), scale: fl
     ImageDraw.Draw(im).text((S / 2 + shift[0] * S, S / 2 + shift[1] * S), ch, fill=255, font=f, anchor='mm')
     if stroke: im = im.filter(ImageFilter.MaxFilter(2 * stroke + 1))
     im = im.rotate(angle, resample=Image.BICUBIC)
-    return 255 - np.asarray(im.resize((size, size), Image.LANCZOS), np.uint8)
+    return np.asarray(im.resize((size, size), Image.LANCZOS), np.uint8)
+
+
+def render_glyph(ch: str, font: str, size: int = 32, shift=(0.0, 0.0), scale: float = 1.0, angle: float = 0.0,
+                 stroke: int = 0, ink=None, paper=None) -> np.ndarray:
+    """One character in one matplotlib font, jittered as asked: uint8 (size, size) dark on white, or with `ink` and
+    `paper` colours (RGB triples, 0..255) uint8 (size, size, 3)."""
+    a = _glyph_ink(ch, font, size, shift, scale, angle, stroke)
+    if ink is None and paper is None: return 255 - a
+    a = a[..., None].astype(np.float32) / 255
+    rgb = (1 - a) * np.asarray(paper, np.float32) + a * np.asarray(ink, np.float32)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
 def glyph_name(ch: str) -> str:
@@ -101,11 +112,33 @@ def glyph_jitter(rng: np.random.RandomState) -> dict:
                 angle=rng.uniform(-10, 10), stroke=int(rng.rand() < 0.25))
 
 
-def render_class(ch: str, n: int, size: int, rng: np.random.RandomState, fonts: Sequence[str] = GLYPH_FONTS):
-    "`n` jittered images (n, size, size) uint8 of `ch`, cycling through the fonts that draw it, and their fonts."
+def _luma(rgb) -> float: return float(np.dot(rgb, (0.299, 0.587, 0.114)))
+
+
+def unaligned_jitter(rng: np.random.RandomState, min_contrast: float = 96.0) -> dict:
+    """One image of the unaligned style: the character anywhere in the frame at about half to the full side,
+    rotated up to 25 degrees either way, in a random ink on a random paper whose brightness differs by `min_contrast`."""
+    scale = rng.uniform(0.85, 1.6)                          # font size 0.5-0.96 of the side (1.0 = the aligned style)
+    room = max(0.0, 0.5 - 0.3 * scale)                      # the centre may move this far (of the side) and keep the glyph in
+    shift = tuple(rng.uniform(-room, room, 2))
+    angle, stroke = rng.uniform(-25, 25), int(rng.rand() < 0.25)
+    while True:
+        ink, paper = rng.randint(0, 256, 3), rng.randint(0, 256, 3)
+        if abs(_luma(ink) - _luma(paper)) >= min_contrast: break
+    return dict(shift=shift, scale=scale, angle=angle, stroke=stroke, ink=tuple(map(int, ink)), paper=tuple(map(int, paper)))
+
+
+GLYPH_STYLES = {'aligned': glyph_jitter, 'unaligned': unaligned_jitter}
+
+
+def render_class(ch: str, n: int, size: int, rng: np.random.RandomState, fonts: Sequence[str] = GLYPH_FONTS,
+                 style: str = 'aligned'):
+    """`n` images of `ch` in `style`, cycling through the fonts that draw it, and their fonts: 'aligned' gives
+    (n, size, size) gray, centred; 'unaligned' gives (n, size, size, 3) RGB, placed and coloured at random."""
+    if style not in GLYPH_STYLES: raise ValueError(f"unknown glyph style {style!r}; choose one of {sorted(GLYPH_STYLES)}")
     have = glyph_fonts(ch, fonts)
     names = [have[i % len(have)] for i in range(n)]
-    return np.stack([render_glyph(ch, f, size, **glyph_jitter(rng)) for f in names]), names
+    return np.stack([render_glyph(ch, f, size, **GLYPH_STYLES[style](rng)) for f in names]), names
 
 
 # %% [markdown]
@@ -118,6 +151,24 @@ test_eq((g.shape, g.dtype), ((32, 32), np.uint8))
 assert g.min() < 50 and g[0, 0] == 255 and (g < 128).mean() > 0.05        # dark glyph on white
 assert (render_glyph('A', 'DejaVuSans', 32, stroke=2) < 128).sum() > (g < 128).sum()
 test_eq(glyph_name('λ'), 'u03bb_greek_small_letter_lamda'); test_eq(glyph_char(glyph_name('λ')), 'λ')
+
+# %% [markdown]
+# Photographs of one class do not line up: the object sits at different places and sizes, on different
+# backgrounds. The `'unaligned'` style gives the glyphs the same trouble: each image puts its character
+# anywhere in the frame, at half to the full side, turned up to 25 degrees, in a random ink on a random paper
+# (their brightness at least 96 levels apart, so the character stays legible). Five supports of a class then
+# share no pixel layout, and their per-position mean is a blur:
+
+# %%
+_u, _ = render_class('A', 64, 24, np.random.RandomState(0), style='unaligned')
+test_eq((_u.shape, _u.dtype), ((64, 24, 24, 3), np.uint8))
+_c = np.array([_u[i, 0, 0] for i in range(64)], np.float32)                 # the corners are paper
+assert _c.std(0).min() > 40                                                 # papers differ from image to image
+_al, _ = render_class('A', 64, 24, np.random.RandomState(0))
+_ink = lambda x: np.abs(x.astype(np.float32) - x[:, :1, :1].astype(np.float32)).mean(-1) if x.ndim == 4 else 255. - x
+_corr = lambda x: np.corrcoef(_ink(x).reshape(len(x), -1))[np.triu_indices(len(x), 1)].mean()
+assert _corr(_u) < 0.6 * _corr(_al), (_corr(_al), _corr(_u))                # unaligned inks overlap far less than aligned ones
+raises(lambda: render_class('A', 2, 32, np.random.RandomState(0), style='tilted'), 'unknown glyph style')
 
 # %% [markdown]
 # 130 characters are few: with few classes a model can learn a lookup of class identity instead of
@@ -171,21 +222,26 @@ raises(lambda: glyph_classes(20, min_distance=5.0), 'distinct characters')
 # %%
 #| export
 def make_offline_dataset(dst, per_class: int = 24, size: int = 32, seed: int = 0, chars: str | Sequence[str] = GLYPHS,
-                         fonts: Sequence[str] = GLYPH_FONTS) -> dict[str, int]:
-    "Write the glyph dataset flat into `dst/<class>/*.png` (atomic; a complete `dst` is reused); class -> images."
+                         fonts: Sequence[str] = GLYPH_FONTS, style: str = 'aligned') -> dict[str, int]:
+    "Write the glyph dataset in `style` flat into `dst/<class>/*.png` (atomic; a complete `dst` is reused); class -> images."
     dst = Path(dst)
-    if (dst / 'glyphs.json').exists(): return json.loads((dst / 'glyphs.json').read_text())['classes']
+    if (dst / 'glyphs.json').exists():
+        meta = json.loads((dst / 'glyphs.json').read_text())
+        if meta.get('style', 'aligned') != style:
+            raise FileExistsError(f"{dst} holds {meta.get('style', 'aligned')} glyphs, not {style}: choose another folder")
+        return meta['classes']
+    if style not in GLYPH_STYLES: raise ValueError(f"unknown glyph style {style!r}; choose one of {sorted(GLYPH_STYLES)}")
     if dst.exists() and any(dst.iterdir()): raise FileExistsError(f"{dst} exists and is not a glyph dataset: choose another folder")
     rng, counts = np.random.RandomState(seed), {}
     with building(dst) as tmp:                                    # a complete dataset or none
         for ch in chars:
             if len(glyph_fonts(ch, fonts)) < 4: continue         # too few typefaces to be a class
             d = tmp / glyph_name(ch); d.mkdir()
-            images, names = render_class(ch, per_class, size, rng, fonts)
+            images, names = render_class(ch, per_class, size, rng, fonts, style)
             for i, (g, font) in enumerate(zip(images, names)):
-                Image.fromarray(g).save(d / f"{i:02d}_{font}.png")   # gray PNG; `load_image` gives RGB
+                Image.fromarray(g).save(d / f"{i:02d}_{font}.png")   # gray or RGB PNG; `load_image` gives RGB
             counts[d.name] = per_class
-        (tmp / 'glyphs.json').write_text(json.dumps(dict(per_class=per_class, size=size, seed=seed, classes=counts)))
+        (tmp / 'glyphs.json').write_text(json.dumps(dict(per_class=per_class, size=size, seed=seed, style=style, classes=counts)))
     return counts
 
 
@@ -204,6 +260,10 @@ assert time.time() - _t0 < 10
 (_root / 'notes').mkdir(); (_root / 'notes' / 'todo.txt').write_text('x')
 raises(lambda: make_offline_dataset(_root / 'notes'), 'is not a glyph dataset')
 test_eq(sorted(p.name for p in _root.iterdir()), ['glyphs', 'notes'])        # no partial folder left
+raises(lambda: make_offline_dataset(_root / 'glyphs', style='unaligned'), 'holds aligned glyphs')
+_ug = make_offline_dataset(_root / 'glyphs_u', per_class=6, size=24, chars='AB', style='unaligned')
+_im = load_image(next((_root / 'glyphs_u' / glyph_name('B')).iterdir()))
+test_eq(_im.shape, (24, 24, 3)); assert _im.std((0, 1)).max() > 10          # colour on colour
 
 
 # %% [markdown]

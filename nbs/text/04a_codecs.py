@@ -19,6 +19,7 @@ import numpy as np
 from fsdit.config import model_config
 from fsdit.data import l2_normalize
 from fsdit.encoder import SigLIPEncoder
+from fsdit.glyph_encoder import GlyphEncoder, is_glyph_encoder
 from fsdit.features import open_store, precompute, store_index
 from fsdit.vae import DEFAULT_VAE, SDVAE
 from fsdit.cli import Parser, positive_int, check_out_dir, fail
@@ -171,8 +172,9 @@ def stand_in_encoder(name: str) -> PixelEncoder:
 
 
 def load_encoder(name: str):
-    "The support encoder a store names: a stand-in rebuilt from its name, else SigLIP(2) from a hub id or folder."
+    "The support encoder a store names: a stand-in rebuilt from its name, a glyph encoder folder, else SigLIP(2) from a hub id or folder."
     if name.startswith('stand-in/'): return stand_in_encoder(name)
+    if is_glyph_encoder(name): return GlyphEncoder.from_pretrained(name)
     return SigLIPEncoder.from_pretrained(name)
 
 
@@ -196,7 +198,7 @@ def run_codecs(run, feats=None, encoder: str | None = None, vae: str | None = No
     mc, meta = run.mc, store_meta(run, feats) or {}
     enc_name, vae_name = encoder or meta.get('encoder'), vae or meta.get('vae')
     if run.space == 'pixel':
-        enc = stand_in_encoder(enc_name) if enc_name else PixelEncoder(dim=mc.support_dim)
+        enc = load_encoder(enc_name) if enc_name else PixelEncoder(dim=mc.support_dim)
         space = PixelSpace(size=mc.input_size, channels=mc.in_channels)
         size = int(meta.get('image_size', mc.input_size))
         return Codecs(enc.embed, space.moments, lambda z: np.asarray(z), size, {'encoder': enc.name, 'vae': space.name})
@@ -243,7 +245,8 @@ def precompute_cli(argv: list[str]) -> int:
     p = Parser(prog='fsdit precompute', description=precompute.__doc__)
     p.add_argument('--data', required=True, help='prepared split (output of `fsdit prepare`)')
     p.add_argument('--out', required=True, help='feature store folder to write')
-    p.add_argument('--encoder', default=DEFAULT_ENCODER, help='SigLIP(2) hub id or local folder')
+    p.add_argument('--encoder', default=None, help=f'SigLIP(2) hub id or local folder (default {DEFAULT_ENCODER}); '
+                   'with --stand-in: a glyph encoder folder (default: the random pixel projection)')
     p.add_argument('--vae', default=DEFAULT_VAE, help='SD-VAE (any diffusers AutoencoderKL) hub id or local folder')
     p.add_argument('--image-size', type=positive_int, default=None, help='224 (latent) or 32 (--stand-in)')
     p.add_argument('--chunk-size', type=positive_int, default=1024); p.add_argument('--batch-size', type=positive_int, default=64)
@@ -257,10 +260,11 @@ def precompute_cli(argv: list[str]) -> int:
         store_index(a.data)                                  # a split to read, before any encoder loads
         if a.stand_in:
             size = a.image_size or 32
-            enc, vae, space = PixelEncoder(dim=a.embed_dim), PixelSpace(size=size, channels=a.channels), 'pixel'
+            enc = load_encoder(a.encoder) if a.encoder else PixelEncoder(dim=a.embed_dim)
+            vae, space = PixelSpace(size=size, channels=a.channels), 'pixel'
         else:
-            size, space = a.image_size or 224, 'latent'
-            enc = _named(SigLIPEncoder.from_pretrained(a.encoder, dtype=a.dtype), a.encoder, 'embed')
+            size, space, name = a.image_size or 224, 'latent', a.encoder or DEFAULT_ENCODER
+            enc = _named(SigLIPEncoder.from_pretrained(name, dtype=a.dtype), name, 'embed')
             vae = _named(SDVAE.from_pretrained(a.vae, dtype=a.dtype), a.vae, 'moments')
         st = precompute(a.data, a.out, enc, vae, size, space, a.chunk_size, a.batch_size)
     except (ValueError, OSError) as e:
@@ -282,3 +286,23 @@ test_eq((c3.names['encoder'], c3.image_size), (st3.meta['encoder'], 16))
 with contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(precompute_cli(['--data', str(_root / 'nothing'), '--out', str(_root / 'feats4'), '--stand-in']), 1)
 assert err.getvalue().startswith('fsdit precompute: no images under')
+
+# %% [markdown]
+# `--encoder FOLDER` with `--stand-in` embeds with a saved glyph encoder (`fsdit.glyph_encoder`), as a user
+# points `--encoder` at a local SigLIP2 folder; the store records the folder, and a run's codecs load it back:
+
+# %%
+from fsdit.glyph_encoder import GlyphEncoder, GlyphEncoderSpec, GlyphEncoderNet
+import jax
+_gs = GlyphEncoderSpec(embed_dim=8)
+_gdir = GlyphEncoder(_gs, GlyphEncoderNet(_gs).init(jax.random.PRNGKey(0), np.zeros((1, 24, 24, 3)))['params']).save_pretrained(_root / 'genc')
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    test_eq(precompute_cli(['--data', str(_root / 'split'), '--out', str(_root / 'feats5'), '--stand-in', '--image-size', '16',
+                            '--encoder', str(_gdir)]), 0)
+st5 = open_store(_root / 'feats5')
+test_eq((st5.meta['encoder'], st5.embeds.shape), (str(_gdir), (36, 8)))
+c5 = run_codecs(types.SimpleNamespace(mc=offline_model_config('mu', size=16, embed_dim=8), space='pixel',
+                                      config={'feats': str(_root / 'feats5')}))
+_im = np.asarray(st5.moments[:3, 0, 0], np.float32)
+test_close(np.asarray(c5.embed(_im)), np.asarray(st5.embeds[:3], np.float32), eps=2e-3)   # float16 store
+test_eq(type(load_encoder(str(_gdir))).__name__, 'GlyphEncoder')

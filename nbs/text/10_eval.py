@@ -19,8 +19,8 @@ import numpy as np
 from fsdit.features import open_store
 from fsdit.fid import fid_inception, inception_features
 from fsdit.images import to_uint8
-from fsdit.metrics import (frechet_distance, heldout_prototype_accuracy, loo_prototype_accuracy, class_diversity,
-                           nearest_support_distance)
+from fsdit.metrics import (frechet_distance, kernel_distance, heldout_prototype_accuracy, loo_prototype_accuracy,
+                           class_diversity, nearest_support_distance)
 from fsdit.run import load_run
 from fsdit.codecs import run_codecs
 from fsdit.config import check_interval
@@ -146,6 +146,7 @@ def judge_record(im: Images, real: Images, supports, judge_labels, real_ref: boo
     x = real.take(a) if real_ref else im
     rec = {'judge_acc': float((x.judge_logits.argmax(1) == np.asarray(judge_labels)[x.labels]).mean()),
            'glyph_fd': frechet_distance(x.judge_feats, real.judge_feats[b]),
+           'glyph_kid': kernel_distance(x.judge_feats, real.judge_feats[b]),
            'judge_chance': 1.0 / im.judge_logits.shape[1]}
     div = real if real_ref else im
     rec['diversity_judge'] = class_diversity(div.judge_feats, div.labels, 'rms')
@@ -313,9 +314,10 @@ METRICS = {'proto_acc': 'prototype accuracy (class consistency)', 'fd_embed': 'F
            'diversity_pixel': 'diversity: mean pairwise pixel RMS', 'nn_support_embed': 'distance to nearest support (cosine)',
            'nn_support_pixel': 'distance to nearest support (pixel RMS)',
            'judge_acc': 'class consistency by the judge (its verdict = the supports\' class)',
-           'glyph_fd': 'glyph-FD: Fréchet distance in the judge\'s features', 'diversity_judge': 'diversity: judge features, RMS',
+           'glyph_fd': 'glyph-FD: Fréchet distance in the judge\'s features',
+           'glyph_kid': 'glyph-KID: kernel distance in the judge\'s features (no sample-size bias)', 'diversity_judge': 'diversity: judge features, RMS',
            'nn_support_judge': 'distance to nearest support (judge features, RMS)'}
-JUDGE_METRICS = ('judge_acc', 'glyph_fd', 'diversity_judge', 'nn_support_judge')   # with a `Pipeline.judge` only
+JUDGE_METRICS = ('judge_acc', 'glyph_fd', 'glyph_kid', 'diversity_judge', 'nn_support_judge')   # with a `Pipeline.judge` only
 
 
 def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch_size: int = 256, fid_model=None,

@@ -80,11 +80,12 @@ test_eq((_l.shape, _f.shape), ((3, 7), (3, 256)))
 
 # %%
 #| export
-def render_judge_set(chars: str, per_class: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    "Images (N, size, size, 1) float32 in [-1, 1] and labels (N,): `per_class` fresh renderings per character."
+def render_judge_set(chars: str, per_class: int, size: int, seed: int, style: str = 'aligned') -> tuple[np.ndarray, np.ndarray]:
+    "Gray images (N, size, size, 1) float32 in [-1, 1] and labels (N,): `per_class` fresh renderings per character in `style`."
     rng = np.random.RandomState(seed)
-    X = np.concatenate([render_class(ch, per_class, size, rng, GLYPH_FONTS)[0] for ch in chars])
-    return (X.astype(np.float32) / 127.5 - 1)[..., None], np.repeat(np.arange(len(chars)), per_class)
+    X = np.concatenate([render_class(ch, per_class, size, rng, GLYPH_FONTS, style)[0] for ch in chars]).astype(np.float32)
+    if X.ndim == 4: X = X.mean(-1)                                          # RGB -> gray, as the judge reads it
+    return (X / 127.5 - 1)[..., None], np.repeat(np.arange(len(chars)), per_class)
 
 
 def _gray(images, size: int) -> jax.Array:
@@ -150,10 +151,9 @@ class _Static:
     def __iter__(self): return iter(self.v)
 
 
-def train_judge(chars: str, size: int = 32, per_class: int = 16, epochs: int = 10, batch_size: int = 128,
-                lr: float = 2e-3, seed: int = 1, log: Callable | None = None) -> GlyphJudge:
-    "Fit a `GlyphJudge` on fresh renderings of `chars` and measure its accuracy on a further rendering."
-    X, y = render_judge_set(chars, per_class, size, seed)
+def fit_judge(X, y, chars: str, size: int, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3, seed: int = 1,
+              log: Callable | None = None) -> GlyphJudge:
+    "Fit a `GlyphJudge` of `chars` on gray images X (N, size, size, 1) in [-1, 1] with labels y (N,) indexing `chars`."
     judge = GlyphJudge(chars, size, None)
     net = judge.net
     params = net.init(jax.random.PRNGKey(seed), X[:1])['params']
@@ -167,7 +167,15 @@ def train_judge(chars: str, size: int = 32, per_class: int = 16, epochs: int = 1
             params, opt, loss = _judge_fit_step(static, params, opt, X[idx], y[idx])
         if log: log(f"judge epoch {e + 1}/{epochs}: loss {float(loss):.3f}")
     judge.params = params
-    Xh, yh = render_judge_set(chars, max(2, -(-512 // len(chars))), size, seed + 1000)   # at least 512 images
+    return judge
+
+
+def train_judge(chars: str, size: int = 32, per_class: int = 16, epochs: int = 10, batch_size: int = 128,
+                lr: float = 2e-3, seed: int = 1, log: Callable | None = None, style: str = 'aligned') -> GlyphJudge:
+    "Fit a `GlyphJudge` on fresh renderings of `chars` in `style` and measure its accuracy on a further rendering."
+    X, y = render_judge_set(chars, per_class, size, seed, style)
+    judge = fit_judge(X, y, chars, size, epochs, batch_size, lr, seed, log)
+    Xh, yh = render_judge_set(chars, max(2, -(-512 // len(chars))), size, seed + 1000, style)   # at least 512 images
     judge.accuracy = float((judge(Xh)[0].argmax(1) == yh).mean())
     return judge
 
@@ -188,6 +196,15 @@ test_eq(_judge.index([glyph_name('B'), glyph_name('0')]), [11, 0])
 test_fail(lambda: _judge.index(['nope']), contains='does not know')
 _rgb = np.repeat(_X, 3, -1)                                                 # RGB input reads the same
 test_close(_judge(_rgb)[1], _f, eps=1e-4)
+
+# %% [markdown]
+# On unaligned glyphs (`style='unaligned'`: anywhere in the frame, any size, angle and colours) the judge
+# reads the gray of its RGB renderings; trained on them it reads characters wherever they sit:
+
+# %%
+_uj = train_judge('0123AB', size=24, per_class=96, epochs=8, batch_size=64, style='unaligned')
+_Xu, _yu = render_judge_set('0123AB', 6, 24, seed=8, style='unaligned')
+assert _uj.accuracy > 0.35 and (_uj(_Xu)[0].argmax(1) == _yu).mean() > 0.35, _uj.accuracy  # chance: 1/6
 
 
 # %% [markdown]

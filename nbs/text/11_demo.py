@@ -30,7 +30,8 @@ import numpy as np
 
 from fsdit.config import train_config, TrainConfig, ModelConfig, interval_text
 from fsdit.cli import Parser, positive_int, fail
-from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace, stand_in_encoder, run_codecs
+from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace, load_encoder, run_codecs
+from fsdit.glyph_encoder import GlyphEncoder, GlyphEncoderSpec, is_glyph_encoder, train_glyph_encoder, prototype_accuracy
 from fsdit.data import prepare
 from fsdit.eval import FewShotHook, evaluate
 from fsdit.features import precompute, store_source
@@ -77,7 +78,9 @@ class DemoSize:
     classes: int = 1000                   # glyph classes (`fsdit.glyphs.glyph_classes`), unless `chars` is given
     chars: str | None = None              # the characters themselves
     channels: int = 1                     # 1: gray pixels; 3: RGB
+    data: str = 'aligned'                 # glyph style (`fsdit.glyphs.GLYPH_STYLES`): centred gray, or placed and coloured at random
     embed_dim: int = 64                   # stand-in support embedding width
+    encoder: dict | None = None           # `train_glyph_encoder` settings of a trained stand-in encoder; None: the random projection
     cond: str = 'aligned'                 # the conditioning (see `fsdit.config.CONDS`)
     model: dict = field(default_factory=lambda: dict(preset='mu', hidden=128, depth=4, heads=4, patch=2))
     train: dict = field(default_factory=lambda: dict(
@@ -108,10 +111,23 @@ DEMO_SIZES = {
 }
 
 
-def demo_size(name: str = 'full', **overrides) -> DemoSize:
-    "The demo size `name` with `overrides` applied (an override always wins)."
+# What the unaligned data changes at every size: 24 px RGB (a character at half the side is still legible,
+# and patch 3 keeps the 64 target tokens of the aligned 16 px at patch 2), a trained stand-in encoder, and
+# cross-attention to the supports (6 px patches: 16 tokens a support).
+UNALIGNED = dict(image_size=24, channels=3, cond='xattn', model=dict(patch=3, context_patch=6),
+                 encoder=dict(per_class=48, steps=2500), judge=dict(per_class=48, epochs=5))
+UNALIGNED_TINY = dict(encoder=dict(per_class=8, steps=30, batch_size=32), judge=dict(per_class=8, epochs=4, batch_size=32))
+
+
+def demo_size(name: str = 'full', data: str = 'aligned', **overrides) -> DemoSize:
+    "The demo size `name` on `data` ('aligned' or 'unaligned' glyphs) with `overrides` applied (an override always wins)."
     if name not in DEMO_SIZES: raise KeyError(f"unknown demo size {name!r}; choose one of {sorted(DEMO_SIZES)}")
-    return replace(DEMO_SIZES[name], **overrides)
+    s = DEMO_SIZES[name]
+    if data == 'unaligned':
+        u = {**UNALIGNED, **(UNALIGNED_TINY if name == 'tiny' else {})}
+        s = replace(s, data=data, **{**u, 'model': {**s.model, **u['model']}})
+    elif data != 'aligned': raise ValueError(f"unknown demo data {data!r}; choose 'aligned' or 'unaligned'")
+    return replace(s, **overrides)
 
 
 def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
@@ -169,18 +185,52 @@ def demo_data(out, s: DemoSize, log: Callable | None = None) -> Path:
     out = Path(out); t0 = time.time()
     reused = (out / 'glyphs' / 'glyphs.json').exists() and (out / 'split' / 'prepare.json').exists()
     chars = s.chars if s.chars or reused else glyph_classes(s.classes)
-    counts = make_offline_dataset(out / 'glyphs', per_class=s.per_class, size=s.image_size, chars=chars)
+    counts = make_offline_dataset(out / 'glyphs', per_class=s.per_class, size=s.image_size, chars=chars, style=s.data)
     sizes = offline_split_sizes(len(counts))
     prepare(out / 'glyphs', out / 'split', **sizes, seed=0)
-    _log(log, f"data:    {out / 'split'}  ({len(counts)} glyph classes x {s.per_class} images: "
+    _log(log, f"data:    {out / 'split'}  ({len(counts)} {s.data} glyph classes x {s.per_class} images: "
               f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} held-out test; {'reused' if reused else f'{time.time() - t0:.0f} s'})")
     return out / 'split'
 
 
-def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = True):
+def _chars(out) -> str:
+    "The characters of the demo's glyph classes."
+    return ''.join(map(glyph_char, sorted(json.loads((Path(out) / 'glyphs' / 'glyphs.json').read_text())['classes'])))
+
+
+def demo_encoder(out, s: DemoSize, log: Callable | None = None):
+    """The stand-in support encoder: with `s.encoder`, a `GlyphEncoder` trained on its own unaligned renderings of every
+    class and kept in DEMO/encoder (reused when trained with these settings); else the random pixel projection."""
+    if not s.encoder: return PixelEncoder(dim=s.embed_dim)
+    folder, chars, t0 = Path(out) / 'encoder', _chars(out), time.time()
+    want = dict(chars=chars, **s.encoder)
+    if is_glyph_encoder(folder):
+        enc = GlyphEncoder.from_pretrained(folder)
+        if all(enc.info.get(k) == v for k, v in want.items()):
+            _log(log, f"encoder: {folder}  (held-out nearest-prototype accuracy {enc.info.get('heldout_proto_acc', float('nan')):.1%}; reused)")
+            return enc
+    enc = train_glyph_encoder(chars, GlyphEncoderSpec(image_size=s.image_size, embed_dim=s.embed_dim), **s.encoder)
+    enc.info['heldout_proto_acc'] = _heldout_proto_acc(enc, out)
+    enc = GlyphEncoder.from_pretrained(enc.save_pretrained(folder))
+    _log(log, f"encoder: {folder}  (a glyph encoder trained on its own renderings of {len(chars)} classes; held-out "
+              f"nearest-prototype accuracy {enc.info['heldout_proto_acc']:.1%}; {time.time() - t0:.0f} s)")
+    return enc
+
+
+def _heldout_proto_acc(enc, out) -> float:
+    "Nearest 5-shot prototype accuracy of `enc` on the dataset's images of the held-out (test) classes."
+    from fsdit.data import list_classes, list_images, load_image
+    test = Path(out) / 'split' / 'test'
+    ims, labels = [], []
+    for i, c in enumerate(list_classes(test)):
+        for f in list_images(test / c): ims.append(load_image(f)); labels.append(i)
+    return prototype_accuracy(enc, np.stack(ims).astype(np.float32) / 127.5 - 1, np.array(labels))
+
+
+def demo_store(out, s: DemoSize, encoder=None, log: Callable | None = None, progress: bool = True):
     "The pixel-space feature store of the split with the stand-in encoder (reused when complete)."
     out = Path(out); t0 = time.time(); reused = (out / 'feats' / 'metadata.json').exists()
-    st = precompute(out / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
+    st = precompute(out / 'split', out / 'feats', encoder or PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
                     image_size=s.image_size, space='pixel', chunk_size=1024, batch_size=256, progress=progress)
     _log(log, f"store:   {out / 'feats'}  ({len(st.embeds)} images, stand-in encoder {st.meta['encoder']} "
               f"(not SigLIP2); {'reused' if reused else f'{time.time() - t0:.0f} s'})")
@@ -188,9 +238,9 @@ def demo_store(out, s: DemoSize, log: Callable | None = None, progress: bool = T
 
 
 def demo_judge(out, s: DemoSize, log: Callable | None = None):
-    "The glyph judge of every class of the dataset, trained once and kept in DEMO/judge (`fsdit.judge.glyph_judge`)."
-    names = sorted(json.loads((Path(out) / 'glyphs' / 'glyphs.json').read_text())['classes'])
-    return glyph_judge(Path(out) / 'judge', ''.join(map(glyph_char, names)), s.image_size, log=log, **s.judge)
+    "The glyph judge of every class of the dataset in its style, trained once and kept in DEMO/judge (`fsdit.judge.glyph_judge`)."
+    style = {} if s.data == 'aligned' else {'style': s.data}      # the aligned judge's settings as they were
+    return glyph_judge(Path(out) / 'judge', _chars(out), s.image_size, log=log, **s.judge, **style)
 
 
 def _last_step(run: Path) -> int:
@@ -239,7 +289,7 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
     feats = str(Path(store.path).absolute())
     follow = _Follow(run, tc.max_steps, progress); follow.start()
     source = store_source(feats, tc)
-    hook = FewShotHook(source, mc, tc, None, stand_in_encoder(store.meta['encoder']).embed, judge=judge)
+    hook = FewShotHook(source, mc, tc, None, load_encoder(store.meta['encoder']).embed, judge=judge)
     try: train(mc, tc, source, run, extra={'feats': feats}, hooks=[hook])   # as `fsdit train --feats` does
     finally: follow.stop()
     last = read_records(run / 'metrics.jsonl')[-1][1]
@@ -349,7 +399,7 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
     return summary
 
 
-STAGES = ('data', 'store', 'judge', 'train', 'samples', 'eval')
+STAGES = ('data', 'encoder', 'store', 'judge', 'train', 'samples', 'eval')
 
 
 def demo(out='demo', size: str | DemoSize = 'full', cond: str | None = None, until: str = 'eval',
@@ -365,7 +415,8 @@ def demo(out='demo', size: str | DemoSize = 'full', cond: str | None = None, unt
         t0 = time.time(); res[key] = fn(*args); res['timings'][name] = round(time.time() - t0, 1)
         return STAGES.index(name) >= STAGES.index(until)
     get_run = _loader(out / 'run')                  # loaded once, only if a later stage has work to do
-    (stage('data', 'split', demo_data, out, s, log) or stage('store', 'store', demo_store, out, s, log, progress)
+    (stage('data', 'split', demo_data, out, s, log) or stage('encoder', 'encoder', demo_encoder, out, s, log)
+            or stage('store', 'store', demo_store, out, s, res['encoder'], log, progress)
             or stage('judge', 'judge', demo_judge, out, s, log)
             or stage('train', 'run', demo_train, out, s, res['store'], s.cond, log, progress, res['judge'])
             or stage('samples', 'samples', demo_samples, out, s, res['store'], log, get_run)
@@ -478,14 +529,17 @@ def demo_cli(argv: list[str]) -> int:
     p.add_argument('--out', default='demo', help='demo folder (reused: finished stages are skipped)')
     p.add_argument('--size', default='full', choices=sorted(DEMO_SIZES),
                    help="'full' (minutes on a CPU), 'long' (about 1.6 hours on a 2-core CPU) or 'tiny' (seconds)")
-    p.add_argument('--cond', default=None, choices=('aligned', 'support', 'context'),
-                   help="default (the size's): 'aligned', the supports' pixels beside the target; 'support': the seed's mean "
-                        "embedding via adaLN only; 'context': supports also as tokens")
+    p.add_argument('--data', default='aligned', choices=('aligned', 'unaligned'),
+                   help="'aligned': centred dark characters; 'unaligned': each placed, sized, turned and coloured at random "
+                        "(RGB), with a trained stand-in encoder")
+    p.add_argument('--cond', default=None, choices=('aligned', 'support', 'context', 'xattn'),
+                   help="default (the data's): 'aligned', the supports' pixels beside the target; 'xattn': cross-attention "
+                        "to the supports' patches; 'support': the seed's mean embedding via adaLN only; 'context': supports also as tokens")
     p.add_argument('--steps', type=positive_int, default=None, help='training steps (default: the size\'s)')
     p.add_argument('--until', default='eval', choices=STAGES, help='last stage to run')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     a = p.parse_args(argv)
-    s = demo_size(a.size)
+    s = demo_size(a.size, a.data)
     if a.steps is not None:
         t = {**s.train, 'max_steps': a.steps}
         if 'warmup' in t: t['warmup'] = min(t['warmup'], a.steps)

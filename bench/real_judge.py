@@ -1,0 +1,70 @@
+"""Do the samples look like the data? A plain CNN trained only on the dataset's own real images reads a demo run's samples.
+
+    python bench/real_judge.py DEMO [--classes 200] [--n 10] [--epochs 30] [--out DEMO/eval_realjudge.json]
+
+The demo's judge learns from fresh renderings, so it is tolerant of whatever a renderer can draw. This reader
+has seen nothing but the dataset: half of every class's images (all splits: a reader must know a class to
+read it), the other half held back. Its accuracy on those unseen real images is the reference; its class
+consistency on the model's samples (each read as its supports' class), on held-out and seen classes, is
+compared with it. Samples drawn with the demo's guidance and sampler steps.
+"""
+import argparse, json, sys, time
+from pathlib import Path
+
+import numpy as np
+
+from fsdit.data import SPLITS, list_classes, list_images, load_image
+from fsdit.demo import demo_summary
+from fsdit.eval import evaluate
+from fsdit.features import open_store
+from fsdit.glyphs import glyph_char
+from fsdit.judge import fit_judge, judge_accuracy
+from fsdit.run import load_run
+
+
+def real_images(split_dir: Path):
+    "Gray images (N, S, S, 1) in [-1, 1], labels into the sorted class names of every split, their split, and the names."
+    names = sorted(c for sp in SPLITS for c in list_classes(split_dir / sp))
+    index = {n: i for i, n in enumerate(names)}
+    X, y, where = [], [], []
+    for sp in SPLITS:
+        for c in list_classes(split_dir / sp):
+            for f in list_images(split_dir / sp / c):
+                X.append(load_image(f).astype(np.float32).mean(-1)); y.append(index[c]); where.append(sp)
+    return (np.stack(X) / 127.5 - 1)[..., None], np.array(y), np.array(where), names
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('demo')
+    ap.add_argument('--classes', type=int, default=200)
+    ap.add_argument('--n', type=int, default=10, help='generated images per class')
+    ap.add_argument('--epochs', type=int, default=30)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--out', default=None)
+    a = ap.parse_args(argv)
+    d = Path(a.demo); t0 = time.time()
+    X, y, where, names = real_images(d / 'split')
+    rng = np.random.default_rng(a.seed)
+    train = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        m = rng.permutation(np.flatnonzero(y == c)); train[m[: len(m) // 2]] = True
+    chars = ''.join(glyph_char(n) for n in names)
+    reader = fit_judge(X[train], y[train], chars, X.shape[1], epochs=a.epochs, batch_size=128, seed=a.seed)
+    real = {sp: judge_accuracy(reader(X[~train & (where == sp)])[0], y[~train & (where == sp)]) for sp in ('test', 'train')}
+    run, store = load_run(d / 'run'), open_store(d / 'feats')
+    demo = json.loads((d / 'summary.json').read_text())
+    res = evaluate(run, store, split='test', seen_split='train', n_per_class=a.n, shots=(run.tc.shots,),
+                   cfg_scales=(demo['cfg'],), steps=demo['sample_steps'], max_real_per_class=None, judge=reader,
+                   n_classes=a.classes, cfg_interval=demo['cfg_interval'])
+    summ = demo_summary(res, demo['cfg'])
+    out = {'step': run.step, 'cond': run.mc.cond, 'classes': a.classes, 'epochs': a.epochs, 'seconds': round(time.time() - t0),
+           **{sp: {'real_unseen': real[sp], 'model': summ[sp]['model']['judge_acc'], 'mean': summ[sp]['mean']['judge_acc'],
+                   'model_vs_real': summ[sp]['model']['judge_acc'] / real[sp]} for sp in ('test', 'train')}}
+    print(json.dumps(out, indent=1))
+    Path(a.out or d / 'eval_realjudge.json').write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
