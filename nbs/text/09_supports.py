@@ -99,8 +99,8 @@ test_eq(len(class_dir_supports(tmp / 'sup', 1)), 1)
 
 # %%
 #| export
-def sample_cli(argv: list[str]) -> int:
-    "`fsdit sample`: images of a class from a few support images, as a grid with the supports on top."
+def sample_parser() -> Parser:
+    "The options of `fsdit sample`."
     p = Parser(prog='fsdit sample', description=sample_cli.__doc__)
     p.add_argument('--run', required=True, help='run directory of `fsdit train`')
     g = p.add_mutually_exclusive_group(required=True)
@@ -121,7 +121,12 @@ def sample_cli(argv: list[str]) -> int:
     p.add_argument('--encoder', default=None, help='support encoder id or folder (overrides the store)')
     p.add_argument('--vae', default=None, help='VAE id or folder (overrides the store)')
     p.add_argument('--raw', action='store_true', help='live instead of EMA parameters')
-    a = p.parse_args(argv)
+    return p
+
+
+def sample_cli(argv: list[str]) -> int:
+    "`fsdit sample`: images of a class from a few support images, as a grid with the supports on top."
+    a = sample_parser().parse_args(argv)
     say = lambda msg: print(f"fsdit sample: {msg}", file=sys.stderr)
     try:
         outs = [check_out_file(a.out)] + ([check_out_file(a.npz, '--npz')] if a.npz else [])
@@ -169,6 +174,7 @@ with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stder
     test_eq(cli('--support', *files, '--cfg-interval', '0.9', '0.1'), 1)  # refused before the run loads
     test_eq(cli('--support', *files, '--cfg-interval', '0.5', '1'), 0)
     test_eq(sample_cli(['--run', str(run_dir), '--n', '2', '--out', str(tmp / 'grid2.png'), '--support', *map(str, files)]), 0)
+test_eq((sample_parser().parse_args(['--run', 'r', '--support', 'a.png']).n, sample_parser().parse_args(['--run', 'r', '--class-dir', 'd']).steps), (16, None))
 grid = np.asarray(Image.open(tmp / 'grid.png'))
 test_eq(grid.shape, (2 * (8 + 2), 5 * (8 + 2), 3))             # supports row + one row of 5 samples
 assert 'broken.jpg' in err.getvalue() and 'missing.png (no such file)' in err.getvalue() and 'no checkpoint' in err.getvalue()
