@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument('--layouts', nargs='+', default=['replicated', 'fsdp'], choices=['replicated', 'fsdp'])
     ap.add_argument('--dtype', default='bfloat16')
     ap.add_argument('--remat', action='store_true')
+    ap.add_argument('--cond', default='support', help="conditioning (fsdit.config.CONDS): 'support' is the seed's, 'xattn' cross-attends to the supports")
+    ap.add_argument('--context-patch', type=int, default=4, help="patch of the support latents for 'context' / 'xattn' (4: 49 tokens a support at 28x28)")
     ap.add_argument('--out', help='append JSON lines here')
     a = ap.parse_args(argv)
     if a.topology: os.environ.setdefault('JAX_PLATFORMS', 'cpu')   # the host compiles; a TPU, if any, stays free
@@ -44,19 +46,19 @@ def main(argv=None) -> int:
         for layout in a.layouts:
             t0 = time.perf_counter()
             try:
-                m = train_memory(size, a.batch, fsdp=layout == 'fsdp', devices=devices, dtype=a.dtype,
-                                 **({'remat': True} if a.remat else {}))
+                m = train_memory(size, a.batch, fsdp=layout == 'fsdp', devices=devices, dtype=a.dtype, cond=a.cond,
+                                 context_patch=a.context_patch, **({'remat': True} if a.remat else {}))
             except Exception as e:   # a TPU compiler refuses a step that cannot fit its memory: that is a result
                 if 'memory' not in str(e).lower(): raise
                 m = dict(size=size, batch=a.batch, fsdp=layout == 'fsdp', error=' '.join(str(e).split())[:400])
-            rec = dict(bench='memory_plan', layout=layout, dtype=a.dtype, remat=a.remat, compile_s=time.perf_counter() - t0,
+            rec = dict(bench='memory_plan', layout=layout, dtype=a.dtype, remat=a.remat, cond=a.cond, compile_s=time.perf_counter() - t0,
                        **m, compiler=target, machine=machine_info())
             line = json.dumps(rec, default=float)
             print(line, flush=True)
             if a.out:
                 with open(a.out, 'a') as f: f.write(line + '\n')
             rows.append(rec)
-    print(f'\nPlanned for {target}, {a.batch} examples per device, {a.dtype} compute, float32 state:')
+    print(f'\nPlanned for {target}, {a.batch} examples per device, {a.dtype} compute, float32 state, cond {a.cond!r}:')
     print(f"\n| size | layout{' (remat)' if a.remat else ''} | params | EMA | Adam | grads | arguments | temporaries | outputs | aliased | **peak** (GiB per device) |")
     print('|---|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:

@@ -23,6 +23,7 @@ from fsdit.features import open_store, store_source
 from fsdit.run import run_json, read_run_config, ignore_closed_loops
 from fsdit.train import train
 from fsdit.codecs import load_encoder
+from fsdit.glyph_encoder import is_glyph_encoder
 from fsdit.vae import SDVAE
 
 # %%
@@ -163,7 +164,8 @@ def lazy_vae_decode(name: str) -> Callable:
 def store_embed(meta: dict) -> Callable | None:
     "The store's support encoder as images -> embeddings, loaded at its first call; None for an unknown stand-in."
     name = meta.get('encoder')
-    if not name or (meta.get('space') == 'pixel' and not str(name).startswith('stand-in/')): return None
+    known = str(name).startswith('stand-in/') or is_glyph_encoder(name) if name else False
+    if not name or (meta.get('space') == 'pixel' and not known): return None
     return lazy_call(lambda: load_encoder(name), 'embed')
 
 
