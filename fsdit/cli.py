@@ -10,7 +10,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['COMMANDS', 'usage', 'main', 'CLIError', 'fail', 'Parser', 'positive_int', 'check_out_dir', 'check_out_file']
 
-# %% ../nbs/00d_cli.ipynb #f3e4e056
+# %% ../nbs/00d_cli.ipynb #7d90202b
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # command: (module, function, one-line help)
     'prepare':    ('fsdit.data', 'prepare_cli', 'split a flat class-folder dataset into train/val/test by class'),
@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     'train':      ('fsdit.launch', 'train_cli', 'train (or resume) a run on a feature store, data-parallel over all devices'),
     'sample':     ('fsdit.supports', 'sample_cli', 'generate images of a class from a few support images'),
     'eval':       ('fsdit.eval', 'eval_cli', 'few-shot metrics on unseen (and seen) classes -> JSON + plots'),
+    'export':     ('fsdit.export', 'export_cli', 'a run as a folder to share: safetensors weights, JSON configs, a model card'),
     'demo':       ('fsdit.demo', 'demo_cli', 'the whole chain offline on a small real dataset a dependency ships'),
     'bench':      ('fsdit.bench', 'bench_cli', 'benchmarks: train step, store vs online encoders, sampling, memory'),
 }

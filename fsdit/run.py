@@ -18,9 +18,11 @@ from .files import write_atomic
 from .state import TrainState, create_state
 
 # %% auto #0
-__all__ = ['wandb_mode', 'RunLog', 'read_records', 'checkpoint_manager', 'save_checkpoint', 'quiet_orbax', 'ignore_closed_loops',
-           'restore_checkpoint', 'CheckpointError', 'error_line', 'os_reason', 'restore_latest', 'write_run_config',
-           'run_json', 'read_run_config', 'run_latent_scale', 'RunInUse', 'RunLock', 'RunError', 'Run', 'load_run']
+__all__ = ['EXPORT_FORMAT', 'EXPORT_PATTERNS', 'wandb_mode', 'RunLog', 'read_records', 'checkpoint_manager', 'save_checkpoint',
+           'quiet_orbax', 'ignore_closed_loops', 'restore_checkpoint', 'CheckpointError', 'error_line', 'os_reason',
+           'restore_latest', 'write_run_config', 'run_json', 'read_run_config', 'run_latent_scale', 'RunInUse',
+           'RunLock', 'RunError', 'Run', 'flat_params', 'unflat_params', 'is_export', 'looks_like_hub_id', 'run_folder',
+           'load_export', 'load_run']
 
 # %% ../nbs/08a_run.ipynb #c0ae18d7
 def wandb_mode(requested: str, env=None) -> str:
@@ -238,7 +240,7 @@ class RunLock:
         "Let the next run in (closing the file drops the lock)."
         self.file.close()
 
-# %% ../nbs/08a_run.ipynb #a516ad9d
+# %% ../nbs/08a_run.ipynb #41fa35b6
 class RunError(ValueError):
     "A run directory that cannot be sampled from: missing configs or checkpoint."
 
@@ -259,12 +261,74 @@ class Run:
         "Scale between posterior-space latents and the model's space: the store's VAE scaling factor (1 in pixel mode)."
         return run_latent_scale(self.config)
 
+# %% ../nbs/08a_run.ipynb #0171872e
+EXPORT_FORMAT = 'fsdit-export'
+EXPORT_PATTERNS = ('config.json', 'model.safetensors', 'encoder/*', 'vae/*', 'metrics.jsonl')   # what load_run reads
 
+
+def flat_params(params) -> dict:
+    "Parameters as one flat dict, each leaf named by its path (`block_0/attn/q/kernel`): the tensors of a safetensors file."
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def unflat_params(flat: dict) -> dict:
+    "The nested parameters whose `flat_params` is `flat`."
+    out: dict = {}
+    for key, v in flat.items():
+        *path, leaf = key.split('/'); d = out
+        for k in path: d = d.setdefault(k, {})
+        d[leaf] = v
+    return out
+
+
+def is_export(path) -> bool:
+    "Whether `path` is a folder written by `fsdit export` (its config.json says so)."
+    try: return json.loads((Path(path) / 'config.json').read_text()).get('format') == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError): return False
+
+
+def looks_like_hub_id(name) -> bool:
+    "Whether `name` can only be a hub id `owner/name`: no such path, not absolute, not ./ or ~/, exactly one slash."
+    s, p = str(name), Path(name)
+    return not p.exists() and not p.is_absolute() and not s.startswith(('.', '~')) and s.count('/') == 1 and all(s.split('/'))
+
+
+def run_folder(run) -> Path:
+    "The local folder of `run`: itself, or for a hub id the snapshot (cached, else downloaded) of the exported run."
+    if not looks_like_hub_id(run): return Path(run).expanduser()
+    from fsdit.hub import resolve_checkpoint
+    return resolve_checkpoint(str(run), EXPORT_PATTERNS, 'an exported fsdit run', 'load_run')
+
+
+def load_export(d, ema: bool = True) -> Run:
+    "The run exported to the folder `d`: its configs, its codecs (folders it carries as their paths) and its EMA weights."
+    from safetensors.numpy import load_file
+    d = Path(d); f = d / 'model.safetensors'
+    if not ema: raise RunError(f"{d} is an exported run: it holds the EMA weights only (drop --raw)")
+    mc, tc = read_run_config(d); cfg = run_json(d)
+    if not f.is_file(): raise RunError(f"{d} is an exported run without its weights (no model.safetensors): export the run again")
+    try: flat = load_file(str(f))
+    except Exception as e: raise RunError(f"{f} cannot be read ({error_line(e)}): export the run again") from None
+    want = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in flat_params(jax.eval_shape(lambda: create_state(mc, tc).ema_params)).items()}
+    bad = sorted(set(want) ^ set(flat)) or [k for k in want if (flat[k].shape, flat[k].dtype) != want[k]]
+    if bad: raise RunError(f"{f} does not fit the model of {d / 'config.json'} ({len(bad)} tensors differ, e.g. {bad[0]}): export the run again")
+    codecs = dict(cfg.get('codecs') or {})
+    for k in ('encoder', 'vae'):
+        name = codecs.get(k)
+        if isinstance(name, str) and not Path(name).is_absolute() and (d / name / 'config.json').is_file(): codecs[k] = str(d / name)
+    return Run(d, mc, tc, cfg.get('space', 'latent'), unflat_params(flat), int(cfg.get('step', 0)), {**cfg, 'codecs': codecs})
+
+# %% ../nbs/08a_run.ipynb #49593162
 def load_run(run_dir, ema: bool = True, warn: Callable[[str], None] | None = None) -> Run:
-    "Configs and the newest readable checkpoint's (EMA) parameters of the run at `run_dir`; damaged newer ones are `warn`ed."
-    d = Path(run_dir)
+    """Configs and (EMA) parameters of a run: a run directory (its newest readable checkpoint; damaged newer ones are
+    `warn`ed), a folder of `fsdit export`, or the hub id (`user/name`) of one."""
+    d = run_folder(run_dir)
+    if is_export(d): return load_export(d, ema)
+    if d != Path(run_dir).expanduser():
+        raise RunError(f"the hub repo {str(run_dir)!r} holds no exported fsdit run (its config.json was not written by `fsdit export`)")
     if not (d / 'config.json').exists():
-        raise RunError(f"{d} is not a run directory (no config.json): pass the --out folder of `fsdit train`")
+        raise RunError(f"{d} is not a run directory (no config.json): pass the --out folder of `fsdit train` "
+                       "or a folder of `fsdit export`")
     mc, tc = read_run_config(d)
     cfg = run_json(d)
     if not (d / 'checkpoints').is_dir() or not any((d / 'checkpoints').iterdir()):

@@ -378,6 +378,9 @@ with tempfile.TemporaryDirectory() as d:
 # orbax checkpoints under `checkpoints/`. Sampling uses the EMA parameters of the latest checkpoint,
 # restored through the same `restore_latest` the trainer resumes with, so there is one reader of the format: a damaged newest
 # checkpoint gives way to the one before it, with a message, and a run whose checkpoints are all damaged is refused.
+#
+# `load_run` also reads a run exported by `fsdit export` (`fsdit.export`), from its folder or from its hub id
+# (`user/name`): see *Exported runs* below.
 
 # %%
 #| export
@@ -402,11 +405,91 @@ class Run:
         return run_latent_scale(self.config)
 
 
+# %% [markdown]
+# ### Exported runs
+#
+# `fsdit export RUN OUT` (`fsdit.export`) writes a run as a folder to share: `config.json` — the run's configs,
+# marked `"format": "fsdit-export"`, with its step and the codecs it was trained with — and its EMA weights as
+# `model.safetensors`, one tensor per parameter named by its path (`block_0/attn/q/kernel`), no pickle.
+# `load_run` reads such a folder, or the hub id (`user/name`) of one uploaded to the Hugging Face hub, resolved
+# as the encoders are (`fsdit.hub.resolve_checkpoint`: the local cache first with no network, a download when
+# the hub can be reached, else a one-line refusal at once). A name is taken for a hub id only when it cannot
+# be a path: it does not exist, is not absolute and has exactly one slash. A codec folder the export carries
+# (`encoder/`, `vae/`) is named relative to it in `config.json` and comes back as the path of that copy. An
+# export holds the EMA weights only, so `ema=False` is refused; weights that do not fit the model its
+# `config.json` describes are refused too, rather than sampled from.
+
+# %%
+#| export
+EXPORT_FORMAT = 'fsdit-export'
+EXPORT_PATTERNS = ('config.json', 'model.safetensors', 'encoder/*', 'vae/*', 'metrics.jsonl')   # what load_run reads
+
+
+def flat_params(params) -> dict:
+    "Parameters as one flat dict, each leaf named by its path (`block_0/attn/q/kernel`): the tensors of a safetensors file."
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def unflat_params(flat: dict) -> dict:
+    "The nested parameters whose `flat_params` is `flat`."
+    out: dict = {}
+    for key, v in flat.items():
+        *path, leaf = key.split('/'); d = out
+        for k in path: d = d.setdefault(k, {})
+        d[leaf] = v
+    return out
+
+
+def is_export(path) -> bool:
+    "Whether `path` is a folder written by `fsdit export` (its config.json says so)."
+    try: return json.loads((Path(path) / 'config.json').read_text()).get('format') == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError): return False
+
+
+def looks_like_hub_id(name) -> bool:
+    "Whether `name` can only be a hub id `owner/name`: no such path, not absolute, not ./ or ~/, exactly one slash."
+    s, p = str(name), Path(name)
+    return not p.exists() and not p.is_absolute() and not s.startswith(('.', '~')) and s.count('/') == 1 and all(s.split('/'))
+
+
+def run_folder(run) -> Path:
+    "The local folder of `run`: itself, or for a hub id the snapshot (cached, else downloaded) of the exported run."
+    if not looks_like_hub_id(run): return Path(run).expanduser()
+    from fsdit.hub import resolve_checkpoint
+    return resolve_checkpoint(str(run), EXPORT_PATTERNS, 'an exported fsdit run', 'load_run')
+
+
+def load_export(d, ema: bool = True) -> Run:
+    "The run exported to the folder `d`: its configs, its codecs (folders it carries as their paths) and its EMA weights."
+    from safetensors.numpy import load_file
+    d = Path(d); f = d / 'model.safetensors'
+    if not ema: raise RunError(f"{d} is an exported run: it holds the EMA weights only (drop --raw)")
+    mc, tc = read_run_config(d); cfg = run_json(d)
+    if not f.is_file(): raise RunError(f"{d} is an exported run without its weights (no model.safetensors): export the run again")
+    try: flat = load_file(str(f))
+    except Exception as e: raise RunError(f"{f} cannot be read ({error_line(e)}): export the run again") from None
+    want = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in flat_params(jax.eval_shape(lambda: create_state(mc, tc).ema_params)).items()}
+    bad = sorted(set(want) ^ set(flat)) or [k for k in want if (flat[k].shape, flat[k].dtype) != want[k]]
+    if bad: raise RunError(f"{f} does not fit the model of {d / 'config.json'} ({len(bad)} tensors differ, e.g. {bad[0]}): export the run again")
+    codecs = dict(cfg.get('codecs') or {})
+    for k in ('encoder', 'vae'):
+        name = codecs.get(k)
+        if isinstance(name, str) and not Path(name).is_absolute() and (d / name / 'config.json').is_file(): codecs[k] = str(d / name)
+    return Run(d, mc, tc, cfg.get('space', 'latent'), unflat_params(flat), int(cfg.get('step', 0)), {**cfg, 'codecs': codecs})
+
+
+# %%
+#| export
 def load_run(run_dir, ema: bool = True, warn: Callable[[str], None] | None = None) -> Run:
-    "Configs and the newest readable checkpoint's (EMA) parameters of the run at `run_dir`; damaged newer ones are `warn`ed."
-    d = Path(run_dir)
+    """Configs and (EMA) parameters of a run: a run directory (its newest readable checkpoint; damaged newer ones are
+    `warn`ed), a folder of `fsdit export`, or the hub id (`user/name`) of one."""
+    d = run_folder(run_dir)
+    if is_export(d): return load_export(d, ema)
+    if d != Path(run_dir).expanduser():
+        raise RunError(f"the hub repo {str(run_dir)!r} holds no exported fsdit run (its config.json was not written by `fsdit export`)")
     if not (d / 'config.json').exists():
-        raise RunError(f"{d} is not a run directory (no config.json): pass the --out folder of `fsdit train`")
+        raise RunError(f"{d} is not a run directory (no config.json): pass the --out folder of `fsdit train` "
+                       "or a folder of `fsdit export`")
     mc, tc = read_run_config(d)
     cfg = run_json(d)
     if not (d / 'checkpoints').is_dir() or not any((d / 'checkpoints').iterdir()):
@@ -449,3 +532,46 @@ test_eq(jax.tree.structure(run.params), jax.tree.structure(create_state(mc, tc).
 test_fail(lambda: load_run(tmp / 'nothing'), contains='not a run directory')
 write_run_config(tmp / 'empty', mc, tc, 'pixel')
 test_fail(lambda: load_run(tmp / 'empty'), contains='no checkpoint')
+
+# %% [markdown]
+# ### Exported runs, by example
+#
+# A folder laid out by hand as `fsdit export` lays one out (the writer, with the model card, is `fsdit.export`)
+# loads back with the run's weights, to the bit; a codec folder it carries comes back as its path; a damaged
+# or mismatched weights file, and `ema=False`, are refused:
+
+# %%
+from safetensors.numpy import save_file
+test_eq(unflat_params(flat_params(run.params)).keys(), run.params.keys())
+assert 'block_0/attn/q/kernel' in flat_params(run.params)
+ex = tmp / 'export'; (ex / 'encoder').mkdir(parents=True); (ex / 'encoder' / 'config.json').write_text('{}')
+(ex / 'config.json').write_text(json.dumps({**run_json(run_dir), 'format': EXPORT_FORMAT, 'step': 7,
+                                            'codecs': {'encoder': 'encoder', 'vae': 'pixel-8x3'}}))
+save_file({k: np.asarray(v) for k, v in flat_params(run.params).items()}, str(ex / 'model.safetensors'))
+assert is_export(ex) and not is_export(run_dir)
+back = load_run(ex)
+test_eq((back.mc, back.tc, back.space, back.step, back.latent_scale), (mc, tc, 'pixel', 7, 1.0))
+for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(run.params)): test_eq(a, b)
+test_eq(jax.tree.structure(back.params), jax.tree.structure(run.params))
+test_eq(back.config['codecs'], {'encoder': str(ex / 'encoder'), 'vae': 'pixel-8x3'})
+test_fail(lambda: load_run(ex, ema=False), contains='EMA weights only')
+_bad = tmp / 'bad'; shutil.copytree(ex, _bad)
+(_bad / 'model.safetensors').write_bytes((ex / 'model.safetensors').read_bytes()[:100])
+test_fail(lambda: load_run(_bad), contains='cannot be read')
+save_file({'x': np.zeros(3, np.float32)}, str(_bad / 'model.safetensors'))
+test_fail(lambda: load_run(_bad), contains='does not fit the model')
+
+# %% [markdown]
+# What is a hub id: a name that can only be one. A path is never sent to the hub; an id that is neither
+# cached nor reachable is refused at once, saying how to get the folder:
+
+# %%
+assert looks_like_hub_id('user/name') and not looks_like_hub_id(ex) and not looks_like_hub_id('runs/a/b')
+assert not looks_like_hub_id('./user/name') and not looks_like_hub_id('/user/name') and not looks_like_hub_id('user/')
+test_eq(run_folder(ex), ex); test_eq(run_folder(tmp / 'nothing'), tmp / 'nothing')
+from huggingface_hub import constants as _hc
+from fsdit.hub import HubUnavailableError
+_saved = _hc.HF_HUB_OFFLINE, _hc.HF_HUB_CACHE
+_hc.HF_HUB_OFFLINE, _hc.HF_HUB_CACHE = True, str(tmp / 'hub')
+try: test_fail(lambda: load_run('someone/some-run'), contains="cannot get an exported fsdit run 'someone/some-run'")
+finally: _hc.HF_HUB_OFFLINE, _hc.HF_HUB_CACHE = _saved

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from fsdit.codecs import Codecs, run_codecs
+from fsdit.codecs import Codecs
+from fsdit.export import codecs_of
 from fsdit.images import save_png, support_grid, to_uint8
 from fsdit.run import Run, load_run
 from fsdit.config import check_interval, interval_text
@@ -96,13 +97,17 @@ test_eq(len(class_dir_supports(tmp / 'sup', 1)), 1)
 # and output path is checked before the run loads, and nothing is written until the samples exist: a refusal
 # prints one line, exits 1 and leaves no file behind. (A negative `--cfg` is guidance *away* from the
 # supports, $v_u + s\,(v_c - v_u)$ with $s < 0$: well defined, so accepted.)
+#
+# `RUN` is the `--out` folder of `fsdit train`, a folder of `fsdit export` or the hub id (`user/name`) of one
+# (`fsdit.run.load_run` reads all three). An export samples with the codecs it recorded and carries
+# (`fsdit.export.codecs_of`), so it needs no feature store, and its samples are the run's, seed for seed.
 
 # %%
 #| export
 def sample_parser() -> Parser:
     "The options of `fsdit sample`."
     p = Parser(prog='fsdit sample', description=sample_cli.__doc__)
-    p.add_argument('--run', required=True, help='run directory of `fsdit train`')
+    p.add_argument('--run', required=True, help='run directory of `fsdit train`, a folder of `fsdit export` or its hub id (user/name)')
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument('--support', nargs='+', help='support image files')
     g.add_argument('--class-dir', help='folder of images of one class to draw the supports from')
@@ -117,7 +122,7 @@ def sample_parser() -> Parser:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='grid.png', help='grid image to write')
     p.add_argument('--npz', default=None, help='also save the samples (uint8) to this .npz')
-    p.add_argument('--feats', default=None, help="feature store of the run (names its encoders)")
+    p.add_argument('--feats', default=None, help="feature store of the run (names its encoders; an export records its own)")
     p.add_argument('--encoder', default=None, help='support encoder id or folder (overrides the store)')
     p.add_argument('--vae', default=None, help='VAE id or folder (overrides the store)')
     p.add_argument('--raw', action='store_true', help='live instead of EMA parameters')
@@ -135,7 +140,7 @@ def sample_cli(argv: list[str]) -> int:
         run = load_run(a.run, ema=not a.raw, warn=say)
         if run.mc.cond == 'class': check_supports(run.mc, 1)
         files = a.support or class_dir_supports(a.class_dir, a.shots or run.tc.shots, a.seed)
-        codecs = run_codecs(run, a.feats, a.encoder, a.vae)
+        codecs = codecs_of(run, a.feats, a.encoder, a.vae)
         sup = read_supports(files, codecs.image_size)
         cfg = run.tc.cfg_scale if a.cfg is None else a.cfg
         interval = interval or check_interval(run.tc.cfg_interval)

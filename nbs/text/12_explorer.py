@@ -21,10 +21,10 @@ from typing import Sequence
 
 import numpy as np
 import ipywidgets as W
-from fsdit.codecs import run_codecs
+from fsdit.export import codecs_of
 from fsdit.features import open_store
 from fsdit.images import to_uint8
-from fsdit.run import load_run
+from fsdit.run import is_export, load_run, run_folder
 from fsdit.sampler import generate
 
 # %%
@@ -35,21 +35,22 @@ from fastcore.test import test_eq, test_fail, test_ne
 # %% [markdown]
 # ## Runs and their stores
 #
-# A run is a folder with `config.json` and `checkpoints/` (what `fsdit train --out RUN` writes). Its
-# feature store is the one its `config.json` names, else a `feats` folder beside it (the demo's layout),
-# else the one passed in.
+# A run is a folder with `config.json` and `checkpoints/` (what `fsdit train --out RUN` writes), or a folder
+# of `fsdit export`, or the hub id (`user/name`) of one. Its feature store is the one its `config.json` names,
+# else a `feats` folder beside it (the demo's layout), else the one passed in: an export names none, so it
+# takes `feats=` (or sits beside a `feats` folder).
 
 # %%
 #| export
 def is_run(path) -> bool:
-    "Whether `path` is a run directory of `fsdit train`."
+    "Whether `path` is a run directory of `fsdit train` or a folder of `fsdit export`."
     p = Path(path)
-    return (p / 'config.json').is_file() and (p / 'checkpoints').is_dir()
+    return (p / 'config.json').is_file() and (p / 'checkpoints').is_dir() or is_export(p)
 
 
 def find_runs(root) -> list[Path]:
-    "`root` itself if it is a run, else the runs up to two levels below it, sorted."
-    root = Path(root)
+    "`root` itself if it is a run (or an export, or its hub id), else the runs up to two levels below it, sorted."
+    root = run_folder(root)
     if is_run(root): return [root]
     return sorted(p for p in list(root.glob('*')) + list(root.glob('*/*')) if is_run(p))
 
@@ -69,7 +70,7 @@ class RunView:
         feats = feats or find_store(run_dir, self.run.config)
         if feats is None: raise ValueError(f"no feature store found for {run_dir}: pass feats=")
         self.store = open_store(feats)
-        self.codecs = run_codecs(self.run, self.store.path)
+        self.codecs = codecs_of(self.run, self.store.path)
         self._paths = np.asarray(self.store.index['path'])
 
     @property
@@ -189,7 +190,7 @@ class Explorer:
         self.feats, self.view, self.supports, self.last = feats, None, np.zeros(0, int), {}
         self._draws, self._busy = 0, False
         runs = find_runs(root)
-        if not runs: raise ValueError(f"no run directory (config.json + checkpoints/) at or below {root}")
+        if not runs: raise ValueError(f"no run directory (config.json + checkpoints/) or export at or below {root}")
         self.run_w = W.Dropdown(options=[(str(p), str(p)) for p in runs], description='run', layout=W.Layout(width='60%'))
         self.split_w, self.class_w = W.Dropdown(description='split'), W.Dropdown(description='class')
         self.pick_w = W.SelectMultiple(description='images', rows=6)
@@ -386,6 +387,20 @@ mv = ex.metrics_view()
 test_eq(mv['step'], 30); assert {'train', 'val', 'val_ema'} <= set(mv['t_bins']) and len(mv['t_bins']['val']) == 10
 test_eq(sorted(mv['entropy']), ['early', 'late', 'mid'])
 assert ex.metrics_w.value[:4] == b'\x89PNG'
+
+# %% [markdown]
+# A run exported to share (`fsdit export`, `fsdit.export`) opens the same way — by its folder or its hub id — given
+# the store it was trained on: the same supports give the same samples, and its training curves came with it.
+
+# %%
+from fsdit.export import export_run
+shared = Path(tempfile.mkdtemp()) / 'shared'
+export_run(run_dir, shared)
+test_eq(find_runs(shared), [shared])
+ex_shared = Explorer(shared, feats=root / 'feats', n=2, steps=3)
+kw = dict(n=2, cfg_scale=3.0, steps=3, seed=0)
+test_eq(ex_shared.view.generate(ex.supports, **kw), ex.view.generate(ex.supports, **kw))
+test_eq(ex_shared.metrics_view()['step'], 30)
 
 # %% [markdown]
 # The explorer itself (live in Jupyter or Voilà; in the docs the controls are inert):
