@@ -1,6 +1,6 @@
 """Is the paper clean? The share of paper pixels that are slightly off the paper colour, in real images and in samples.
 
-    python bench/speckle.py DEMO [--classes 40] [--n 8] [--cfg 8] [--interval 0.6 1] [--steps 15 50] [--method euler]
+    python bench/speckle.py DEMO [--split test] [--classes 40] [--n 8] [--cfg 8] [--interval 0.6 1] [--steps 15 50] [--method euler]
                                  [--raw] [--out DEMO/speckle.json] [--grid DEMO/speckle_grid.png]
 
 A glyph sits on a flat paper: away from the strokes every pixel is the paper's colour, and only the antialiased
@@ -37,6 +37,7 @@ def paper_stats(u8: np.ndarray, near: int = 64, off: int = 6) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('demo')
+    ap.add_argument('--split', default='test', help="the classes' split ('val' to choose settings)")
     ap.add_argument('--classes', type=int, default=40)
     ap.add_argument('--n', type=int, default=8)
     ap.add_argument('--cfg', type=float, nargs='+', default=[8.0])
@@ -51,7 +52,7 @@ def main(argv=None):
     runs = {'ema': load_run(d / 'run')}
     if a.raw: runs['raw'] = load_run(d / 'run', ema=False)
     codecs = run_codecs(runs['ema'], store.path)
-    cs = class_set(store, 'test', None, a.classes)
+    cs = class_set(store, a.split, None, a.classes)
     sup, held, lab = draw_episodes(cs.labels, a.n, runs['ema'].tc.shots, seed=1)
     real = to_uint8(codecs.decode(cs.latents[held]), rgb=True)
     res, rows = {'real': paper_stats(real)}, [real[:16]]
@@ -61,7 +62,7 @@ def main(argv=None):
                 lat = generate(run.params, run.mc, cs.embeds[sup], cs.latents[sup], latent_scale=run.latent_scale, seed=0,
                                steps=steps, cfg_scale=cfg, method=a.method, cfg_interval=tuple(a.interval))
                 u8 = to_uint8(codecs.decode(np.asarray(lat)), rgb=True)
-                key = f"{which} cfg {cfg:g} steps {steps}"
+                key = f"{which} cfg {cfg:g} over [{a.interval[0]:g}, {a.interval[1]:g}] steps {steps}"
                 res[key] = paper_stats(u8); rows.append(u8[:16])
                 print(key, res[key], flush=True)
     print('real', res['real'])

@@ -23,6 +23,7 @@ from fsdit.metrics import (frechet_distance, kernel_distance, heldout_prototype_
                            class_diversity, nearest_support_distance)
 from fsdit.run import load_run
 from fsdit.codecs import run_codecs
+from fsdit.export import codecs_of
 from fsdit.config import check_interval
 from fsdit.sampler import generate
 from fsdit.cli import Parser, positive_int, check_out_dir, fail
@@ -574,7 +575,7 @@ def eval_cli(argv: list[str]) -> int:
         res = evaluate(run, feats, split=a.split, seen_split=None if a.no_seen else a.seen_split, n_per_class=a.n,
                        shots=a.shots, cfg_scales=a.cfg or [run.tc.cfg_scale], steps=a.steps, seed=a.seed, max_real_per_class=a.max_real or None,
                        fid=a.fid, fid_weights=a.fid_weights, method=a.method, batch_size=a.batch_size, out=out,
-                       cfg_interval=interval or run.tc.cfg_interval)
+                       cfg_interval=interval or run.tc.cfg_interval, codecs=codecs_of(run, feats))
     except (ValueError, OSError, RuntimeError, ImportError, KeyError) as e:
         return fail('eval', e)
     print(results_table(res['records']))

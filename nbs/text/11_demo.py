@@ -155,6 +155,12 @@ test_eq(demo_configs(DEMO_SIZES['full'], 'support')[0].cond, 'support')
 mc_t, tc_t = demo_configs(demo_size('tiny'), cond='context')
 test_eq((mc_t.input_size, mc_t.tokens, mc_t.cond, tc_t.max_steps), (16, 16, 'context', 30))
 test_fail(lambda: demo_size('huge'), contains="unknown demo size 'huge'")
+mc_u, tc_u = demo_configs(demo_size('full', 'unaligned'))
+test_eq((mc_u.input_size, mc_u.in_channels, mc_u.patch, mc_u.tokens, mc_u.cond, mc_u.context_patch), (24, 3, 3, 64, 'xattn', 6))
+test_eq((tc_u.batch_size, tc_u.max_steps), (tc.batch_size, tc.max_steps))                    # the same recipe as the aligned demo
+test_eq(demo_size('full', 'unaligned').encoder, dict(per_class=48, steps=2500))
+test_eq(demo_size('long', 'unaligned').model['hidden'], 192)
+test_fail(lambda: demo_size('full', 'tilted'), contains="unknown demo data 'tilted'")
 
 
 # %% [markdown]
@@ -166,6 +172,7 @@ test_fail(lambda: demo_size('huge'), contains="unknown demo size 'huge'")
 # ```
 # DEMO/glyphs/         the flat dataset (class folders of PNGs)
 # DEMO/split/          train / val / test class folders (symlinks)       fsdit prepare
+# DEMO/encoder/        --data unaligned: the trained stand-in encoder     fsdit.glyph_encoder (safetensors + config.json)
 # DEMO/feats/          the pixel-space feature store                     fsdit precompute --stand-in
 # DEMO/judge/          the glyph classifier that scores the samples      fsdit.judge
 # DEMO/run/            config.json, checkpoints/, metrics.jsonl, samples/   fsdit train

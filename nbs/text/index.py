@@ -298,12 +298,12 @@
 # | layer | notebooks -> modules |
 # |---|---|
 # | foundations | `00_config` configs and presets · `00a_files` writes without half-written files · `00b_hub` checkpoints from the hub or a folder · `00c_images` uint8, grids, PNGs · `00d_cli` the `fsdit` command and its one-line errors · `00e_perf` FLOPs, memory and peaks (MFU) |
-# | data | `01_data` splits, episodes, batches, the trainer's episode source · `01a_glyphs` the offline glyph dataset |
-# | frozen codecs | `02_encoder` SigLIP2 in Flax · `03_vae` SD-VAE in Flax · `04_features` the feature store · `04a_codecs` how a run sees images (encoders, stand-ins, `fsdit precompute`) |
+# | data | `01_data` splits, episodes, batches, the trainer's episode source · `01a_glyphs` the offline glyph dataset, aligned or unaligned |
+# | frozen codecs | `02_encoder` SigLIP2 in Flax · `02a_glyph_encoder` the offline stand-in that knows the glyph classes · `03_vae` SD-VAE in Flax · `04_features` the feature store · `04a_codecs` how a run sees images (encoders, stand-ins, `fsdit precompute`) |
 # | the model | `05_dit` the DiT · `06_flow` interpolant, inputs and the training loss · `06a_testing` random stores and fixtures · `07_sampler` Euler/Heun with CFG, `generate` |
-# | training | `08_state` optimizer and state · `08a_run` the run directory (configs, latent scale, checkpoints, metrics, `load_run`) · `08b_steps` the steps and their layout on the device mesh (data parallel or FSDP) · `08c_train` the `Trainer` with evaluation hooks |
+# | training | `08_state` optimizer and state · `08a_run` the run directory (configs, latent scale, checkpoints, metrics, `load_run`) · `08b_steps` the steps and their layout on the device mesh (data parallel or FSDP) · `08c_train` the `Trainer` with evaluation hooks · `08d_export` `fsdit export`: a run you can hand on |
 # | using a run | `09_supports` `fsdit sample` · `09a_metrics` metric maths · `09b_fid` Inception features · `10_eval` `fsdit eval` and the few-shot hook · `10a_judge` the glyph judge · `10b_launch` `fsdit train` |
-# | on top | `11_demo` `fsdit demo` · `12_explorer` the widget · `13_bench` benchmarks |
+# | on top | `11_demo` `fsdit demo` · `12_explorer` the widget · `13a_bench_step` step, FLOPs and memory measurements · `13_bench` benchmarks |
 
 # %% [markdown]
 # ## Benchmarks

@@ -135,6 +135,19 @@ except Exception: print('no WANDB_API_KEY secret: wandb logs offline to', RUN)
 # !fsdit train --feats {FEATS} --out {RUN} --model B/2 --preset seed --model.dtype bfloat16
 
 # %% [markdown]
+# **Another conditioning, one flag away.** Five photographs of a class do not line up, so a target token may
+# need what sits anywhere in any support. `--model.cond xattn` adds, in every block, a cross-attention from
+# the target's tokens to the supports' SD-VAE latents (4x4 patches: 49 tokens a support, order-free, any
+# number of supports, off for CFG's null), beside the seed's pooled SigLIP2 vector through adaLN. It is not
+# the recommendation yet: on the offline glyph test where supports do not line up it has not yet drawn
+# unseen classes at the demo's budget (BENCHMARKS §8), and nothing has been measured on miniImageNet. Its
+# cost at 224 px is in BENCHMARKS §8. To try it, train into another run folder:
+
+# %%
+#| kaggle
+# !fsdit train --feats {FEATS} --out /kaggle/working/run_xattn --model B/2 --preset seed --model.dtype bfloat16 --model.cond xattn --model.context_patch 4
+
+# %% [markdown]
 # ## 5. Resume in the next session
 #
 # A Kaggle session lasts at most 9 hours; 200k steps take longer. Running the *same command* against
