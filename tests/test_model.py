@@ -72,6 +72,21 @@ def test_context_order_invariant_and_k_free():
     np.testing.assert_allclose(f({'params': p}, x, t, c, d), f({'params': p}, x, t, example_cond(cfg, 2, seed=7, K=1), d), atol=1e-5)
 
 
+def test_xattn_zero_at_init_order_invariant_k_free_and_null():
+    cfg = model_config('mu', cond='xattn')
+    p0, f = init_params(cfg, jax.random.PRNGKey(0)), _apply(cfg)
+    x, t = jnp.ones((2, 28, 28, 4)), jnp.array([0.3, 0.6])
+    c = example_cond(cfg, 2, K=4)
+    assert (np.asarray(f({'params': p0}, x, t, c)) == 0).all()
+    p = perturb(p0)
+    v = f({'params': p}, x, t, c)
+    np.testing.assert_allclose(f({'params': p}, x, t, dict(c, support_latents=c['support_latents'][:, [2, 0, 3, 1]])), v, atol=1e-5)
+    v1 = f({'params': p}, x, t, dict(c, support_latents=c['support_latents'][:, :1]))
+    assert v1.shape == x.shape and not np.allclose(v1, v, atol=1e-4)
+    d = jnp.ones(2, bool)
+    np.testing.assert_allclose(f({'params': p}, x, t, c, d), f({'params': p}, x, t, example_cond(cfg, 2, seed=7, K=1), d), atol=1e-5)
+
+
 def test_flow_loss_true_velocity_and_bins():
     x1 = jax.random.normal(jax.random.PRNGKey(0), (64, 4, 4, 2))
     eps = jax.random.normal(jax.random.PRNGKey(1), x1.shape)

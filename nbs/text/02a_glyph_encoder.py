@@ -28,6 +28,7 @@ import tempfile as _tf
 from fastcore.test import test_eq, test_close
 from fsdit.testing import raises
 
+
 # %% [markdown]
 # ## Why a second encoder
 #
@@ -83,6 +84,7 @@ class GlyphEncoderNet(nn.Module):
 def _apply(spec: GlyphEncoderSpec):
     net = GlyphEncoderNet(spec)
     return jax.jit(lambda p, x: net.apply({'params': p}, x))
+
 
 # %% [markdown]
 # A fresh tower maps a batch of images to 36 tokens of width 96 and a 64-wide pooled vector:
@@ -184,6 +186,7 @@ def is_glyph_encoder(folder) -> bool:
     try: return Path(folder).is_dir() and json.loads(p.read_text()).get('model_type') == GLYPH_ENCODER_TYPE
     except (OSError, ValueError): return False
 
+
 # %% [markdown]
 # A saved encoder loads back to the same embeddings, unit-norm; a folder without one is refused with a
 # message:
@@ -201,6 +204,7 @@ test_eq(np.asarray(_back.embed(jax.image.resize(_xr, (3, 48, 48, 3), 'linear')))
 (_root / 'other').mkdir(); (_root / 'other' / 'config.json').write_text('{"model_type": "siglip"}')
 raises(lambda: GlyphEncoder.from_pretrained(_root / 'other'), 'holds no glyph encoder')
 assert not is_glyph_encoder(_root / 'missing')
+
 
 # %% [markdown]
 # ## Training it
@@ -269,6 +273,7 @@ def train_glyph_encoder(chars: str, spec: GlyphEncoderSpec = GlyphEncoderSpec(),
     info = dict(chars=chars, per_class=per_class, steps=steps, batch_size=batch_size, lr=lr, tau=tau, seed=seed,
                 seconds=round(time.time() - t0, 1))
     return GlyphEncoder(spec, params['net'], 'trained', info)
+
 
 # %% [markdown]
 # Eight characters, 250 steps: on fresh renderings (another seed) the trained tower's prototypes find the

@@ -89,6 +89,7 @@ few = rng.normal(size=(5, 64))
 assert np.isfinite(frechet_distance(few, few + 1))
 test_fail(lambda: frechet_distance(few[:1], few), contains='at least 2')
 
+
 # %% [markdown]
 # A Fréchet distance between finite samples is biased upward, more so the fewer the samples: a target like
 # "at most 3x the real-vs-real floor" could be met by shrinking the evaluation. The kernel distance (KID,
@@ -108,6 +109,7 @@ def kernel_distance(feats_a, feats_b) -> float:
     m, n = len(a), len(b)
     return float((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
                  - 2 * k(a, b).mean())
+
 
 # %%
 _r = np.random.default_rng(3)
