@@ -1,6 +1,6 @@
 """A demo run judged on more classes than the demo's eval (40 per split): held-out and seen, same settings.
 
-    python bench/demo_wide_eval.py DEMO [--classes 200] [--n 10] [--cfg 8] [--interval 0.6 1] [--steps 15] [--out DEMO/eval_wide]
+    python bench/demo_wide_eval.py DEMO [--classes 200] [--n 10] [--cfg 8] [--interval 0.6 0.9] [--steps 15] [--out DEMO/eval_wide]
 
 The demo reports 40 held-out and 40 seen classes x 10 images to stay within its minutes. Class consistency
 then has a standard error of several points, and glyph-FD's real-vs-real floor is inflated by the small

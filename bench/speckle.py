@@ -41,7 +41,7 @@ def main(argv=None):
     ap.add_argument('--classes', type=int, default=40)
     ap.add_argument('--n', type=int, default=8)
     ap.add_argument('--cfg', type=float, nargs='+', default=[8.0])
-    ap.add_argument('--interval', type=float, nargs=2, default=[0.6, 1.0])
+    ap.add_argument('--interval', type=float, nargs=2, default=[0.6, 0.9])
     ap.add_argument('--steps', type=int, nargs='+', default=[15, 50])
     ap.add_argument('--method', default='euler', choices=('euler', 'heun'))
     ap.add_argument('--raw', action='store_true', help='also sample the raw (not EMA) parameters')

@@ -88,7 +88,8 @@ class DemoSize:
         eval_every=1100, sample_every=2200, save_every=1100, fewshot_every=1100, fewshot_classes=16, fewshot_n=6, keep=2))
     judge: dict = field(default_factory=lambda: dict(per_class=16, epochs=10))   # `fsdit.judge.train_judge`
     cfg: float = 8.0                      # CFG of the grids and the headline (chosen on validation classes)
-    cfg_interval: tuple = (0.6, 1.0)      # ... applied where 0.6 <= t <= 1, the last 40% of the path (chosen with it)
+    cfg_interval: tuple = (0.6, 0.9)      # ... applied where 0.6 <= t <= 0.9 (chosen with it; guiding the last 10% too
+                                          # left grey speckle on the paper: 9.8% of paper pixels off against 6.0%, real 5.5%)
     grid_classes: int = 8                 # classes in each sample grid
     grid_samples: int = 8                 # samples per class in the grids
     eval_classes: int = 40                # classes of each split in the eval (drawn at random)
@@ -146,7 +147,7 @@ def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, Tra
 # %%
 mc, tc = demo_configs(DEMO_SIZES['full'])
 test_eq((mc.input_size, mc.in_channels, mc.tokens, mc.support_dim, mc.cond), (16, 1, 64, 64, 'aligned'))
-test_eq((tc.batch_size, tc.max_steps, tc.lr, tc.sample_steps, tc.cfg_scale, tc.cfg_interval), (32, 2200, 2e-3, 15, 8.0, (0.6, 1.0)))
+test_eq((tc.batch_size, tc.max_steps, tc.lr, tc.sample_steps, tc.cfg_scale, tc.cfg_interval), (32, 2200, 2e-3, 15, 8.0, (0.6, 0.9)))
 test_eq((tc.warmup, tc.ema_decay), (200, 0.9975))
 mc_l, tc_l = demo_configs(DEMO_SIZES['long'])
 test_eq((mc_l.hidden, mc_l.depth, tc_l.batch_size, tc_l.max_steps, tc_l.warmup, tc_l.cfg_scale, tc_l.cfg_interval),
