@@ -20,7 +20,7 @@ import flax.linen as nn
 import optax
 
 from fsdit.data import l2_normalize
-from fsdit.files import building
+from fsdit.files import building, flat_params, unflat_params
 from fsdit.glyphs import GLYPH_FONTS, render_class
 
 # %%
@@ -111,20 +111,6 @@ test_eq(_spec.tokens, 36)
 GLYPH_ENCODER_TYPE = 'fsdit-glyph-encoder'
 
 
-def _flat(params) -> dict:
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v, np.float32)
-            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _unflat(flat: dict) -> dict:
-    params: dict = {}
-    for key, v in flat.items():
-        *path, leaf = key.split('/'); d = params
-        for k in path: d = d.setdefault(k, {})
-        d[leaf] = jnp.asarray(v)
-    return params
-
-
 @dataclass
 class GlyphEncoder:
     "A frozen `GlyphEncoderNet`: `(tokens, pooled) = enc(images)`, `enc.embed(images)` unit rows; images (N, H, W, 3) in [-1, 1]."
@@ -161,7 +147,7 @@ class GlyphEncoder:
         from safetensors.numpy import save_file
         folder = Path(folder)
         with building(folder, replace=True) as tmp:
-            save_file(_flat(self.params), str(tmp / 'model.safetensors'))
+            save_file({k: np.asarray(v, np.float32) for k, v in flat_params(self.params).items()}, str(tmp / 'model.safetensors'))
             cfg = {'model_type': GLYPH_ENCODER_TYPE, **asdict(self.spec), 'trained': self.info or {}}
             (tmp / 'config.json').write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
         return folder
@@ -177,7 +163,7 @@ class GlyphEncoder:
         cfg = json.loads((folder / 'config.json').read_text())
         info = cfg.pop('trained', {}); cfg.pop('model_type')
         spec = GlyphEncoderSpec(**{**cfg, 'widths': tuple(cfg['widths'])})
-        return cls(spec, _unflat(load_file(str(folder / 'model.safetensors'))), str(folder), info)
+        return cls(spec, jax.tree.map(jnp.asarray, unflat_params(load_file(str(folder / 'model.safetensors')))), str(folder), info)
 
 
 def is_glyph_encoder(folder) -> bool:

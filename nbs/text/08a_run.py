@@ -19,7 +19,7 @@ import jax
 import flax
 
 from fsdit.config import ModelConfig, TrainConfig, config_to_dict, config_from_dict
-from fsdit.files import write_atomic
+from fsdit.files import write_atomic, flat_params, unflat_params
 from fsdit.state import TrainState, create_state
 
 # %%
@@ -423,21 +423,6 @@ class Run:
 #| export
 EXPORT_FORMAT = 'fsdit-export'
 EXPORT_PATTERNS = ('config.json', 'model.safetensors', 'encoder/*', 'vae/*', 'metrics.jsonl')   # what load_run reads
-
-
-def flat_params(params) -> dict:
-    "Parameters as one flat dict, each leaf named by its path (`block_0/attn/q/kernel`): the tensors of a safetensors file."
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def unflat_params(flat: dict) -> dict:
-    "The nested parameters whose `flat_params` is `flat`."
-    out: dict = {}
-    for key, v in flat.items():
-        *path, leaf = key.split('/'); d = out
-        for k in path: d = d.setdefault(k, {})
-        d[leaf] = v
-    return out
 
 
 def is_export(path) -> bool:

@@ -20,7 +20,7 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-from fsdit.files import building
+from fsdit.files import building, flat_params, unflat_params
 from fsdit.glyphs import GLYPH_FONTS, glyph_name, render_class
 
 # %%
@@ -220,9 +220,7 @@ def save_judge(judge: GlyphJudge, folder, settings: dict | None = None) -> Path:
     "Write `folder/judge.npz` and `folder/judge.json` atomically."
     folder = Path(folder)
     with building(folder, replace=True) as tmp:            # a judge trained with other settings is replaced
-        flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-                for path, v in jax.tree_util.tree_flatten_with_path(judge.params)[0]}
-        np.savez(tmp / 'judge.npz', **flat)
+        np.savez(tmp / 'judge.npz', **{k: np.asarray(v) for k, v in flat_params(judge.params).items()})
         meta = dict(chars=judge.chars, size=judge.size, accuracy=judge.accuracy, widths=list(judge.widths),
                     feat_dim=judge.feat_dim, settings=settings or {})
         (tmp / 'judge.json').write_text(json.dumps(meta, ensure_ascii=False, indent=1))
@@ -233,12 +231,7 @@ def load_judge(folder) -> GlyphJudge:
     "The judge saved in `folder`."
     folder = Path(folder)
     meta = json.loads((folder / 'judge.json').read_text())
-    flat = dict(np.load(folder / 'judge.npz'))
-    params: dict = {}
-    for key, v in flat.items():
-        *path, leaf = key.split('/'); d = params
-        for k in path: d = d.setdefault(k, {})
-        d[leaf] = jnp.asarray(v)
+    params = jax.tree.map(jnp.asarray, unflat_params(dict(np.load(folder / 'judge.npz'))))
     return GlyphJudge(meta['chars'], meta['size'], params, meta['accuracy'], tuple(meta['widths']), meta['feat_dim'])
 
 
