@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 # torch is the CPU build pinned here; it is installed first so no dependency can pull a CUDA build.
 TORCH ?= torch==2.13.0
 NB_TEXT := nbs/text
+MAKE_START := $(shell date +%s)
 
 .PHONY: demo test venv venv-dev browser sync check-sync test-oldjax
 
@@ -37,9 +38,13 @@ browser:
 TEST_JAX_CACHE := JAX_COMPILATION_CACHE_DIR="$(CURDIR)/.cache/jax-tests" JAX_COMPILATION_CACHE_MAX_SIZE=4000000000 \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
 
+# Each part prints its seconds (BENCHMARKS.md §10 reads them off CI's log).
 test: venv-dev browser
-	$(TEST_JAX_CACHE) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
-	$(TEST_JAX_CACHE) PATH="$(BIN):$$PATH" $(BIN)/nbdev_test --n_workers 2 --timing
+	@echo "== setup: $$(( $$(date +%s) - $(MAKE_START) )) s"
+	@s=$$(date +%s); $(TEST_JAX_CACHE) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests \
+	  && echo "== pytest: $$(( $$(date +%s) - s )) s"
+	@s=$$(date +%s); $(TEST_JAX_CACHE) PATH="$(BIN):$$PATH" $(BIN)/nbdev_test --n_workers 2 --timing \
+	  && echo "== nbdev_test: $$(( $$(date +%s) - s )) s"
 
 # The notebooks are the source: export the package, clean the notebooks, write their text forms and README.md.
 sync:

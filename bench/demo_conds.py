@@ -51,7 +51,7 @@ def main(argv=None):
     s = demo_size(a.size, a.data)
     if a.steps: s = replace(s, train={**s.train, 'max_steps': a.steps, 'warmup': min(s.train.get('warmup', 0), a.steps)})
     judge = load_judge(d / 'judge')
-    rows = {}
+    rows = json.loads((root / 'conds.json').read_text()) if (root / 'conds.json').exists() else {}   # add to earlier rows
     for name in a.conds:
         out = root / name; out.mkdir(parents=True, exist_ok=True)
         cond, store = name.split('-')[0], open_store(d / 'feats')

@@ -52,7 +52,8 @@ r = to_uint8(lat, rgb=True); test_eq(r.shape, (2, 4, 4, 3)); test_eq((r.min(), r
 #
 # `image_grid` lays rows of equally sized images out on white, with a gap after each image. The two
 # layouts the package shows are built on it: `support_grid` (the supports on top, the samples below, as
-# `fsdit sample` writes them) and `class_rows_grid` (one row per class: its supports, a gap, its samples).
+# `fsdit sample` writes them) and `class_rows_grid` (one row per class: its supports, a gap, its samples; the demo writes it enlarged 4x under a
+# header that names the two parts, so a character is not 16 screen pixels).
 
 # %%
 #| export
@@ -76,15 +77,36 @@ def support_grid(supports, samples, ncol: int | None = None) -> np.ndarray:
     return image_grid(rows)
 
 
-def class_rows_grid(supports: list, samples: list, gap: int = 8) -> np.ndarray:
-    "One row per class: supports (K, H, W, 3) uint8, a white gap, samples (N, H, W, 3) uint8."
+def class_rows_grid(supports: list, samples: list, gap: int = 8, scale: int = 1,
+                    titles: tuple[str, str] | None = None) -> np.ndarray:
+    """One row per class: supports (K, H, W, 3) uint8, a white gap, samples (N, H, W, 3) uint8; enlarged `scale`
+    times (nearest neighbour) and, with `titles`, a header naming the supports' part and the samples' part."""
     rows = []
     for sup, gen in zip(supports, samples):
         H, W = sup.shape[1:3]
         row = np.concatenate([np.concatenate(list(sup), 1), np.full((H, gap, 3), 255, np.uint8),
                               np.concatenate(list(gen), 1)], 1)
         rows.append(row[None])
-    return image_grid(rows)
+    grid = enlarge(image_grid(rows), scale)
+    if titles is None: return grid
+    K, W = len(supports[0]), supports[0].shape[2]
+    return titled(grid, [(0, titles[0]), (scale * (K * W + gap), titles[1])])
+
+
+def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
+    "`image` (H, W, C) shown `scale` times larger, each pixel a `scale` x `scale` block (no smoothing)."
+    return np.repeat(np.repeat(image, scale, 0), scale, 1) if scale > 1 else image
+
+
+def titled(grid: np.ndarray, parts: list[tuple[int, str]], size: int = 16) -> np.ndarray:
+    "`grid` (H, W, 3) uint8 under a white header band that writes each `(x, text)` of `parts` starting at column x."
+    from PIL import Image, ImageDraw, ImageFont
+    try: font = ImageFont.load_default(size=size)            # scalable with FreeType (Pillow >= 10.1)
+    except TypeError: font = ImageFont.load_default()
+    band = Image.new('RGB', (grid.shape[1], size + 10), 'white')
+    draw = ImageDraw.Draw(band)
+    for x, text in parts: draw.text((x + 2, 4), text, fill='black', font=font)
+    return np.concatenate([np.asarray(band), grid], 0)
 
 
 # %%
@@ -94,6 +116,12 @@ g = support_grid(np.zeros((2, 8, 8, 3), np.uint8), -np.ones((5, 4, 4, 1)), ncol=
 test_eq(g.shape, (3 * (4 + 2), 4 * (4 + 2), 3))
 test_eq(g[:4, :4].max(), 0); test_eq(g[:4, 12:16].min(), 255)      # the top row: 2 supports, then white
 test_eq(class_rows_grid([ims[:2]], [ims]).shape, (4 + 2, 5 * 5 + 8 + 2, 3))
+big = class_rows_grid([ims[:2]], [ims], scale=4, titles=('supports', 'samples'))   # as the demo writes its grids
+test_eq(big.shape[1:], (4 * (5 * 5 + 8 + 2), 3)); assert big.shape[0] > 4 * (4 + 2)   # 4x, plus the header band
+test_eq(big[-4 * 6:-4 * 2, :4 * 5].max(), 0)                         # the first support: one black 20x16 block
+hdr = big[:-4 * 6]
+assert hdr[:, :4 * 12].min() < 128 and hdr[:, 4 * 18:].min() < 128   # ink in the header over each part
+test_eq(enlarge(np.arange(4, dtype=np.uint8).reshape(2, 2, 1), 2)[:, :, 0].tolist(), [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
 
 
 # %% [markdown]
