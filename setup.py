@@ -21,7 +21,7 @@ setuptools.setup(
                  'Intended Audience :: Science/Research', 'Topic :: Scientific/Engineering :: Artificial Intelligence'],
     packages=setuptools.find_packages(include=['fsdit', 'fsdit.*']), include_package_data=True,
     install_requires=_reqs('requirements'),
-    extras_require={'dev': _reqs('dev_requirements'), 'fid': _reqs('fid_requirements')},
+    extras_require={'dev': _reqs('dev_requirements'), 'fid': _reqs('fid_requirements'), 'app': _reqs('app_requirements')},
     entry_points={'console_scripts': cfg['console_scripts'].split(),
                   'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,

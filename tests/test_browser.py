@@ -1,17 +1,17 @@
-"""The explorer notebook in a real browser: Voilà serves nbs/12_explorer.ipynb on localhost, headless
-Chromium (Debian's package, driven by Playwright) clicks Generate and waits for the generated images.
+"""The explorer app in a real browser: `fsdit explore RUN` serves the widget alone (Voilà on localhost) and
+headless Chromium (Debian's package, driven by Playwright) picks a held-out class, switches a support off,
+clicks Generate, waits for the samples and finds their download link. (The explorer notebook itself, the same
+widget with its examples, runs under nbdev_test.)
 
 Needs the `chromium` binary (`make browser` installs it) and the dev extras `playwright` and `voila`;
 skipped with the reason otherwise. Playwright's own browser download is never used (`executable_path`).
 The screenshot lands in tmp_path, or in $FSDIT_SCREENSHOT_DIR when set.
 """
-import importlib.util, os, shutil, socket, subprocess, sys, time
+import importlib.util, os, re, shutil, socket, subprocess, sys, time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / 'nbs' / '12_explorer.ipynb'
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
 
@@ -36,50 +36,60 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def explorer_page_url(tmp_path, demo_tiny):
-    "Voilà serving the explorer notebook (on the session's tiny demo run) on a free localhost port; yields its URL."
-    port, log = _free_port(), open(tmp_path / 'voila.log', 'w')
-    env = {**os.environ, 'FSDIT_EXPLORER_DIR': str(demo_tiny)}   # the notebook reuses the trained run
-    proc = subprocess.Popen([sys.executable, '-m', 'voila', '--no-browser', f'--port={port}', '--Voila.ip=127.0.0.1', str(NOTEBOOK)],
-                            cwd=NOTEBOOK.parent, stdout=log, stderr=subprocess.STDOUT, env=env)
+def explore_app_url(tmp_path, demo_tiny):
+    "`fsdit explore RUN --no-browser --port N` on the session's tiny demo run, as a user starts it; yields its URL."
+    port, log = _free_port(), open(tmp_path / 'explore.log', 'w')
+    run = demo_tiny / 'demo' / 'run'
+    cli = 'import sys; from fsdit.cli import main; sys.exit(main())'          # what the `fsdit` console script runs
+    proc = subprocess.Popen([sys.executable, '-c', cli, 'explore', str(run), '--no-browser', '--port', str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     url = f'http://127.0.0.1:{port}/'
     try:
-        for _ in range(300):
-            if proc.poll() is not None: break
-            try: socket.create_connection(('127.0.0.1', port), timeout=2).close(); break   # listening
-            except OSError: time.sleep(0.2)
-        else: pytest.fail('voila did not start in 60 s')
-        assert proc.poll() is None, (tmp_path / 'voila.log').read_text()
+        for _ in range(600):                                                   # the URL is printed once Voilà answers
+            if proc.poll() is not None or url in (tmp_path / 'explore.log').read_text(): break
+            time.sleep(0.1)
+        assert proc.poll() is None and url in (tmp_path / 'explore.log').read_text(), (tmp_path / 'explore.log').read_text()
         yield url
     finally:
-        proc.terminate()
-        try: proc.wait(20)
+        proc.terminate()                                                       # stops Voilà and removes the app notebook
+        try: proc.wait(30)
         except subprocess.TimeoutExpired: proc.kill()
         log.close()
 
 
-def test_explorer_generates_in_browser(explorer_page_url, tmp_path):
+def test_explore_app_in_browser(explore_app_url, tmp_path):
+    "The app shows the explorer alone; a held-out class, one support switched off, Generate, the samples and their download."
     from playwright.sync_api import sync_playwright
     shots = Path(os.environ.get('FSDIT_SCREENSHOT_DIR', tmp_path)); shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={'width': 1280, 'height': 1100})
-            page.goto(explorer_page_url, timeout=120_000)
-            # Voilà runs the whole notebook (it trains its tiny run) before the widget shows
-            generate = page.get_by_role('button', name='Generate')
-            generate.wait_for(timeout=240_000)
-            try: page.locator('img.fsdit-support').first.wait_for(timeout=60_000)
+            page = browser.new_page(viewport={'width': 1280, 'height': 1150})
+            page.goto(explore_app_url, timeout=120_000)
+            try: page.locator('img.fsdit-support').first.wait_for(timeout=120_000)
             except Exception:
-                page.screenshot(path=str(shots / 'explorer_failed.png'), full_page=True); raise
-            before = page.locator('img.fsdit-sample').count()
-            generate.click()
-            page.wait_for_function(f"document.querySelectorAll('img.fsdit-sample').length > {before}",
-                                   timeout=120_000)
-            page.locator('.fsdit-status', has_text='generated').wait_for(timeout=60_000)
-            n = page.locator('img.fsdit-sample').count()
-            sizes = page.eval_on_selector_all('img.fsdit-sample', 'els => els.map(e => e.naturalWidth)')
-            page.screenshot(path=str(shots / 'explorer.png'), full_page=True)
+                page.screenshot(path=str(shots / 'explore_app_failed.png'), full_page=True); raise
+            text = page.inner_text('body')
+            assert 'fsdit explorer' in text and 'show_explorer' not in text and 'import' not in text   # no code, no prose
+            dropdown = lambda label: page.locator('.widget-dropdown').filter(
+                has=page.locator('label', has_text=re.compile(f'^{label}$'))).locator('select')
+            classes = dropdown('class')
+            options = classes.locator('option').all_inner_texts()
+            classes.select_option(options[1])                                   # a held-out (test split) class
+            page.locator('.fsdit-status', has_text=f'of {options[1]} (test)').wait_for(timeout=30_000)
+            assert dropdown('split').input_value() == 'test'
+            page.locator('.fsdit-toggle').nth(1).click()                       # leave one support out
+            page.locator('.fsdit-status', has_text='4 of 5 supports on').wait_for(timeout=30_000)
+            page.get_by_role('button', name='Generate').click()
+            page.locator('.fsdit-status', has_text='generated').wait_for(timeout=120_000)
+            samples = page.eval_on_selector_all('img.fsdit-sample', 'els => els.map(e => e.naturalWidth)')
+            status = page.inner_text('.fsdit-status')
+            link = page.locator('a.fsdit-download')
+            href, name = link.get_attribute('href'), link.get_attribute('download')
+            off = page.locator('img.fsdit-support.fsdit-off').count()
+            page.screenshot(path=str(shots / 'explore_app.png'), full_page=True)
         finally: browser.close()
-    assert n >= 2 and all(w > 0 for w in sizes), (n, sizes)   # CFG 0 beside the chosen scale
-    assert (shots / 'explorer.png').stat().st_size > 10_000
+    assert len(samples) >= 2 and all(w > 0 for w in samples), samples   # CFG 0 beside the chosen scale
+    assert 'from 4 supports' in status and off == 1, (status, off)
+    assert name == 'fsdit_samples.png' and href.startswith('data:image/png;base64,iVBORw0KGgo'), (name, href[:40])
+    assert (shots / 'explore_app.png').stat().st_size > 10_000

@@ -147,3 +147,32 @@ def test_sample_steps_default_to_the_runs(sample_run, tmp_path, capsys, monkeypa
     assert rc == 0 and steps == [3, 2] and out.rstrip().endswith('cfg 3.0, 2 steps)'), err
     rc, out, _ = fsdit(capsys, 'sample', '--help')
     assert rc == 0 and "--steps STEPS sampler steps (default: the run's)" in ' '.join(out.split())
+
+
+def test_explore_refuses_in_one_line(sample_run, cli_store, tmp_path, capsys, monkeypatch):
+    "`fsdit explore RUN`: what is wrong and what to do, in one line, before any server starts; a good RUN reaches Voilà."
+    import shutil, socket
+    import fsdit.app as A
+    served = []
+    def serve(nb, port, browser=True, name=''):                      # instead of Voilà: what it would serve, then clean up
+        served.append((nb.read_text(), port, browser)); shutil.rmtree(nb.parent); return 0
+    monkeypatch.setattr(A, 'serve', serve)
+    run, _ = sample_run
+    refused(fsdit(capsys, 'explore', tmp_path / 'nope'), 'explore', 'no such run folder', '--out folder of `fsdit train`')
+    refused(fsdit(capsys, 'explore', run.parent), 'explore', 'is not a run', 'it holds 1 run(s)', 'pass one of them')
+    refused(fsdit(capsys, 'explore', run), 'explore', 'names no feature store', 'pass --feats STORE')
+    refused(fsdit(capsys, 'explore', run, '--feats', tmp_path), 'explore', 'is not a feature store')
+    refused(fsdit(capsys, 'explore', run, '--port', '70000'), 'explore', 'argument --port: a port is 1 to 65535')
+    refused(fsdit(capsys, 'explore', run, '--split', 'all'), 'explore', 'argument --split: invalid choice')
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); s.listen(); port = s.getsockname()[1]
+        refused(fsdit(capsys, 'explore', run, '--feats', cli_store, '--port', port), 'explore',
+                f'port {port} is in use', 'pick another with --port')
+    monkeypatch.setattr(A, 'voila_installed', lambda: False)
+    refused(fsdit(capsys, 'explore', run, '--feats', cli_store), 'explore', "pip install 'fsdit[app]'")
+    assert served == []
+    monkeypatch.setattr(A, 'voila_installed', lambda: True)
+    rc, _, err = fsdit(capsys, 'explore', run, '--feats', cli_store, '--no-browser', '--split', 'val')
+    assert rc == 0 and len(served) == 1, err
+    src, port, browser = served[0]
+    assert f"show_explorer({str(run)!r}, feats={str(cli_store)!r}, split='val')" in src and not browser and port > 0

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     'export':     ('fsdit.export', 'export_cli', 'a run as a folder to share: safetensors weights, JSON configs, a model card'),
     'demo':       ('fsdit.demo', 'demo_cli', 'the whole chain offline on a small real dataset a dependency ships'),
     'bench':      ('fsdit.bench', 'bench_cli', 'benchmarks: train step, store vs online encoders, sampling, memory'),
+    'explore':    ('fsdit.app', 'explore_cli', "the explorer of a run as a web app in the browser (needs fsdit[app])"),
 }
 
 

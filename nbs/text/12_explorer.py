@@ -1,13 +1,15 @@
 # %% [markdown]
 # # Explorer
 #
-# > An ipywidgets explorer of a trained run: pick a run, a split and a class, draw a support set (or pick the images), generate with a CFG slider — CFG 0 beside the chosen scale — and look at the run's t-bin losses and attention entropy.
+# > An ipywidgets explorer of a trained run: pick a run, a split and a class, draw a support set (or pick the images, or upload your own), switch single supports off, generate with a CFG slider — CFG 0 beside the chosen scale — download the samples, and look at the run's t-bin losses and attention entropy.
 #
 # The widget is a thin shell: every action is a plain method (`load`, `set_split`, `set_class`,
-# `draw_supports`, `pick`, `generate`, `metrics_view`) that the buttons and dropdowns call, so tests drive
-# it without a browser and read what it shows. Samples come from the same functions as `fsdit sample`
-# (the EMA weights, the compiled sampler); supports come from the run's feature store, so the condition is
-# exactly the one the model was trained on.
+# `draw_supports`, `pick`, `upload`, `toggle`, `generate`, `metrics_view`) that the buttons and dropdowns
+# call, so tests drive it without a browser and read what it shows. Samples come from the same functions as
+# `fsdit sample` (the EMA weights, the compiled sampler); supports come from the run's feature store, so the
+# condition is exactly the one the model was trained on — or from your own image files, read and encoded
+# as `fsdit sample --support FILES` reads and encodes them. `fsdit explore RUN` (`fsdit.app`) serves the
+# widget alone as a web app.
 
 # %%
 #| default_exp explorer
@@ -15,7 +17,7 @@
 # %%
 #| export
 from __future__ import annotations
-import io, json, re, time
+import base64, io, json, re, tempfile, time
 from pathlib import Path
 from typing import Sequence
 
@@ -23,9 +25,10 @@ import numpy as np
 import ipywidgets as W
 from fsdit.export import codecs_of
 from fsdit.features import open_store
-from fsdit.images import to_uint8
+from fsdit.images import support_grid, to_uint8
 from fsdit.run import is_export, load_run, run_folder
 from fsdit.sampler import generate
+from fsdit.supports import read_supports, sample_from_supports
 
 # %%
 import os, tempfile
@@ -63,6 +66,8 @@ def find_store(run_dir, config: dict | None = None) -> Path | None:
     return None
 
 
+# %%
+#| export
 class RunView:
     "A run, its feature store and codecs: classes, images and samples for the explorer."
     def __init__(self, run_dir, feats=None):
@@ -98,12 +103,20 @@ class RunView:
                      cfg_interval=self.run.tc.cfg_interval if cfg_interval is None else cfg_interval)
         return to_uint8(np.asarray(self.codecs.decode(z), np.float32), rgb=True)
 
+    def generate_images(self, images, n: int, cfg_scale: float, steps: int, seed: int, cfg_interval=None) -> np.ndarray:
+        "uint8 (n, H, W, 3): `n` samples conditioned on uint8 support images (K, H, W, 3), encoded as `fsdit sample` encodes its files."
+        x = sample_from_supports(self.run, self.codecs, images, n, cfg_scale=cfg_scale, steps=steps, seed=seed,
+                                 cfg_interval=self.run.tc.cfg_interval if cfg_interval is None else cfg_interval)
+        return to_uint8(x, rgb=True)
+
     def metrics(self) -> list[dict]:
         "The run's logged records (RUN/metrics.jsonl)."
         p = self.run.path / 'metrics.jsonl'
         return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
 
 
+# %%
+#| export
 def metrics_view(records: list[dict]) -> dict:
     "{'step', 't_bins': {prefix: [10 values]}, 'entropy': {layer: ([steps], [values])}} from metrics records."
     tb, ent, step = {}, {}, None
@@ -138,7 +151,8 @@ def metrics_png(view: dict) -> bytes:
 # `RunView` holds the loaded run (EMA parameters), its store and its codecs. Images of the store are
 # shown as the model sees them: the posterior means decoded (in pixel space, the images themselves).
 # `generate` uses the store's support embeddings and latents, tiled over the `n` episodes, through
-# `fsdit.sampler.generate`, and decodes.
+# `fsdit.sampler.generate`, and decodes; `generate_images` takes support images instead and encodes them
+# with the run's codecs (`fsdit.supports.sample_from_supports`, the path of `fsdit sample --support`).
 
 # %% [markdown]
 # ## The run's training curves
@@ -156,16 +170,24 @@ test_eq((v['step'], v['t_bins'], v['entropy']['late']), (10, {'val': [0.7, 0.5]}
 assert metrics_view(recs[:1])['t_bins']['train'][0] == 1.0 and np.isnan(metrics_view(recs[:1])['t_bins']['train'][1])
 assert metrics_png(v)[:4] == b'\x89PNG'
 
-
 # %% [markdown]
 # ## The widget
 #
 # Small images are enlarged with nearest-neighbour so that pixels stay pixels. Every image carries a CSS
-# class (`fsdit-support`, `fsdit-sample`) and the status line `fsdit-status`, which the browser test
-# looks for.
+# class (`fsdit-support`, `fsdit-sample`), and so do the status line `fsdit-status`, the on/off button
+# under each support `fsdit-toggle` and the download link `fsdit-download`: the browser test looks for them.
+#
+# A generation can be saved: `samples_grid` lays out the supports it used on the top row and one row of
+# samples per CFG scale below (the layout of `fsdit sample`'s grid), and `download_link` wraps that PNG in
+# a link the browser saves as `fsdit_samples.png`. Images of your own are read by `read_uploads` exactly
+# as `fsdit sample --support FILES` reads its files (`fsdit.supports.read_supports`: the store's resize
+# rule at the run's image size, every unreadable file named).
 
 # %%
 #| export
+STYLE = '<style>.fsdit-off { opacity: 0.25; filter: grayscale(1); }</style>'   # a support switched off
+
+
 def png(image: np.ndarray, min_side: int = 72) -> bytes:
     "PNG bytes of a uint8 image (H, W, 3), enlarged (nearest) to at least `min_side` pixels."
     from PIL import Image
@@ -183,27 +205,74 @@ def _image_row(images, css: str) -> list:
     return out
 
 
-class Explorer:
-    "Browse a run's classes and support sets and generate with CFG; every control calls a plain method."
-    def __init__(self, root, feats=None, split: str | None = None, n: int = 6, cfg_scale: float | None = None,
-                 steps: int | None = None, seed: int = 0):
-        self.feats, self.view, self.supports, self.last = feats, None, np.zeros(0, int), {}
-        self._draws, self._busy = 0, False
-        runs = find_runs(root)
-        if not runs: raise ValueError(f"no run directory (config.json + checkpoints/) or export at or below {root}")
+def _sample_rows(samples: dict) -> list:
+    "A labelled row of image widgets (`fsdit-sample`) per CFG scale of `samples` {scale: (n, H, W, 3)}."
+    label = lambda s: W.HTML(f"<b>CFG {s:g}</b>" + (' (unconditional)' if s == 0 else ''), layout=W.Layout(width='140px'))
+    return [W.HBox([label(s)] + _image_row(ims, 'fsdit-sample')) for s, ims in samples.items()]
+
+
+def samples_grid(supports, samples: dict) -> np.ndarray:
+    "uint8 grid: the supports (K, H, W, 3) on the top row, then a row per CFG scale of `samples` {scale: (n, H, W, 3)}."
+    ncol = max(len(supports), *(len(s) for s in samples.values()))
+    fill = lambda x: np.concatenate([x, np.full((ncol - len(x), *x.shape[1:]), 255, np.uint8)])
+    return support_grid(supports, np.concatenate([fill(samples[s]) for s in sorted(samples)]), ncol)
+
+
+def download_link(image: np.ndarray, name: str = 'fsdit_samples.png') -> str:
+    "An HTML link (class `fsdit-download`) that saves the uint8 `image` as the PNG file `name`."
+    uri = 'data:image/png;base64,' + base64.b64encode(png(image, 1)).decode()
+    style = 'color:#1565c0; text-decoration:underline'
+    return f'<a class="fsdit-download" download="{name}" href="{uri}" style="{style}">&#11015; download the samples ({name})</a>'
+
+
+def read_uploads(files, size: int) -> tuple[list[str], np.ndarray]:
+    "Names and uint8 images (K, size, size, 3) of uploaded files (FileUpload values, or (name, bytes) pairs), read as `fsdit sample --support` reads files."
+    items = [(f['name'], f['content']) if isinstance(f, dict) else tuple(f) for f in files]
+    if not items: raise ValueError('no image uploaded')
+    with tempfile.TemporaryDirectory() as d:
+        paths = [Path(d) / str(i) / Path(name).name for i, (name, _) in enumerate(items)]
+        for p, (_, data) in zip(paths, items): p.parent.mkdir(); p.write_bytes(bytes(data))
+        try: return [p.name for p in paths], read_supports(paths, size)
+        except ValueError as e: raise ValueError(re.sub(re.escape(d) + r'/\d+/', '', str(e))) from None
+
+
+# %%
+im = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3, 1).repeat(3, -1)
+g = samples_grid(im, {3.0: im[:1], 0.0: np.stack([im[0]] * 3)})          # 2 supports; 1 and 3 samples
+test_eq(g.shape, (3 * 5, 3 * 5, 3))                                        # rows: supports, CFG 0, CFG 3
+test_eq((g[:3, 5:8], g[5:8, 10:13], g[10:13, :3]), (im[1], im[0], im[0])); assert (g[10:13, 5:] == 255).all()
+link = download_link(g)
+assert link.startswith('<a class="fsdit-download" download="fsdit_samples.png" href="data:image/png;base64,')
+from PIL import Image
+_b = io.BytesIO(); Image.fromarray(np.full((20, 30, 3), 9, np.uint8)).save(_b, 'png')
+names, ims = read_uploads([('a/b/mine.png', _b.getvalue())], 8)
+test_eq((names, ims.shape, int(ims.max())), (['mine.png'], (1, 8, 8, 3), 9))
+test_fail(lambda: read_uploads([('notes.txt', b'hello')], 8), contains="cannot read support image(s): notes.txt (")
+
+
+# %% [markdown]
+# The explorer is three layers: its controls (`_Controls`: the widgets and their wiring), its support set
+# (`_SupportSet`: drawn, picked or uploaded images, each switched on or off) and the actions on the run
+# (`Explorer`). Every control calls a plain method, and a method's error lands in the status line.
+
+# %%
+#| export
+class _Controls:
+    "The explorer's widgets and their wiring: every control calls a plain method of `Explorer`."
+    def _controls(self, runs, n: int, seed: int):
         self.run_w = W.Dropdown(options=[(str(p), str(p)) for p in runs], description='run', layout=W.Layout(width='60%'))
         self.split_w, self.class_w = W.Dropdown(description='split'), W.Dropdown(description='class')
         self.pick_w = W.SelectMultiple(description='images', rows=6)
         self.draw_w = W.Button(description='Draw supports', icon='random')
+        self.upload_w = W.FileUpload(accept='image/*', multiple=True, description='Your images')
         self.cfg_w = W.FloatSlider(value=3.0, min=0.0, max=10.0, step=0.5, description='CFG scale')
         self.steps_w = W.IntSlider(value=50, min=1, max=200, description='steps')
         self.seed_w = W.IntText(value=seed, description='seed')
         self.n_w = W.IntSlider(value=n, min=1, max=16, description='samples')
         self.gen_w = W.Button(description='Generate', button_style='primary', icon='play')
         self.status = W.HTML(); self.status.add_class('fsdit-status')
-        self.support_box, self.sample_box, self.metrics_w = W.HBox(), W.VBox(), W.Image(format='png')
+        self.support_box, self.sample_box, self.metrics_w, self.download_w = W.HBox(), W.VBox(), W.Image(format='png'), W.HTML()
         self._wire()
-        self.load(runs[0], split, cfg_scale, steps)
 
     def _wire(self):
         guard = lambda f: (lambda ch: None if self._busy else self._safe(f, ch['new']))
@@ -211,8 +280,14 @@ class Explorer:
         self.split_w.observe(guard(self.set_split), 'value')
         self.class_w.observe(guard(self.set_class), 'value')
         self.pick_w.observe(guard(lambda names: self.pick(names) if names else None), 'value')
+        self.upload_w.observe(guard(lambda files: self._take_upload(files) if files else None), 'value')
         self.draw_w.on_click(lambda _: self._safe(self.draw_supports))
         self.gen_w.on_click(lambda _: self._safe(self.generate))
+
+    def _take_upload(self, files):
+        "Use the uploaded files, then empty the upload control (the same files can be uploaded again)."
+        try: self.upload(files)
+        finally: self._set(self.upload_w, value=())
 
     def _safe(self, f, *a):
         "Run a control's action; show an error in the status line instead of losing it in a callback."
@@ -227,6 +302,99 @@ class Explorer:
         try:
             for k, v in kw.items(): setattr(widget, k, v)
         finally: self._busy = False
+
+    @property
+    def widget(self) -> W.Widget:
+        "The explorer as one widget."
+        box = lambda *c: W.HBox(list(c))
+        return W.VBox([W.HTML(STYLE), self.run_w, box(self.split_w, self.class_w), box(self.draw_w, self.pick_w, self.upload_w),
+                       W.HTML('<b>supports</b> (switch one off to leave it out)'), self.support_box,
+                       box(W.VBox([self.cfg_w, self.steps_w]), W.VBox([self.n_w, self.seed_w])),
+                       self.gen_w, self.status, self.sample_box, self.download_w, W.HTML('<b>training</b>'), self.metrics_w])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+
+# %% [markdown]
+# The support set is store rows of the current class (`supports`) or uploaded images (`uploaded`); `on`
+# says which of them generation uses. Every new set starts all on and clears the samples; switching the
+# last one off is refused.
+
+# %%
+#| export
+class _SupportSet:
+    "The explorer's support set: drawn, picked or uploaded images, each switched on or off."
+    @property
+    def shots(self) -> int: return self.view.run.tc.shots
+
+    def draw_supports(self, seed: int | None = None) -> np.ndarray:
+        "Draw `shots` random images of the current class as the support set (seeded by the seed box and draw count)."
+        rows = np.asarray([r for _, r in self.pick_w.options])
+        if seed is None: seed, self._draws = self.seed_w.value * 10_007 + self._draws, self._draws + 1
+        k = min(self.shots, len(rows))
+        return self.set_supports(np.sort(np.random.default_rng(seed).choice(rows, k, replace=False)))
+
+    def pick(self, names: Sequence) -> np.ndarray:
+        "Use the images named `names` (file names or store rows of the current class) as the support set."
+        by_name = dict(self.pick_w.options)
+        rows = [by_name.get(x, -1) if isinstance(x, str) else int(x) for x in names]
+        if not rows or any(r not in by_name.values() for r in rows):
+            raise ValueError(f"pick needs images of class {self.class_w.value!r}; got {list(names)}")
+        return self.set_supports(np.asarray(rows))
+
+    def set_supports(self, rows) -> np.ndarray:
+        "Use the store `rows` as the support set."
+        self.supports, self.uploaded = np.asarray(rows), None
+        self._show(self.view.images(self.supports), self.view.names(self.supports),
+                   f"of <b>{self.class_w.value}</b> ({self.split_w.value})")
+        return self.supports
+
+    def upload(self, files) -> np.ndarray:
+        "Use image files of your own as the support set: FileUpload values or (name, bytes) pairs; returns them as read."
+        names, images = read_uploads(files, self.view.codecs.image_size)
+        self.supports, self.uploaded = np.zeros(0, int), images
+        self._show(images, names, 'of your own')
+        return images
+
+    def _show(self, images, names, what: str):
+        "Show a new support set, all on, as thumbnails with an on/off button each; the last samples no longer apply."
+        self.support_images, self.support_names, self.on, self.last = images, list(names), np.ones(len(images), bool), {}
+        self.support_imgs = _image_row(images, 'fsdit-support')
+        self.toggles = [W.ToggleButton(value=True, description='on', icon='check', layout=W.Layout(width='72px')) for _ in images]
+        for i, t in enumerate(self.toggles):
+            t.add_class('fsdit-toggle')
+            t.observe(lambda ch, i=i: None if self._busy else self._safe(self.toggle, i, ch['new']), 'value')
+        self.support_box.children = [W.VBox([im, t]) for im, t in zip(self.support_imgs, self.toggles)]
+        self.sample_box.children, self.download_w.value = (), ''
+        self._say(f"{len(images)} supports {what}; press Generate")
+
+    def toggle(self, i: int, on: bool | None = None) -> np.ndarray:
+        "Switch support `i` on or off (flip it when `on` is None); the last one on stays on. Returns `on`."
+        on = not self.on[i] if on is None else bool(on)
+        if not on and self.on[i] and self.on.sum() == 1:
+            self._set(self.toggles[i], value=True)
+            raise ValueError('at least one support must stay on: switch another one on first')
+        self.on[i] = on
+        self._set(self.toggles[i], value=on, description='on' if on else 'off', icon='check' if on else '')
+        (self.support_imgs[i].remove_class if on else self.support_imgs[i].add_class)('fsdit-off')
+        self._say(f"{self.on.sum()} of {len(self.on)} supports on; press Generate")
+        return self.on
+
+
+# %%
+#| export
+class Explorer(_SupportSet, _Controls):
+    "Browse a run's classes, take a support set (drawn, picked or your own images) and generate with CFG; every control calls a plain method."
+    def __init__(self, root, feats=None, split: str | None = None, n: int = 6, cfg_scale: float | None = None,
+                 steps: int | None = None, seed: int = 0):
+        self.feats, self.view, self.supports, self.uploaded, self.last = feats, None, np.zeros(0, int), None, {}
+        self._draws, self._busy, self.grid = 0, False, None
+        runs = find_runs(root)
+        if not runs: raise ValueError(f"no run directory (config.json + checkpoints/) or export at or below {root}")
+        self._controls(runs, n, seed)
+        self.load(runs[0], split, cfg_scale, steps)
 
     def load(self, run_dir, split: str | None = None, cfg_scale: float | None = None, steps: int | None = None):
         "Load the run at `run_dir` and show its first class of `split` (default: test, else the first split)."
@@ -255,65 +423,26 @@ class Explorer:
         self._set(self.pick_w, options=list(zip(self.view.names(rows), rows.tolist())), value=())
         self.draw_supports()
 
-    @property
-    def shots(self) -> int: return self.view.run.tc.shots
-
-    def draw_supports(self, seed: int | None = None) -> np.ndarray:
-        "Draw `shots` random images of the current class as the support set (seeded by the seed box and draw count)."
-        rows = np.asarray([r for _, r in self.pick_w.options])
-        if seed is None: seed, self._draws = self.seed_w.value * 10_007 + self._draws, self._draws + 1
-        k = min(self.shots, len(rows))
-        return self.set_supports(np.sort(np.random.default_rng(seed).choice(rows, k, replace=False)))
-
-    def pick(self, names: Sequence) -> np.ndarray:
-        "Use the images named `names` (file names or store rows of the current class) as the support set."
-        by_name = dict(self.pick_w.options)
-        rows = [by_name.get(x, -1) if isinstance(x, str) else int(x) for x in names]
-        if not rows or any(r not in by_name.values() for r in rows):
-            raise ValueError(f"pick needs images of class {self.class_w.value!r}; got {list(names)}")
-        return self.set_supports(np.asarray(rows))
-
-    def set_supports(self, rows) -> np.ndarray:
-        "Show the support set (store rows) as thumbnails; the last samples no longer apply."
-        self.supports, self.last = np.asarray(rows), {}
-        self.support_box.children = _image_row(self.view.images(self.supports), 'fsdit-support')
-        self.sample_box.children = ()
-        self._say(f"{len(self.supports)} supports of <b>{self.class_w.value}</b> ({self.split_w.value}); press Generate")
-        return self.supports
-
     def generate(self) -> dict:
-        "Samples {0.0: (n, H, W, 3) uint8, cfg: ...} of the support set, shown as two rows."
-        if not len(self.supports): raise ValueError('no support set: draw or pick one first')
-        self._say('generating...'); t0 = time.time()
+        "Samples {0.0: (n, H, W, 3) uint8, cfg: ...} of the supports switched on, shown as two rows, with a link to download them."
+        if not len(self.supports) and self.uploaded is None: raise ValueError('no support set: draw, pick or upload one first')
+        self._say('generating...'); t0, on = time.time(), self.on.copy()
         scales = sorted({0.0, float(self.cfg_w.value)})
         kw = dict(n=self.n_w.value, steps=self.steps_w.value, seed=self.seed_w.value)
         whole = lambda s: (0.0, 1.0) if s == 0 else None       # scale 0 is unconditional all along the path
-        self.last = {s: self.view.generate(self.supports, cfg_scale=s, cfg_interval=whole(s), **kw) for s in scales}
-        rows = []
-        for s, ims in self.last.items():
-            label = W.HTML(f"<b>CFG {s:g}</b>" + (' (unconditional)' if s == 0 else ''), layout=W.Layout(width='140px'))
-            rows.append(W.HBox([label] + _image_row(ims, 'fsdit-sample')))
-        self.sample_box.children = rows
-        self._say(f"generated {self.n_w.value} images at CFG {' and '.join(f'{s:g}' for s in scales)}, "
-                  f"{self.steps_w.value} steps, in {time.time() - t0:.1f} s")
+        gen = (lambda **k: self.view.generate_images(self.uploaded[on], **k)) if self.uploaded is not None else \
+              (lambda **k: self.view.generate(self.supports[on], **k))
+        self.last = {s: gen(cfg_scale=s, cfg_interval=whole(s), **kw) for s in scales}
+        self.sample_box.children = _sample_rows(self.last)
+        self.grid = samples_grid(self.support_images[on], self.last)
+        self.download_w.value = download_link(self.grid)
+        self._say(f"generated {self.n_w.value} images at CFG {' and '.join(f'{s:g}' for s in scales)} from {on.sum()} "
+                  f"supports, {self.steps_w.value} steps, in {time.time() - t0:.1f} s")
         return self.last
 
     def metrics_view(self) -> dict:
         "The run's t-bin losses and attention entropy (see `metrics_view`)."
         return metrics_view(self.view.metrics())
-
-    @property
-    def widget(self) -> W.Widget:
-        "The explorer as one widget."
-        box = lambda *c: W.HBox(list(c))
-        return W.VBox([self.run_w, box(self.split_w, self.class_w), box(self.draw_w, self.pick_w),
-                       W.HTML('<b>supports</b>'), self.support_box,
-                       box(W.VBox([self.cfg_w, self.steps_w]), W.VBox([self.n_w, self.seed_w])),
-                       self.gen_w, self.status, self.sample_box, W.HTML('<b>training</b>'), self.metrics_w])
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
 
 
 # %% [markdown]
@@ -321,15 +450,18 @@ class Explorer:
 # steps) and starts on the held-out split when it has one; changing the split or the class draws a fresh
 # support set.
 #
-# `generate` draws `n` samples from the support set at CFG 0 (the unconditional model) and at the chosen
-# scale, from the same noise, and shows the two rows one above the other.
+# `generate` draws `n` samples from the supports switched on, at CFG 0 (the unconditional model) and at the
+# chosen scale, from the same noise, shows the two rows one above the other, and offers their grid (`grid`)
+# as a PNG to download. Store supports condition through the store's embeddings and latents
+# (`RunView.generate`); uploaded images go through the run's codecs at each generation, as in `fsdit sample`
+# (`RunView.generate_images`).
 
 # %% [markdown]
 # ## A tiny run to explore
 #
 # The demo's `tiny` size trains a run in seconds (glyphs at 16 px, 30 steps: expect noise, not
 # characters). `fsdit demo --out DEMO` makes a real one to point the explorer at. The folder comes from
-# `FSDIT_EXPLORER_DIR` when set (the browser test sets it), else a temporary one.
+# `FSDIT_EXPLORER_DIR` when set (to reuse one run across notebooks and tests), else a temporary one.
 
 # %%
 from fsdit.demo import demo
@@ -340,8 +472,8 @@ test_eq(find_runs(root), [run_dir]); test_eq(find_store(run_dir), root / 'feats'
 # %%
 ex = Explorer(root)
 test_eq((ex.split_w.value, ex.class_w.value, len(ex.supports)), ('test', ex.view.classes('test')[0], 5))
-test_eq(len(ex.support_box.children), 5)
-test_eq(ex.support_box.children[0]._dom_classes, ('fsdit-support',))
+test_eq((len(ex.support_box.children), ex.on.tolist()), (5, [True] * 5))
+test_eq((ex.support_imgs[0]._dom_classes, ex.toggles[0]._dom_classes), (('fsdit-support',), ('fsdit-toggle',)))
 
 # %% [markdown]
 # Clicking Generate (what a user does) fills the two rows, CFG 0 above CFG 3:
@@ -380,6 +512,66 @@ ex.split_w.value = 'train'
 test_eq((ex.class_w.value, len(ex.supports)), (ex.view.classes('train')[0], 5))
 
 # %% [markdown]
+# ## Switching supports off, downloading the samples, your own images
+#
+# Each support has an on/off button under it (clicking it sets its value); generation uses only the
+# supports that are on, and the last one on stays on:
+
+# %%
+ex.split_w.value = 'test'
+ex.toggles[1].value = False
+test_eq(ex.on.tolist(), [True, False, True, True, True])
+assert 'fsdit-off' in ex.support_imgs[1]._dom_classes and '4 of 5 supports on' in ex.status.value
+ex.gen_w.click()
+test_eq(ex.last[3.0], ex.view.generate(ex.supports[ex.on], n=3, cfg_scale=3.0, steps=4, seed=0))
+assert 'generated 3 images at CFG 0 and 3 from 4 supports' in ex.status.value
+for i in (0, 2, 3): ex.toggle(i, False)
+ex.toggles[4].value = False
+test_eq((ex.on.tolist(), ex.toggles[4].value), ([False] * 4 + [True], True))
+assert 'at least one support must stay on' in ex.status.value
+ex.toggle(1)                                                                # flip it back on
+test_eq(ex.on.tolist(), [False, True, False, False, True])
+
+# %% [markdown]
+# The link under the samples saves the last generation as one PNG: the supports it used on the top row,
+# a row of samples per CFG scale below.
+
+# %%
+uri = re.search(r'class="fsdit-download" download="fsdit_samples.png" href="data:image/png;base64,([^"]+)"', ex.download_w.value)[1]
+got = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))))
+test_eq(got, ex.grid); test_eq(got.shape, (3 * 18, 4 * 18, 3))            # 4 supports; 3 samples at CFG 0 and 3; 16 px + 2
+test_eq(got[:16, :16], ex.support_images[0]); test_eq(got[36:52, 18:34], ex.last[3.0][1])
+
+# %% [markdown]
+# Images of your own (the upload control; `upload` takes its values, or (name, bytes) pairs) become the
+# support set: read at the run's image size and encoded by its codecs as `fsdit sample --support FILES`
+# reads and encodes files, so the explorer's samples are `fsdit sample`'s. A file that is not an image is
+# named in the status line and the support set stays as it was; drawing (or choosing a class) goes back
+# to the store.
+
+# %%
+import datetime
+def png_file(im, side=40):
+    b = io.BytesIO(); Image.fromarray(im).resize((side, side)).save(b, 'png'); return b.getvalue()
+def uploaded(name, data):
+    return {'name': name, 'type': 'image/png', 'size': len(data), 'content': memoryview(data), 'last_modified': datetime.datetime.now()}
+mine = {f'mine{i}.png': png_file(im) for i, im in enumerate(ex.view.images(ex.view.rows('test', ex.view.classes('test')[2])[:3]))}
+ex.upload_w.value = tuple(uploaded(k, v) for k, v in mine.items())          # what choosing files does
+test_eq((len(ex.supports), ex.uploaded.shape, ex.support_names, ex.upload_w.value), (0, (3, 16, 16, 3), list(mine), ()))
+files = Path(tempfile.mkdtemp())
+for k, v in mine.items(): (files / k).write_bytes(v)
+test_eq(ex.uploaded, read_supports(sorted(files.iterdir()), ex.view.codecs.image_size))
+ex.toggle(0, False); ex.gen_w.click()
+want = sample_from_supports(ex.view.run, ex.view.codecs, ex.uploaded[1:], 3, cfg_scale=3.0, steps=4, seed=0,
+                            cfg_interval=ex.view.run.tc.cfg_interval)
+test_eq(ex.last[3.0], to_uint8(want, rgb=True)); assert 'from 2 supports' in ex.status.value
+ex.upload_w.value = (uploaded('notes.txt', b'hello'),)
+assert 'cannot read support image(s): notes.txt (' in ex.status.value and ex.upload_w.value == ()
+test_eq(len(ex.uploaded), 3)
+ex.draw_w.click()
+test_eq((ex.uploaded, len(ex.supports), ex.on.tolist()), (None, 5, [True] * 5))
+
+# %% [markdown]
 # The training curves of the run (the tiny run logs every 10 steps and validates at step 30):
 
 # %%
@@ -403,7 +595,7 @@ test_eq(ex_shared.view.generate(ex.supports, **kw), ex.view.generate(ex.supports
 test_eq(ex_shared.metrics_view()['step'], 30)
 
 # %% [markdown]
-# The explorer itself (live in Jupyter or Voilà; in the docs the controls are inert):
+# The explorer itself (live in Jupyter, or alone as an app: `fsdit explore RUN`, `fsdit.app`; in the docs the controls are inert):
 
 # %%
 ex.split_w.value = 'test'
