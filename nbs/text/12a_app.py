@@ -14,7 +14,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, html, importlib.util, json, shutil, signal, socket, subprocess, sys, tempfile, threading, time, webbrowser
+import argparse, html, importlib.util, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time, webbrowser
 from pathlib import Path
 
 from fsdit.cli import CLIError, Parser, fail
@@ -54,7 +54,7 @@ def app_run(run, feats=None) -> tuple[Path, Path]:
         raise CLIError(f"{d} names no feature store and has no feats/ beside it: pass --feats STORE, the store it was trained on")
     if not (store / 'metadata.json').is_file():
         raise CLIError(f"--feats {store} is not a feature store (no metadata.json): pass the folder `fsdit precompute` wrote")
-    return d, store
+    return Path(os.path.abspath(d)), Path(os.path.abspath(store))   # the app's kernel runs in its own folder: relative paths would miss
 
 
 def check_split(store, split: str) -> str:
@@ -235,6 +235,7 @@ from fsdit.demo import demo
 root = Path(os.environ.get('FSDIT_EXPLORER_DIR') or tempfile.mkdtemp()) / 'demo'
 run_dir = demo(root, 'tiny', until='train', progress=False)['run']
 test_eq(app_run(run_dir), (run_dir, root / 'feats'))
+test_eq(app_run(os.path.relpath(run_dir))[0], Path(os.path.abspath(run_dir)))    # a relative RUN reaches the app as an absolute path
 test_eq(check_split(root / 'feats', 'val'), 'val')
 tmp = Path(tempfile.mkdtemp())
 nb = json.loads(app_notebook(run_dir, root / 'feats', None, tmp).read_text())
