@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fsdit.metrics import frechet_distance, frechet_from_stats, class_prototypes, prototype_accuracy, loo_prototype_accuracy, class_diversity, nearest_support_distance
-from fsdit.data import l2_normalize
+from fsdit.utils import l2_normalize
 
 from fsdit.fid import fid_available, fid_inception, inception_features
 

@@ -21,6 +21,9 @@ from PIL import Image
 from fsdit.config import TrainConfig
 from fsdit.files import building
 from fsdit.cli import Parser, fail
+from fsdit.utils import l2_normalize, data_mesh, DATA_AXIS
+
+_all_ = ['l2_normalize']   # its home is `fsdit.utils`; `from fsdit.data import l2_normalize` still works
 
 # %%
 import tempfile as _tf
@@ -495,16 +498,22 @@ for a, b in zip(v1, v2): same(a, b)
 # A host batch is a few fancy-indexing reads of those (memory-mapped) arrays: the targets' moments, the
 # supports' embeddings and the supports' posterior means (unmirrored), which the sample grid and the
 # conditionings that see support images need. The posterior sample, the mirror choice and the support mean
-# happen on the device, inside the step.
+# happen on the device, inside the step. `latents_at` is the one reader of that layout's posterior means
+# (`fsdit.features.Store.latents` gives them as float32).
 
 # %%
 #| export
+def latents_at(moments, rows=slice(None)):
+    "The unmirrored posterior means at `rows` of `moments` (N, 2, 2, h, w, c): the latents (pixel space: the images)."
+    return moments[rows, 0, 0]
+
+
 def host_batch(embeds: np.ndarray, moments: np.ndarray, idx: dict) -> dict:
     "Gather a batch from the store arrays for the index batch `idx` (from `EpisodeBatches`)."
     t, s = idx['target_index'], idx['support_index']                # (B,), (B, K)
     return {'moments': np.asarray(moments[t]),                      # (B, 2, 2, h, w, c)
             'support_embeds': np.asarray(embeds[s.reshape(-1)]).reshape(*s.shape, -1),   # (B, K, D)
-            'support_latents': np.asarray(moments[s.reshape(-1), 0, 0]).reshape(*s.shape, *moments.shape[-3:]),
+            'support_latents': np.asarray(latents_at(moments, s.reshape(-1))).reshape(*s.shape, *moments.shape[-3:]),
             'labels': idx['labels'].astype(np.int32), 'target_index': t.astype(np.int64)}
 
 
@@ -512,6 +521,7 @@ def host_batch(embeds: np.ndarray, moments: np.ndarray, idx: dict) -> dict:
 _N, _D = 7 * 60, 8
 _emb = np.random.RandomState(0).randn(_N, _D).astype(np.float16)
 _mom = np.random.RandomState(1).randn(_N, 2, 2, 4, 4, 3).astype(np.float16)
+test_eq(latents_at(_mom, [4, 2]), _mom[[4, 2], 0, 0]); test_eq(latents_at(_mom).shape, (_N, 4, 4, 3))
 hb = host_batch(_emb, _mom, want[0])
 test_eq({k: (v.shape, v.dtype.name) for k, v in hb.items()},
         {'moments': ((16, 2, 2, 4, 4, 3), 'float16'), 'support_embeds': ((16, 5, 8), 'float16'),
@@ -614,16 +624,15 @@ raises(EpisodeSource(_emb, _mom, _rows[:5], _rows[5:], train_config('test', shot
 # %% [markdown]
 # ## Devices
 #
-# `device_sharding` splits a leading axis over the local devices; `fsdit.features` uses it to spread each
-# encoder batch over them.
+# `device_sharding` splits a leading axis over the local devices (the mesh of `fsdit.utils.data_mesh`);
+# `fsdit.features` uses it to spread each encoder batch over them.
 
 # %%
 #| export
 def device_sharding(devices=None):
     "A sharding that splits the leading (device) axis over `devices` (default: the local devices)."
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    devices = jax.local_devices() if devices is None else devices
-    return NamedSharding(Mesh(np.array(devices), ('devices',)), PartitionSpec('devices'))
+    from jax.sharding import NamedSharding, PartitionSpec
+    return NamedSharding(data_mesh(devices), PartitionSpec(DATA_AXIS))
 
 
 # %%
@@ -638,26 +647,7 @@ test_eq(len(_a.sharding.device_set), _n); test_eq([s.data.shape for s in _a.addr
 # The frozen encoders turn uint8 images into what the store holds. `encode_images` is the one path used
 # both by `fsdit.features.precompute` (every image once) and by `online_batch` (small runs, the explorer):
 # images are scaled to [-1, 1] by `to_unit`; `embed` gives (n, D), L2-normalised here; `moments` gives the posterior
-# `(mean, logvar)` of the images and of their mirrors in one call.
-#
-# L2 normalisation is written once, for numpy arrays (on the host) and JAX arrays (inside compiled code)
-# alike: what goes in comes out, and it traces under `jit`. `eps` keeps a zero vector at zero.
-
-# %%
-#| export
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-    "`x / max(||x||, eps)` along `axis`: numpy in, numpy out; JAX in (traced too), JAX out."
-    xp = jnp if isinstance(x, jax.Array) else np
-    return x / xp.maximum(xp.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
-# %%
-_v = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
-test_eq(l2_normalize(_v), np.array([[0.6, 0.8], [0, 0]], np.float32)); assert isinstance(l2_normalize(_v), np.ndarray)
-_j = jax.jit(l2_normalize)(jnp.asarray(_v))
-assert isinstance(_j, jax.Array); test_close(np.asarray(_j), l2_normalize(_v))
-test_close(np.linalg.norm(l2_normalize(_v, axis=0), axis=0), [1.0, 1.0])
-
+# `(mean, logvar)` of the images and of their mirrors in one call (L2 normalisation is `fsdit.utils.l2_normalize`).
 
 # %%
 #| export

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from fsdit.data import l2_normalize
+from fsdit.utils import l2_normalize
 from fsdit.files import building
 
 # %%

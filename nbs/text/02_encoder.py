@@ -20,7 +20,8 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 from jaxtyping import Array, Float
 
-from fsdit.data import l2_normalize, resize_rule
+from fsdit.data import resize_rule
+from fsdit.utils import l2_normalize
 from fsdit.hub import HubUnavailableError, resolve_checkpoint
 
 # %%

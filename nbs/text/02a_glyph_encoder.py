@@ -19,7 +19,7 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-from fsdit.data import l2_normalize
+from fsdit.utils import l2_normalize
 from fsdit.files import building, flat_params, unflat_params
 from fsdit.glyphs import GLYPH_FONTS, render_class
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fsdit.config import TrainConfig
 from fsdit.data import (SPLITS, resize_rule, list_classes, list_images, load_image, encode_images, device_sharding,
-                        EpisodeSource)
+                        EpisodeSource, latents_at)
 from fsdit.files import atomic_file, building
 from fsdit.vae import DEFAULT_VAE, DEFAULT_SCALING
 
@@ -91,6 +91,10 @@ class Store:
         "Per class of `split` (label order), its store rows: what `fsdit.data.EpisodeBatches` takes."
         r = self.rows(split); lab = np.asarray(self.index['label'])[r]
         return [r[lab == c] for c in range(int(lab.max()) + 1)] if len(r) else []
+
+    def latents(self, rows) -> np.ndarray:
+        "float32 (n, h, w, c): the unmirrored posterior means of `rows`, the latents (pixel space: the images)."
+        return np.asarray(latents_at(self.moments, rows), np.float32)
 
     @property
     def latent_scale(self) -> float:
@@ -279,6 +283,7 @@ test_eq([len(r) for r in st.class_rows('train')], [6, 6, 6]); test_eq(st.classes
 test_close(np.linalg.norm(st.embeds.astype(np.float32), axis=-1), 1, eps=1e-2)
 img = load_image(data / st.index['path'][7], 16) / 127.5 - 1
 test_close(st.moments[7, 0, 0], img, eps=1e-2); test_close(st.moments[7, 1, 0], img[:, ::-1], eps=1e-2)
+_lat = st.latents([7, 2]); test_eq((_lat.shape, _lat.dtype), ((2, 16, 16, 3), np.float32)); test_close(_lat[0], img, eps=1e-2)
 assert not Path(f"{_root / 'feats'}.partial").exists() and not list(_root.glob('.feats*'))
 _mask = os.umask(0); os.umask(_mask)                                  # folders as mkdir makes them, not 0700
 test_eq(oct((_root / 'feats').stat().st_mode & 0o777), oct(0o777 & ~_mask))

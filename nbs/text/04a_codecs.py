@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from fsdit.config import model_config
-from fsdit.data import l2_normalize
+from fsdit.utils import l2_normalize
 from fsdit.encoder import SigLIPEncoder
 from fsdit.glyph_encoder import GlyphEncoder, is_glyph_encoder
 from fsdit.features import open_store, precompute, store_index

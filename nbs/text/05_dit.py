@@ -15,7 +15,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
 from fsdit.config import ModelConfig
-from fsdit.data import l2_normalize
+from fsdit.utils import l2_normalize
 
 # %%
 from fastcore.test import test_eq, test_close

@@ -15,11 +15,12 @@ from typing import Callable
 import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fsdit.config import ModelConfig, check_interval
 from fsdit.dit import DiT, SUPPORT_LATENT_CONDS
 from fsdit.flow import condition
+from fsdit.utils import data_mesh, DATA_AXIS
 
 # %%
 import numpy as np
@@ -232,9 +233,6 @@ def check_supports(mc: ModelConfig, k: int | None):
     if not k or k < 1: raise ValueError(f"cond={mc.cond!r} needs at least one support image, got {k}")
 
 
-def _mesh() -> Mesh: return Mesh(np.array(jax.local_devices()), ('data',))
-
-
 @functools.lru_cache(maxsize=8)
 def _dit(mc: ModelConfig) -> DiT:
     "One module per config, so that the sampler's compiled function is reused across calls."
@@ -255,7 +253,7 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
     check_supports(mc, None if 'support_embeds' not in given else given['support_embeds'].shape[1])
     if mc.cond in SUPPORT_LATENT_CONDS and 'support_latents' not in given: raise ValueError(f"cond={mc.cond!r} needs support_latents")
     if mc.cond == 'class' and 'labels' not in given: raise ValueError("cond='class' needs labels")
-    M, n_dev, mesh = len(next(iter(given.values()))), jax.local_device_count(), _mesh()
+    M, n_dev, mesh = len(next(iter(given.values()))), jax.local_device_count(), data_mesh()
     n_batches = max(1, -(-M // batch_size))
     bs = max(1, -(-(-(-M // n_batches)) // n_dev)) * n_dev        # equal batches of one shape (one compilation), little padding
     key, shape, model = jax.random.PRNGKey(seed), (mc.input_size, mc.input_size, mc.in_channels), _dit(mc)
@@ -264,8 +262,8 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
     for i in range(0, M, bs):
         n = min(bs, M - i)
         b = {k: np.concatenate([v[i:i + n], np.repeat(v[i + n - 1:i + n], bs - n, 0)]) for k, v in given.items()}
-        b = jax.device_put(b, NamedSharding(mesh, P('data')))
-        noise = jax.device_put(_noise(key, i, bs, shape), NamedSharding(mesh, P('data')))
+        b = jax.device_put(b, NamedSharding(mesh, P(DATA_AXIS)))
+        noise = jax.device_put(_noise(key, i, bs, shape), NamedSharding(mesh, P(DATA_AXIS)))
         x = sample(model.apply, params, noise, condition(b, mc, latent_scale), steps=steps, cfg_scale=cfg_scale, method=method,
                    cfg_interval=cfg_interval)
         out.append(np.asarray(x)[:n] / latent_scale)

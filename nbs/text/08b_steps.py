@@ -23,6 +23,7 @@ from fsdit.dit import DiT
 from fsdit.flow import example_keys, loss_fn, t_bin_stats, bin_means
 from fsdit.state import TrainState, init_state, make_optimizer, lr_schedule, ema_update
 from fsdit.perf import compiled
+from fsdit.utils import data_mesh, DATA_AXIS
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -54,7 +55,7 @@ tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_eve
 
 # %%
 #| export
-AXIS = 'data'  # the mesh axis: the batch is split along it, and under FSDP the state too
+AXIS = DATA_AXIS  # the mesh axis: the batch is split along it, and under FSDP the state too
 
 
 def _pmean(x, axis_name): return x if axis_name is None else jax.lax.pmean(x, axis_name)
@@ -89,9 +90,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scal
 # %% [markdown]
 # ## The layout: a mesh, and where each array lives
 #
-# `Layout` is the one place that knows how a run sits on its devices. Its mesh is one axis, `AXIS`, over every
-# device of every process. The batch is always split along it (each process feeds its own rows, as the
-# data stream gives them). The state is either
+# `Layout` is the one place that knows how a run sits on its devices. Its mesh (`fsdit.utils.data_mesh`) is one
+# axis, `AXIS`, over every device of every process. The batch is always split along it (each process feeds its
+# own rows, as the data stream gives them). The state is either
 #
 # - **replicated** (data parallel, the default): every device holds all of it, as `pmap` did; or
 # - **FSDP** (`TrainConfig.fsdp`, ZeRO-3): parameters, EMA and both Adam moments split over the devices, so
@@ -110,7 +111,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scal
 #| export
 def make_mesh(devices=None) -> Mesh:
     "A one-axis mesh (`AXIS`) over `devices` (default: every device of every process)."
-    return Mesh(np.array(devices if devices is not None else jax.devices()), (AXIS,))
+    return data_mesh(jax.devices() if devices is None else devices)
 
 
 @functools.lru_cache(maxsize=16)

@@ -17,6 +17,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 
 from fsdit.config import ModelConfig, TrainConfig, check_batch, config_to_dict, interval_text
+from fsdit.data import latents_at
 from fsdit.dit import DiT
 from fsdit.flow import condition
 from fsdit.images import to_uint8, image_grid, label_rows, save_png
@@ -59,7 +60,7 @@ def sample_grid(mc: ModelConfig, tc: TrainConfig, params, batch: dict, decode: C
            for s in (None, tc.cfg_scale)]
     show = lambda z: to_uint8(decode(jnp.asarray(z, jnp.float32)), rgb=True)
     K = b['support_latents'].shape[1]
-    rows = [show(b['support_latents'][:, k]) for k in range(K)] + [show(b['moments'][:, 0, 0])]
+    rows = [show(b['support_latents'][:, k]) for k in range(K)] + [show(latents_at(b['moments']))]
     rows += [show(np.asarray(g) / latent_scale) for g in gen]
     labels = [f'support {k + 1}' for k in range(K)] + ['target', 'CFG 1', f'CFG {tc.cfg_scale:g}{interval_text(tc.cfg_interval)}']
     return label_rows(image_grid(rows), labels, rows[0].shape[1] + 2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from fsdit.data import l2_normalize
+from fsdit.utils import l2_normalize
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail

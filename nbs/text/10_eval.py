@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fsdit.data import latents_at
 from fsdit.features import open_store
 from fsdit.fid import fid_inception, inception_features
 from fsdit.images import to_uint8
@@ -31,7 +32,7 @@ from fsdit.cli import Parser, positive_int, check_out_dir, fail
 # %%
 import tempfile
 from fastcore.test import test_eq, test_close, test_fail
-from fsdit.data import l2_normalize
+from fsdit.utils import l2_normalize
 rng = np.random.default_rng(0)
 
 
@@ -277,7 +278,7 @@ def class_set_from_arrays(embeds, moments, class_rows: Sequence[np.ndarray], nam
         rows.append(rc); labels.append(np.full(len(rc), j))
     rows = np.concatenate(rows)
     names = [str(c) for c in classes] if names is None else [names[c] for c in classes]
-    return ClassSet(np.asarray(moments[rows, 0, 0], np.float32), np.concatenate(labels), names,
+    return ClassSet(np.asarray(latents_at(moments, rows), np.float32), np.concatenate(labels), names,
                     np.asarray(embeds[rows], np.float32), rows)
 
 

@@ -316,7 +316,7 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
     sups, gens = [], []
     for c in pick:
         rows = np.sort(rng.choice(crs[c], run.tc.shots, replace=False))
-        sup = to_uint8(np.asarray(store.moments[rows, 0, 0], np.float32), rgb=True)   # pixel mode: the images
+        sup = to_uint8(store.latents(rows), rgb=True)   # pixel mode: the images
         gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
                                    steps=s.sample_steps, seed=seed + int(c))
         sups.append(sup); gens.append(to_uint8(gen, rgb=True))

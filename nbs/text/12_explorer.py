@@ -91,14 +91,14 @@ class RunView:
 
     def images(self, rows) -> np.ndarray:
         "uint8 (K, H, W, 3) images of store rows, as the model sees them."
-        lat = np.asarray(self.store.moments[np.asarray(rows), 0, 0], np.float32)
+        lat = self.store.latents(rows)
         return to_uint8(np.asarray(self.codecs.decode(lat), np.float32), rgb=True)
 
     def generate(self, rows, n: int, cfg_scale: float, steps: int, seed: int, cfg_interval=None) -> np.ndarray:
         "uint8 (n, H, W, 3): `n` samples conditioned on the supports at store `rows`; guided over the run's `cfg_interval` by default."
         rows = np.asarray(rows)
         tile = lambda a: np.repeat(np.asarray(a, np.float32)[None], n, 0)
-        z = generate(self.run.params, self.run.mc, tile(self.store.embeds[rows]), tile(self.store.moments[rows, 0, 0]),
+        z = generate(self.run.params, self.run.mc, tile(self.store.embeds[rows]), tile(self.store.latents(rows)),
                      latent_scale=self.run.latent_scale, seed=seed, steps=steps, cfg_scale=cfg_scale,
                      cfg_interval=self.run.tc.cfg_interval if cfg_interval is None else cfg_interval)
         return to_uint8(np.asarray(self.codecs.decode(z), np.float32), rgb=True)

@@ -32,7 +32,7 @@ import jax, jax.numpy as jnp
 from fsdit.config import ModelConfig, train_config
 from fsdit.steps import layout_for
 from fsdit.perf import block, time_calls, stats, compiled, cost, memory, matmul_peak, device_peak   # also read as `fsdit.bench.cost`, ...
-from fsdit.data import l2_normalize
+from fsdit.utils import l2_normalize
 from fsdit.dit import DiT, init_params, example_cond
 from fsdit.encoder import SigLIPEncoder, VisionSpec, to_torch
 from fsdit.sampler import sample, integrate, guided_velocity

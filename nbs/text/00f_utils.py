@@ -1,0 +1,67 @@
+# %% [markdown]
+# # Utilities
+#
+# > Small helpers that every layer shares and that depend on nothing else in the package: L2 normalisation and the data-parallel device mesh.
+
+# %%
+#| default_exp utils
+
+# %%
+#| export
+from __future__ import annotations
+import numpy as np
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh
+
+# %%
+from fastcore.test import test_eq, test_close
+
+
+# %% [markdown]
+# ## L2 normalisation
+#
+# Written once, for numpy arrays (on the host) and JAX arrays (inside compiled code) alike: what goes in
+# comes out, and it traces under `jit`. `eps` keeps a zero vector at zero. The store's embeddings
+# (`fsdit.data.encode_images`), the encoders, the model's support conditioning and the metrics all use it.
+
+# %%
+#| export
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+    "`x / max(||x||, eps)` along `axis`: numpy in, numpy out; JAX in (traced too), JAX out."
+    xp = jnp if isinstance(x, jax.Array) else np
+    return x / xp.maximum(xp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+# %%
+_v = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
+test_eq(l2_normalize(_v), np.array([[0.6, 0.8], [0, 0]], np.float32)); assert isinstance(l2_normalize(_v), np.ndarray)
+_j = jax.jit(l2_normalize)(jnp.asarray(_v))
+assert isinstance(_j, jax.Array); test_close(np.asarray(_j), l2_normalize(_v))
+test_close(np.linalg.norm(l2_normalize(_v, axis=0), axis=0), [1.0, 1.0])
+
+# %% [markdown]
+# ## The data-parallel mesh
+#
+# Whatever splits a batch over devices splits it along one mesh axis, `DATA_AXIS`, of the mesh `data_mesh`
+# builds: over this process's devices by default (the encoders of `fsdit.features` through
+# `fsdit.data.device_sharding`, the sampler), over every process's devices when the trainer gives them
+# (`fsdit.steps.Layout`).
+
+# %%
+#| export
+DATA_AXIS = 'data'  # the one mesh axis: a batch is split along it
+
+
+def data_mesh(devices=None) -> Mesh:
+    "A one-axis mesh (`DATA_AXIS`) over `devices` (default: this process's local devices)."
+    return Mesh(np.array(jax.local_devices() if devices is None else devices), (DATA_AXIS,))
+
+
+# %%
+from jax.sharding import NamedSharding, PartitionSpec as P
+_m = data_mesh()
+test_eq(_m.axis_names, (DATA_AXIS,)); test_eq(list(_m.devices), jax.local_devices())
+test_eq(data_mesh(jax.devices()[:1]).devices.shape, (1,))
+_n = jax.local_device_count()
+_a = jax.device_put(np.arange(4 * _n).reshape(_n, 4), NamedSharding(_m, P(DATA_AXIS)))
+test_eq([s.data.shape for s in _a.addressable_shards], [(1, 4)] * _n)

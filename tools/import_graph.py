@@ -1,0 +1,138 @@
+"""Check that each idea of the package has one owner, by reading `fsdit/*.py` with `ast` (nothing is imported).
+
+    python tools/import_graph.py     # prints the report; exit 1 if a check fails
+
+Checks (a failure exits 1):
+  - one function builds a device mesh (calls `Mesh(...)`): `fsdit.utils.data_mesh`;
+  - `l2_normalize` is defined only in `fsdit.utils`;
+  - no module is over 450 lines (`_modidx.py`, generated, is not counted).
+Reported, not failed:
+  - library modules that import from a command module (`cli`, `app`) or import a `*_cli` function;
+  - the modules that mention `latent_scale`, and the `cond ==` / `mc.cond ==` comparisons per module.
+"""
+import ast, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / 'fsdit'
+COMMAND_MODULES = {'cli', 'app'}
+MAX_LINES = 450
+
+
+def modules(pkg: Path = PKG) -> dict[str, tuple[str, ast.Module]]:
+    "Module name -> (source, tree) for every module of the package but the generated `_modidx`."
+    out = {}
+    for p in sorted(pkg.glob('*.py')):
+        if p.stem == '_modidx': continue
+        src = p.read_text()
+        out[p.stem] = (src, ast.parse(src, str(p)))
+    return out
+
+
+def _imported_module(node: ast.ImportFrom) -> str | None:
+    "The package module an `ImportFrom` reads from (`.cli` or `fsdit.cli` -> 'cli'), or None when outside the package."
+    mod = node.module or ''
+    if node.level == 1: return mod.split('.')[0] or None
+    if node.level == 0 and mod.startswith('fsdit.'): return mod.split('.')[1]
+    return None
+
+
+def command_imports(mods: dict) -> list[str]:
+    "`module: from X import names` for each library module importing from a command module or importing a `*_cli`."
+    out = []
+    for name, (_, tree) in mods.items():
+        if name in COMMAND_MODULES: continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                src, names = _imported_module(node), [a.name for a in node.names]
+                if src in COMMAND_MODULES or any(n.endswith('_cli') for n in names):
+                    out.append(f"{name}: from {src or node.module} import {', '.join(names)}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in {f'fsdit.{m}' for m in COMMAND_MODULES}: out.append(f"{name}: import {a.name}")
+    return out
+
+
+class _MeshCalls(ast.NodeVisitor):
+    "The innermost enclosing function of each `Mesh(...)` / `x.Mesh(...)` call (`<module>` at top level)."
+    def __init__(self): self.stack, self.found = ['<module>'], []
+
+    def _func(self, node):
+        self.stack.append(getattr(node, 'name', '<lambda>')); self.generic_visit(node); self.stack.pop()
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _func
+
+    def visit_Call(self, node):
+        f = node.func
+        if (isinstance(f, ast.Name) and f.id == 'Mesh') or (isinstance(f, ast.Attribute) and f.attr == 'Mesh'):
+            self.found.append(self.stack[-1])
+        self.generic_visit(node)
+
+
+def mesh_builders(mods: dict) -> list[str]:
+    "`module.function` of each function that calls `Mesh(...)` (a function calling it twice counts once)."
+    out = []
+    for name, (_, tree) in mods.items():
+        v = _MeshCalls(); v.visit(tree)
+        out += [f"{name}.{f}" for f in dict.fromkeys(v.found)]
+    return out
+
+
+def definitions(mods: dict, fn: str) -> list[str]:
+    "The modules that define a function `fn` (at any depth)."
+    return [name for name, (_, tree) in mods.items()
+            if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == fn for n in ast.walk(tree))]
+
+
+def cond_branches(mods: dict) -> dict[str, int]:
+    "Per module, the comparisons `cond == ...` / `<x>.cond == ...` (modules with none left out)."
+    out = {}
+    for name, (_, tree) in mods.items():
+        n = sum(1 for c in ast.walk(tree) if isinstance(c, ast.Compare) and isinstance(c.ops[0], ast.Eq)
+                and ((isinstance(c.left, ast.Name) and c.left.id == 'cond')
+                     or (isinstance(c.left, ast.Attribute) and c.left.attr == 'cond')))
+        if n: out[name] = n
+    return out
+
+
+def report(pkg: Path = PKG) -> dict:
+    "Everything the checks look at, as plain data."
+    mods = modules(pkg)
+    return dict(
+        mesh_builders=mesh_builders(mods),
+        l2_normalize_defined_in=definitions(mods, 'l2_normalize'),
+        long_modules={n: len(s.splitlines()) for n, (s, _) in mods.items() if len(s.splitlines()) > MAX_LINES},
+        command_imports=command_imports(mods),
+        latent_scale_modules=[n for n, (s, _) in mods.items() if 'latent_scale' in s],
+        cond_branches=cond_branches(mods),
+        n_modules=len(mods))
+
+
+def failures(r: dict) -> list[str]:
+    "The failed checks of a report, one line each."
+    out = []
+    if len(r['mesh_builders']) != 1: out.append(f"{len(r['mesh_builders'])} functions build a Mesh (want 1): {r['mesh_builders']}")
+    if r['l2_normalize_defined_in'] != ['utils']: out.append(f"l2_normalize is defined in {r['l2_normalize_defined_in']} (want ['utils'])")
+    if r['long_modules']: out.append(f"modules over {MAX_LINES} lines: {r['long_modules']}")
+    return out
+
+
+def main() -> int:
+    r = report()
+    print(f"{r['n_modules']} modules in fsdit/")
+    print(f"Mesh built in: {', '.join(r['mesh_builders']) or 'nowhere'}")
+    print(f"l2_normalize defined in: {', '.join(r['l2_normalize_defined_in']) or 'nowhere'}")
+    print(f"modules over {MAX_LINES} lines: {r['long_modules'] or 'none'}")
+    print(f"library modules importing from a command module ({', '.join(sorted(COMMAND_MODULES))}) or a *_cli "
+          f"(reported, not failed): {len(r['command_imports'])}")
+    for line in r['command_imports']: print(f"  {line}")
+    print(f"modules mentioning latent_scale (information): {len(r['latent_scale_modules'])}: {', '.join(r['latent_scale_modules'])}")
+    cb = r['cond_branches']
+    print(f"`cond ==` comparisons (information): {sum(cb.values())} in {len(cb)} modules: "
+          + ', '.join(f"{k} {v}" for k, v in sorted(cb.items(), key=lambda kv: -kv[1])))
+    bad = failures(r)
+    for line in bad: print(f"FAIL: {line}")
+    print('FAIL' if bad else 'ok')
+    return 1 if bad else 0
+
+
+if __name__ == '__main__': sys.exit(main())
