@@ -68,17 +68,18 @@
 # rougher than the fonts: the strokes are heavier, and the circled dot and the Braille cells come out as blobs and
 # dot clusters. The long size draws every row of the grid above as its character
 # (`nbs/images/demo_heldout_long.png`). The seed's own conditioning — one mean embedding through adaLN — stays near
-# chance on this data with the random-projection encoder (11.7% after 6,000 steps,
-# `nbs/images/demo_heldout_seed_cond.png`).
+# chance on this data with the random-projection encoder (`fsdit demo --cond support`;
+# `nbs/images/demo_heldout_seed_cond.png`, BENCHMARKS.md §9).
 #
 # **When the supports do not line up.** `fsdit demo --data unaligned --out demo_u` draws each character at a
 # random place, size, angle and colour (RGB, 24 px), so the supports' per-pixel mean is a blur, as it is for
-# photographs, and adds a stand-in encoder trained on its own renderings (5-shot nearest-prototype accuracy on 200
-# held-out classes 70.7%, random projection 4.2%). On that data no conditioning tried so far draws characters
-# within the demo's budget — the seed's, with either encoder, `aligned`, `context` or cross-attention: each learns
-# the colours and a coarse layout but no strokes (under 1% judge consistency against 70.6% for real images). The
-# limit is the generator, not the conditioning: trained on 12 classes only, each image seen 270 times, the same
-# model still draws no character of its own training classes. BENCHMARKS.md §8 has the table, the curves and the
+# photographs, and adds a stand-in encoder trained on its own renderings (its 5-shot nearest-prototype accuracy on
+# 200 held-out classes, 70.7%, is printed by the demo's encoder stage). On that data no conditioning tried so far
+# draws characters within the demo's budget — the seed's, with either encoder, `aligned`, `context` or
+# cross-attention: each learns the colours and a coarse layout but no strokes (under 1% judge consistency against
+# 70.6% for real images; `python bench/demo_conds.py demo_u`). The limit is the generator, not the conditioning:
+# trained on 12 classes only, each image seen 270 times, the same model still draws no character of its own
+# training classes (`bench/unaligned_subset.sh demo_u OUT`). BENCHMARKS.md §8 has the table, the curves and the
 # grids. That is the open problem this project works on next; until it is solved, nothing here shows that fsdit
 # draws unseen classes of photographs.
 #
@@ -129,7 +130,8 @@
 #
 # A session that ends mid-run resumes with the same `fsdit train --out run`. The notebook keeps cross-attention
 # to the supports' patches (`--model.cond xattn --model.context_patch 4`) one flag away, with its cost (149 against
-# 106 GFLOP per sample; 4.52 against 3.22 GiB per v5e core at 16 per core, XLA's TPU plan); it is not the
+# 106 GFLOP per sample; 4.52 against 3.22 GiB per v5e core at 16 per core: `python bench/memory_plan.py --topology
+# v5e:2x4 --sizes B/2 --layouts replicated --cond xattn`, which needs libtpu but no TPU); it is not the
 # recommendation, because nothing yet shows it drawing unaligned classes (above). `fsdit prepare --split ravi` gives
 # the field's standard 64/16/20 classes.
 
@@ -189,15 +191,16 @@
 # %% [markdown]
 # ## Benchmarks, in short
 #
-# Every figure, its method, the machine and the command that re-runs it are in `BENCHMARKS.md`. On a 2-core AMD
+# Every figure with its method, the machine and the load is in `BENCHMARKS.md` (the original FSDiT is fetched
+# separately for the first row: its Re-running section says how). On a 2-core AMD
 # EPYC CPU in float32 (no accelerator was at hand, so no bfloat16 figures yet; `fsdit bench accel` writes them):
 #
-# | what | figure |
-# |---|---|
-# | train step, batch 16, ours vs the original FSDiT | S/2 5.31 vs 5.38 s, B/2 21.87 vs 23.34 s: as fast |
-# | feature store vs encoders run per step (batch 4) | 14.1x (S/2) and 5.7x (B/2) faster; predicted 14.8x and 4.6x |
-# | train-step memory per v5e core, bfloat16, 16 per core (XLA's TPU plan) | B/2 3.22 GiB; XL/2 14.4 replicated, 8.07 FSDP, 2.73 FSDP + remat |
-# | the whole test suite (`.ci/run`, fresh clone) | under 15 minutes on a quiet 2-core machine (§9) |
+# | what | figure | command |
+# |---|---|---|
+# | train step, batch 16, ours vs the original FSDiT | S/2 5.31 vs 5.38 s, B/2 21.87 vs 23.34 s: as fast | `python bench/compare_original.py --sizes S/2 B/2 --batch 16 --reps 5` |
+# | feature store vs encoders run per step (batch 4) | 14.1x (S/2) and 5.7x (B/2) faster; predicted 14.8x and 4.6x | `fsdit bench online --sizes S/2 B/2 --online-batch 4` |
+# | train-step memory per v5e core, bfloat16, 16 per core (XLA's TPU plan) | B/2 3.22 GiB; XL/2 14.4 replicated, 8.07 FSDP, 2.73 FSDP + remat | `python bench/memory_plan.py --topology v5e:2x4` |
+# | the whole test suite on a fresh clone | under 15 minutes on a quiet 2-core machine (BENCHMARKS.md §10) | `.ci/run` |
 
 # %% [markdown]
 # ## How the few-shot metrics are defined (`fsdit eval`)
