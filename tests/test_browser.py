@@ -7,7 +7,7 @@ Needs the `chromium` binary (`make browser` installs it) and the dev extras `pla
 skipped with the reason otherwise. Playwright's own browser download is never used (`executable_path`).
 The screenshot lands in tmp_path, or in $FSDIT_SCREENSHOT_DIR when set.
 """
-import importlib.util, os, re, shutil, socket, subprocess, sys, time
+import importlib.util, os, re, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -30,15 +30,11 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
 @pytest.fixture
 def explore_app_url(tmp_path, demo_tiny):
     "`fsdit explore RUN --no-browser --port N` on the session's tiny demo run, as a user starts it; yields its URL."
-    port, log = _free_port(), open(tmp_path / 'explore.log', 'w')
+    from fsdit.app import free_port
+    port, log = free_port(), open(tmp_path / 'explore.log', 'w')
     run = demo_tiny / 'demo' / 'run'
     cli = 'import sys; from fsdit.cli import main; sys.exit(main())'          # what the `fsdit` console script runs
     proc = subprocess.Popen([sys.executable, '-c', cli, 'explore', str(run), '--no-browser', '--port', str(port)],
