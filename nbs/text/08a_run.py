@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import contextlib, json, logging, math, os, re, sys
+import contextlib, json, logging, math, os, re, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,8 +36,38 @@ tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_eve
 # ## Logging
 #
 # Process 0 writes every logged step as one JSON object to `RUN/metrics.jsonl` (NaN, e.g. an empty t-bin,
-# is written as `null`) and, when enabled, to wandb. wandb is imported only when used; `online` without
-# `WANDB_API_KEY` becomes `offline`, so a run never waits for a login.
+# is written as `null`) and, when enabled, to wandb. `read_records` is the one parser of that file (the trainer
+# resuming, `run_records` below for everything else): a last line cut off by a crash is dropped (the resumed run
+# writes it again), a bad line before the last is refused, naming it.
+
+# %%
+#| export
+def read_records(path, warn: Callable[[str], None] | None = None) -> list[tuple[str, dict]]:
+    "(line, record) of a metrics.jsonl; a last line cut off (a crash, a full disk) is dropped and `warn`ed, any other bad line refused."
+    lines, out = Path(path).read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except ValueError: rec = None
+        if isinstance(rec, dict) and isinstance(rec.get('step'), int): out.append((line, rec)); continue
+        if any(l.strip() for l in lines[i + 1:]):
+            raise ValueError(f"{path}, line {i + 1}, is not a metrics record: delete that line (or the file) and run again")
+        if warn: warn(f"{path}: its last line was cut off (a crash or a full disk); dropped, the resumed run writes it again")
+    return out
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    p = Path(d) / 'metrics.jsonl'
+    p.write_text('{"step": 5, "train/loss": 1.5}\n\n{"step": 10, "train/lo')
+    said = []; test_eq([r for _, r in read_records(p, said.append)], [{'step': 5, 'train/loss': 1.5}]); assert 'cut off' in said[0]
+    p.write_text('{"step": 5, "tr\n{"step": 10}\n')
+    test_fail(lambda: read_records(p), contains='line 1, is not a metrics record')
+
+
+# %% [markdown]
+# `RunLog` appends the records. wandb is imported only when used; `online` without `WANDB_API_KEY` becomes
+# `offline`, so a run never waits for a login. A resumed run first cuts the log back to its checkpoint's step.
 
 # %%
 #| export
@@ -84,20 +114,6 @@ class RunLog:
 
     def close(self):
         if self.wandb is not None: self.wandb.finish()
-
-
-def read_records(path, warn: Callable[[str], None] | None = None) -> list[tuple[str, dict]]:
-    "(line, record) of a metrics.jsonl; a last line cut off (a crash, a full disk) is dropped and `warn`ed, any other bad line refused."
-    lines, out = Path(path).read_text().splitlines(), []
-    for i, line in enumerate(lines):
-        if not line.strip(): continue
-        try: rec = json.loads(line)
-        except ValueError: rec = None
-        if isinstance(rec, dict) and isinstance(rec.get('step'), int): out.append((line, rec)); continue
-        if any(l.strip() for l in lines[i + 1:]):
-            raise ValueError(f"{path}, line {i + 1}, is not a metrics record: delete that line (or the file) and run again")
-        if warn: warn(f"{path}: its last line was cut off (a crash or a full disk); dropped, the resumed run writes it again")
-    return out
 
 
 def _run_id(out_dir) -> str:
@@ -369,6 +385,60 @@ with tempfile.TemporaryDirectory() as d:
     try: RunLock(d); raise AssertionError('locked twice')
     except RunInUse as e: assert f"process {os.getpid()}" in str(e)
     lock.release(); RunLock(d).release()                   # free again once released
+
+
+# %% [markdown]
+# ## Reading a run folder
+#
+# What the rest of the package wants to know about a run folder it asks here, so that the folder's layout has
+# one owner: the steps of the checkpoints on disk, the logged records, the last logged step, whether a folder is
+# a run at all, and, for a checkpoint found damaged, moving it aside to `RUN/checkpoints_damaged/STEP-TIME`
+# (kept for a post-mortem, out of the way of the checkpoint manager and of the next resume).
+
+# %%
+#| export
+def saved_steps(run_dir) -> list[int]:
+    "The steps of the checkpoints in `RUN/checkpoints`, ascending ([] when none); orbax's unfinished temporary folders are not counted."
+    d = Path(run_dir) / 'checkpoints'
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def run_records(run_dir, warn: Callable[[str], None] | None = None) -> list[dict]:
+    "The records of `RUN/metrics.jsonl` in order ([] when there is none); a last line cut off by a crash is dropped."
+    p = Path(run_dir) / 'metrics.jsonl'
+    return [r for _, r in read_records(p, warn)] if p.exists() else []
+
+
+def last_logged_step(run_dir) -> int:
+    "The step of the last record in `RUN/metrics.jsonl` (0 when none)."
+    recs = run_records(run_dir)
+    return int(recs[-1]['step']) if recs else 0
+
+
+def is_run_dir(path) -> bool:
+    "Whether `path` is a run directory of `fsdit train`: its `config.json` beside a `checkpoints/` folder."
+    p = Path(path)
+    return (p / 'config.json').is_file() and (p / 'checkpoints').is_dir()
+
+
+def quarantine_checkpoint(run_dir, step: int) -> Path:
+    "Move the damaged checkpoint `step` to `RUN/checkpoints_damaged/STEP-YYYYmmdd-HHMMSS`; returns where it went."
+    dst = Path(run_dir) / 'checkpoints_damaged' / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dst.parent.mkdir(exist_ok=True)
+    shutil.move(Path(run_dir) / 'checkpoints' / str(step), dst)
+    return dst
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    test_eq((saved_steps(d), run_records(d), last_logged_step(d), is_run_dir(d)), ([], [], 0, False))
+    for s_ in ('2', '4', '6.orbax-checkpoint-tmp-1'): (Path(d) / 'checkpoints' / s_).mkdir(parents=True)
+    write_run_config(d, mc, tc, 'pixel')
+    log = RunLog(d, {}, tc); log.log(2, {'train/loss': 1.0}); log.log(4, {'train/loss': 0.5})
+    test_eq((saved_steps(d), last_logged_step(d), is_run_dir(d)), ([2, 4], 4, True))
+    test_eq(run_records(d), [{'step': 2, 'train/loss': 1.0}, {'step': 4, 'train/loss': 0.5}])
+    dst = quarantine_checkpoint(d, 4)
+    test_eq((saved_steps(d), dst.parent.name, dst.name.split('-')[0]), ([2], 'checkpoints_damaged', '4')); assert dst.is_dir()
 
 
 # %% [markdown]
