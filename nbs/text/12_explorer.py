@@ -17,7 +17,7 @@
 # %%
 #| export
 from __future__ import annotations
-import base64, io, json, re, tempfile, time
+import base64, io, re, tempfile, time
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +26,7 @@ import ipywidgets as W
 from fsdit.export import codecs_of
 from fsdit.features import open_store
 from fsdit.images import support_grid, to_uint8
-from fsdit.run import is_export, load_run, run_folder
+from fsdit.run import is_export, is_run_dir, load_run, run_folder, run_json, run_records
 from fsdit.sampler import generate
 from fsdit.supports import read_supports, sample_from_supports
 
@@ -47,8 +47,7 @@ from fastcore.test import test_eq, test_fail, test_ne
 #| export
 def is_run(path) -> bool:
     "Whether `path` is a run directory of `fsdit train` or a folder of `fsdit export`."
-    p = Path(path)
-    return (p / 'config.json').is_file() and (p / 'checkpoints').is_dir() or is_export(p)
+    return is_run_dir(path) or is_export(path)
 
 
 def find_runs(root) -> list[Path]:
@@ -60,7 +59,7 @@ def find_runs(root) -> list[Path]:
 
 def find_store(run_dir, config: dict | None = None) -> Path | None:
     "The feature store of a run: named in its config, or `feats` beside the run."
-    config = config if config is not None else json.loads((Path(run_dir) / 'config.json').read_text())
+    config = config if config is not None else run_json(run_dir)
     for cand in (config.get('feats'), Path(run_dir).parent / 'feats'):
         if cand and (Path(cand) / 'metadata.json').exists(): return Path(cand)
     return None
@@ -110,9 +109,8 @@ class RunView:
         return to_uint8(x, rgb=True)
 
     def metrics(self) -> list[dict]:
-        "The run's logged records (RUN/metrics.jsonl)."
-        p = self.run.path / 'metrics.jsonl'
-        return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+        "The run's logged records (RUN/metrics.jsonl, read by `fsdit.run.run_records`)."
+        return run_records(self.run.path)
 
 
 # %%
