@@ -2,12 +2,14 @@
 
     python bench/demo_conds.py DEMO [--data unaligned] [--conds xattn support support-randproj aligned context]
                                [--classes 200] [--n 10] [--steps N] [--out DEMO/conds]
+                               [--set model.conv=32 train.max_steps=20000 cfg=4 ...] [--tag NAME]
 
 DEMO is a demo folder whose data, encoder, store and judge are made (`fsdit demo --until judge`). Each
 conditioning trains in DEMO/conds/<name>/run with the demo size's recipe, then draws its grids and is judged on
 `--classes` held-out and as many seen classes (one table row each, `bench/demo_conds.json` style). `support-randproj`
 is the seed's conditioning on a second store embedded with the random pixel projection instead of the demo's
-encoder. The step time is the median logged `train/step_time`; FLOPs per step are XLA's count of the compiled
+encoder. `--set` changes the demo size's recipe (`model.*`, `train.*` or a `DemoSize` field, values read as JSON);
+`--tag` names such a variant, whose rows are `<cond>@<tag>`. The step time is the median logged `train/step_time`; FLOPs per step are XLA's count of the compiled
 training step.
 """
 import argparse, json, sys, time
@@ -36,6 +38,19 @@ def median_step_time(run: Path) -> float:
     return float(np.median([r['train/step_time'] for r in recs if 'train/step_time' in r]))
 
 
+def override(s, pairs: list[str]):
+    "The demo size `s` with `KEY=VALUE` overrides: `model.X` / `train.X` go into those dicts, other keys are fields."
+    for kv in pairs:
+        k, _, v = kv.partition('=')
+        try: v = json.loads(v)
+        except json.JSONDecodeError: pass
+        if isinstance(v, list): v = tuple(v)
+        if k.startswith(('model.', 'train.', 'judge.')):
+            part, key = k.split('.', 1); s = replace(s, **{part: {**getattr(s, part), key: v}})
+        else: s = replace(s, **{k: v})
+    return s
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('demo')
@@ -46,16 +61,20 @@ def main(argv=None):
     ap.add_argument('--n', type=int, default=10)
     ap.add_argument('--steps', type=int, default=None, help='training steps (default: the size\'s)')
     ap.add_argument('--out', default=None)
+    ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='recipe overrides, e.g. model.conv=32 train.lr=1e-3')
+    ap.add_argument('--tag', default='', help='names the variant: rows and folders are <cond>@<tag>')
     a = ap.parse_args(argv)
     d = Path(a.demo); root = Path(a.out or d / 'conds')
     s = demo_size(a.size, a.data)
     if a.steps: s = replace(s, train={**s.train, 'max_steps': a.steps, 'warmup': min(s.train.get('warmup', 0), a.steps)})
+    s = override(s, a.set)
     judge = load_judge(d / 'judge')
     rows = json.loads((root / 'conds.json').read_text()) if (root / 'conds.json').exists() else {}   # add to earlier rows
-    for name in a.conds:
+    for cname in a.conds:
+        name = f'{cname}@{a.tag}' if a.tag else cname
         out = root / name; out.mkdir(parents=True, exist_ok=True)
-        cond, store = name.split('-')[0], open_store(d / 'feats')
-        if name.endswith('-randproj'):
+        cond, store = cname.split('-')[0], open_store(d / 'feats')
+        if cname.endswith('-randproj'):
             store = precompute(d / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
                                image_size=s.image_size, space='pixel', chunk_size=1024, batch_size=256, progress=False)
         t0 = time.time()

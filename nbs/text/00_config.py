@@ -58,6 +58,8 @@ class ModelConfig:
     dtype: str = 'float32'       # compute dtype; parameters are always float32
     attention: str = 'xla'       # jax.nn.dot_product_attention implementation
     remat: bool = False          # rematerialise each block in the backward pass
+    conv: int = 0                # channels of 3x3 convolutions around the transformer (a stem before the patch
+                                 # embedding, a head after the readout); 0: the seed's linear embedding and readout
 
     def __post_init__(self): validate_model(self)
 
@@ -78,6 +80,7 @@ def validate_model(c: ModelConfig):
     "Raise `ValueError` naming the field and the fix if `c` cannot be built."
     for name in ('hidden', 'depth', 'heads', 'patch', 'input_size', 'in_channels', 'support_dim', 'context_patch'):
         _require(getattr(c, name) > 0, f"ModelConfig.{name} must be positive, got {getattr(c, name)}")
+    _require(c.conv >= 0, f"ModelConfig.conv must be 0 (no convolutions) or a channel count, got {c.conv}")
     _require(c.input_size % c.patch == 0,
              f"patch {c.patch} does not divide the input size {c.input_size}: pick a patch in "
              f"{[p for p in range(1, c.input_size + 1) if c.input_size % p == 0]}")

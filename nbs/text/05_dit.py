@@ -18,7 +18,7 @@ from fsdit.config import ModelConfig
 from fsdit.utils import l2_normalize
 
 # %%
-from fastcore.test import test_eq, test_close
+from fastcore.test import test_eq, test_close, test_fail
 from fsdit.config import model_config, MODEL_PRESETS
 from fsdit.testing import perturb
 
@@ -404,6 +404,8 @@ class DiT(nn.Module):
         drop = jnp.zeros((B,), bool) if drop is None else jnp.asarray(drop, bool)
         inp = x.astype(dt)
         if cfg.cond == 'aligned': inp = jnp.concatenate([inp, support_stats(cond['support_latents'], drop).astype(dt)], -1)
+        if cfg.conv:                                                         # a 3x3 stem sees across patch borders
+            inp = nn.gelu(nn.Conv(cfg.conv, (3, 3), padding='SAME', dtype=dt, name='conv_stem')(inp))
         tok = PatchEmbed(cfg.patch, D, dt, name='x_embed')(inp)              # (B, T, D)
         n_target = tok.shape[1]
         tok = tok + grid_pos(D, H // cfg.patch).astype(dt)                   # constant, see above
@@ -430,8 +432,12 @@ class DiT(nn.Module):
                              name=f'block_{i}')(tok, c, kv_len, ctx, keep)
             if return_intermediates:
                 ents.append(ent); rms.append(jnp.sqrt(jnp.mean(jnp.square(tok[:, :n_target].astype(jnp.float32)))))
-        out = FinalLayer(cfg.patch, C, D, dt, name='final')(tok[:, :n_target], c)
-        v = unpatchify(out, cfg.patch, C).astype(jnp.float32)               # (B, H, W, C)
+        F = cfg.conv or C
+        out = FinalLayer(cfg.patch, F, D, dt, name='final')(tok[:, :n_target], c)   # zero at init
+        v = unpatchify(out, cfg.patch, F)                                    # (B, H, W, F)
+        if cfg.conv:   # a 3x3 head smooths across patch borders; its input starts at zero, so the output does too
+            v = nn.Conv(C, (3, 3), padding='SAME', dtype=dt, name='conv_head')(nn.gelu(v))
+        v = v.astype(jnp.float32)                                            # (B, H, W, C)
         if not return_intermediates: return v
         return v, {'attn_entropy': jnp.stack(ents), 'act_rms': jnp.stack(rms)}   # (depth, heads), (depth,)
 
@@ -578,6 +584,21 @@ test_eq(vk1.shape, x.shape); assert not np.allclose(vk1, vk, atol=1e-4)
 test_close(kapply({'params': kp}, x, t, kc, ones), kapply({'params': kp}, x, t, example_cond(kcfg, 3, seed=9, K=2), ones), eps=1e-5)
 vmix = kapply({'params': kp}, x, t, kc, mixed)
 test_close(vmix[1], vk[1], eps=1e-5); test_close(vmix[0], kapply({'params': kp}, x, t, kc, ones)[0], eps=1e-5)
+
+# %% [markdown]
+# With `conv`, 3x3 convolutions wrap the transformer: a stem before the patch embedding and a head after the
+# readout, so neighbouring patches can agree at their borders. A fresh model still outputs zero, and the readout
+# still learns (its gradient is not zero, because the head's kernel is not):
+
+# %%
+ccfg = model_config('mu', conv=8); capply = jit_apply(ccfg)
+cp = init_params(ccfg, jax.random.PRNGKey(0))
+test_eq(cp['conv_stem']['kernel'].shape, (3, 3, ccfg.in_channels, 8)); test_eq(cp['conv_head']['kernel'].shape, (3, 3, 8, ccfg.in_channels))
+assert (np.asarray(capply({'params': cp}, x, t, cond, zeros)) == 0).all()
+g = jax.grad(lambda q: jnp.sum(capply({'params': q}, x, t, cond, zeros) * x))(cp)
+assert float(jnp.abs(g['final']['linear']['kernel']).max()) > 0
+test_eq(capply({'params': perturb(cp, seed=3)}, x, t, cond, zeros).shape, x.shape)
+test_fail(lambda: model_config('mu', conv=-1), contains='conv must be 0')
 
 # %% [markdown]
 # `bfloat16` compute keeps float32 parameters and output, and stays close to float32; `remat` changes
