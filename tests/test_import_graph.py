@@ -1,5 +1,6 @@
 """tools/import_graph.py: one function builds the device mesh, `l2_normalize` lives in `fsdit.utils`, no module over
-450 lines; the tool exits 0 on the package and names each failure on a copy that breaks them."""
+450 lines; the tool exits 0 on the package and names each failure on a copy that breaks them; notebook cells over 60
+lines are reported, not failed."""
 import importlib.util, subprocess, sys
 from pathlib import Path
 
@@ -27,3 +28,12 @@ def test_failures_are_named(tmp_path):
     assert r['mesh_builders'] == ['a.m', 'b.<lambda>'] and r['l2_normalize_defined_in'] == ['a']
     assert list(r['long_modules']) == ['a'] and len(r['command_imports']) == 2
     assert len(G.failures(r)) == 3
+
+
+def test_long_cells_reported_not_failed(tmp_path):
+    cell = lambda n: '# %%\n' + 'x = 1\n' * n + '\n\n'      # trailing blank lines are not counted
+    (tmp_path / 'a.py').write_text('# %% [markdown]\n# # A\n\n' + cell(60) + cell(61))
+    (tmp_path / 'b.py').write_text(cell(3))
+    assert G.long_cells(tmp_path) == {'a': [(67, 61)]}     # the second cell's '# %%' is line 67
+    r = G.report(text=tmp_path)
+    assert r['long_cells'] == {'a': [(67, 61)]} and G.failures(r) == []

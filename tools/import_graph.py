@@ -8,15 +8,18 @@ Checks (a failure exits 1):
   - no module is over 450 lines (`_modidx.py`, generated, is not counted).
 Reported, not failed:
   - library modules that import from a command module (`cli`, `app`) or import a `*_cli` function;
-  - the modules that mention `latent_scale`, and the `cond ==` / `mc.cond ==` comparisons per module.
+  - the modules that mention `latent_scale`, and the `cond ==` / `mc.cond ==` comparisons per module;
+  - the notebook cells over 60 lines, per notebook text form in `nbs/text/` (first line and length of each).
 """
 import ast, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / 'fsdit'
+TEXT = ROOT / 'nbs' / 'text'
 COMMAND_MODULES = {'cli', 'app'}
 MAX_LINES = 450
+MAX_CELL_LINES = 60
 
 
 def modules(pkg: Path = PKG) -> dict[str, tuple[str, ast.Module]]:
@@ -94,7 +97,19 @@ def cond_branches(mods: dict) -> dict[str, int]:
     return out
 
 
-def report(pkg: Path = PKG) -> dict:
+def long_cells(text: Path = TEXT, limit: int = MAX_CELL_LINES) -> dict[str, list[tuple[int, int]]]:
+    "Per notebook text form (percent format), (first line, length) of each cell over `limit` lines; its `# %%` line and trailing blank lines are not counted."
+    out = {}
+    for p in sorted(text.glob('*.py')):
+        lines = p.read_text().splitlines()
+        starts = [i for i, l in enumerate(lines) if l.startswith('# %%')]
+        for a, b in zip(starts, starts[1:] + [len(lines)]):
+            n = len('\n'.join(lines[a + 1:b]).rstrip().splitlines())
+            if n > limit: out.setdefault(p.stem, []).append((a + 1, n))
+    return out
+
+
+def report(pkg: Path = PKG, text: Path = TEXT) -> dict:
     "Everything the checks look at, as plain data."
     mods = modules(pkg)
     return dict(
@@ -104,6 +119,7 @@ def report(pkg: Path = PKG) -> dict:
         command_imports=command_imports(mods),
         latent_scale_modules=[n for n, (s, _) in mods.items() if 'latent_scale' in s],
         cond_branches=cond_branches(mods),
+        long_cells=long_cells(text),
         n_modules=len(mods))
 
 
@@ -129,6 +145,9 @@ def main() -> int:
     cb = r['cond_branches']
     print(f"`cond ==` comparisons (information): {sum(cb.values())} in {len(cb)} modules: "
           + ', '.join(f"{k} {v}" for k, v in sorted(cb.items(), key=lambda kv: -kv[1])))
+    lc = r['long_cells']
+    print(f"notebook cells over {MAX_CELL_LINES} lines (reported, not failed): {sum(map(len, lc.values()))} in {len(lc)} notebooks")
+    for nb, cells in lc.items(): print(f"  {nb}: " + ', '.join(f"{n} lines at line {i}" for i, n in cells))
     bad = failures(r)
     for line in bad: print(f"FAIL: {line}")
     print('FAIL' if bad else 'ok')
