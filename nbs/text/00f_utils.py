@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Utilities
 #
-# > Small helpers that every layer shares and that depend on nothing else in the package: L2 normalisation and the data-parallel device mesh.
+# > Small helpers that every layer shares and that depend on nothing else in the package: L2 normalisation, the data-parallel device mesh, and `patch_to` for writing a class over several cells.
 
 # %%
 #| default_exp utils
@@ -9,6 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
+import builtins, sys
 import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh
@@ -65,3 +66,38 @@ test_eq(data_mesh(jax.devices()[:1]).devices.shape, (1,))
 _n = jax.local_device_count()
 _a = jax.device_put(np.arange(4 * _n).reshape(_n, 4), NamedSharding(_m, P(DATA_AXIS)))
 test_eq([s.data.shape for s in _a.addressable_shards], [(1, 4)] * _n)
+
+
+# %% [markdown]
+# ## A class over several cells
+#
+# A notebook explains a class one method at a time: the class cell holds its fields and the methods that
+# belong together, and later cells add the rest with `patch_to` (fastcore's decorator of that name, written
+# again here because fastcore is not a dependency of the package at run time). `as_prop=True` adds a property.
+# The decorated name is bound to the function, except where that would hide a name the module (or Python's
+# builtins) already has: a method named `compile` leaves the builtin `compile` as it was.
+
+# %%
+#| export
+def patch_to(cls, as_prop: bool = False):
+    "Decorator: add the function to `cls` as a method (a property with `as_prop`); returns it, or the name it would hide."
+    glb = sys._getframe(1).f_globals
+    def add(f):
+        f.__qualname__ = f"{cls.__name__}.{f.__name__}"
+        setattr(cls, f.__name__, property(f) if as_prop else f)
+        return glb.get(f.__name__, getattr(builtins, f.__name__, f))
+    return add
+
+
+# %%
+class _A:
+    def __init__(self): self.x = 2
+@patch_to(_A)
+def double(self): return 2 * self.x
+@patch_to(_A, as_prop=True)
+def half(self): return self.x / 2
+@patch_to(_A)
+def compile(self): return 'method'
+test_eq((_A().double(), _A().half, _A().compile()), (4, 1.0, 'method'))
+test_eq((_A.double.__qualname__, _A.half.fget.__qualname__), ('_A.double', '_A.half'))
+assert double is _A.double and compile is builtins.compile          # a new name is the function; a builtin is kept

@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import builtins, logging, signal, sys, threading, time
+import logging, signal, sys, threading, time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +28,7 @@ from fsdit.state import TrainState, create_state
 from fsdit.perf import cost, device_peak, mfu
 from fsdit.steps import (make_train_step, make_eval_step, compiled_step, layout_for, to_host, validate, check_finite,
                          train_summary)
+from fsdit.utils import patch_to
 
 # %%
 import os, shutil, tempfile, types
@@ -118,29 +119,8 @@ with StopSignal() as stop:
 # `Trainer` holds one run: the state on the device mesh (`fsdit.steps.Layout`: replicated, or sharded with
 # `TrainConfig.fsdp`), the data stream and its position, the checkpoints and the log. It is written over the
 # next cells, one concern each: opening the run, restoring it, the loop, a step's record, and saving. The
-# later cells add their methods to the class with `patch_to` (fastcore's decorator of that name, written again here
-# because fastcore is not a dependency of the package at run time).
-
-# %%
-#| export
-def patch_to(cls):
-    "Decorator: add the function to `cls` as a method, so one class is written over several cells; the module's name is left as it was."
-    glb = sys._getframe(1).f_globals
-    def add(f):
-        f.__qualname__ = f"{cls.__name__}.{f.__name__}"; setattr(cls, f.__name__, f)
-        return glb.get(f.__name__, getattr(builtins, f.__name__, None))
-    return add
-
-
-# %%
-#| hide
-class _A: pass
-@patch_to(_A)
-def compile(self): return 'method'
-test_eq(_A().compile(), 'method'); test_eq(_A.compile.__qualname__, '_A.compile'); assert compile is builtins.compile
-
-
-# %% [markdown]
+# later cells add their methods to the class with `fsdit.utils.patch_to`.
+#
 # Nothing is written before every setting has been checked against the data (shots per class, episodes per
 # batch, batch per device), so a refused command leaves no `config.json` for the corrected one to trip over.
 # Then the run directory gets its configs as `config.json` (resuming with a different model is refused), the
