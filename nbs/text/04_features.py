@@ -22,6 +22,7 @@ from fsdit.config import TrainConfig
 from fsdit.data import (SPLITS, resize_rule, list_classes, list_images, load_image, encode_images, device_sharding,
                         EpisodeSource, latents_at)
 from fsdit.files import atomic_file, building
+from fsdit.utils import patch_to
 from fsdit.vae import DEFAULT_VAE, DEFAULT_SCALING
 
 # %%
@@ -69,6 +70,34 @@ def store_index(data, splits: Sequence[str] = SPLITS) -> dict[str, list]:
     return idx
 
 
+# %% [markdown]
+# A tiny prepared split of 12 px images, three train classes, one validation class and two test classes of six
+# images each; its rows:
+
+# %%
+def _split(root, classes=(('train', 3), ('val', 1), ('test', 2)), n=6, size=12):
+    rng = np.random.RandomState(0)
+    for s, k in classes:
+        for c in range(k):
+            d = Path(root) / s / f'{s}{c}'; d.mkdir(parents=True)
+            for i in range(n): Image.fromarray(rng.randint(0, 255, (size, size, 3), np.uint8)).save(d / f'{i}.png')
+    return Path(root)
+
+_root = Path(_tf.mkdtemp()); data = _split(_root / 'split')
+_idx = store_index(data)
+test_eq((len(_idx['path']), _idx['path'][:2], _idx['path'][-1]), (36, ['train/train0/0.png', 'train/train0/1.png'], 'test/test1/5.png'))
+test_eq((_idx['split'][18], _idx['class'][18], _idx['label'][30]), ('val', 'val0', 1))
+raises(lambda: store_index(_root / 'nothing'), 'run `fsdit prepare` first')
+
+
+# %% [markdown]
+# ## The store
+#
+# `Store` is an opened store: its metadata, its index and its two arrays, with the rows of a split and of
+# each of its classes.
+
+# %%
+#| export
 @dataclass
 class Store:
     "A feature store: metadata, index and memory-mapped arrays."
@@ -92,16 +121,42 @@ class Store:
         r = self.rows(split); lab = np.asarray(self.index['label'])[r]
         return [r[lab == c] for c in range(int(lab.max()) + 1)] if len(r) else []
 
-    def latents(self, rows) -> np.ndarray:
-        "float32 (n, h, w, c): the unmirrored posterior means of `rows`, the latents (pixel space: the images)."
-        return np.asarray(latents_at(self.moments, rows), np.float32)
 
-    @property
-    def latent_scale(self) -> float:
-        "The factor between the stored latents and the model's space: the VAE's `scaling_factor` (1 in pixel space)."
-        return store_latent_scale(self.meta, self.path)
+# %%
+_toy = Store(Path('toy'), {'space': 'pixel'},
+             {'split': ['train'] * 3 + ['val'] * 2, 'class': ['a', 'a', 'b', 'c', 'c'], 'label': [0, 0, 1, 0, 0], 'path': list('01234')},
+             np.zeros((5, 4), np.float16), np.arange(5 * 8, dtype=np.float16).reshape(5, 2, 2, 2, 1, 1))
+test_eq((list(_toy.rows('val')), _toy.classes('train'), _toy.classes('val')), ([3, 4], ['a', 'b'], ['c']))
+test_eq([list(r) for r in _toy.class_rows('train')], [[0, 1], [2]]); test_eq(_toy.class_rows('test'), [])
 
 
+# %% [markdown]
+# `Store.latents(rows)` gives the latents of rows, as the model reads them: the unmirrored posterior means
+# (`moments[rows, 0, 0]`), float32.
+
+# %%
+#| export
+@patch_to(Store)
+def latents(self, rows) -> np.ndarray:
+    "float32 (n, h, w, c): the unmirrored posterior means of `rows`, the latents (pixel space: the images)."
+    return np.asarray(latents_at(self.moments, rows), np.float32)
+
+
+# %%
+_lat = _toy.latents([4, 1])
+test_eq((_lat.shape, _lat.dtype), ((2, 2, 1, 1), np.float32)); test_eq(_lat[:, :, 0, 0], [[32, 33], [8, 9]])
+
+
+# %% [markdown]
+# ## Reading a store
+#
+# `open_store` refuses a folder that is not a complete store and, given `expect`, a store made with other
+# encoders, image size or format than the run asks for — with what differs in the message. A store whose
+# files were damaged after it was made (a file truncated or emptied, a disk that filled up while it was
+# copied) is refused naming the store and the file, rather than failing later inside numpy or json.
+
+# %%
+#| export
 def _damaged(path: Path, name: str, why: str) -> ValueError:
     return ValueError(f"feature store {path} is damaged: {name} {why}; delete the store and run `fsdit precompute` again")
 
@@ -140,6 +195,25 @@ def open_store(path, expect: dict | None = None, mmap: bool = True) -> Store:
     return Store(path, meta, index, _store_array(path, 'embeds.npy', rows, mode), _store_array(path, 'moments.npy', rows, mode))
 
 
+# %%
+raises(lambda: open_store(data), f"{data} is not a complete feature store")
+
+
+# %% [markdown]
+# ## Precompute
+#
+# The rows are cut into chunks at fixed boundaries (`chunk_size` rows). Each chunk is loaded, encoded in
+# batches whose leading axis is split over the local devices, and saved as its own file, renamed into
+# place when complete — the file's presence is the chunk's done-marker. A killed run leaves
+# `FEATS.partial/`; run again, it checks the plan is the same, skips the finished chunks and does the
+# rest. The store is assembled beside `FEATS` (in a hidden `.FEATS.partial-XXXX/`, `fsdit.files.building`) and
+# renamed into place at the end, so `FEATS` is either absent or whole, and equals what one uninterrupted run gives. A run killed
+# while assembling leaves the hidden folder; the next run deletes it before assembling again, and a run that
+# finds the store complete deletes what is left of `FEATS.partial/`. Folders get the usual permissions
+# (0755 under the usual umask), as runs do.
+
+# %%
+#| export
 def _encode_fn(f: Callable, n_dev: int, quantum: int):
     "Call `f` on a batch padded to a multiple of `quantum` (itself one of the devices), split over the devices."
     import jax
@@ -177,6 +251,56 @@ def _scaling_factor(vae, space: str) -> float:
     return float(f)
 
 
+# %%
+#| hide
+_g = _encode_fn(lambda x: x * 2, 1, 4)                                  # padded to 4 rows, cut back to 3
+test_eq(_g(np.ones((3, 2), np.float32)), np.full((3, 2), 2, np.float32))
+test_eq(_scaling_factor(object(), 'pixel'), 1.0)
+raises(lambda: _scaling_factor(object(), 'latent'), 'has no `scaling_factor`')
+
+
+# %% [markdown]
+# The finished chunks are assembled into the store:
+
+# %%
+#| export
+def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> Store:
+    "Concatenate the chunk files into the store beside `out`, then rename it into place."
+    first, N = np.load(part / 'chunk_000000.npz'), plan['rows']
+    for stale in [*out.parent.glob(f'.{out.name}.partial-*'), *out.parent.glob(f'.{out.name}.assembling*')]:
+        shutil.rmtree(stale)                               # left by a run killed while assembling
+    with building(out) as tmp:
+        E = np.lib.format.open_memmap(tmp / 'embeds.npy', 'w+', np.float16, (N, *first['embeds'].shape[1:]))
+        M = np.lib.format.open_memmap(tmp / 'moments.npy', 'w+', np.float16, (N, *first['moments'].shape[1:]))
+        for i in range(n_chunks):
+            c = np.load(part / f"chunk_{i:06d}.npz"); s = i * plan['chunk_size']
+            E[s:s + len(c['embeds'])] = c['embeds']; M[s:s + len(c['moments'])] = c['moments']
+        E.flush(); M.flush(); del E, M
+        meta = {**plan, 'embed_dim': int(first['embeds'].shape[1]), 'latent_shape': list(first['moments'].shape[3:]),
+                'dtype': 'float16', 'splits': {s: index['split'].count(s) for s in dict.fromkeys(index['split'])},
+                'complete': True}
+        (tmp / 'index.json').write_text(json.dumps(index))
+        (tmp / 'metadata.json').write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(part)
+    return open_store(out)
+
+
+# %%
+#| hide
+_part = _root / 'toy.partial'; _part.mkdir()
+_ix = {'split': ['train', 'train', 'val'], 'class': ['a', 'b', 'c'], 'label': [0, 1, 0], 'path': ['x', 'y', 'z']}
+_E, _M = np.eye(3, 4, dtype=np.float16), np.ones((3, 2, 2, 2, 2, 1), np.float16)
+_save_chunk(_part, 0, {'embeds': _E[:2], 'moments': _M[:2]}); _save_chunk(_part, 1, {'embeds': _E[2:], 'moments': _M[2:]})
+_st = _assemble(_part, _root / 'toy', dict(format_version=FORMAT_VERSION, chunk_size=2, rows=3), _ix, 2)
+test_eq((_st.embeds, _st.meta['splits'], _st.meta['latent_shape'], _st.index), (_E, {'train': 2, 'val': 1}, [2, 2, 1], _ix))
+assert not _part.exists()
+
+
+# %% [markdown]
+# `precompute` plans the chunks, encodes those not done yet and assembles the store:
+
+# %%
+#| export
 def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'latent', chunk_size: int = 512,
                batch_size: int = 64, splits: Sequence[str] = SPLITS, progress: bool = True,
                on_chunk: Callable[[int], None] | None = None) -> Store:
@@ -213,60 +337,10 @@ def precompute(data, out, encoder, vae, image_size: int = 224, space: str = 'lat
     return _assemble(part, out, {**plan, 'latent_scale': scale}, index, len(starts))
 
 
-def _assemble(part: Path, out: Path, plan: dict, index: dict, n_chunks: int) -> Store:
-    "Concatenate the chunk files into the store beside `out`, then rename it into place."
-    first, N = np.load(part / 'chunk_000000.npz'), plan['rows']
-    for stale in [*out.parent.glob(f'.{out.name}.partial-*'), *out.parent.glob(f'.{out.name}.assembling*')]:
-        shutil.rmtree(stale)                               # left by a run killed while assembling
-    with building(out) as tmp:
-        E = np.lib.format.open_memmap(tmp / 'embeds.npy', 'w+', np.float16, (N, *first['embeds'].shape[1:]))
-        M = np.lib.format.open_memmap(tmp / 'moments.npy', 'w+', np.float16, (N, *first['moments'].shape[1:]))
-        for i in range(n_chunks):
-            c = np.load(part / f"chunk_{i:06d}.npz"); s = i * plan['chunk_size']
-            E[s:s + len(c['embeds'])] = c['embeds']; M[s:s + len(c['moments'])] = c['moments']
-        E.flush(); M.flush(); del E, M
-        meta = {**plan, 'embed_dim': int(first['embeds'].shape[1]), 'latent_shape': list(first['moments'].shape[3:]),
-                'dtype': 'float16', 'splits': {s: index['split'].count(s) for s in dict.fromkeys(index['split'])},
-                'complete': True}
-        (tmp / 'index.json').write_text(json.dumps(index))
-        (tmp / 'metadata.json').write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(part)
-    return open_store(out)
-
-
 # %% [markdown]
-# ## Reading a store
-#
-# `open_store` refuses a folder that is not a complete store and, given `expect`, a store made with other
-# encoders, image size or format than the run asks for — with what differs in the message. A store whose
-# files were damaged after it was made (a file truncated or emptied, a disk that filled up while it was
-# copied) is refused naming the store and the file, rather than failing later inside numpy or json.
-
-# %% [markdown]
-# ## Precompute
-#
-# The rows are cut into chunks at fixed boundaries (`chunk_size` rows). Each chunk is loaded, encoded in
-# batches whose leading axis is split over the local devices, and saved as its own file, renamed into
-# place when complete — the file's presence is the chunk's done-marker. A killed run leaves
-# `FEATS.partial/`; run again, it checks the plan is the same, skips the finished chunks and does the
-# rest. The store is assembled beside `FEATS` (in a hidden `.FEATS.partial-XXXX/`, `fsdit.files.building`) and
-# renamed into place at the end, so `FEATS` is either absent or whole, and equals what one uninterrupted run gives. A run killed
-# while assembling leaves the hidden folder; the next run deletes it before assembling again, and a run that
-# finds the store complete deletes what is left of `FEATS.partial/`. Folders get the usual permissions
-# (0755 under the usual umask), as runs do.
-
-# %% [markdown]
-# A tiny prepared split of 16 px images, encoded with the stand-ins in pixel space:
+# The tiny split, encoded at 16 px with the stand-ins in pixel space:
 
 # %%
-def _split(root, classes=(('train', 3), ('val', 1), ('test', 2)), n=6, size=12):
-    rng = np.random.RandomState(0)
-    for s, k in classes:
-        for c in range(k):
-            d = Path(root) / s / f'{s}{c}'; d.mkdir(parents=True)
-            for i in range(n): Image.fromarray(rng.randint(0, 255, (size, size, 3), np.uint8)).save(d / f'{i}.png')
-    return Path(root)
-
 class ToyEncoder:       # the examples' encoders: a random projection of the mean colour, and pixels as the "posterior"
     def __init__(self, dim: int = 8): self.name, self.w = f'toy/colour-d{dim}', np.random.RandomState(0).randn(3, dim)
     def embed(self, x): return np.asarray(x).mean((1, 2)) @ self.w
@@ -274,7 +348,6 @@ class ToyPixels:
     name, scaling_factor = 'toy/pixels', 1.0
     def moments(self, x): return np.asarray(x), np.full(np.shape(x), -30.0)
 
-_root = Path(_tf.mkdtemp()); data = _split(_root / 'split')
 enc, vae = ToyEncoder(), ToyPixels()
 st = precompute(data, _root / 'feats', enc, vae, image_size=16, space='pixel', chunk_size=5, batch_size=4, progress=False)
 test_eq((st.embeds.shape, st.moments.shape, st.embeds.dtype), ((36, 8), (36, 2, 2, 16, 16, 3), np.float16))
@@ -332,7 +405,7 @@ raises(lambda: open_store(bad), 'index.json cannot be read')
 #
 # The DiT models `latents * scaling_factor` (0.18215 for `stabilityai/sd-vae-ft-mse`, 0.13025 for the SDXL
 # VAE: unit variance in either case). The factor belongs to the VAE that made the latents, so `precompute`
-# records it in the store as `latent_scale`, and the trainer and sampler take it from there. A store made
+# records it in the store as `latent_scale`, and the trainer and sampler take it from there (`Store.latent_scale`). A store made
 # before the factor was recorded is read with the one default that is safe — the default VAE's factor when
 # the store names that VAE, 1 in pixel space — and any other is refused with the fix rather than trained
 # at a wrong scale.
@@ -347,6 +420,12 @@ def store_latent_scale(meta: dict, path=None) -> float:
     raise ValueError(f"feature store {path or ''} does not record its VAE scaling factor (it was made with {meta.get('vae')!r} "
                      "before stores recorded it): run `fsdit precompute` again, or add \"latent_scale\": <the VAE's "
                      "scaling_factor, from its config.json> to its metadata.json")
+
+
+@patch_to(Store, as_prop=True)
+def latent_scale(self) -> float:
+    "The factor between the stored latents and the model's space: the VAE's `scaling_factor` (1 in pixel space)."
+    return store_latent_scale(self.meta, self.path)
 
 
 # %%
