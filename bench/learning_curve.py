@@ -1,12 +1,13 @@
 """Learning curves of demo runs: the judge's class consistency and glyph-FD on validation classes against
 training minutes, read from each run's metrics.jsonl (the trainer's few-shot metrics, `val_fs/*`).
 
-    python bench/learning_curve.py NAME=DEMO_OR_RUN_DIR ... [--out nbs/images/learning_curve.png] [--json curve.json]
+    python bench/learning_curve.py NAME=DEMO_OR_RUN_DIR[@STEP_S] ... [--out nbs/images/learning_curve.png] [--json curve.json]
 
 Training minutes are the sum of the logged step times (`train/step_time` x steps in each log window), so
 evaluation, checkpointing and compilation are not counted. A run that shared the machine logs inflated step
 times: `--step-s S` counts its minutes as steps x S instead (S: the bare step time measured on a quiet machine,
-`bench/demo_budget.json`), which puts runs made under different loads on one axis.
+`bench/demo_budget.json`), which puts runs made under different loads on one axis; `NAME=DIR@S` gives one run
+its own S (runs of different sizes, or one trained on another machine, counted at their quiet CPU step).
 """
 import argparse, json, sys
 from pathlib import Path
@@ -28,20 +29,21 @@ def curve(run: Path, step_s: float | None = None) -> list[dict]:
     return out
 
 
-def plot(curves: dict, path: Path):
+def plot(curves: dict, path: Path, x: str = 'minutes', title: str = 'validation classes'):
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, c in curves.items():
         if not c: continue
-        m = [r['minutes'] for r in c]
+        m = [r[x] for r in c]
         a.plot(m, [r['judge_acc'] for r in c], 'o-', label=name)
         b.plot(m, [r['glyph_fd'] for r in c], 'o-', label=name)
     real = next((c[-1] for c in curves.values() if c), None)
     if real and real['real_judge_acc'] is not None: a.axhline(real['real_judge_acc'], color='k', ls='--', lw=1, label='real images')
     if real and real['real_glyph_fd'] is not None: b.axhline(real['real_glyph_fd'], color='k', ls='--', lw=1, label='real vs real')
-    a.set(xlabel='training minutes (2-core CPU)', ylabel='judge class consistency', title='validation classes', ylim=(0, 1))
-    b.set(xlabel='training minutes (2-core CPU)', ylabel='glyph-FD (log)', yscale='log', title='validation classes')
+    xl = 'training minutes (2-core CPU)' if x == 'minutes' else 'training steps'
+    a.set(xlabel=xl, ylabel='judge class consistency', title=title, ylim=(0, 1))
+    b.set(xlabel=xl, ylabel='glyph-FD (log)', yscale='log', title=title)
     a.legend(fontsize=8); b.legend(fontsize=8)
     fig.tight_layout(); path.parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=110); plt.close(fig)
 
@@ -52,12 +54,18 @@ def main(argv=None):
     ap.add_argument('--out', default='learning_curve.png')
     ap.add_argument('--json', default=None)
     ap.add_argument('--step-s', type=float, default=None, help='seconds per step for the minutes axis (default: the logged step times)')
+    ap.add_argument('--by-step', action='store_true', help='steps on the x axis instead of minutes')
+    ap.add_argument('--title', default='validation classes')
     a = ap.parse_args(argv)
     curves = {}
     for spec in a.runs:
         name, _, folder = spec.partition('=')
-        curves[name] = curve(Path(folder or name), a.step_s)
-    plot(curves, Path(a.out))
+        folder = folder or name
+        head, _, tail = folder.rpartition('@')
+        try: folder, step_s = head, float(tail)       # DIR@S
+        except ValueError: step_s = a.step_s          # an '@' that is part of the folder's name
+        curves[name] = curve(Path(folder), step_s)
+    plot(curves, Path(a.out), 'step' if a.by_step else 'minutes', a.title)
     text = json.dumps(curves, indent=1)
     if a.json: Path(a.json).write_text(text)
     print(text)

@@ -74,14 +74,16 @@
 # **When the supports do not line up.** `fsdit demo --data unaligned --out demo_u` draws each character at a
 # random place, size, angle and colour (RGB, 24 px), so the supports' per-pixel mean is a blur, as it is for
 # photographs, and adds a stand-in encoder trained on its own renderings (its 5-shot nearest-prototype accuracy on
-# 200 held-out classes, 70.7%, is printed by the demo's encoder stage). On that data no conditioning tried so far
-# draws characters within the demo's budget — the seed's, with either encoder, `aligned`, `context` or
-# cross-attention: each learns the colours and a coarse layout but no strokes (under 1% judge consistency against
-# 70.6% for real images; `python bench/demo_conds.py demo_u`). The limit is the generator, not the conditioning:
-# trained on 12 classes only, each image seen 270 times, the same model still draws no character of its own
-# training classes (`bench/unaligned_subset.sh demo_u OUT`). BENCHMARKS.md §8 has the table, the curves and the
-# grids. That is the open problem this project works on next; until it is solved, nothing here shows that fsdit
-# draws unseen classes of photographs.
+# 200 held-out classes, 70.7%, is printed by the demo's encoder stage). On that data nothing tried so far draws
+# characters, at the demo's budget or well past it. At the budget every conditioning — the seed's with either
+# encoder, `aligned`, `context`, cross-attention — stays under 1% judge consistency against 70.6% for real images
+# (`python bench/demo_conds.py demo_u`); the default's 3x3 convolutions around the transformer give the lowest
+# glyph-FD (125 against 151-192) and strokes that hold together, but no character. Five times the steps, patch 2,
+# a model four times as wide and deep, or the seed's conditioning on that model: all under 6% on validation classes
+# (`nbs/images/unaligned_curves.png`), and the model cannot draw even its own training classes when there are only
+# 12 (`bench/unaligned_subset.sh demo_u OUT`). The limit is the generator. BENCHMARKS.md §8 has the table, the
+# curves and the grids. That is the open problem this project works on next; until it is solved, nothing here shows
+# that fsdit draws unseen classes of photographs.
 #
 # **A real colour data set, through the CLI alone.** `bench/emoji_set.py` builds 323 classes of vendors' emoji
 # (Apple, Google, Twitter, Facebook, from the npm registry; 24 drawings a class in six skin tones, 32 px), and
@@ -92,7 +94,10 @@
 # their supports line up as glyphs do. Not shown here: the vendors' drawings carry their own licences.
 #
 # How the defaults were chosen (guidance interval, steps, learning rate, the flip, the long size's width and depth),
-# with every run's figures and curves: BENCHMARKS.md §6 and §9.
+# with every run's figures: BENCHMARKS.md §6 and §9. How the default and the long size learn, on validation classes
+# (`python bench/learning_curve.py` over both runs; minutes at each size's step on a quiet 2-core CPU):
+#
+# ![learning curves of the default and the long size](nbs/images/learning_curve.png)
 
 # %% [markdown]
 # ## Your own images
@@ -132,8 +137,8 @@
 # to the supports' patches (`--model.cond xattn --model.context_patch 4`) one flag away, with its cost (149 against
 # 106 GFLOP per sample; 4.52 against 3.22 GiB per v5e core at 16 per core: `python bench/memory_plan.py --topology
 # v5e:2x4 --sizes B/2 --layouts replicated --cond xattn`, which needs libtpu but no TPU); it is not the
-# recommendation, because nothing yet shows it drawing unaligned classes (above). `fsdit prepare --split ravi` gives
-# the field's standard 64/16/20 classes.
+# recommendation: on unaligned glyphs the seed's pooled vector learned faster at every size tried, though neither
+# draws unseen classes there yet (above). `fsdit prepare --split ravi` gives the field's standard 64/16/20 classes.
 
 # %% [markdown]
 # ## The explorer

@@ -139,9 +139,10 @@ except Exception: print('no WANDB_API_KEY secret: wandb logs offline to', RUN)
 # need what sits anywhere in any support. `--model.cond xattn` adds, in every block, a cross-attention from
 # the target's tokens to the supports' SD-VAE latents (4x4 patches: 49 tokens a support, order-free, any
 # number of supports, off for CFG's null), beside the seed's pooled SigLIP2 vector through adaLN. It is not
-# the recommendation yet: on the offline glyph test where supports do not line up it has not yet drawn
-# unseen classes at the demo's budget (BENCHMARKS §8), and nothing has been measured on miniImageNet. Its
-# cost at 224 px is in BENCHMARKS §8. To try it, train into another run folder:
+# the recommendation: on the offline glyph test where supports do not line up, the seed's pooled vector from
+# an encoder that knows the classes learned faster than cross-attention at every size tried, though neither
+# draws unseen classes there yet (BENCHMARKS §8), and nothing has been measured on miniImageNet. Its cost at
+# 224 px is in BENCHMARKS §8. To try it, train into another run folder:
 
 # %%
 #| kaggle
