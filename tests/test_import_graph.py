@@ -1,5 +1,5 @@
 """tools/import_graph.py: one function builds the device mesh, `l2_normalize` lives in `fsdit.utils`, no module over
-450 lines; the tool exits 0 on the package and names each failure on a copy that breaks them; notebook cells over 60
+450 lines, no branch on the conditioning's name outside `fsdit.conds` (and the config's validation); the tool exits 0 on the package and names each failure on a copy that breaks them; notebook cells over 60
 lines are reported, not failed."""
 import importlib.util, subprocess, sys
 from pathlib import Path
@@ -14,6 +14,7 @@ def test_package_passes():
     assert r['mesh_builders'] == ['utils.data_mesh']
     assert r['l2_normalize_defined_in'] == ['utils']
     assert r['long_modules'] == {}
+    assert set(r['cond_branches']) <= G.COND_OWNERS, r['cond_branches']
     assert G.failures(r) == []
     p = subprocess.run([sys.executable, str(ROOT / 'tools' / 'import_graph.py')], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.rstrip().endswith('ok'), p.stdout + p.stderr
@@ -23,11 +24,14 @@ def test_failures_are_named(tmp_path):
     (tmp_path / 'a.py').write_text("from jax.sharding import Mesh\ndef m(): return Mesh([], ('x',))\n"
                                    "def l2_normalize(x): return x\n" + "x = 1\n" * 451)
     (tmp_path / 'b.py').write_text("import jax\nm = lambda: jax.sharding.Mesh([], ('x',))\nfrom .cli import fail\n"
-                                   "from .demo import demo_cli\n")
+                                   "from .demo import demo_cli\n"
+                                   "def f(mc, cond): return mc.cond == 'class' or 'x' != cond or mc.cond in ('a',) or 'b' not in mc.cond\n")
+    (tmp_path / 'conds.py').write_text("def f(cfg): return cfg.cond == 'class'\n")   # the owner may
     r = G.report(tmp_path)
     assert r['mesh_builders'] == ['a.m', 'b.<lambda>'] and r['l2_normalize_defined_in'] == ['a']
     assert list(r['long_modules']) == ['a'] and len(r['command_imports']) == 2
-    assert len(G.failures(r)) == 3
+    assert r['cond_branches'] == {'b': 4, 'conds': 1}
+    assert len(G.failures(r)) == 4 and "outside ['conds', 'config']: {'b': 4}" in G.failures(r)[-1]
 
 
 def test_long_cells_reported_not_failed(tmp_path):

@@ -5,10 +5,12 @@
 Checks (a failure exits 1):
   - one function builds a device mesh (calls `Mesh(...)`): `fsdit.utils.data_mesh`;
   - `l2_normalize` is defined only in `fsdit.utils`;
-  - no module is over 450 lines (`_modidx.py`, generated, is not counted).
+  - no module is over 450 lines (`_modidx.py`, generated, is not counted);
+  - no branch on the conditioning's name (`cond ==`, `!=`, `in`, `not in`; `cond` or `<x>.cond`) outside
+    `fsdit.conds`, which owns the conditionings, and `fsdit.config`, which validates the name.
 Reported, not failed:
   - library modules that import from a command module (`cli`, `app`) or import a `*_cli` function;
-  - the modules that mention `latent_scale`, and the `cond ==` / `mc.cond ==` comparisons per module;
+  - the modules that mention `latent_scale`, and the branches on `cond` per module;
   - the notebook cells over 60 lines, per notebook text form in `nbs/text/` (first line and length of each).
 """
 import ast, sys
@@ -20,6 +22,7 @@ TEXT = ROOT / 'nbs' / 'text'
 COMMAND_MODULES = {'cli', 'app'}
 MAX_LINES = 450
 MAX_CELL_LINES = 60
+COND_OWNERS = {'conds', 'config'}     # the conditionings' module, and the config that validates `cond`
 
 
 def modules(pkg: Path = PKG) -> dict[str, tuple[str, ast.Module]]:
@@ -86,13 +89,17 @@ def definitions(mods: dict, fn: str) -> list[str]:
             if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == fn for n in ast.walk(tree))]
 
 
+def _is_cond(node) -> bool:
+    return (isinstance(node, ast.Name) and node.id == 'cond') or (isinstance(node, ast.Attribute) and node.attr == 'cond')
+
+
 def cond_branches(mods: dict) -> dict[str, int]:
-    "Per module, the comparisons `cond == ...` / `<x>.cond == ...` (modules with none left out)."
+    "Per module, the comparisons of `cond` / `<x>.cond` by `==`, `!=`, `in`, `not in` on either side (modules with none left out)."
+    ops = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
     out = {}
     for name, (_, tree) in mods.items():
-        n = sum(1 for c in ast.walk(tree) if isinstance(c, ast.Compare) and isinstance(c.ops[0], ast.Eq)
-                and ((isinstance(c.left, ast.Name) and c.left.id == 'cond')
-                     or (isinstance(c.left, ast.Attribute) and c.left.attr == 'cond')))
+        n = sum(1 for c in ast.walk(tree) if isinstance(c, ast.Compare) and isinstance(c.ops[0], ops)
+                and (_is_cond(c.left) or _is_cond(c.comparators[0])))
         if n: out[name] = n
     return out
 
@@ -129,6 +136,8 @@ def failures(r: dict) -> list[str]:
     if len(r['mesh_builders']) != 1: out.append(f"{len(r['mesh_builders'])} functions build a Mesh (want 1): {r['mesh_builders']}")
     if r['l2_normalize_defined_in'] != ['utils']: out.append(f"l2_normalize is defined in {r['l2_normalize_defined_in']} (want ['utils'])")
     if r['long_modules']: out.append(f"modules over {MAX_LINES} lines: {r['long_modules']}")
+    stray = {m: n for m, n in r['cond_branches'].items() if m not in COND_OWNERS}
+    if stray: out.append(f"branches on the conditioning's name outside {sorted(COND_OWNERS)}: {stray}")
     return out
 
 
@@ -143,7 +152,7 @@ def main() -> int:
     for line in r['command_imports']: print(f"  {line}")
     print(f"modules mentioning latent_scale (information): {len(r['latent_scale_modules'])}: {', '.join(r['latent_scale_modules'])}")
     cb = r['cond_branches']
-    print(f"`cond ==` comparisons (information): {sum(cb.values())} in {len(cb)} modules: "
+    print(f"branches on `cond` (failed outside {', '.join(sorted(COND_OWNERS))}): {sum(cb.values())} in {len(cb)} modules: "
           + ', '.join(f"{k} {v}" for k, v in sorted(cb.items(), key=lambda kv: -kv[1])))
     lc = r['long_cells']
     print(f"notebook cells over {MAX_CELL_LINES} lines (reported, not failed): {sum(map(len, lc.values()))} in {len(lc)} notebooks")

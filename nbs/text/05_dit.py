@@ -15,7 +15,6 @@ import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
 from fsdit.config import ModelConfig
-from fsdit.utils import l2_normalize
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -326,8 +325,6 @@ class SupportTokens(nn.Module):
         return tok.reshape(B, K * tok.shape[1], cfg.hidden)                  # (B, K*T_s, D)
 
 
-SUPPORT_LATENT_CONDS = ('context', 'aligned', 'xattn')
-
 
 def support_stats(latents, drop=None):
     "Support latents `(B, K, H, W, C)` -> `(B, H, W, 2C + 1)`: mean, std over K, presence; zeros where `drop`."
@@ -379,12 +376,16 @@ test_eq(float(support_stats(_sl[:, :1])[..., 2:4].max()), 0.0)            # one 
 # %% [markdown]
 # ## The model
 #
-# `c = t_emb + y_emb`, where `y_emb` is `SupportProjector(support_embed)` (`'support'`, `'context'`) or
+# `c = t_emb + y_emb`, where `y_emb` is `SupportProjector(support_embed)` (every conditioning on supports) or
 # the label embedding (`'class'`). Classifier-free guidance needs a null condition: `drop (B,)` replaces
 # the support embedding by zeros (the seed's null), the label by the null class, and — for `'context'` —
 # also removes the support tokens from every attention (they are masked out as keys, so a dropped
 # example sees exactly what a model with no supports would). The trainer draws `drop` with probability
 # `cfg.cfg_drop`; the sampler sets it for the unconditional half of its batch.
+#
+# The model does not branch on `cfg.cond`: the conditioning (`fsdit.conds`) enters at three fixed points — the
+# input beside the noisy target (`'aligned'`), the vector `y_emb`, and the tokens and context of the blocks
+# (`'context'`, `'xattn'`) — and brings its own null and example conditions (`null_cond`, `example_cond`).
 #
 # Parameters are float32; `cfg.dtype` is the compute dtype (`'bfloat16'` on accelerators). The
 # timestep sinusoid, the softmax of the explicit attention path and the output are float32.
@@ -402,29 +403,16 @@ class DiT(nn.Module):
             raise ValueError("attention='cudnn' needs dtype 'bfloat16' or 'float16'")
         B, H, W, C = x.shape
         drop = jnp.zeros((B,), bool) if drop is None else jnp.asarray(drop, bool)
-        inp = x.astype(dt)
-        if cfg.cond == 'aligned': inp = jnp.concatenate([inp, support_stats(cond['support_latents'], drop).astype(dt)], -1)
+        cd = _conditioning(cfg)                                              # fsdit.conds: where the condition enters
+        inp = cd.augment_input(cfg, x.astype(dt), cond, drop)                # (B, H, W, C')
         if cfg.conv:                                                         # a 3x3 stem sees across patch borders
             inp = nn.gelu(nn.Conv(cfg.conv, (3, 3), padding='SAME', dtype=dt, name='conv_stem')(inp))
         tok = PatchEmbed(cfg.patch, D, dt, name='x_embed')(inp)              # (B, T, D)
         n_target = tok.shape[1]
         tok = tok + grid_pos(D, H // cfg.patch).astype(dt)                   # constant, see above
         c = TimestepEmbedder(D, dtype=dt, name='t_embed')(t)                 # (B, D)
-        if cfg.cond == 'class':
-            labels = jnp.where(drop, cfg.num_classes, cond['labels'])
-            c = c + LabelEmbedder(cfg.num_classes, D, dt, name='y_embed')(labels)
-        else:
-            s = jnp.where(drop[:, None], 0.0, cond['support_embed'].astype(jnp.float32))   # the seed's null: zeros
-            c = c + SupportProjector(D, dt, name='y_embed')(s.astype(dt))
-        kv_len, ctx, keep = None, None, None
-        if cfg.cond == 'context':
-            ctx = SupportTokens(cfg, name='support_tokens')(cond['support_latents'].astype(dt))
-            tok = jnp.concatenate([tok, ctx], axis=1)                        # (B, T + K*T_s, D)
-            kv_len, ctx = jnp.where(drop, n_target, tok.shape[1]).astype(jnp.int32), None
-        if cfg.cond == 'xattn':
-            ctx = SupportTokens(cfg, name='support_tokens')(cond['support_latents'].astype(dt))   # (B, K*T_s, D)
-            ctx = nn.LayerNorm(dtype=dt, name='support_ln')(ctx)
-            keep = 1.0 - drop.astype(jnp.float32)                           # (B,)
+        c = c + cd.embed(cfg, cond, drop)                                    # (B, D)
+        tok, kv_len, ctx, keep = cd.tokens(cfg, tok, cond, drop)             # (B, T', D), (B,) | None, (B, S, D) | None, (B,) | None
         block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         ents, rms = [], []
         for i in range(cfg.depth):
@@ -442,25 +430,21 @@ class DiT(nn.Module):
         return v, {'attn_entropy': jnp.stack(ents), 'act_rms': jnp.stack(rms)}   # (depth, heads), (depth,)
 
 
+def _conditioning(cfg: ModelConfig):
+    # `fsdit.conds` builds each conditioning from the layers above, so it is imported when a model is traced or a
+    # condition made, not when this module is (an import at the top would be circular).
+    from fsdit.conds import conditioning
+    return conditioning(cfg)
+
+
 def null_cond(cfg: ModelConfig, B: int, K: int = 1) -> dict:
-    "The null condition for a batch of `B`: zero support embedding / the null label (`'context'`: K zero supports)."
-    if cfg.cond == 'class': return {'labels': jnp.full((B,), cfg.num_classes, jnp.int32)}
-    cond = {'support_embed': jnp.zeros((B, cfg.support_dim), jnp.float32)}
-    if cfg.cond in SUPPORT_LATENT_CONDS:
-        cond['support_latents'] = jnp.zeros((B, K, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
-    return cond
+    "The null condition for a batch of `B`: zero support embedding / the null label (support latents: K zero supports)."
+    return _conditioning(cfg).null(cfg, B, K)
 
 
 def example_cond(cfg: ModelConfig, B: int, seed: int = 0, K: int = 5) -> dict:
     "A random condition of the right shapes (numpy RNG, nothing to compile): unit-norm embeddings, labels, `K` support latents."
-    rng = np.random.default_rng(seed)
-    if cfg.cond == 'class': return {'labels': jnp.asarray(rng.integers(0, cfg.num_classes, B), jnp.int32)}
-    e = rng.normal(size=(B, cfg.support_dim))
-    cond = {'support_embed': jnp.asarray(l2_normalize(e), jnp.float32)}
-    if cfg.cond in SUPPORT_LATENT_CONDS:
-        shape = (B, K, cfg.input_size, cfg.input_size, cfg.in_channels)
-        cond['support_latents'] = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    return cond
+    return _conditioning(cfg).example(cfg, B, seed, K)
 
 
 def init_params(cfg: ModelConfig, key, batch: int = 1):

@@ -14,7 +14,7 @@ import jax, jax.numpy as jnp
 import numpy as np
 
 from fsdit.config import ModelConfig, TrainConfig
-from fsdit.dit import SUPPORT_LATENT_CONDS
+from fsdit.conds import conditioning
 
 # %%
 import optax
@@ -212,12 +212,8 @@ assert not np.array_equal(np.asarray(example_keys(jax.random.PRNGKey(0), 4, 4)),
 # %%
 #| export
 def condition(batch: dict, mc: ModelConfig, latent_scale: float) -> dict:
-    "The model's condition from a batch: mean support embedding (B, D), labels (B,), scaled support latents."
-    cond = {}
-    if mc.cond != 'class': cond['support_embed'] = batch['support_embeds'].astype(jnp.float32).mean(1)
-    if mc.cond == 'class': cond['labels'] = batch['labels']
-    if mc.cond in SUPPORT_LATENT_CONDS: cond['support_latents'] = batch['support_latents'].astype(jnp.float32) * latent_scale
-    return cond
+    "The model's condition from a batch (`fsdit.conds`): mean support embedding (B, D), labels (B,), scaled support latents."
+    return conditioning(mc).inputs(batch, latent_scale)
 
 
 def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig, latent_scale: float, train: bool = True):

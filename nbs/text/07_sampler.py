@@ -18,7 +18,8 @@ import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fsdit.config import ModelConfig, check_interval
-from fsdit.dit import DiT, SUPPORT_LATENT_CONDS
+from fsdit.dit import DiT
+from fsdit.conds import conditioning
 from fsdit.flow import condition
 from fsdit.utils import data_mesh, DATA_AXIS
 
@@ -226,11 +227,7 @@ test_eq(_sample._cache_size(), n0)
 #| export
 def check_supports(mc: ModelConfig, k: int | None):
     "Raise `ValueError` unless the run's conditioning takes `k` supports."
-    if mc.cond == 'class':
-        if k: raise ValueError("this run is class-conditioned (cond='class'): it generates seen classes by label "
-                               "and cannot take support images")
-        return
-    if not k or k < 1: raise ValueError(f"cond={mc.cond!r} needs at least one support image, got {k}")
+    conditioning(mc).check_shots(k)
 
 
 @functools.lru_cache(maxsize=8)
@@ -251,8 +248,8 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
     given = {'support_embeds': support_embeds, 'support_latents': support_latents, 'labels': labels}
     given = {k: np.asarray(v) for k, v in given.items() if v is not None}
     check_supports(mc, None if 'support_embeds' not in given else given['support_embeds'].shape[1])
-    if mc.cond in SUPPORT_LATENT_CONDS and 'support_latents' not in given: raise ValueError(f"cond={mc.cond!r} needs support_latents")
-    if mc.cond == 'class' and 'labels' not in given: raise ValueError("cond='class' needs labels")
+    missing = [k for k in conditioning(mc).batch_keys if k not in given]
+    if missing: raise ValueError(f"cond={mc.cond!r} needs {missing[0]}")
     M, n_dev, mesh = len(next(iter(given.values()))), jax.local_device_count(), data_mesh()
     n_batches = max(1, -(-M // batch_size))
     bs = max(1, -(-(-(-M // n_batches)) // n_dev)) * n_dev        # equal batches of one shape (one compilation), little padding

@@ -138,7 +138,7 @@ def sample_cli(argv: list[str]) -> int:
         if a.support: read_supports(a.support, 8)             # every file readable, before the run loads
         interval = None if a.cfg_interval is None else check_interval(a.cfg_interval)
         run = load_run(a.run, ema=not a.raw, warn=say)
-        if run.mc.cond == 'class': check_supports(run.mc, 1)
+        check_supports(run.mc, 1)                             # a class-conditioned run takes no supports
         files = a.support or class_dir_supports(a.class_dir, a.shots or run.tc.shots, a.seed)
         codecs = codecs_of(run, a.feats, a.encoder, a.vae)
         sup = read_supports(files, codecs.image_size)

@@ -27,6 +27,7 @@ from fsdit.codecs import run_codecs
 from fsdit.export import codecs_of
 from fsdit.config import check_interval
 from fsdit.sampler import generate
+from fsdit.conds import conditioning
 from fsdit.cli import Parser, positive_int, check_out_dir, fail
 
 # %%
@@ -325,7 +326,8 @@ JUDGE_METRICS = ('judge_acc', 'glyph_fd', 'glyph_kid', 'diversity_judge', 'nn_su
 def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch_size: int = 256, fid_model=None,
                    judge=None, cfg_interval=(0.0, 1.0)) -> Pipeline:
     "A `Pipeline` that samples a loaded `fsdit.run.Run` (guidance where t is in `cfg_interval`) and decodes/embeds with its codecs."
-    if run.mc.cond == 'class': raise ValueError("a class-conditioned run (cond='class') cannot generate unseen classes from supports")
+    if not conditioning(run.mc).takes_supports:
+        raise ValueError(f"a class-conditioned run (cond={run.mc.cond!r}) cannot generate unseen classes from supports")
     gen = lambda emb, lat, cfg, seed: generate(run.params, run.mc, emb, lat, latent_scale=run.latent_scale, seed=seed,
                                                steps=steps, cfg_scale=cfg, method=method, batch_size=batch_size,
                                                cfg_interval=cfg_interval)
