@@ -442,6 +442,40 @@ with tempfile.TemporaryDirectory() as d:
 
 
 # %% [markdown]
+# What an export (`fsdit.export`) takes from a run folder: the log, copied as it is, and the figures `fsdit eval`
+# wrote to `RUN/eval/eval.json` — a file that is there but cannot be read, or holds no records, is refused naming it.
+
+# %%
+#| export
+def copy_run_log(run_dir, dst) -> bool:
+    "Copy `RUN/metrics.jsonl` as it is to the file `dst`; whether the run had one."
+    p = Path(run_dir) / 'metrics.jsonl'
+    if not p.is_file(): return False
+    shutil.copyfile(p, dst)
+    return True
+
+
+def run_eval(run_dir) -> dict | None:
+    "The figures of `fsdit eval` in `RUN/eval/eval.json` (None when there are none); `ValueError` naming the file when it cannot be read."
+    p = Path(run_dir) / 'eval' / 'eval.json'
+    if not p.is_file(): return None
+    try: data = json.loads(p.read_text())
+    except ValueError as e: raise ValueError(f"{p} cannot be read ({type(e).__name__}: {e})") from None
+    if not (isinstance(data, dict) and isinstance(data.get('records'), list)): raise ValueError(f"{p} cannot be read (no figures in it)")
+    return data
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    test_eq((copy_run_log(d, Path(d) / 'copy.jsonl'), run_eval(d)), (False, None))
+    RunLog(d, {}, tc).log(2, {'train/loss': 1.0}); (Path(d) / 'eval').mkdir()
+    assert copy_run_log(d, Path(d) / 'copy.jsonl'); test_eq((Path(d) / 'copy.jsonl').read_text(), (Path(d) / 'metrics.jsonl').read_text())
+    (Path(d) / 'eval' / 'eval.json').write_text('{"step": 2, "records": []}'); test_eq(run_eval(d), {'step': 2, 'records': []})
+    (Path(d) / 'eval' / 'eval.json').write_text('{"step": 2}'); test_fail(lambda: run_eval(d), contains='eval.json cannot be read (no figures')
+    (Path(d) / 'eval' / 'eval.json').write_text('{"st'); test_fail(lambda: run_eval(d), contains='cannot be read (JSONDecodeError')
+
+
+# %% [markdown]
 # ## Loading a run
 #
 # A run directory (written by `fsdit train`) holds `config.json` (model and train configs, the space) and

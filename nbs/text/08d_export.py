@@ -20,7 +20,7 @@ from fsdit.cli import Parser, check_out_dir, fail
 from fsdit.codecs import DEFAULT_ENCODER, Codecs, PixelEncoder, PixelSpace, run_codecs, store_meta
 from fsdit.config import config_to_dict, interval_text
 from fsdit.files import building
-from fsdit.run import EXPORT_FORMAT, Run, flat_params, is_export, load_run
+from fsdit.run import EXPORT_FORMAT, Run, copy_run_log, flat_params, is_export, load_run, run_eval
 from fsdit.vae import DEFAULT_VAE
 
 # %%
@@ -103,6 +103,7 @@ test_eq(codec_names(run), {'encoder': PixelEncoder(dim=16).name, 'vae': 'pixel-8
                            'latent_scale': 1.0})
 test_eq(codecs_of(run).names, run_codecs(run).names)
 
+
 # %% [markdown]
 # ## The model card
 #
@@ -114,31 +115,53 @@ test_eq(codecs_of(run).names, run_codecs(run).names)
 
 # %%
 #| export
-HEADLINE = {'judge_acc': 'judge class consistency', 'glyph_fd': 'glyph-FD', 'glyph_kid': 'glyph-KID',
-            'proto_acc': 'class consistency (prototypes)', 'fd_embed': 'FD (embedding)', 'fid': 'FID',
-            'diversity_judge': 'diversity (judge)', 'diversity_embed': 'diversity (embedding)',
-            'nn_support_judge': 'distance to nearest support (judge)', 'nn_support_embed': 'distance to nearest support (embedding)'}
-SPLIT_NAMES = {'test': 'held-out (test)', 'val': 'validation', 'train': 'seen (train)'}
+def _demo_summary(p: Path) -> dict:
+    try: data = json.loads(p.read_text())
+    except ValueError as e: raise ValueError(f"{p} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict): raise ValueError(f"{p} cannot be read (no figures in it)")
+    return data
 
 
 def few_shot_figures(run_dir) -> tuple[str, dict] | None:
     "('eval.json', RUN/eval/eval.json) of `fsdit eval`, else ('summary.json', the demo's summary beside the run); None when neither is there."
     d = Path(run_dir)
-    for name, p in (('eval.json', d / 'eval' / 'eval.json'), ('summary.json', d / 'summary.json'),
-                    ('summary.json', d.parent / 'summary.json')):
-        if not p.is_file(): continue
-        try: data = json.loads(p.read_text())
-        except ValueError as e: data, why = None, f"{type(e).__name__}: {e}"
-        else: why = 'no figures in it'
-        if isinstance(data, dict) and (name == 'summary.json' or isinstance(data.get('records'), list)): return name, data
-        raise ValueError(f"{p} cannot be read ({why}): make it again, or move it away to export without figures")
-    return None
+    try:
+        if (ev := run_eval(d)) is not None: return 'eval.json', ev
+        p = next((p for p in (d / 'summary.json', d.parent / 'summary.json') if p.is_file()), None)
+        return None if p is None else ('summary.json', _demo_summary(p))
+    except ValueError as e: raise ValueError(f"{e}: make it again, or move it away to export without figures") from None
 
 
 def heldout_grid(run_dir) -> Path | None:
     "The run's held-out sample grid: samples_heldout.png in the run, else beside it (the demo's)."
     d = Path(run_dir)
     return next((p for p in (d / 'samples_heldout.png', d.parent / 'samples_heldout.png') if p.is_file()), None)
+
+
+# %% [markdown]
+# A run that was never evaluated has neither; the demo's summary beside a run is found, and a figures file that is
+# there but cannot be read is refused, naming it:
+
+# %%
+_sm = {'step': 2200, 'cfg': 8.0, 'test': {'classes': 40, 'real': {'judge_acc': 0.853, 'glyph_fd': 25.2},
+                                         'model': {'judge_acc': 0.693, 'glyph_fd': 42.9},
+                                         'vs_real': {'judge_acc': 0.812, 'glyph_fd': 1.70}}}
+test_eq(few_shot_figures(run_dir), None); test_eq(heldout_grid(run_dir), None)
+_fx = tmp / 'figs' / 'run'; (_fx / 'eval').mkdir(parents=True); (_fx.parent / 'summary.json').write_text(json.dumps(_sm))
+test_eq(few_shot_figures(_fx), ('summary.json', _sm))
+(_fx / 'eval' / 'eval.json').write_text('{"records": [')                 # an eval cut short is refused, not skipped
+assert raises(lambda: few_shot_figures(_fx), 'eval.json cannot be read (JSONDecodeError').endswith('to export without figures')
+
+# %% [markdown]
+# The figures become a Markdown table: one row per record of an eval.json, one per split and method of a summary.
+
+# %%
+#| export
+HEADLINE = {'judge_acc': 'judge class consistency', 'glyph_fd': 'glyph-FD', 'glyph_kid': 'glyph-KID',
+            'proto_acc': 'class consistency (prototypes)', 'fd_embed': 'FD (embedding)', 'fid': 'FID',
+            'diversity_judge': 'diversity (judge)', 'diversity_embed': 'diversity (embedding)',
+            'nn_support_judge': 'distance to nearest support (judge)', 'nn_support_embed': 'distance to nearest support (embedding)'}
+SPLIT_NAMES = {'test': 'held-out (test)', 'val': 'validation', 'train': 'seen (train)'}
 
 
 def _fmt(metric: str, v, ratio: bool = False) -> str:
@@ -167,6 +190,16 @@ def figures_table(source: str, data: dict) -> str:
                    for s, d, meth in rows])
 
 
+# %%
+_ev = {'step': 30, 'records': [{'split': 'test', 'method': 'real', 'shots': 5, 'cfg': None, 'proto_acc': 0.5, 'fd_embed': 1.25},
+                               {'split': 'test', 'method': 'model', 'shots': 5, 'cfg': 3.0, 'proto_acc': 0.4, 'fd_embed': 2.5}]}
+test_eq(figures_table('eval.json', _ev).splitlines()[-1], '| held-out (test) | model | 5 | 3 | 40.0% | 2.5 |')
+_t = figures_table('summary.json', _sm)
+assert '| held-out (test), 40 | model | 69.3% | 42.9 |' in _t and '| held-out (test), 40 | vs_real | 0.81x | 1.70x |' in _t
+
+
+# %%
+#| export
 def _encoder_note(name: str, carried: bool) -> str:
     if name.startswith('stand-in/'): return 'a fixed random projection of downsampled pixels, a stand-in: **not SigLIP2**'
     if carried: return 'carried in this folder'
@@ -221,21 +254,12 @@ def model_card(run: Run, name: str, codecs: dict, carried: set, figures: tuple[s
 
 
 # %% [markdown]
-# Figures from an `fsdit eval` and from the demo's summary become tables; without either the card says none:
+# The card of a run without figures or a grid says so; with the demo's figures it gives the step they were measured at:
 
 # %%
-_ev = {'step': 30, 'records': [{'split': 'test', 'method': 'real', 'shots': 5, 'cfg': None, 'proto_acc': 0.5, 'fd_embed': 1.25},
-                               {'split': 'test', 'method': 'model', 'shots': 5, 'cfg': 3.0, 'proto_acc': 0.4, 'fd_embed': 2.5}]}
-test_eq(figures_table('eval.json', _ev).splitlines()[-1], '| held-out (test) | model | 5 | 3 | 40.0% | 2.5 |')
-_sm = {'step': 2200, 'cfg': 8.0, 'test': {'classes': 40, 'real': {'judge_acc': 0.853, 'glyph_fd': 25.2},
-                                         'model': {'judge_acc': 0.693, 'glyph_fd': 42.9},
-                                         'vs_real': {'judge_acc': 0.812, 'glyph_fd': 1.70}}}
-_t = figures_table('summary.json', _sm)
-assert '| held-out (test), 40 | model | 69.3% | 42.9 |' in _t and '| held-out (test), 40 | vs_real | 0.81x | 1.70x |' in _t
 _card = model_card(run, 'tiny', codec_names(run), set(), None, False)
 assert _card.startswith('---\nlibrary_name: fsdit') and 'None: the run was not evaluated' in _card and 'not SigLIP2' in _card
 assert 'No held-out sample grid' in _card and f'at step {run.step}' in _card
-test_eq(few_shot_figures(run_dir), None); test_eq(heldout_grid(run_dir), None)
 _c2 = model_card(run, 'tiny', codec_names(run), set(), ('summary.json', _sm), True)
 assert 'at step 2200, not the exported step 0' in _c2 and '](samples_heldout.png)' in _c2
 
@@ -301,7 +325,7 @@ def export_run(run_dir, out, log: Callable[[str], None] | None = None) -> dict:
             f = tmp / ('eval/eval.json' if src == 'eval.json' else 'summary.json'); f.parent.mkdir(exist_ok=True)
             f.write_text(json.dumps(data, indent=1))
         if grid: shutil.copyfile(grid, tmp / 'samples_heldout.png')
-        if (run.path / 'metrics.jsonl').is_file(): shutil.copyfile(run.path / 'metrics.jsonl', tmp / 'metrics.jsonl')
+        copy_run_log(run.path, tmp / 'metrics.jsonl')
         (tmp / 'README.md').write_text(model_card(run, out.name, codecs, carried, figures, grid is not None))
     return {'out': out, 'step': run.step, 'codecs': codecs, 'carried': sorted(carried),
             'figures': figures[0] if figures else None, 'grid': grid}

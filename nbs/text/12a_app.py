@@ -40,14 +40,14 @@ RUN_HINT = "pass the --out folder of `fsdit train`, a folder of `fsdit export` o
 def app_run(run, feats=None) -> tuple[Path, Path]:
     "The run folder and feature store `fsdit explore RUN` opens; `CLIError` saying what to pass otherwise."
     from fsdit.explorer import find_runs, find_store, is_run
-    from fsdit.run import is_export, run_folder
+    from fsdit.run import is_export, run_folder, saved_steps
     d = run_folder(run)
     if not d.exists(): raise CLIError(f"{run}: no such run folder: {RUN_HINT}")
     if not is_run(d):
         below = find_runs(d) if d.is_dir() else []
         raise CLIError(f"{d} is not a run (no config.json beside checkpoints/, not an export): "
                        + (f"it holds {len(below)} run(s), e.g. {below[0]}: pass one of them" if below else RUN_HINT))
-    if not is_export(d) and not any((d / 'checkpoints').iterdir()):
+    if not is_export(d) and not saved_steps(d):
         raise CLIError(f"{d} has no checkpoint yet: train it for at least `save_every` steps")
     store = Path(feats) if feats else find_store(d)
     if store is None:
