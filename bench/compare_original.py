@@ -34,6 +34,7 @@ from fsdit import bench, steps
 from fsdit.config import train_config
 from fsdit.dit import DiT
 from fsdit.state import make_optimizer
+from fsdit.utils import LatentScaling
 
 SIZES = {'S/2': (384, 12, 6), 'B/2': (768, 12, 12), 'L/2': (1024, 24, 16), 'XL/2': (1152, 28, 16), 'mu': (32, 2, 2)}
 STEP_DEFS = ('flow_interpolate', 'flow_velocity', 'compute_t_bin_losses', 'Trainer')
@@ -101,7 +102,7 @@ def pmap_runner(size: str, batch: int):
     mc, n = bench._model(size), jax.local_device_count()
     tc = train_config('seed', batch_size=batch * n)
     fn = jax.pmap(functools.partial(steps.train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
-                                    latent_scale=bench.SD_VAE_SCALE, axis_name='batch'),
+                                    scaling=LatentScaling(bench.SD_VAE_SCALE), axis_name='batch'),
                   axis_name='batch', donate_argnums=(0,) if steps.donate_state() else ())
     state, b = bench.train_inputs(mc, tc, batch)
     stack = lambda x: np.stack([np.asarray(x)] * n)

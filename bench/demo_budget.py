@@ -19,13 +19,14 @@ from fsdit.dit import DiT
 from fsdit.state import make_optimizer
 from fsdit.steps import train_step
 from fsdit.demo import demo_configs, demo_size
+from fsdit.utils import LatentScaling
 
 
 def jit_runner(mc, batch: int):
     "The trainer's step function under one `jax.jit` (no data axis), warmed; returns (run, flops)."
     tc = demo_configs(demo_size('full'))[1]
     step = jax.jit(functools.partial(train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
-                                     latent_scale=1.0, axis_name=None))
+                                     scaling=LatentScaling(), axis_name=None))
     state, b = B.train_inputs(mc, tc, batch)
     c = step.lower(state, b).compile()
     box = {'state': state}

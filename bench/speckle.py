@@ -59,7 +59,7 @@ def main(argv=None):
     for which, run in runs.items():
         for cfg in a.cfg:
             for steps in a.steps:
-                lat = generate(run.params, run.mc, cs.embeds[sup], cs.latents[sup], latent_scale=run.latent_scale, seed=0,
+                lat = generate(run.params, run.mc, cs.embeds[sup], cs.latents[sup], scaling=run.scaling, seed=0,
                                steps=steps, cfg_scale=cfg, method=a.method, cfg_interval=tuple(a.interval))
                 u8 = to_uint8(codecs.decode(np.asarray(lat)), rgb=True)
                 key = f"{which} cfg {cfg:g} over [{a.interval[0]:g}, {a.interval[1]:g}] steps {steps}"

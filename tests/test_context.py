@@ -108,13 +108,14 @@ def test_train_step_uses_supports():
     "One trainer step with cond='context': finite loss, and the support-token embedding gets a gradient."
     from functools import partial
     from fsdit.steps import compute_grads
+    from fsdit.utils import LatentScaling
     from fsdit.state import create_state
     from fsdit.testing import synthetic_batch
     cfg, tc = _cfg(), train_config('test', batch_size=4)
     state = create_state(cfg, tc)
     state = state.replace(params=perturb(state.params, scale=0.1, seed=1))
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(4, cfg, tc.shots, space='pixel').items()}
-    grads_fn = jax.jit(partial(compute_grads, model=DiT(cfg), mc=cfg, tc=tc, latent_scale=1.0, axis_name=None))
+    grads_fn = jax.jit(partial(compute_grads, model=DiT(cfg), mc=cfg, tc=tc, scaling=LatentScaling(1.0), axis_name=None))
     loss, grads, per_example, _ = grads_fn(state, batch)
     assert np.isfinite(float(loss)) and per_example.shape == (4,)
     g = grads['support_tokens']

@@ -209,7 +209,7 @@ def test_store_records_the_vaes_scaling_factor(tmp_path):
     assert open_store(tmp_path / 'feats').latent_scale == 0.13025
     from fsdit.features import store_source
     from fsdit.config import train_config
-    assert store_source(st, train_config('test', batch_size=6, shots=3), 1).latent_scale == 0.13025
+    assert store_source(st, train_config('test', batch_size=6, shots=3), 1).scaling.scale == 0.13025
     _trains_and_samples_at(st, 0.13025, tmp_path / 'run')
 
 
@@ -224,6 +224,7 @@ def _trains_and_samples_at(st, scale, run_dir):
     from fsdit.sampler import generate
     from fsdit.state import create_state
     from fsdit.train import train
+    from fsdit.utils import LatentScaling
     mc = model_config('mu', input_size=st.moments.shape[3], in_channels=st.moments.shape[-1], support_dim=st.embeds.shape[1],
                       patch=2, cond='aligned')
     tc = train_config('test', batch_size=6, shots=3, max_steps=2, log_every=1, eval_every=2, sample_every=2, save_every=2)
@@ -232,12 +233,12 @@ def _trains_and_samples_at(st, scale, run_dir):
     train(mc, tc, src, run_dir)
     logged = read_records(run_dir / 'metrics.jsonl')[0][1]['train/loss']      # step 1: the fresh state's loss
     state = create_state(mc, tc)
-    want = {s: float(loss_fn(state.params, DiT(mc), first, example_keys(state.key, 0, 6), mc, tc, s)[0]) for s in (scale, 0.18215)}
+    want = {s: float(loss_fn(state.params, DiT(mc), first, example_keys(state.key, 0, 6), mc, tc, LatentScaling(s))[0]) for s in (scale, 0.18215)}
     assert abs(logged - want[scale]) < 1e-4 * want[scale] and abs(want[scale] - want[0.18215]) > 1e-2, (logged, want)
     run = load_run(run_dir)
     assert run.latent_scale == scale and json.loads((run_dir / 'config.json').read_text())['latent_scale'] == scale
     emb, lat = np.zeros((4, 3, mc.support_dim), np.float32), np.zeros((4, 3, *st.moments.shape[3:]), np.float32)
-    z = generate(jax.tree.map(np.zeros_like, run.params), mc, emb, lat, latent_scale=run.latent_scale, steps=2)
+    z = generate(jax.tree.map(np.zeros_like, run.params), mc, emb, lat, scaling=run.scaling, steps=2)
     assert abs(float(np.std(z)) * scale - 1) < 0.1   # a zero model returns its noise, divided by the run's scale
 
 

@@ -166,13 +166,14 @@ _DEVICES = textwrap.dedent('''
     import sys, numpy as np, jax
     from fsdit.config import model_config, train_config
     from fsdit import steps as T, testing
+    from fsdit.utils import LatentScaling
     assert jax.local_device_count() == 8
     mc = model_config('mu', input_size=16, support_dim=32)
     out = {}
     for name, n, fsdp in (('one', 1, False), ('dp8', 8, False), ('fsdp8', 8, True)):
         tc = train_config('test', batch_size=16, lr=1e-2, warmup=1, fsdp=fsdp, fsdp_min_size=256)
         lay = T.layout_for(tc, jax.devices()[:n])
-        step = T.make_train_step(mc, tc, 0.18215, lay)
+        step = T.make_train_step(mc, tc, LatentScaling(0.18215), lay)
         state = lay.create(mc, tc)
         specs = [s.spec for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.params))]
         out[f'{name}_sharded'] = np.array(sum(any(a is not None for a in sp) for sp in specs))

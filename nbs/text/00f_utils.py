@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Utilities
 #
-# > Small helpers that every layer shares and that depend on nothing else in the package: L2 normalisation, the data-parallel device mesh, and `patch_to` for writing a class over several cells.
+# > Small helpers that every layer shares and that depend on nothing else in the package: L2 normalisation, the data-parallel device mesh, the latent scaling, and `patch_to` for writing a class over several cells.
 
 # %%
 #| default_exp utils
@@ -10,6 +10,7 @@
 #| export
 from __future__ import annotations
 import builtins, sys
+from dataclasses import dataclass
 import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh
@@ -66,6 +67,38 @@ test_eq(data_mesh(jax.devices()[:1]).devices.shape, (1,))
 _n = jax.local_device_count()
 _a = jax.device_put(np.arange(4 * _n).reshape(_n, 4), NamedSharding(_m, P(DATA_AXIS)))
 test_eq([s.data.shape for s in _a.addressable_shards], [(1, 4)] * _n)
+
+
+# %% [markdown]
+# ## The latent scaling
+#
+# The model works on latents scaled to about unit variance: the VAE posterior's latents times the VAE's
+# `scaling_factor` (1 in pixel space). The factor belongs to the VAE that made the store, so the store and the
+# run that trained on it hand out a `LatentScaling` (`Store.scaling`, `Run.scaling`), and the flow, the
+# conditionings, the trainer and the sampler apply it through this one object: `to_model` on the posterior's
+# latents going in (inside compiled code too), `to_posterior` on the model's samples coming out.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class LatentScaling:
+    "The factor between posterior latents (the store's, the VAE's) and the model's: the VAE's scaling factor, 1 in pixel space."
+    scale: float = 1.0
+
+    def to_model(self, z):
+        "Posterior latents -> the model's latents (numpy or JAX, traced too)."
+        return z * self.scale
+
+    def to_posterior(self, x) -> np.ndarray:
+        "The model's latents -> posterior latents, on the host."
+        return np.asarray(x) / self.scale
+
+
+# %%
+_s, _z = LatentScaling(0.18215), np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
+test_close(_s.to_posterior(_s.to_model(_z)), _z); test_eq(_s.to_model(_z).dtype, np.float32)
+test_eq(np.asarray(jax.jit(_s.to_model)(jnp.asarray(_z))), _s.to_model(_z))   # the same factor inside compiled code
+test_eq(LatentScaling().to_model(_z), _z); test_eq(hash(_s), hash(LatentScaling(0.18215)))
 
 
 # %% [markdown]

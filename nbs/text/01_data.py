@@ -21,7 +21,7 @@ from PIL import Image
 from fsdit.config import TrainConfig
 from fsdit.files import building
 from fsdit.cli import Parser, fail
-from fsdit.utils import l2_normalize, data_mesh, DATA_AXIS
+from fsdit.utils import l2_normalize, data_mesh, DATA_AXIS, LatentScaling
 
 _all_ = ['l2_normalize']   # its home is `fsdit.utils`; `from fsdit.data import l2_normalize` still works
 
@@ -560,8 +560,8 @@ raises(lambda: process_share(want[0], 0, 3), 'does not split over 3 processes')
 # share of each global batch together with the data position after it (`{'epoch', 'offset'}`, saved with
 # every checkpoint), and `val_batches()` the fixed validation episodes. `EpisodeSource` builds both from
 # store arrays — the feature store's memory-mapped files or arrays in memory. It also carries the space
-# (`'latent'` or `'pixel'`) and `latent_scale`, the factor between the store's posterior latents and the
-# model's space (the VAE's scaling factor; 1 in pixel space), which `fsdit.features.store_source` takes
+# (`'latent'` or `'pixel'`) and the `fsdit.utils.LatentScaling` between the store's posterior latents and
+# the model's space (the VAE's scaling factor; 1 in pixel space), which `fsdit.features.store_source` takes
 # from the store. `check()` refuses, before a run writes anything, settings the classes cannot meet.
 
 # %%
@@ -569,9 +569,9 @@ raises(lambda: process_share(want[0], 0, 3), 'does not split over 3 processes')
 class EpisodeSource:
     "Train and validation episode batches gathered from store arrays, this process's share only."
     def __init__(self, embeds, moments, train_rows, val_rows, tc: TrainConfig, space: str = 'latent',
-                 val_batches: int = 2, names: dict | None = None, latent_scale: float = 1.0):
+                 val_batches: int = 2, names: dict | None = None, scaling: LatentScaling = LatentScaling()):
         self.embeds, self.moments, self.train_rows, self.val_rows = embeds, moments, train_rows, val_rows
-        self.tc, self.space, self.n_val, self.latent_scale = tc, space, val_batches, float(latent_scale)
+        self.tc, self.space, self.n_val, self.scaling = tc, space, val_batches, scaling
         self.names = names or {}   # class names per split, for messages
 
     def check(self):
@@ -610,7 +610,7 @@ class EpisodeSource:
 from fsdit.config import train_config
 _tc = train_config('test', batch_size=16)
 src = EpisodeSource(_emb, _mom, _rows[:5], _rows[5:], _tc, 'pixel', names={'train': list('abcde')})
-test_eq((src.space, src.latent_scale), ('pixel', 1.0))
+test_eq((src.space, src.scaling), ('pixel', LatentScaling(1.0)))
 it = src.batches()
 (b1, p1), (b2, p2) = next(it), next(it)
 test_eq(b1['support_latents'].shape, (16, 5, 4, 4, 3)); assert (b1['labels'] < 5).all()

@@ -22,7 +22,7 @@ from fsdit.config import TrainConfig
 from fsdit.data import (SPLITS, resize_rule, list_classes, list_images, load_image, encode_images, device_sharding,
                         EpisodeSource, latents_at)
 from fsdit.files import atomic_file, building
-from fsdit.utils import patch_to
+from fsdit.utils import patch_to, LatentScaling
 from fsdit.vae import DEFAULT_VAE, DEFAULT_SCALING
 
 # %%
@@ -405,7 +405,8 @@ raises(lambda: open_store(bad), 'index.json cannot be read')
 #
 # The DiT models `latents * scaling_factor` (0.18215 for `stabilityai/sd-vae-ft-mse`, 0.13025 for the SDXL
 # VAE: unit variance in either case). The factor belongs to the VAE that made the latents, so `precompute`
-# records it in the store as `latent_scale`, and the trainer and sampler take it from there (`Store.latent_scale`). A store made
+# records it in the store as `latent_scale`, and the trainer and sampler take it from there (`Store.scaling`, the
+# `fsdit.utils.LatentScaling` that applies it). A store made
 # before the factor was recorded is read with the one default that is safe — the default VAE's factor when
 # the store names that VAE, 1 in pixel space — and any other is refused with the fix rather than trained
 # at a wrong scale.
@@ -428,9 +429,15 @@ def latent_scale(self) -> float:
     return store_latent_scale(self.meta, self.path)
 
 
+@patch_to(Store, as_prop=True)
+def scaling(self) -> LatentScaling:
+    "The `LatentScaling` of the store's latents: what the trainer and the sampler apply."
+    return LatentScaling(self.latent_scale)
+
+
 # %%
 import dataclasses
-test_eq(st.latent_scale, 1.0); test_eq(st.meta['latent_scale'], 1.0)
+test_eq(st.latent_scale, 1.0); test_eq(st.meta['latent_scale'], 1.0); test_eq(st.scaling, LatentScaling(1.0))
 _old = {k: v for k, v in st.meta.items() if k != 'latent_scale'}           # a store made before the change
 test_eq(dataclasses.replace(st, meta=_old).latent_scale, 1.0)
 test_eq(store_latent_scale({**_old, 'space': 'latent', 'vae': 'stabilityai/sd-vae-ft-mse'}), 0.18215)
@@ -450,12 +457,12 @@ def store_source(feats, tc: TrainConfig, val_batches: int = 4) -> EpisodeSource:
     "Episodes of the feature store at `feats` (a path or an open store): train split for training, val split for validation."
     st = feats if isinstance(feats, Store) else open_store(feats)
     return EpisodeSource(st.embeds, st.moments, st.class_rows('train'), st.class_rows('val'), tc, st.meta['space'], val_batches,
-                         names={s: st.classes(s) for s in ('train', 'val')}, latent_scale=st.latent_scale)
+                         names={s: st.classes(s) for s in ('train', 'val')}, scaling=st.scaling)
 
 
 # %%
 from fsdit.config import train_config
 src = store_source(_root / 'feats', train_config('test', batch_size=6, shots=3), 1)
-test_eq((src.space, src.latent_scale, src.names['val']), ('pixel', 1.0, ['val0']))
+test_eq((src.space, src.scaling, src.names['val']), ('pixel', LatentScaling(1.0), ['val0']))
 b, pos = next(src.batches())
 test_eq((b['moments'].shape, b['support_embeds'].shape, pos), ((6, 2, 2, 16, 16, 3), (6, 3, 8), {'epoch': 0, 'offset': 6}))

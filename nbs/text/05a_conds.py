@@ -15,7 +15,7 @@ import flax.linen as nn
 
 from fsdit.config import ModelConfig
 from fsdit.dit import SupportProjector, LabelEmbedder, SupportTokens, support_stats
-from fsdit.utils import l2_normalize
+from fsdit.utils import l2_normalize, LatentScaling
 
 # %%
 import jax
@@ -30,7 +30,7 @@ from fsdit.dit import DiT
 # `ModelConfig.cond` names the conditioning; everything that depends on it is a method of one object:
 #
 # - **its inputs**: the batch entries it reads (`batch_keys`) and the model's condition made of them
-#   (`inputs`: the mean of the K support embeddings in float32; the support latents times the run's latent scale;
+#   (`inputs`: the mean of the K support embeddings in float32; the support latents in the model's scale, `LatentScaling.to_model`;
 #   or the labels), whether the batch must carry support latents (`needs_latents`), and how many supports it
 #   takes (`check_shots`);
 # - **its null condition** (`null`: what `init` traces with, and what CFG's dropped examples amount to) and a random
@@ -60,10 +60,10 @@ class Conditioning:
     needs_latents: bool = False               # the batch carries support latents (B, K, h, w, c)
     takes_supports: bool = True               # generates from support images (not from a class label)
 
-    def inputs(self, batch: dict, latent_scale: float) -> dict:
+    def inputs(self, batch: dict, scaling: LatentScaling) -> dict:
         "The model's condition from a batch: mean support embedding (B, S) in float32, scaled support latents (B, K, h, w, c)."
         cond = {'support_embed': batch['support_embeds'].astype(jnp.float32).mean(1)}
-        if self.needs_latents: cond['support_latents'] = batch['support_latents'].astype(jnp.float32) * latent_scale
+        if self.needs_latents: cond['support_latents'] = scaling.to_model(batch['support_latents'].astype(jnp.float32))
         return cond
 
     def null(self, cfg: ModelConfig, B: int, K: int = 1) -> dict:
@@ -111,7 +111,7 @@ sup = Conditioning()
 r = np.random.default_rng(0)
 batch = {'support_embeds': r.normal(size=(3, 5, cfg.support_dim)).astype(np.float16),
          'support_latents': r.normal(size=(3, 5, 28, 28, 4)).astype(np.float16), 'labels': np.array([0, 2, 1], np.int32)}
-c = sup.inputs(batch, 0.5)
+c = sup.inputs(batch, LatentScaling(0.5))
 test_eq(list(c), ['support_embed']); test_eq(c['support_embed'].dtype, jnp.float32)
 test_close(c['support_embed'], batch['support_embeds'].astype(np.float32).mean(1), eps=1e-6)
 test_eq(jax.tree_util.tree_map(jnp.shape, sup.null(cfg, 3)), jax.tree_util.tree_map(jnp.shape, sup.example(cfg, 3)))
@@ -131,7 +131,7 @@ class ClassLabel(Conditioning):
     "`cond='class'`: a label embedding into adaLN, the null class where `drop`."
     name, batch_keys, takes_supports = 'class', ('labels',), False
 
-    def inputs(self, batch, latent_scale): return {'labels': batch['labels']}
+    def inputs(self, batch, scaling): return {'labels': batch['labels']}
     def null(self, cfg, B, K=1): return {'labels': jnp.full((B,), cfg.num_classes, jnp.int32)}
 
     def example(self, cfg, B, seed=0, K=5):
@@ -149,7 +149,7 @@ class ClassLabel(Conditioning):
 # %%
 ccfg = model_config('mu', cond='class', num_classes=5)
 lab = ClassLabel()
-test_eq(lab.inputs(batch, 0.5), {'labels': batch['labels']})
+test_eq(lab.inputs(batch, LatentScaling(0.5)), {'labels': batch['labels']})
 test_eq(np.asarray(lab.null(ccfg, 2)['labels']), [5, 5])                  # the null class is the extra row
 assert (np.asarray(lab.example(ccfg, 50)['labels']) < 5).all()
 lab.check_shots(None); test_fail(lambda: lab.check_shots(5), contains='class-conditioned')
@@ -236,7 +236,7 @@ for name in CONDS:
     mc = model_config('mu', cond=name, **({'num_classes': 5} if name == 'class' else {}))
     cd = conditioning(mc)
     test_eq(cd.name, name); assert set(cd.batch_keys) <= set(batch)
-    inp = cd.inputs(batch, 0.5)
+    inp = cd.inputs(batch, LatentScaling(0.5))
     test_eq(set(inp), set(cd.null(mc, 3))); test_eq(shape(cd.null(mc, 3, K=5)), shape(cd.example(mc, 3, K=5)))
     test_eq(shape(inp), shape(cd.example(mc, 3, K=5)))
     if cd.needs_latents: test_close(inp['support_latents'], batch['support_latents'].astype(np.float32) * 0.5, eps=1e-6)

@@ -15,6 +15,7 @@ import numpy as np
 
 from fsdit.config import ModelConfig, TrainConfig
 from fsdit.conds import conditioning
+from fsdit.utils import LatentScaling
 
 # %%
 import optax
@@ -203,29 +204,30 @@ assert not np.array_equal(np.asarray(example_keys(jax.random.PRNGKey(0), 4, 4)),
 # mirror state chosen at random (the seed's flip augmentation; `TrainConfig.mirror=False` turns it off for
 # data such as characters, where a mirror image is another class), $x_1 = (\mu + e^{\frac12 \log\sigma^2} n)\cdot s$, where $s$ is the VAE's scaling
 # factor as the feature store records it (0.18215 for the SD-VAE, 0.13025 for the SDXL VAE, 1 in pixel
-# mode, where the store holds the image as $\mu$ with $\log\sigma^2 = -30$); the support embedding is the
-# mean of the K support embeddings, in float32. The support latents of the `aligned` and `context`
+# mode, where the store holds the image as $\mu$ with $\log\sigma^2 = -30$), applied by the
+# `fsdit.utils.LatentScaling` the store hands out; the support embedding is the mean of the K support
+# embeddings, in float32. The support latents of the `aligned` and `context`
 # conditionings are scaled the same way. $t$ is not clipped: the original clipped it at 0.99 inside the
 # interpolant (from jax-flow) to keep away from $t = 1$, but `sample_t` never returns 1 for float32
 # (logit-normal reaches it only for $n > 17$), so the clip would only bias the top percent of the path.
 
 # %%
 #| export
-def condition(batch: dict, mc: ModelConfig, latent_scale: float) -> dict:
+def condition(batch: dict, mc: ModelConfig, scaling: LatentScaling) -> dict:
     "The model's condition from a batch (`fsdit.conds`): mean support embedding (B, D), labels (B,), scaled support latents."
-    return conditioning(mc).inputs(batch, latent_scale)
+    return conditioning(mc).inputs(batch, scaling)
 
 
-def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig, latent_scale: float, train: bool = True):
+def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig, scaling: LatentScaling, train: bool = True):
     "Target x1 (B, h, w, c), t (B,), noise (B, h, w, c), CFG drop (B,) and condition, each example from its own key."
     def one(key, moments):  # moments (2 mirror, 2 [mean, logvar], h, w, c)
         kt, keps, kdrop, knoise, kmirror = jax.random.split(key, 5)
         mean, logvar = moments[(jax.random.bernoulli(kmirror) & tc.mirror).astype(jnp.int32)].astype(jnp.float32)
-        x1 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(knoise, mean.shape)) * latent_scale
+        x1 = scaling.to_model(mean + jnp.exp(0.5 * logvar) * jax.random.normal(knoise, mean.shape))
         drop = jax.random.bernoulli(kdrop, mc.cfg_drop) & train
         return x1, sample_t(kt, (), tc.t_sampling), jax.random.normal(keps, mean.shape), drop
     x1, t, eps, drop = jax.vmap(one)(keys, batch['moments'])
-    return x1, t, eps, drop, condition(batch, mc, latent_scale)
+    return x1, t, eps, drop, condition(batch, mc, scaling)
 
 
 # %%
@@ -233,19 +235,19 @@ from fsdit.testing import synthetic_batch
 mc, tc = model_config('mu'), train_config('test')
 b = synthetic_batch(4, mc)
 keys = example_keys(jax.random.PRNGKey(0), 3, 4, axis_name=None)
-inputs = jax.jit(model_inputs, static_argnums=(2, 3))
-x1, t, eps, drop, c_in = inputs(b, keys, mc, tc, 0.18215)
+inputs = jax.jit(model_inputs, static_argnums=(2, 3, 4))
+x1, t, eps, drop, c_in = inputs(b, keys, mc, tc, LatentScaling(0.18215))
 test_eq((x1.shape, t.shape, eps.shape, drop.shape, c_in['support_embed'].shape), ((4, 28, 28, 4), (4,), (4, 28, 28, 4), (4,), (4, 768)))
 assert x1.dtype == c_in['support_embed'].dtype == jnp.float32 and bool(((t > 0) & (t < 1)).all())
 # each example's numbers come with its key, wherever it sits in the batch
-rev = inputs({k: v[::-1] for k, v in b.items()}, keys[::-1], mc, tc, 0.18215)
+rev = inputs({k: v[::-1] for k, v in b.items()}, keys[::-1], mc, tc, LatentScaling(0.18215))
 test_eq(np.asarray(rev[0][::-1]), np.asarray(x1)); test_eq(np.asarray(rev[1][::-1]), np.asarray(t))
 # pixel mode: logvar -30 makes the posterior sample the stored image itself (one of its two mirror states)
 pb = synthetic_batch(4, mc, space='pixel')
-x1p = np.asarray(inputs(pb, keys, mc, tc, 1.0)[0])[:, None]
+x1p = np.asarray(inputs(pb, keys, mc, tc, LatentScaling())[0])[:, None]
 assert np.all(np.isclose(x1p, pb['moments'][:, :, 0].astype(np.float32), atol=1e-5).all((2, 3, 4)).any(1))
 # without the mirror augmentation (glyphs: a mirrored character is another character) the target is never flipped
-x1u = np.asarray(inputs(pb, keys, mc, train_config('test', mirror=False), 1.0)[0])
+x1u = np.asarray(inputs(pb, keys, mc, train_config('test', mirror=False), LatentScaling())[0])
 test_close(x1u, pb['moments'][:, 0, 0].astype(np.float32), eps=1e-5)
 
 
@@ -255,18 +257,18 @@ test_close(x1u, pb['moments'][:, 0, 0].astype(np.float32), eps=1e-5)
 
 # %%
 #| export
-def loss_fn(params, model, batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig, latent_scale: float,
+def loss_fn(params, model, batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig, scaling: LatentScaling,
             train: bool = True, intermediates: bool = False):
     "`flow_loss` of a device batch: `(mean loss, {'loss': (B,), 't': (B,), 'intermediates'})`."
-    x1, t, eps, drop, cond = model_inputs(batch, keys, mc, tc, latent_scale, train)
+    x1, t, eps, drop, cond = model_inputs(batch, keys, mc, tc, scaling, train)
     return flow_loss(model.apply, params, x1, cond, drop, eps=eps, t=t, intermediates=intermediates)
 
 
 # %%
 params = init_params(mc, jax.random.PRNGKey(0))                       # a fresh DiT outputs 0: loss = E|x1 - eps|^2
-l, aux = jax.jit(loss_fn, static_argnums=(1, 4, 5, 6))(params, DiT(mc), b, keys, mc, tc, 0.18215)
+l, aux = jax.jit(loss_fn, static_argnums=(1, 4, 5, 6))(params, DiT(mc), b, keys, mc, tc, LatentScaling(0.18215))
 test_close(float(l), float(jnp.mean(jnp.square(x1 - eps))), eps=1e-5); test_eq(aux['t'], t)
-_, aux_i = loss_fn(params, DiT(mc), b, keys, mc, tc, 0.18215, train=False, intermediates=True)
+_, aux_i = loss_fn(params, DiT(mc), b, keys, mc, tc, LatentScaling(0.18215), train=False, intermediates=True)
 test_eq(aux_i['intermediates']['attn_entropy'].shape, (mc.depth, mc.heads))
 
 # %% [markdown]

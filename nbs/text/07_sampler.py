@@ -21,7 +21,7 @@ from fsdit.config import ModelConfig, check_interval
 from fsdit.dit import DiT
 from fsdit.conds import conditioning
 from fsdit.flow import condition
-from fsdit.utils import data_mesh, DATA_AXIS
+from fsdit.utils import data_mesh, DATA_AXIS, LatentScaling
 
 # %%
 import numpy as np
@@ -216,7 +216,7 @@ test_eq(_sample._cache_size(), n0)
 # (`fsdit.flow.condition`: the mean of the K support embeddings; for `cond='context'` also the scaled
 # support latents), the noise of episode *i* comes from `fold_in(key, i)` — so an image does not depend on
 # the batch it was drawn in — and each batch is split over the local devices (padded to a multiple of
-# them) and run through the compiled sampler. Latents come back in posterior space (divided by `latent_scale`, the scale the run trained at).
+# them) and run through the compiled sampler. Latents come back in posterior space (`scaling.to_posterior`, the scaling the run trained at: `Run.scaling`).
 #
 # **How many supports.** Both support conditionings are defined for any K >= 1: `'support'` averages the K
 # embeddings, `'context'` attends to any number of support tokens with no order. So a model trained on
@@ -242,7 +242,7 @@ def _noise(key, start: int, n: int, shape) -> jax.Array:
 
 
 def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None, labels=None, *,
-             latent_scale: float = 1.0, seed: int = 0, steps: int = 50, cfg_scale: float = 3.0,
+             scaling: LatentScaling = LatentScaling(), seed: int = 0, steps: int = 50, cfg_scale: float = 3.0,
              method: str = 'euler', batch_size: int = 256, cfg_interval=(0.0, 1.0)) -> np.ndarray:
     "Latents (M, h, w, c) in posterior space from M episodes: support_embeds (M, K, D), support_latents (M, K, h, w, c), labels (M,)."
     given = {'support_embeds': support_embeds, 'support_latents': support_latents, 'labels': labels}
@@ -261,9 +261,9 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
         b = {k: np.concatenate([v[i:i + n], np.repeat(v[i + n - 1:i + n], bs - n, 0)]) for k, v in given.items()}
         b = jax.device_put(b, NamedSharding(mesh, P(DATA_AXIS)))
         noise = jax.device_put(_noise(key, i, bs, shape), NamedSharding(mesh, P(DATA_AXIS)))
-        x = sample(model.apply, params, noise, condition(b, mc, latent_scale), steps=steps, cfg_scale=cfg_scale, method=method,
+        x = sample(model.apply, params, noise, condition(b, mc, scaling), steps=steps, cfg_scale=cfg_scale, method=method,
                    cfg_interval=cfg_interval)
-        out.append(np.asarray(x)[:n] / latent_scale)
+        out.append(scaling.to_posterior(np.asarray(x)[:n]))
     return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
 
 

@@ -21,6 +21,7 @@ import flax
 from fsdit.config import ModelConfig, TrainConfig, config_to_dict, config_from_dict
 from fsdit.files import write_atomic, flat_params, unflat_params
 from fsdit.state import TrainState, create_state
+from fsdit.utils import LatentScaling
 
 # %%
 import tempfile, shutil
@@ -294,8 +295,9 @@ test_eq([str(u.exc_value) for u in seen], ['kept']); assert ignore_closed_loops(
 
 # %%
 #| export
-def write_run_config(out_dir, mc: ModelConfig, tc: TrainConfig, space: str, extra: dict | None = None):
-    "Write `RUN/config.json` (model, train, space, `extra` such as the store path); refuse a model that differs from a saved one."
+def write_run_config(out_dir, mc: ModelConfig, tc: TrainConfig, space: str, extra: dict | None = None,
+                     scaling: LatentScaling | None = None):
+    "Write `RUN/config.json` (model, train, space, `extra` such as the store path, the scaling's factor); refuse a model that differs from a saved one."
     p = Path(out_dir) / 'config.json'
     if p.exists():
         old = config_from_dict(ModelConfig, run_json(out_dir)['model'])
@@ -303,7 +305,9 @@ def write_run_config(out_dir, mc: ModelConfig, tc: TrainConfig, space: str, extr
             diff = {k: (v, getattr(mc, k)) for k, v in config_to_dict(old).items() if v != getattr(mc, k)}
             raise ValueError(f"{out_dir} holds a run of another model (saved, given): {diff}; use a new --out")
     p.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(p, json.dumps({'model': config_to_dict(mc), 'train': config_to_dict(tc), 'space': space, **(extra or {})}, indent=1))
+    scale = {} if scaling is None else {'latent_scale': scaling.scale}
+    write_atomic(p, json.dumps({'model': config_to_dict(mc), 'train': config_to_dict(tc), 'space': space, **(extra or {}), **scale},
+                               indent=1))
 
 
 def run_json(out_dir) -> dict:
@@ -337,6 +341,10 @@ def run_latent_scale(d: dict) -> float:
 with tempfile.TemporaryDirectory() as d:
     write_run_config(d, mc, tc, 'latent', {'latent_scale': 0.13025, 'feats': '/data/feats'})
     test_eq(read_run_config(d), (mc, tc)); test_eq(run_latent_scale(run_json(d)), 0.13025)
+    write_run_config(d, mc, tc, 'latent', {'feats': '/data/feats'}, LatentScaling(0.13025))   # as the trainer writes it
+    test_eq(read_run_config(d), (mc, tc))
+    test_eq({k: v for k, v in run_json(d).items() if k not in ('model', 'train')},
+            {'space': 'latent', 'feats': '/data/feats', 'latent_scale': 0.13025})
     test_fail(lambda: write_run_config(d, model_config('mu', depth=3), tc, 'latent'), contains='another model')
     old = run_json(d); old.pop('latent_scale'); old['train']['latent_scale'] = 0.18215     # a run from before
     (Path(d) / 'config.json').write_text(json.dumps(old))
@@ -508,6 +516,15 @@ class Run:
         "Scale between posterior-space latents and the model's space: the store's VAE scaling factor (1 in pixel mode)."
         return run_latent_scale(self.config)
 
+    @property
+    def scaling(self) -> LatentScaling:
+        "The `LatentScaling` the run trained at: what sampling it applies."
+        return LatentScaling(self.latent_scale)
+
+    def space_record(self) -> dict:
+        "The run's space and latent scale as its config.json records them, for the files that carry them on (an export)."
+        return {'space': self.space, 'latent_scale': self.latent_scale}
+
 
 # %% [markdown]
 # ### Exported runs
@@ -616,7 +633,8 @@ mc = model_config('mu', input_size=8, in_channels=3, support_dim=16, patch=4)
 tc = train_config('test', shots=3)
 run_dir = save_fresh_run(tmp / 'run', mc, tc)
 run = load_run(run_dir)
-test_eq((run.mc, run.tc, run.space, run.latent_scale), (mc, tc, 'pixel', 1.0))
+test_eq((run.mc, run.tc, run.space, run.latent_scale, run.scaling), (mc, tc, 'pixel', 1.0, LatentScaling(1.0)))
+test_eq(run.space_record(), {'space': 'pixel', 'latent_scale': 1.0})
 test_eq(jax.tree.structure(run.params), jax.tree.structure(create_state(mc, tc).ema_params))
 test_fail(lambda: load_run(tmp / 'nothing'), contains='not a run directory')
 write_run_config(tmp / 'empty', mc, tc, 'pixel')

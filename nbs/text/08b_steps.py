@@ -23,7 +23,7 @@ from fsdit.dit import DiT
 from fsdit.flow import example_keys, loss_fn, t_bin_stats, bin_means
 from fsdit.state import TrainState, init_state, make_optimizer, lr_schedule, ema_update
 from fsdit.perf import compiled
-from fsdit.utils import data_mesh, DATA_AXIS
+from fsdit.utils import data_mesh, DATA_AXIS, LatentScaling
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -63,18 +63,18 @@ def global_norm(tree) -> jax.Array: return jnp.sqrt(sum(jnp.sum(jnp.square(x.ast
 def _psum(x, axis_name): return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def compute_grads(state, batch, *, model, mc, tc, latent_scale, axis_name=None):
+def compute_grads(state, batch, *, model, mc, tc, scaling, axis_name=None):
     "Loss and gradients of the batch (pmean-ed over `axis_name` when run per device), per-example losses and t."
     keys = example_keys(state.key, state.step, batch['moments'].shape[0], axis_name)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, batch, keys, mc, tc, latent_scale)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, batch, keys, mc, tc, scaling)
     return _pmean(loss, axis_name), _pmean(grads, axis_name), aux['loss'], aux['t']
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, latent_scale, axis_name=None,
+def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, scaling, axis_name=None,
                grad_sharding=None):
     "One optimizer step on the batch; returns the new state and metrics. `grad_sharding`: where gradients live (FSDP)."
     loss, grads, per_example, t = compute_grads(state, batch, model=model, mc=mc, tc=tc,
-                                                latent_scale=latent_scale, axis_name=axis_name)
+                                                scaling=scaling, axis_name=axis_name)
     if grad_sharding is not None: grads = jax.lax.with_sharding_constraint(grads, grad_sharding)  # reduce-scatter
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -237,12 +237,12 @@ def state_shardings(layout: Layout, mc: ModelConfig, tc: TrainConfig) -> TrainSt
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float, layout: Layout,
+def make_train_step(mc: ModelConfig, tc: TrainConfig, scaling: LatentScaling, layout: Layout,
                     donate: bool | None = None) -> Callable:
     "The train step over `layout`: (state, batch split along `AXIS`) -> (state, replicated metrics)."
     donate = donate_state() if donate is None else donate
     sh = state_shardings(layout, mc, tc)
-    fn = partial(train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc, latent_scale=latent_scale,
+    fn = partial(train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc, scaling=scaling,
                  grad_sharding=sh.params if layout.fsdp else None)
     return jax.jit(fn, in_shardings=(sh, layout.batch), out_shardings=(sh, layout.replicated),
                    donate_argnums=(0,) if donate else ())
@@ -272,7 +272,7 @@ def compiled_step(step_fn: Callable, *args):
 # EMA moved by exactly $1 - d$ of the update.
 
 # %%
-step_fn = make_train_step(mc, tc, 0.18215, lay)
+step_fn = make_train_step(mc, tc, LatentScaling(0.18215), lay)
 state = lay.create(mc, tc)
 p0 = lay.fetch(state.params)
 batch = lay.put_batch(synthetic_batch(tc.batch_size, mc))
@@ -296,10 +296,10 @@ for e, a, b_ in zip(jax.tree.leaves(ema), jax.tree.leaves(p0), jax.tree.leaves(p
 
 # %%
 #| export
-def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, latent_scale, axis_name=None) -> dict:
+def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, scaling, axis_name=None) -> dict:
     "Validation sums over the batch: loss sum, count, t-bin sums/counts; attention entropy (depth, heads)."
     keys = example_keys(key, 0, batch['moments'].shape[0], axis_name)
-    _, aux = loss_fn(params, model, batch, keys, mc, tc, latent_scale, train=False, intermediates=True)
+    _, aux = loss_fn(params, model, batch, keys, mc, tc, scaling, train=False, intermediates=True)
     per_example = aux['loss']
     bin_sums, bin_counts = t_bin_stats(per_example, aux['t'])
     out = _psum(dict(loss_sum=per_example.sum(), count=jnp.float32(per_example.shape[0]),
@@ -308,10 +308,10 @@ def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, latent_scal
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(mc: ModelConfig, tc: TrainConfig, latent_scale: float, layout: Layout) -> Callable:
+def make_eval_step(mc: ModelConfig, tc: TrainConfig, scaling: LatentScaling, layout: Layout) -> Callable:
     "The eval step over `layout`: (params as the state holds them, split batch, replicated key) -> replicated sums."
     sh = state_shardings(layout, mc, tc).params
-    return jax.jit(partial(eval_step, model=DiT(mc), mc=mc, tc=tc, latent_scale=latent_scale),
+    return jax.jit(partial(eval_step, model=DiT(mc), mc=mc, tc=tc, scaling=scaling),
                    in_shardings=(sh, layout.batch, layout.replicated), out_shardings=layout.replicated)
 
 
@@ -340,7 +340,7 @@ def validate(eval_fn: Callable, params, val_batches: list, key, prefix: str) -> 
 # head of the last layer.
 
 # %%
-eval_fn = make_eval_step(mc, tc, 0.18215, lay)
+eval_fn = make_eval_step(mc, tc, LatentScaling(0.18215), lay)
 vb = [lay.put_batch(synthetic_batch(8, mc, seed=1))]
 vkey = lay.put(jax.random.PRNGKey(1))
 ev = validate(eval_fn, state.params, vb, vkey, 'val')

@@ -28,7 +28,7 @@ from fsdit.state import TrainState, create_state
 from fsdit.perf import cost, device_peak, mfu
 from fsdit.steps import (make_train_step, make_eval_step, compiled_step, layout_for, to_host, validate, check_finite,
                          train_summary)
-from fsdit.utils import patch_to
+from fsdit.utils import patch_to, LatentScaling
 
 # %%
 import os, shutil, tempfile, types
@@ -54,18 +54,18 @@ tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_eve
 
 # %%
 #| export
-def sample_grid(mc: ModelConfig, tc: TrainConfig, params, batch: dict, decode: Callable, latent_scale: float,
+def sample_grid(mc: ModelConfig, tc: TrainConfig, params, batch: dict, decode: Callable, scaling: LatentScaling,
                 n: int = 8) -> np.ndarray:
     "Labelled rows for the first n episodes of a host batch: supports, target, conditional and guided samples."
     b = {k: v[:n] for k, v in batch.items()}
-    cond, model = condition(b, mc, latent_scale), DiT(mc)
+    cond, model = condition(b, mc, scaling), DiT(mc)
     noise = jax.random.normal(jax.random.PRNGKey(tc.seed + 2), b['moments'].shape[:1] + b['moments'].shape[-3:])
     gen = [sample(model.apply, params, noise, cond, steps=tc.sample_steps, cfg_scale=s, cfg_interval=tc.cfg_interval)
            for s in (None, tc.cfg_scale)]
     show = lambda z: to_uint8(decode(jnp.asarray(z, jnp.float32)), rgb=True)
     K = b['support_latents'].shape[1]
     rows = [show(b['support_latents'][:, k]) for k in range(K)] + [show(latents_at(b['moments']))]
-    rows += [show(np.asarray(g) / latent_scale) for g in gen]
+    rows += [show(scaling.to_posterior(g)) for g in gen]
     labels = [f'support {k + 1}' for k in range(K)] + ['target', 'CFG 1', f'CFG {tc.cfg_scale:g}{interval_text(tc.cfg_interval)}']
     return label_rows(image_grid(rows), labels, rows[0].shape[1] + 2)
 
@@ -73,7 +73,7 @@ def sample_grid(mc: ModelConfig, tc: TrainConfig, params, batch: dict, decode: C
 # %%
 src = synthetic_source(mc, tc, space='pixel')
 params = create_state(mc, tc).params
-g = sample_grid(mc, tc, params, src.val_batches()[0], lambda z: z, 1.0, n=3)
+g = sample_grid(mc, tc, params, src.val_batches()[0], lambda z: z, LatentScaling(), n=3)
 test_eq(g.shape[0], (5 + 3) * (28 + 2)); assert g.shape[1] > 3 * (28 + 2) and g.dtype == np.uint8
 
 
@@ -135,7 +135,7 @@ class Trainer:
         check_batch(tc.batch_size, jax.device_count(), jax.process_count())
         self.mc, self.tc, self.source, self.out = mc, tc, source, Path(out_dir)
         self.main, self.layout = jax.process_index() == 0, layout_for(tc)
-        self.scale = source.latent_scale   # the store's VAE scaling factor (1 in pixel space)
+        self.scaling = source.scaling   # the store's VAE scaling factor (1 in pixel space)
         self.decode, self.hooks = decode or (lambda z: z), list(hooks)
         if hasattr(source, 'check'): source.check()       # settings the data cannot meet: refused before any write
         self.val_host = source.val_batches()
@@ -146,8 +146,8 @@ class Trainer:
     def open_run(self, extra: dict | None):
         "Save the configs, restore the newest readable checkpoint (or start), open the log."
         mc, tc = self.mc, self.tc
-        if self.main: write_run_config(self.out, mc, tc, self.source.space, {**(extra or {}), 'latent_scale': self.scale})
-        self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scale, self.layout), make_eval_step(mc, tc, self.scale, self.layout)
+        if self.main: write_run_config(self.out, mc, tc, self.source.space, extra, self.scaling)
+        self.step_fn, self.eval_fn = make_train_step(mc, tc, self.scaling, self.layout), make_eval_step(mc, tc, self.scaling, self.layout)
         self.exe, self.flops, self.peak = None, None, device_peak()[0]   # the compiled step, its FLOPs per device
         self.ckpt = checkpoint_manager(self.out, tc.keep)
         state, meta = self.restore()
@@ -210,7 +210,7 @@ def restore(self) -> tuple[TrainState, dict]:
 # %%
 tr = Trainer(mc, tc, synthetic_source(mc, tc), tmp / 'run')
 test_eq((tr.step, tr.position, tr.loss_ema, saved_steps(tmp / 'run')), (0, None, None, []))
-test_eq(read_run_config(tmp / 'run'), (mc, tc)); test_eq(run_json(tmp / 'run')['latent_scale'], tr.scale)
+test_eq(read_run_config(tmp / 'run'), (mc, tc)); test_eq(run_json(tmp / 'run')['latent_scale'], tr.scaling.scale)
 raises(lambda: Trainer(mc, tc, synthetic_source(mc, tc), tmp / 'run'), 'in use by another', RunInUse)
 
 
@@ -339,7 +339,7 @@ assert 'attn/entropy_late' in ev and 'val_ema/attn/entropy_late' not in ev
 @patch_to(Trainer)
 def samples(self, ema) -> dict:
     "A sample grid from the (fetched) EMA parameters, saved as RUN/samples/step_NNNNNNN.png."
-    grid = sample_grid(self.mc, self.tc, ema, self.val_host[0], self.decode, self.scale)
+    grid = sample_grid(self.mc, self.tc, ema, self.val_host[0], self.decode, self.scaling)
     return {'samples/grid': str(save_png(grid, self.out / 'samples' / f'step_{self.step:07d}.png'))}
 
 

@@ -50,7 +50,7 @@ def samples(run, codecs, supports, seed=0):
     "Two samples of the class of the uint8 `supports`, as `fsdit sample` draws them (2 Euler steps)."
     emb, lat = codecs.encode(supports)
     tile = lambda a: np.repeat(a[None], 2, 0)
-    z = generate(run.params, run.mc, tile(emb), tile(lat), latent_scale=run.latent_scale, seed=seed, steps=2, cfg_scale=3.0,
+    z = generate(run.params, run.mc, tile(emb), tile(lat), scaling=run.scaling, seed=seed, steps=2, cfg_scale=3.0,
                  cfg_interval=run.tc.cfg_interval)
     return np.asarray(codecs.decode(z))
 
@@ -74,7 +74,7 @@ sup = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
 # %%
 #| export
 def codec_names(run: Run, warn: Callable[[str], None] | None = None) -> dict:
-    "The run's codecs by name, loading none: encoder, vae, image_size (of the supports), space, latent_scale."
+    "The run's codecs by name, loading none: encoder, vae, image_size (of the supports), its space and latent scale."
     if run.config.get('codecs'): c = {k: run.config['codecs'][k] for k in ('encoder', 'vae', 'image_size')}   # an export
     else:
         mc, pixel, meta = run.mc, run.space == 'pixel', store_meta(run)
@@ -84,7 +84,7 @@ def codec_names(run: Run, warn: Callable[[str], None] | None = None) -> dict:
         c = {'encoder': meta.get('encoder') or (PixelEncoder(dim=mc.support_dim).name if pixel else DEFAULT_ENCODER),
              'vae': PixelSpace(mc.input_size, mc.in_channels).name if pixel else meta.get('vae') or DEFAULT_VAE,
              'image_size': int(meta.get('image_size', mc.input_size if pixel else 224))}
-    return {**c, 'space': run.space, 'latent_scale': run.latent_scale}
+    return {**c, **run.space_record()}
 
 
 def codecs_of(run: Run, feats=None, encoder: str | None = None, vae: str | None = None) -> Codecs:
@@ -210,7 +210,7 @@ def model_card(run: Run, name: str, codecs: dict, carried: set, figures: tuple[s
     "The export's README.md: what the model is, how to sample from it, its few-shot figures and held-out grid (or that there are none)."
     mc, tc = run.mc, run.tc
     n_params = sum(int(np.prod(np.shape(v))) for v in flat_params(run.params).values())
-    space = 'pixel space' if run.space == 'pixel' else f"VAE latent space, latent scale {run.latent_scale:g}"
+    space = 'pixel space' if run.space == 'pixel' else f"VAE latent space, latent scale {run.scaling.scale:g}"
     shots = ' '.join(f's{i}.png' for i in range(1, tc.shots + 1))
     enc, vae = codecs['encoder'], codecs['vae']
     lines = ['---', 'library_name: fsdit', 'tags:', *(f'- {t}' for t in ('few-shot', 'image-generation', 'flow-matching',
@@ -312,7 +312,7 @@ def export_run(run_dir, out, log: Callable[[str], None] | None = None) -> dict:
             if p.is_dir(): _copy_codec(p, tmp / k); codecs[k] = k; carried.add(k)
             elif p.is_absolute(): raise ValueError(f"the run's {k} folder {p} is not there: put it back, the export carries it")
         cfg = {'format': EXPORT_FORMAT, 'format_version': 1, 'step': run.step, 'model': config_to_dict(run.mc),
-               'train': config_to_dict(run.tc), 'space': run.space, 'latent_scale': run.latent_scale,
+               'train': config_to_dict(run.tc), **run.space_record(),
                'sampling': {'steps': run.tc.sample_steps, 'cfg_scale': run.tc.cfg_scale, 'cfg_interval': list(run.tc.cfg_interval),
                             'shots': run.tc.shots, 'method': 'euler'},
                'codecs': codecs}

@@ -72,7 +72,7 @@ def sample_from_supports(run: Run, codecs: Codecs, images, n: int = 16, *, cfg_s
     emb, lat = codecs.encode(images)
     check_supports(run.mc, len(emb))
     tile = lambda a: np.repeat(a[None], n, 0)                      # every episode has the same K supports
-    z = generate(run.params, run.mc, tile(emb), tile(lat), latent_scale=run.latent_scale, seed=seed, steps=steps,
+    z = generate(run.params, run.mc, tile(emb), tile(lat), scaling=run.scaling, seed=seed, steps=steps,
                  cfg_scale=cfg_scale, method=method, batch_size=batch_size, cfg_interval=cfg_interval)
     return np.asarray(codecs.decode(z), np.float32)
 

@@ -29,6 +29,7 @@ from fsdit.config import check_interval
 from fsdit.sampler import generate
 from fsdit.conds import conditioning
 from fsdit.cli import Parser, positive_int, check_out_dir, fail
+from fsdit.utils import LatentScaling
 
 # %%
 import tempfile
@@ -328,7 +329,7 @@ def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch
     "A `Pipeline` that samples a loaded `fsdit.run.Run` (guidance where t is in `cfg_interval`) and decodes/embeds with its codecs."
     if not conditioning(run.mc).takes_supports:
         raise ValueError(f"a class-conditioned run (cond={run.mc.cond!r}) cannot generate unseen classes from supports")
-    gen = lambda emb, lat, cfg, seed: generate(run.params, run.mc, emb, lat, latent_scale=run.latent_scale, seed=seed,
+    gen = lambda emb, lat, cfg, seed: generate(run.params, run.mc, emb, lat, scaling=run.scaling, seed=seed,
                                                steps=steps, cfg_scale=cfg, method=method, batch_size=batch_size,
                                                cfg_interval=cfg_interval)
     return Pipeline(codecs.decode, codecs.embed, gen, fid_model, batch_size=min(batch_size, 64), judge=judge)
@@ -444,11 +445,11 @@ assert tbl.splitlines()[0].split()[:5] == ['split', 'method', 'shots', 'cfg', 'p
 
 # %%
 #| export
-def quick_eval(params, mc, cs: ClassSet, decode: Callable, embed: Callable, *, latent_scale: float = 1.0,
+def quick_eval(params, mc, cs: ClassSet, decode: Callable, embed: Callable, *, scaling: LatentScaling = LatentScaling(),
                n_per_class: int = 8, shots: int = 5, cfg_scale: float = 3.0, steps: int = 20, seed: int = 0,
                prefix: str = 'val_fs', real: Images | None = None, judge=None, cfg_interval=(0.0, 1.0)) -> dict:
     "Cheap few-shot metrics of `params` on a class set: {prefix/proto_acc, .../fd_embed, ...}; `real` as in `evaluate_classes`."
-    gen = lambda emb, lat, cfg, s: generate(params, mc, emb, lat, latent_scale=latent_scale, seed=s, steps=steps, cfg_scale=cfg,
+    gen = lambda emb, lat, cfg, s: generate(params, mc, emb, lat, scaling=scaling, seed=s, steps=steps, cfg_scale=cfg,
                                             cfg_interval=cfg_interval)
     recs = evaluate_classes(Pipeline(decode, embed, gen, judge=judge), cs, n_per_class=n_per_class, shots=(shots,),
                             cfg_scales=(cfg_scale,), seed=seed, baselines=False, real=real)
@@ -506,7 +507,7 @@ class FewShotHook:
             if self.cs is None:
                 self.cs = self.class_set()
                 self.real = images_of(self.cs.latents, self.cs.labels, Pipeline(self.decode, self.embed, judge=self.judge))
-            return quick_eval(params, self.mc, self.cs, self.decode, self.embed, latent_scale=self.source.latent_scale,
+            return quick_eval(params, self.mc, self.cs, self.decode, self.embed, scaling=self.source.scaling,
                               n_per_class=tc.fewshot_n, shots=tc.shots, cfg_scale=tc.cfg_scale, steps=tc.sample_steps,
                               seed=tc.seed, real=self.real, judge=self.judge, cfg_interval=tc.cfg_interval)
         except (OSError, ValueError) as e:  # an encoder that cannot load (offline hub) must not end the run

@@ -98,7 +98,7 @@ class RunView:
         rows = np.asarray(rows)
         tile = lambda a: np.repeat(np.asarray(a, np.float32)[None], n, 0)
         z = generate(self.run.params, self.run.mc, tile(self.store.embeds[rows]), tile(self.store.latents(rows)),
-                     latent_scale=self.run.latent_scale, seed=seed, steps=steps, cfg_scale=cfg_scale,
+                     scaling=self.run.scaling, seed=seed, steps=steps, cfg_scale=cfg_scale,
                      cfg_interval=self.run.tc.cfg_interval if cfg_interval is None else cfg_interval)
         return to_uint8(np.asarray(self.codecs.decode(z), np.float32), rgb=True)
 

@@ -27,6 +27,7 @@ from fsdit.steps import make_train_step, layout_for, state_shardings
 from fsdit.testing import synthetic_batch
 from fsdit.perf import block, stats, compiled, cost, memory
 from fsdit.cli import CLIError
+from fsdit.utils import LatentScaling
 
 SD_VAE_SCALE = 0.18215   # the SD-VAE's scaling factor: the latent scale of the benchmarked steps (speed does not depend on it)
 
@@ -227,7 +228,7 @@ def train_step_exe(mc: ModelConfig, batch: int, donate: bool | None = None, fsdp
     layout = layout_for(tc, devices)
     state = jax.eval_shape(lambda: create_state(mc, tc))
     b = {k: jax.ShapeDtypeStruct((n * batch, *v.shape[1:]), v.dtype) for k, v in synthetic_batch(1, mc).items()}
-    return compiled(make_train_step(mc, tc, SD_VAE_SCALE, layout, donate), state, b), tc
+    return compiled(make_train_step(mc, tc, LatentScaling(SD_VAE_SCALE), layout, donate), state, b), tc
 
 
 def random_like(shapes, seed: int = 0, scale: float = 0.02):
