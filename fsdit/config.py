@@ -12,7 +12,7 @@ __all__ = ['CONDS', 'DTYPES', 'ATTENTION', 'MODEL_PRESETS', 'T_SAMPLING', 'EPISO
            'ModelConfig', 'validate_model', 'model_config', 'TrainConfig', 'check_interval', 'interval_text',
            'validate_train', 'check_batch', 'train_config', 'config_to_dict', 'config_from_dict']
 
-# %% ../nbs/00_config.ipynb #1f0e0023
+# %% ../nbs/00_config.ipynb #a31a62c8
 CONDS = ('support', 'class', 'context', 'aligned', 'xattn')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION = ('xla', 'cudnn')
@@ -73,7 +73,7 @@ def validate_model(c: ModelConfig):
     _require(c.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {c.dtype!r}")
     _require(c.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {c.attention!r}")
 
-
+# %% ../nbs/00_config.ipynb #717915d6
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     'mu':    dict(hidden=32, depth=2, heads=2, patch=2),
     # the seed's debug size; its patch 8 does not divide 28, so patch 4 (49 tokens)
@@ -91,12 +91,18 @@ def _preset(registry: dict, kind: str, name: str) -> dict:
     return dict(registry[name])
 
 
+def _check_fields(cls, overrides: dict):
+    names = {f.name for f in fields(cls)}
+    bad = sorted(set(overrides) - names)
+    if bad: raise TypeError(f"{cls.__name__} has no field(s) {bad}; fields are {sorted(names)}")
+
+
 def model_config(name: str = 'B/2', **overrides) -> ModelConfig:
     "The preset `name` with `overrides` applied last (an override always wins)."
     _check_fields(ModelConfig, overrides)
     return ModelConfig(**{**_preset(MODEL_PRESETS, 'model', name), **overrides})
 
-
+# %% ../nbs/00_config.ipynb #2a0c5846
 T_SAMPLING = ('logit_normal', 'uniform')
 EPISODES = ('disjoint', 'fixed')
 WANDB_MODES = ('online', 'offline', 'disabled')
@@ -141,7 +147,7 @@ class TrainConfig:
         if isinstance(self.cfg_interval, list): object.__setattr__(self, 'cfg_interval', tuple(self.cfg_interval))  # from JSON
         validate_train(self)
 
-
+# %% ../nbs/00_config.ipynb #a1168a8d
 def check_interval(interval) -> tuple[float, float]:
     "A guidance interval as two floats (lo, hi), or `ValueError` unless 0 <= lo <= hi <= 1 (t=0 noise, t=1 data)."
     try: lo, hi = map(float, interval)
@@ -156,7 +162,7 @@ def interval_text(interval) -> str:
     lo, hi = check_interval(interval)
     return '' if (lo, hi) == (0.0, 1.0) else f' for t in [{lo:g}, {hi:g}]'
 
-
+# %% ../nbs/00_config.ipynb #17d52a72
 def validate_train(c: TrainConfig):
     "Raise `ValueError` naming the field and the fix if `c` cannot run."
     for name in ('batch_size', 'max_steps', 'shots', 'log_every', 'eval_every', 'sample_every', 'save_every', 'keep', 'sample_steps',
@@ -183,7 +189,7 @@ def check_batch(batch_size: int, n_devices: int, n_processes: int = 1):
              f"(for example {max(n_devices, batch_size // n_devices * n_devices)})")
     _require(n_devices % n_processes == 0, f"{n_devices} devices do not split over {n_processes} processes")
 
-
+# %% ../nbs/00_config.ipynb #e565b43d
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     'seed':  dict(),
     'short': dict(batch_size=64, max_steps=3_000, lr=3e-4, warmup=200, ema_decay=0.999, log_every=50,
@@ -197,12 +203,6 @@ def train_config(name: str = 'seed', **overrides) -> TrainConfig:
     "The training preset `name` with `overrides` applied last."
     _check_fields(TrainConfig, overrides)
     return TrainConfig(**{**_preset(TRAIN_PRESETS, 'train', name), **overrides})
-
-
-def _check_fields(cls, overrides: dict):
-    names = {f.name for f in fields(cls)}
-    bad = sorted(set(overrides) - names)
-    if bad: raise TypeError(f"{cls.__name__} has no field(s) {bad}; fields are {sorted(names)}")
 
 # %% ../nbs/00_config.ipynb #c67908cb
 def config_to_dict(c) -> dict:

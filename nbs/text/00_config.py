@@ -96,6 +96,25 @@ def validate_model(c: ModelConfig):
     _require(c.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {c.attention!r}")
 
 
+# %% [markdown]
+# Impossible settings fail when the config is made, with the fix in the message — not deep inside a
+# traced function. (The seed's `debug` preset used patch 8, which does not divide 28.)
+
+# %%
+c = ModelConfig()
+test_eq((c.tokens, c.head_dim), (196, 64))
+test_eq(ModelConfig(input_size=32, patch=4, in_channels=3).tokens, 64)
+test_fail(lambda: ModelConfig(patch=8), contains='does not divide the input size 28')
+test_fail(lambda: ModelConfig(cond='xattn', context_patch=3), contains='context_patch 3')
+
+# %% [markdown]
+# ## Model presets
+#
+# The DiT family's sizes (Peebles & Xie, Table 1) at patch 2, the seed's `debug` size, and `mu`, a
+# model small enough that every notebook runs on a CPU in seconds. `B/2` is the seed's "big" model.
+
+# %%
+#| export
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     'mu':    dict(hidden=32, depth=2, heads=2, patch=2),
     # the seed's debug size; its patch 8 does not divide 28, so patch 4 (49 tokens)
@@ -113,12 +132,34 @@ def _preset(registry: dict, kind: str, name: str) -> dict:
     return dict(registry[name])
 
 
+def _check_fields(cls, overrides: dict):
+    names = {f.name for f in fields(cls)}
+    bad = sorted(set(overrides) - names)
+    if bad: raise TypeError(f"{cls.__name__} has no field(s) {bad}; fields are {sorted(names)}")
+
+
 def model_config(name: str = 'B/2', **overrides) -> ModelConfig:
     "The preset `name` with `overrides` applied last (an override always wins)."
     _check_fields(ModelConfig, overrides)
     return ModelConfig(**{**_preset(MODEL_PRESETS, 'model', name), **overrides})
 
 
+# %%
+test_eq((model_config('mu').hidden, model_config('mu').patch), (32, 2))
+test_eq(model_config('S/2', depth=3, cond='context').depth, 3)
+test_fail(lambda: model_config('C/2'), contains='unknown model preset')
+
+# %% [markdown]
+# ## The training run
+#
+# The seed's recipe is the default: AdamW (0.9, 0.99, weight decay 0.01), LR 1e-4 with 5k warmup and a
+# cosine decay to 1e-6, global-norm clip 1.0, EMA 0.9999, global batch 128, 200k steps, samples at CFG
+# 3.0 with 50 Euler steps. Short runs need their own warmup and EMA decay: with 0.9999 the EMA is still
+# $0.9999^{1000} \approx 90\%$ the initial weights after 1,000 steps, so a short run's EMA model would
+# sample noise.
+
+# %%
+#| export
 T_SAMPLING = ('logit_normal', 'uniform')
 EPISODES = ('disjoint', 'fixed')
 WANDB_MODES = ('online', 'offline', 'disabled')
@@ -164,6 +205,11 @@ class TrainConfig:
         validate_train(self)
 
 
+# %% [markdown]
+# Guidance intervals are checked in one place, for the config and for the sampler's callers:
+
+# %%
+#| export
 def check_interval(interval) -> tuple[float, float]:
     "A guidance interval as two floats (lo, hi), or `ValueError` unless 0 <= lo <= hi <= 1 (t=0 noise, t=1 data)."
     try: lo, hi = map(float, interval)
@@ -179,6 +225,17 @@ def interval_text(interval) -> str:
     return '' if (lo, hi) == (0.0, 1.0) else f' for t in [{lo:g}, {hi:g}]'
 
 
+# %%
+test_eq(check_interval([0.2, 1]), (0.2, 1.0))
+test_eq((interval_text((0, 1)), interval_text((0.5, 1))), ('', ' for t in [0.5, 1]'))
+test_fail(lambda: check_interval((0.7, 0.2)), contains='0 <= lo <= hi <= 1')
+
+
+# %% [markdown]
+# The run's validation, and the check that a global batch splits over the devices:
+
+# %%
+#| export
 def validate_train(c: TrainConfig):
     "Raise `ValueError` naming the field and the fix if `c` cannot run."
     for name in ('batch_size', 'max_steps', 'shots', 'log_every', 'eval_every', 'sample_every', 'save_every', 'keep', 'sample_steps',
@@ -206,6 +263,22 @@ def check_batch(batch_size: int, n_devices: int, n_processes: int = 1):
     _require(n_devices % n_processes == 0, f"{n_devices} devices do not split over {n_processes} processes")
 
 
+# %%
+t = TrainConfig(cfg_interval=[0.1, 0.9])
+test_eq((t.batch_size, t.cfg_interval), (128, (0.1, 0.9)))
+test_fail(lambda: TrainConfig(warmup=10**6), contains='warmup')
+check_batch(128, 8, 2)
+test_fail(lambda: check_batch(100, 8), contains='not divisible by the 8 devices')
+
+# %% [markdown]
+# ## Training presets
+#
+# `seed` is the table above. `short` is for runs of a few thousand steps (the offline demo), `test`
+# for runs of tens of steps in tests: both warm up quickly and use an EMA decay whose horizon
+# ($1/(1-d)$ steps) fits inside the run.
+
+# %%
+#| export
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     'seed':  dict(),
     'short': dict(batch_size=64, max_steps=3_000, lr=3e-4, warmup=200, ema_decay=0.999, log_every=50,
@@ -220,38 +293,6 @@ def train_config(name: str = 'seed', **overrides) -> TrainConfig:
     _check_fields(TrainConfig, overrides)
     return TrainConfig(**{**_preset(TRAIN_PRESETS, 'train', name), **overrides})
 
-
-def _check_fields(cls, overrides: dict):
-    names = {f.name for f in fields(cls)}
-    bad = sorted(set(overrides) - names)
-    if bad: raise TypeError(f"{cls.__name__} has no field(s) {bad}; fields are {sorted(names)}")
-
-
-# %% [markdown]
-# Impossible settings fail when the config is made, with the fix in the message — not deep inside a
-# traced function. (The seed's `debug` preset used patch 8, which does not divide 28.)
-
-# %% [markdown]
-# ## Model presets
-#
-# The DiT family's sizes (Peebles & Xie, Table 1) at patch 2, the seed's `debug` size, and `mu`, a
-# model small enough that every notebook runs on a CPU in seconds. `B/2` is the seed's "big" model.
-
-# %% [markdown]
-# ## The training run
-#
-# The seed's recipe is the default: AdamW (0.9, 0.99, weight decay 0.01), LR 1e-4 with 5k warmup and a
-# cosine decay to 1e-6, global-norm clip 1.0, EMA 0.9999, global batch 128, 200k steps, samples at CFG
-# 3.0 with 50 Euler steps. Short runs need their own warmup and EMA decay: with 0.9999 the EMA is still
-# $0.9999^{1000} \approx 90\%$ the initial weights after 1,000 steps, so a short run's EMA model would
-# sample noise.
-
-# %% [markdown]
-# ## Training presets
-#
-# `seed` is the table above. `short` is for runs of a few thousand steps (the offline demo), `test`
-# for runs of tens of steps in tests: both warm up quickly and use an EMA decay whose horizon
-# ($1/(1-d)$ steps) fits inside the run.
 
 # %% [markdown]
 # Overrides win over presets — the seed's code silently replaced them:
