@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     module, func, _ = COMMANDS[cmd]
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
 
-# %% ../nbs/00d_cli.ipynb #ec64dc87
+# %% ../nbs/00d_cli.ipynb #8b107fed
 class CLIError(ValueError):
     "A command refused its input; the message says what was wrong and what to do."
 
@@ -68,7 +68,7 @@ def positive_int(text: str) -> int:
     if v < 1: raise argparse.ArgumentTypeError(f"must be 1 or more, got {v}")
     return v
 
-
+# %% ../nbs/00d_cli.ipynb #e014a5bb
 def _existing_ancestor(p: Path) -> Path:
     p = p.absolute()
     while not p.exists() and p != p.parent: p = p.parent

@@ -11,7 +11,7 @@ from typing import Sequence
 # %% auto #0
 __all__ = ['HubUnavailableError', 'hub_reachable', 'resolve_checkpoint']
 
-# %% ../nbs/00b_hub.ipynb #c0c58fd3
+# %% ../nbs/00b_hub.ipynb #1147351f
 class HubUnavailableError(OSError):
     "A hub id could not be fetched (no network, offline mode, or no such repo) and is not in the local cache."
 
@@ -40,7 +40,7 @@ def _unavailable(repo: str, why: str, what: str, patterns: Sequence[str], loader
         f"with internet run `hf download {repo} --include {include} --local-dir DIR`, copy DIR here and pass that "
         f"directory instead of the id: {loader}('DIR').")
 
-
+# %% ../nbs/00b_hub.ipynb #e8996798
 def _local(p: Path, subfolder: str | None, what: str) -> Path:
     d = p / subfolder if subfolder else p
     if not (d / 'config.json').is_file():

@@ -67,6 +67,23 @@ def _unavailable(repo: str, why: str, what: str, patterns: Sequence[str], loader
         f"directory instead of the id: {loader}('DIR').")
 
 
+# %% [markdown]
+# The error carries everything needed to recover without network:
+
+# %%
+_d0 = Path(tempfile.mkdtemp())
+assert not _complete(_d0, ['config.json', '*.safetensors'])
+(_d0 / 'config.json').write_text('{}'); (_d0 / 'w.safetensors').write_bytes(b'')
+assert _complete(_d0, ['config.json', '*.safetensors'])
+_e = _unavailable('owner/vae', 'no connection', 'the VAE', ['config.json', '*.safetensors'], 'SDVAE.from_pretrained')
+assert isinstance(_e, OSError) and "--include 'config.json' '*.safetensors'" in str(_e) and "SDVAE.from_pretrained('DIR')" in str(_e)
+
+
+# %% [markdown]
+# Resolving a name: a local folder as it is, else the hub cache, else a download when the hub can be reached.
+
+# %%
+#| export
 def _local(p: Path, subfolder: str | None, what: str) -> Path:
     d = p / subfolder if subfolder else p
     if not (d / 'config.json').is_file():
@@ -100,9 +117,6 @@ def resolve_checkpoint(repo_id_or_dir: str | os.PathLike, patterns: Sequence[str
     if not _complete(d, patterns): raise _unavailable(repo, f'it holds none of {list(patterns)}', what, patterns, loader)
     return d
 
-
-# %% [markdown]
-# The error carries everything needed to recover without network:
 
 # %% [markdown]
 # A folder is used as it is; a folder without `config.json`, or a path that is neither a folder nor a hub

@@ -102,6 +102,31 @@ def positive_int(text: str) -> int:
     return v
 
 
+# %% [markdown]
+# A refusal is one line with the command's name; argparse's errors are one line too:
+
+# %%
+with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(fail('sample', CLIError('bad\nthing')), 1)
+test_eq(err.getvalue(), 'fsdit sample: bad thing\n')
+with contextlib.redirect_stderr(io.StringIO()) as err: fail('train', KeyError("unknown model preset 'C/2'"))
+test_eq(err.getvalue(), "fsdit train: unknown model preset 'C/2'\n")
+p = Parser(prog='fsdit x'); p.add_argument('--n', type=positive_int)
+test_eq(p.parse_args(['--n', '3']).n, 3)
+for bad in ('0', '-2', 'x'):
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try: p.parse_args(['--n', bad]); raise AssertionError('accepted')
+        except SystemExit as e: test_eq(e.code, 2)
+    test_eq(len(err.getvalue().splitlines()), 1); assert err.getvalue().startswith('fsdit x: argument --n: ')
+
+
+# %% [markdown]
+# An output path is checked where it will be written: it must not be a file where a folder is wanted (or the
+# reverse), and the folder that holds it — or the nearest one that exists, for a path to be created — must
+# take a new file. Writing a throwaway file is the test, so a read-only mount is caught as well as a
+# read-only folder. Nothing is created.
+
+# %%
+#| export
 def _existing_ancestor(p: Path) -> Path:
     p = p.absolute()
     while not p.exists() and p != p.parent: p = p.parent
@@ -140,27 +165,9 @@ def check_out_file(path, flag: str = '--out') -> Path:
 
 
 # %% [markdown]
-# An output path is checked where it will be written: it must not be a file where a folder is wanted (or the
-# reverse), and the folder that holds it — or the nearest one that exists, for a path to be created — must
-# take a new file. Writing a throwaway file is the test, so a read-only mount is caught as well as a
-# read-only folder. Nothing is created.
-
-# %% [markdown]
-# A refusal is one line with the command's name; argparse's errors are one line too; an output path under a
-# file, or a folder given for a file, is refused before anything is made:
+# An output path under a file, or a folder given for a file, is refused before anything is made:
 
 # %%
-with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(fail('sample', CLIError('bad\nthing')), 1)
-test_eq(err.getvalue(), 'fsdit sample: bad thing\n')
-with contextlib.redirect_stderr(io.StringIO()) as err: fail('train', KeyError("unknown model preset 'C/2'"))
-test_eq(err.getvalue(), "fsdit train: unknown model preset 'C/2'\n")
-p = Parser(prog='fsdit x'); p.add_argument('--n', type=positive_int)
-test_eq(p.parse_args(['--n', '3']).n, 3)
-for bad in ('0', '-2', 'x'):
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        try: p.parse_args(['--n', bad]); raise AssertionError('accepted')
-        except SystemExit as e: test_eq(e.code, 2)
-    test_eq(len(err.getvalue().splitlines()), 1); assert err.getvalue().startswith('fsdit x: argument --n: ')
 import tempfile as _tf
 d = Path(_tf.mkdtemp()); (d / 'f').write_text('x')
 test_eq(check_out_dir(d / 'new' / 'run'), d / 'new' / 'run'); assert not (d / 'new').exists()
