@@ -103,7 +103,7 @@ def _halves(labels, seed: int = 0):
         m = r.permutation(np.flatnonzero(labels == c)); a.append(m[: len(m) // 2]); b.append(m[len(m) // 2:])
     return np.concatenate(a), np.concatenate(b)
 
-
+# %% ../nbs/10_eval.ipynb #e5913f10
 def judge_record(im: Images, real: Images, supports, judge_labels, real_ref: bool = False) -> dict:
     """The judge's metrics of `im`: class consistency (its verdict against the supports' class `judge_labels[label]`),
     glyph-FD to half `b` of every real class (real half `a` against `b` is the floor), diversity and nearest support."""
@@ -143,7 +143,7 @@ def image_record(im: Images, real: Images, supports, n_classes: int, real_ref: b
         rec.update(judge_record(im, real, supports, judge_labels, real_ref))
     return rec
 
-
+# %% ../nbs/10_eval.ipynb #e720c248
 @dataclass
 class Pipeline:
     "decode: latents (B, h, w, c) -> images in [-1, 1]; embed: images -> (B, D); generate: see `evaluate_classes`."
@@ -264,7 +264,7 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
     if out is not None: write_results(res, out)
     return res
 
-
+# %% ../nbs/10_eval.ipynb #f7395184
 def _jsonable(x):
     if isinstance(x, dict): return {k: _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
@@ -299,7 +299,7 @@ def plot_metric(records: list[dict], metric: str, path=None):
     if path is not None: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
-
+# %% ../nbs/10_eval.ipynb #2e9a4bd6
 def write_results(res: dict, out) -> list[Path]:
     "eval.json and one figure per metric in the folder `out`; returns the files written."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,21 @@ def _halves(labels, seed: int = 0):
     return np.concatenate(a), np.concatenate(b)
 
 
+# %%
+im4 = Images(np.zeros((4, 2, 2, 3), np.uint8), np.eye(4), np.array([0, 0, 1, 1]))
+test_eq(im4.take([1, 3]).labels, [0, 1]); assert im4.take([0]).inception is None
+test_eq(_px(np.array([0, 255], np.uint8)), [-1, 1])
+ha, hb = _halves(np.repeat(np.arange(3), 4))
+test_eq((len(ha), len(hb)), (6, 6)); assert not set(ha) & set(hb)
+test_close(_nn_support(np.ones((2, 3)), np.stack([np.ones(3), np.zeros(3)]), np.array([[0, 1], [1, 1]]), 'rms'), 0.5)
+
+
+# %% [markdown]
+# A record: the few-shot metrics of one method's images against the real images of the same classes
+# (with a judge, also the judge's class consistency, glyph-FD and -KID).
+
+# %%
+#| export
 def judge_record(im: Images, real: Images, supports, judge_labels, real_ref: bool = False) -> dict:
     """The judge's metrics of `im`: class consistency (its verdict against the supports' class `judge_labels[label]`),
     glyph-FD to half `b` of every real class (real half `a` against `b` is the floor), diversity and nearest support."""
@@ -183,6 +198,24 @@ def image_record(im: Images, real: Images, supports, n_classes: int, real_ref: b
     return rec
 
 
+# %%
+r1, lab12 = np.random.default_rng(1), np.repeat(np.arange(3), 4)
+real12 = Images(r1.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8), l2_normalize(r1.normal(size=(12, 4))), lab12,
+                judge_logits=np.eye(3)[lab12], judge_feats=r1.normal(size=(12, 4)))
+sup12, held12, _ = draw_episodes(lab12, 2, 2)
+rec_copy = image_record(real12.take(sup12[:, 0]), real12, sup12, 3, judge_labels=[0, 1, 2])
+rec_real = image_record(real12.take(held12), real12, sup12, 3, real_ref=True, judge_labels=[0, 1, 2])
+test_eq((rec_copy['n'], rec_copy['chance'], rec_copy['judge_acc'], rec_copy['judge_chance']), (6, 1 / 3, 1.0, 1 / 3))
+test_close(rec_copy['nn_support_pixel'], 0.0, eps=1e-6)
+assert rec_real['nn_support_pixel'] > 0 and 'fid' not in rec_copy and 'glyph_fd' in rec_real
+
+
+# %% [markdown]
+# A `Pipeline` says how images are made and measured; `evaluate_classes` runs the protocol on one class
+# set for every shot count and CFG scale, the real images and both baselines beside the model.
+
+# %%
+#| export
 @dataclass
 class Pipeline:
     "decode: latents (B, h, w, c) -> images in [-1, 1]; embed: images -> (B, D); generate: see `evaluate_classes`."
@@ -227,10 +260,6 @@ def evaluate_classes(pipe: Pipeline, cs: ClassSet, *, n_per_class: int = 128, sh
             out.append({**tag('model', k, float(cfg)), **record(images_of(lat, lab, pipe), sup)})
     return out
 
-
-# %% [markdown]
-# A `Pipeline` says how images are made and measured; `evaluate_classes` runs the protocol on one class
-# set for every shot count and CFG scale, the real images and both baselines beside the model.
 
 # %% [markdown]
 # On toy data — four "classes" of 8x8 images around four templates, decoded by the identity and embedded
@@ -364,6 +393,19 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
     return res
 
 
+# %%
+from types import SimpleNamespace
+from fsdit.config import model_config
+assert set(JUDGE_METRICS) <= set(METRICS)
+test_fail(lambda: model_pipeline(SimpleNamespace(mc=model_config('mu', cond='class', num_classes=3)), None),
+          contains='class-conditioned run')
+
+
+# %% [markdown]
+# The results as JSON (`_jsonable`: NaN as null, numpy scalars as numbers) and one figure per metric:
+
+# %%
+#| export
 def _jsonable(x):
     if isinstance(x, dict): return {k: _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
@@ -399,6 +441,18 @@ def plot_metric(records: list[dict], metric: str, path=None):
     return fig
 
 
+# %%
+test_eq(_jsonable({'a': [float('nan'), np.float32(0.5)], 'b': (np.int64(3),)}), {'a': [None, 0.5], 'b': [3]})
+fig = plot_metric(recs, 'proto_acc')
+test_eq(len(fig.axes), 1); test_eq(fig.axes[0].get_title(), 'test (4 classes)')
+import matplotlib.pyplot as plt; plt.close(fig)
+
+
+# %% [markdown]
+# Writing them to a folder, and a plain-text table of the records:
+
+# %%
+#| export
 def write_results(res: dict, out) -> list[Path]:
     "eval.json and one figure per metric in the folder `out`; returns the files written."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
