@@ -56,7 +56,7 @@ def _gray(images, size: int) -> jax.Array:
         x = jax.image.resize(x, (x.shape[0], size, size, 1), 'linear', antialias=True)
     return x
 
-
+# %% ../nbs/10a_judge.ipynb #0ecf4b86
 @dataclass
 class GlyphJudge:
     "A trained glyph classifier: `judge(images) -> (logits, features)`; `index(names)` maps class folders to labels."
@@ -88,7 +88,7 @@ class GlyphJudge:
             out[0].append(np.asarray(l)); out[1].append(np.asarray(f, np.float64))
         return np.concatenate(out[0]), np.concatenate(out[1])
 
-
+# %% ../nbs/10a_judge.ipynb #533f7621
 @partial(jax.jit, static_argnums=0)
 def _judge_fit_step(tx_net, params, opt, x, y):
     tx, net = tx_net
@@ -110,7 +110,7 @@ class _Static:
     def __init__(self, *v): self.v = v
     def __iter__(self): return iter(self.v)
 
-
+# %% ../nbs/10a_judge.ipynb #89fc94aa
 def fit_judge(X, y, chars: str, size: int, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3, seed: int = 1,
               log: Callable | None = None) -> GlyphJudge:
     "Fit a `GlyphJudge` of `chars` on gray images X (N, size, size, 1) in [-1, 1] with labels y (N,) indexing `chars`."

@@ -97,6 +97,18 @@ def _gray(images, size: int) -> jax.Array:
     return x
 
 
+# %%
+_Xs, _ys = render_judge_set('0A', 3, 16, seed=0)
+test_eq((_Xs.shape, _ys), ((6, 16, 16, 1), [0, 0, 0, 1, 1, 1])); assert _Xs.min() >= -1 and _Xs.max() <= 1
+test_eq(_gray(np.zeros((2, 8, 8, 3)), 16).shape, (2, 16, 16, 1))
+test_close(_gray(np.stack([np.full((4, 4), v) for v in (0., 0.5, 1.)], -1)[None], 4), 0.5)
+
+
+# %% [markdown]
+# `GlyphJudge` holds a trained net with its characters; it maps the dataset's class folders to its labels:
+
+# %%
+#| export
 @dataclass
 class GlyphJudge:
     "A trained glyph classifier: `judge(images) -> (logits, features)`; `index(names)` maps class folders to labels."
@@ -129,6 +141,18 @@ class GlyphJudge:
         return np.concatenate(out[0]), np.concatenate(out[1])
 
 
+# %%
+_gj = GlyphJudge('0A', 32, _p)
+test_eq(_gj.names, [glyph_name('0'), glyph_name('A')]); test_eq(_gj.index([glyph_name('A')]), [1])
+test_eq(_gj.net.n_classes, 2)
+
+
+# %% [markdown]
+# Its compiled pieces: one training step, one forward per judge shape (cached), and a wrapper that makes an
+# optimizer and a module one static jit argument:
+
+# %%
+#| export
 @partial(jax.jit, static_argnums=0)
 def _judge_fit_step(tx_net, params, opt, x, y):
     tx, net = tx_net
@@ -151,6 +175,19 @@ class _Static:
     def __iter__(self): return iter(self.v)
 
 
+# %%
+assert _judge_apply(7, (32, 64, 128), 256) is _judge_apply(7, (32, 64, 128), 256)
+_l7, _f7 = _judge_apply(7, (32, 64, 128), 256)(_p, jnp.zeros((2, 32, 32, 1)))
+test_eq((_l7.shape, _f7.shape), ((2, 7), (2, 256)))
+_s1, _s2 = _Static(1, 2), _Static(1, 2)
+test_eq(list(_s1), [1, 2]); assert _s1 != _s2 and hash(_s1) != hash(_s2)
+
+
+# %% [markdown]
+# `fit_judge` fits a judge on given images, `train_judge` on fresh renderings, and measures it:
+
+# %%
+#| export
 def fit_judge(X, y, chars: str, size: int, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3, seed: int = 1,
               log: Callable | None = None) -> GlyphJudge:
     "Fit a `GlyphJudge` of `chars` on gray images X (N, size, size, 1) in [-1, 1] with labels y (N,) indexing `chars`."
