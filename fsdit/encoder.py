@@ -70,7 +70,7 @@ class VisionSpec:
         "From a transformers `SiglipVisionConfig` (or anything with its fields)."
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
-# %% ../nbs/02_encoder.ipynb #480378a5
+# %% ../nbs/02_encoder.ipynb #cc41b5cb
 class Attention(nn.Module):
     "Multi-head attention of queries `xq` over `xkv` with separate q/k/v/out projections."
     heads: int
@@ -112,7 +112,7 @@ class EncoderLayer(nn.Module):
         h = h + Attention(self.spec.num_attention_heads, self.dtype, name='self_attn')(x, x)
         return h + MLP(self.spec, self.dtype, name='mlp')(ln(name='layer_norm2')(h))
 
-
+# %% ../nbs/02_encoder.ipynb #1f59e77a
 class MAPHead(nn.Module):
     "Multihead attention pooling: a learned probe attends over the tokens."
     spec: VisionSpec
@@ -147,7 +147,7 @@ class SiglipVision(nn.Module):
         pooled = MAPHead(s, self.dtype, name='head')(h) if s.vision_use_head else None
         return h, pooled
 
-
+# %% ../nbs/02_encoder.ipynb #df249382
 def random_params(spec: VisionSpec, seed: int = 0) -> dict:
     "Random float32 params of `SiglipVision(spec)`, drawn with numpy (a jit-compiled Flax init takes many seconds on a CPU)."
     rng = np.random.default_rng(seed)
@@ -159,7 +159,7 @@ def random_params(spec: VisionSpec, seed: int = 0) -> dict:
         return (0.02 * rng.normal(size=s.shape) if name != 'probe' else rng.normal(size=s.shape)).astype(np.float32)
     return jax.tree_util.tree_map_with_path(draw, shapes['params'])
 
-# %% ../nbs/02_encoder.ipynb #4e13a527
+# %% ../nbs/02_encoder.ipynb #23e48af6
 def _dense_keys(prefix): return [f'{prefix}.weight', f'{prefix}.bias']
 
 
@@ -179,7 +179,7 @@ def torch_keys(spec: VisionSpec) -> list[str]:
         ks += _dense_keys('head.attention.out_proj') + _dense_keys('head.layernorm') + _mlp_keys('head.mlp')
     return ks
 
-
+# %% ../nbs/02_encoder.ipynb #9bab405b
 def _lin(t): return {'kernel': t['weight'].T, 'bias': t['bias']}
 def _ln(t): return {'scale': t['weight'], 'bias': t['bias']}
 def _sub(sd, prefix): return {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + '.')}
@@ -225,7 +225,7 @@ def to_torch(params: dict, spec: VisionSpec) -> dict[str, np.ndarray]:
         sd['head.attention.in_proj_bias'] = np.concatenate([np.asarray(att[n]['bias']) for n in ('q_proj', 'k_proj', 'v_proj')])
     return sd
 
-# %% ../nbs/02_encoder.ipynb #3ce0b725
+# %% ../nbs/02_encoder.ipynb #407c15f0
 class CheckpointError(ValueError):
     "The checkpoint is not a SigLIP vision tower this module can load."
 
@@ -242,7 +242,7 @@ def read_vision_config(config: dict) -> VisionSpec:
                               f"found model_type {kind!r}{hint}")
     return VisionSpec.from_hf(hf)
 
-
+# %% ../nbs/02_encoder.ipynb #f7758e22
 def _safetensors_files(d: Path) -> list[Path]:
     idx = d / 'model.safetensors.index.json'
     if idx.exists(): return [d / f for f in sorted(set(json.loads(idx.read_text())['weight_map'].values()))]
@@ -308,7 +308,7 @@ def preprocess_siglip(images, size: int = 224) -> Float[np.ndarray, 'N size size
         out[i] = (r * np.float32(1 / 255) - 0.5) / 0.5
     return out
 
-# %% ../nbs/02_encoder.ipynb #e2e3e0ce
+# %% ../nbs/02_encoder.ipynb #0dc7fc26
 def _check_images(x, spec: VisionSpec, rank: int = 4):
     if isinstance(x, jax.core.Tracer): return x
     x = x if isinstance(x, jax.Array) else np.asarray(x)
@@ -344,7 +344,7 @@ _encode_supports = jax.jit(lambda module, params, s: l2_normalize(_pool(module, 
 
 DTYPE_NAMES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-
+# %% ../nbs/02_encoder.ipynb #120716b0
 class SigLIPEncoder:
     "A frozen SigLIP vision tower: Flax module, float32 params, compiled `pooled` / `embed` / `encode_supports`."
     def __init__(self, spec: VisionSpec, params: dict, dtype: str = 'float32', name: str = 'random'):

@@ -19,7 +19,7 @@ __all__ = ['GLYPHS', 'GLYPH_FONTS', 'GLYPH_STYLES', 'GLYPH_CATEGORIES', 'render_
            'glyph_jitter', 'unaligned_jitter', 'render_class', 'glyph_classes', 'make_offline_dataset',
            'offline_split_sizes']
 
-# %% ../nbs/01a_glyphs.ipynb #20c36881
+# %% ../nbs/01a_glyphs.ipynb #042adee0
 GLYPHS = ('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
           'αβγδεζηθικλμνξπρστυφχψωΓΔΘΛΞΠΣΦΨΩ' '#$%&@?!+=<>*/\\{}[]()~^§¶£¥€ßæøðþÆØÞ')
 GLYPH_FONTS = ('DejaVuSans', 'DejaVuSans-Bold', 'DejaVuSans-Oblique', 'DejaVuSans-BoldOblique',
@@ -65,7 +65,7 @@ def render_glyph(ch: str, font: str, size: int = 32, shift=(0.0, 0.0), scale: fl
     rgb = (1 - a) * np.asarray(paper, np.float32) + a * np.asarray(ink, np.float32)
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
-
+# %% ../nbs/01a_glyphs.ipynb #59f3c453
 def glyph_name(ch: str) -> str:
     "A folder name for a character: its code point and Unicode name."
     import unicodedata
@@ -81,7 +81,7 @@ def glyph_fonts(ch: str, fonts: Sequence[str] = GLYPH_FONTS) -> list[str]:
     "The fonts of `fonts` that draw `ch`."
     return [f for f in fonts if _has_glyph(_font_path(f), ch)]
 
-
+# %% ../nbs/01a_glyphs.ipynb #afdec728
 def glyph_jitter(rng: np.random.RandomState) -> dict:
     "One image's random jitter: shift, scale, rotation and (a quarter of the time) a heavier stroke."
     return dict(shift=tuple(rng.uniform(-0.06, 0.06, 2)), scale=rng.uniform(0.85, 1.1),

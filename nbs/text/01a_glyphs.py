@@ -90,6 +90,21 @@ def render_glyph(ch: str, font: str, size: int = 32, shift=(0.0, 0.0), scale: fl
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
+# %% [markdown]
+# A rendered glyph is dark on white, and a heavier stroke inks more pixels:
+
+# %%
+g = render_glyph('A', 'DejaVuSans', 32)
+test_eq((g.shape, g.dtype), ((32, 32), np.uint8))
+assert g.min() < 50 and g[0, 0] == 255 and (g < 128).mean() > 0.05        # dark glyph on white
+assert (render_glyph('A', 'DejaVuSans', 32, stroke=2) < 128).sum() > (g < 128).sum()
+
+
+# %% [markdown]
+# A class folder is named after its character and gives it back; not every font draws every character:
+
+# %%
+#| export
 def glyph_name(ch: str) -> str:
     "A folder name for a character: its code point and Unicode name."
     import unicodedata
@@ -106,6 +121,16 @@ def glyph_fonts(ch: str, fonts: Sequence[str] = GLYPH_FONTS) -> list[str]:
     return [f for f in fonts if _has_glyph(_font_path(f), ch)]
 
 
+# %%
+test_eq(glyph_name('λ'), 'u03bb_greek_small_letter_lamda'); test_eq(glyph_char(glyph_name('λ')), 'λ')
+assert 'DejaVuSans' in glyph_fonts('λ') and set(glyph_fonts('A')) == set(GLYPH_FONTS)
+
+
+# %% [markdown]
+# Each image of a class gets its own random jitter, and the images cycle through the fonts that draw the character:
+
+# %%
+#| export
 def glyph_jitter(rng: np.random.RandomState) -> dict:
     "One image's random jitter: shift, scale, rotation and (a quarter of the time) a heavier stroke."
     return dict(shift=tuple(rng.uniform(-0.06, 0.06, 2)), scale=rng.uniform(0.85, 1.1),
@@ -141,16 +166,11 @@ def render_class(ch: str, n: int, size: int, rng: np.random.RandomState, fonts: 
     return np.stack([render_glyph(ch, f, size, **GLYPH_STYLES[style](rng)) for f in names]), names
 
 
-# %% [markdown]
-# A rendered glyph is dark on white, a heavier stroke inks more pixels, and a class folder's name gives its
-# character back:
-
 # %%
-g = render_glyph('A', 'DejaVuSans', 32)
-test_eq((g.shape, g.dtype), ((32, 32), np.uint8))
-assert g.min() < 50 and g[0, 0] == 255 and (g < 128).mean() > 0.05        # dark glyph on white
-assert (render_glyph('A', 'DejaVuSans', 32, stroke=2) < 128).sum() > (g < 128).sum()
-test_eq(glyph_name('λ'), 'u03bb_greek_small_letter_lamda'); test_eq(glyph_char(glyph_name('λ')), 'λ')
+_j = glyph_jitter(np.random.RandomState(0))
+test_eq(sorted(_j), ['angle', 'scale', 'shift', 'stroke'])
+_a, _f = render_class('A', 3, 16, np.random.RandomState(0), fonts=GLYPH_FONTS[:2])
+test_eq((_a.shape, _f), ((3, 16, 16), ['DejaVuSans', 'DejaVuSans-Bold', 'DejaVuSans']))
 
 # %% [markdown]
 # Photographs of one class do not line up: the object sits at different places and sizes, on different

@@ -152,6 +152,23 @@ class EncoderLayer(nn.Module):
         return h + MLP(self.spec, self.dtype, name='mlp')(ln(name='layer_norm2')(h))
 
 
+# %% [markdown]
+# Attention, the MLP and a pre-LN encoder layer keep the token shape:
+
+# %%
+_s1 = VisionSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8)
+_o, _v = jax.eval_shape(lambda: Attention(4).init_with_output(jax.random.key(0), jnp.zeros((2, 1, 32)), jnp.zeros((2, 5, 32))))
+test_eq((_o.shape, sorted(_v['params'])), ((2, 1, 32), ['k_proj', 'out_proj', 'q_proj', 'v_proj']))
+_o, _v = jax.eval_shape(lambda: EncoderLayer(_s1).init_with_output(jax.random.key(0), jnp.zeros((2, 16, 32))))
+test_eq((_o.shape, sorted(_v['params'])), ((2, 16, 32), ['layer_norm1', 'layer_norm2', 'mlp', 'self_attn']))
+test_eq(_v['params']['mlp']['fc1']['kernel'].shape, (32, 64))
+
+
+# %% [markdown]
+# The MAP head pools the tokens into one vector; the tower puts the pieces together:
+
+# %%
+#| export
 class MAPHead(nn.Module):
     "Multihead attention pooling: a learned probe attends over the tokens."
     spec: VisionSpec
@@ -187,6 +204,17 @@ class SiglipVision(nn.Module):
         return h, pooled
 
 
+# %%
+_o, _v = jax.eval_shape(lambda: MAPHead(_s1).init_with_output(jax.random.key(0), jnp.zeros((2, 16, 32))))
+test_eq((_o.shape, _v['params']['probe'].shape), ((2, 32), (1, 1, 32)))
+(_h, _p), _v = jax.eval_shape(lambda: SiglipVision(_s1).init_with_output(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
+test_eq((_h.shape, _p.shape), ((2, 16, 32), (2, 32)))
+_no_head = VisionSpec(**{**asdict(_s1), 'vision_use_head': False})
+test_eq(jax.eval_shape(lambda: SiglipVision(_no_head).init_with_output(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))[0][1], None)
+
+
+# %%
+#| export
 def random_params(spec: VisionSpec, seed: int = 0) -> dict:
     "Random float32 params of `SiglipVision(spec)`, drawn with numpy (a jit-compiled Flax init takes many seconds on a CPU)."
     rng = np.random.default_rng(seed)
@@ -239,6 +267,18 @@ def torch_keys(spec: VisionSpec) -> list[str]:
     return ks
 
 
+# %%
+test_eq(len(torch_keys(tiny)), 3 + 2 * 16 + 2 + 11)   # embeddings, 2 layers, post_layernorm, MAP head
+assert 'head.attention.in_proj_weight' in torch_keys(tiny) and 'encoder.layers.1.self_attn.q_proj.bias' in torch_keys(tiny)
+test_eq(len(torch_keys(VisionSpec(**{**asdict(tiny), 'vision_use_head': False}))), 37)
+
+
+# %% [markdown]
+# The conversion walks the Flax parameter tree and the torch names together, so one table serves both
+# directions (`to_flax` to load, `to_torch` to save a checkpoint transformers can read back).
+
+# %%
+#| export
 def _lin(t): return {'kernel': t['weight'].T, 'bias': t['bias']}
 def _ln(t): return {'scale': t['weight'], 'bias': t['bias']}
 def _sub(sd, prefix): return {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + '.')}
@@ -286,10 +326,6 @@ def to_torch(params: dict, spec: VisionSpec) -> dict[str, np.ndarray]:
 
 
 # %% [markdown]
-# The conversion walks the Flax parameter tree and the torch names together, so one table serves both
-# directions (`to_flax` to load, `to_torch` to save a checkpoint transformers can read back).
-
-# %% [markdown]
 # The round trip is exact and covers every tensor the reference model has, no more and no fewer:
 
 # %%
@@ -331,6 +367,18 @@ def read_vision_config(config: dict) -> VisionSpec:
     return VisionSpec.from_hf(hf)
 
 
+# %%
+test_eq(read_vision_config(transformers.SiglipVisionConfig(**asdict(tiny)).to_dict()), tiny)
+test_eq(read_vision_config(transformers.SiglipConfig(vision_config=asdict(tiny)).to_dict()), tiny)   # the two-tower file
+test_fail(lambda: read_vision_config({'model_type': 'siglip2'}), contains='NaFlex')
+
+
+# %% [markdown]
+# The tensors are read by name from the safetensors file(s), with or without the `vision_model.` prefix, and
+# their shapes are checked against the spec:
+
+# %%
+#| export
 def _safetensors_files(d: Path) -> list[Path]:
     idx = d / 'model.safetensors.index.json'
     if idx.exists(): return [d / f for f in sorted(set(json.loads(idx.read_text())['weight_map'].values()))]
@@ -378,6 +426,16 @@ def expected_shapes(spec: VisionSpec) -> dict[str, tuple]:
 
 
 HUB_PATTERNS = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors']
+
+# %%
+from safetensors.numpy import save_file
+_wd = Path(tempfile.mkdtemp())
+save_file({'vision_model.' + k: np.ascontiguousarray(v) for k, v in _sd.items()}, str(_wd / 'model.safetensors'))
+_rw = read_vision_weights(_wd, tiny)
+test_eq(sorted(_rw), sorted(_sd)); assert all(np.array_equal(_rw[k], _sd[k]) for k in _sd)
+test_eq(expected_shapes(tiny)['embeddings.patch_embedding.weight'], (32, 3, 8, 8))
+test_fail(lambda: read_vision_weights(_wd, VisionSpec(**{**asdict(tiny), 'num_hidden_layers': 3})), contains='missing')
+test_fail(lambda: read_vision_weights(Path(tempfile.mkdtemp()), tiny), contains='no model.safetensors')
 
 # %% [markdown]
 # ## Hub ids and the offline case
@@ -487,7 +545,16 @@ _encode_supports = jax.jit(lambda module, params, s: l2_normalize(_pool(module, 
 
 DTYPE_NAMES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# %%
+_ok = np.zeros((2, 32, 32, 3), np.float32)
+assert _check_images(_ok, tiny) is _ok
+test_fail(lambda: _check_images(_ok[0], tiny), contains='NHWC')
+test_fail(lambda: _check_images(_ok + 2, tiny), contains='[-1, 1]')
+test_fail(lambda: _pool(SiglipVision(VisionSpec(**{**asdict(tiny), 'vision_use_head': False})), {}, _ok), contains='no MAP head')
 
+
+# %%
+#| export
 class SigLIPEncoder:
     "A frozen SigLIP vision tower: Flax module, float32 params, compiled `pooled` / `embed` / `encode_supports`."
     def __init__(self, spec: VisionSpec, params: dict, dtype: str = 'float32', name: str = 'random'):
