@@ -54,7 +54,7 @@ def _flag_kwargs(f: dataclasses.Field) -> dict:
 
 def _shown(v) -> str: return ' '.join(map(str, v)) if isinstance(v, tuple) else str(v)
 
-
+# %% ../nbs/10b_launch.ipynb #9adfb0bb
 def _is_flag(a: str) -> bool:
     "An option such as `--lr`, not a (negative) number."
     try: float(a); return False
@@ -89,7 +89,7 @@ def check_tuple_args(argv: list[str], error: Callable[[str], Any]) -> list[str]:
         out += [flag, *nums]; i = j
     return out
 
-
+# %% ../nbs/10b_launch.ipynb #c7ff9c76
 def train_parser() -> argparse.ArgumentParser:
     "The parser of `fsdit train` (flags default to None: only given flags override)."
     p = Parser(prog='fsdit train', description='Train (or resume) a few-shot DiT on a feature store.')
@@ -121,7 +121,7 @@ def resolve_configs(args, store_meta: dict | None) -> tuple[ModelConfig, TrainCo
     mc = config_from_dict(ModelConfig, {**mc0, **shape, **dim, **pick('model')})
     return mc, config_from_dict(TrainConfig, {**tc0, **pick('train')})
 
-
+# %% ../nbs/10b_launch.ipynb #33484b27
 def lazy(load: Callable[[], Any]) -> Callable[[], Any]:
     "A function returning `load()`, which runs at its first call only (nothing loads if it is never called)."
     got = []
@@ -149,7 +149,7 @@ def store_embed(meta: dict) -> Callable | None:
     if not name or (meta.get('space') == 'pixel' and not known): return None
     return lazy_call(lambda: load_encoder(name), 'embed')
 
-
+# %% ../nbs/10b_launch.ipynb #c276dbc2
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
     "`fsdit train`'s flags; an unknown `--model.<field>` or a malformed tuple setting is refused naming what is expected."
     p = train_parser()

@@ -74,6 +74,18 @@ def _flag_kwargs(f: dataclasses.Field) -> dict:
 def _shown(v) -> str: return ' '.join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
+# %%
+_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+test_eq(_train_flags(_fields['log_every']), ['--log-every', '--log_every', '--log_interval'])
+test_eq(_flag_kwargs(_fields['cfg_interval'])['metavar'], ('LO', 'HI')); test_eq(_flag_kwargs(_fields['cfg_interval'])['nargs'], 2)
+test_eq(_flag_type(_fields['batch_size']), int); test_eq(_shown((0.0, 1.0)), '0.0 1.0')
+
+
+# %% [markdown]
+# The numbers of a tuple setting are checked before argparse sees them (a negative number is a value, not a flag):
+
+# %%
+#| export
 def _is_flag(a: str) -> bool:
     "An option such as `--lr`, not a (negative) number."
     try: float(a); return False
@@ -109,6 +121,17 @@ def check_tuple_args(argv: list[str], error: Callable[[str], Any]) -> list[str]:
     return out
 
 
+# %%
+test_eq(check_tuple_args(['--cfg-interval=0.6,1', '--lr', '-1'], print), ['--cfg-interval', '0.6', '1', '--lr', '-1'])
+assert not _is_flag('-1') and _is_flag('--lr') and _parses(int, '3') and not _parses(int, 'x')
+test_fail(lambda: check_tuple_args(['--cfg-interval', '0.6'], lambda m: 1 / 0), exc=ZeroDivisionError)
+
+
+# %% [markdown]
+# The parser, and the configs it resolves:
+
+# %%
+#| export
 def train_parser() -> argparse.ArgumentParser:
     "The parser of `fsdit train` (flags default to None: only given flags override)."
     p = Parser(prog='fsdit train', description='Train (or resume) a few-shot DiT on a feature store.')
@@ -141,6 +164,22 @@ def resolve_configs(args, store_meta: dict | None) -> tuple[ModelConfig, TrainCo
     return mc, config_from_dict(TrainConfig, {**tc0, **pick('train')})
 
 
+# %% [markdown]
+# The flags: seed names and new names reach the same field, a preset is the base, flags win:
+
+# %%
+a = train_parser().parse_args(['--out', '/nonexistent/run', '--model', 'mu', '--preset', 'test', '--batch_size', '16',
+                               '--wandb.name', 'r1', '--ema-decay', '0.5', '--model.remat', 'true'])
+m_, t_ = resolve_configs(a, {'latent_shape': [16, 16, 3], 'embed_dim': 64})
+test_eq((t_.batch_size, t_.wandb_name, t_.ema_decay, t_.warmup), (16, 'r1', 0.5, 2))
+test_eq((m_.hidden, m_.input_size, m_.in_channels, m_.support_dim, m_.remat), (32, 16, 3, 64, True))
+
+
+# %% [markdown]
+# What the store names is loaded only when first used:
+
+# %%
+#| export
 def lazy(load: Callable[[], Any]) -> Callable[[], Any]:
     "A function returning `load()`, which runs at its first call only (nothing loads if it is never called)."
     got = []
@@ -169,6 +208,28 @@ def store_embed(meta: dict) -> Callable | None:
     return lazy_call(lambda: load_encoder(name), 'embed')
 
 
+# %%
+calls = []
+get = lazy(lambda: calls.append(1) or {'x': 1})
+test_eq(calls, []); test_eq(get(), {'x': 1}); test_eq(get(), {'x': 1}); test_eq(calls, [1])   # loaded once, when first used
+test_eq(lazy_call(lambda: 'a-b', 'split')('-'), ['a', 'b'])
+
+# %% [markdown]
+# The store names its encoder: a stand-in is rebuilt from its name, SigLIP2 loads at the first use, and a name
+# that is neither (a hand-made store) leaves the few-shot metrics off.
+
+# %%
+e = store_embed({'encoder': PixelEncoder(dim=32, grid=4).name, 'space': 'pixel'})
+test_eq(e(np.zeros((3, 16, 16, 3), np.uint8)).shape, (3, 32))
+test_eq(store_embed({'encoder': 'hand-made', 'space': 'pixel'}), None)
+assert callable(store_embed({'encoder': 'google/siglip2-base-patch16-224', 'space': 'latent'}))   # nothing loaded yet
+
+
+# %% [markdown]
+# Parsing the flags, and the command:
+
+# %%
+#| export
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
     "`fsdit train`'s flags; an unknown `--model.<field>` or a malformed tuple setting is refused naming what is expected."
     p = train_parser()
@@ -202,30 +263,12 @@ def train_cli(argv: list[str]) -> int:
 
 
 # %%
-calls = []
-get = lazy(lambda: calls.append(1) or {'x': 1})
-test_eq(calls, []); test_eq(get(), {'x': 1}); test_eq(get(), {'x': 1}); test_eq(calls, [1])   # loaded once, when first used
-test_eq(lazy_call(lambda: 'a-b', 'split')('-'), ['a', 'b'])
-
-# %% [markdown]
-# The store names its encoder: a stand-in is rebuilt from its name, SigLIP2 loads at the first use, and a name
-# that is neither (a hand-made store) leaves the few-shot metrics off.
-
-# %%
-e = store_embed({'encoder': PixelEncoder(dim=32, grid=4).name, 'space': 'pixel'})
-test_eq(e(np.zeros((3, 16, 16, 3), np.uint8)).shape, (3, 32))
-test_eq(store_embed({'encoder': 'hand-made', 'space': 'pixel'}), None)
-assert callable(store_embed({'encoder': 'google/siglip2-base-patch16-224', 'space': 'latent'}))   # nothing loaded yet
-
-# %% [markdown]
-# The flags: seed names and new names reach the same field, a preset is the base, flags win:
-
-# %%
-a = train_parser().parse_args(['--out', '/nonexistent/run', '--model', 'mu', '--preset', 'test', '--batch_size', '16',
-                               '--wandb.name', 'r1', '--ema-decay', '0.5', '--model.remat', 'true'])
-m_, t_ = resolve_configs(a, {'latent_shape': [16, 16, 3], 'embed_dim': 64})
-test_eq((t_.batch_size, t_.wandb_name, t_.ema_decay, t_.warmup), (16, 'r1', 0.5, 2))
-test_eq((m_.hidden, m_.input_size, m_.in_channels, m_.support_dim, m_.remat), (32, 16, 3, 64, True))
+import contextlib, io, tempfile
+_hook = sys.unraisablehook
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(train_cli(['--out', str(Path(tempfile.mkdtemp()) / 'run')]), 1)
+sys.unraisablehook = _hook
+assert err.getvalue().startswith('fsdit train: --feats is required'), err.getvalue()
 
 # %% [markdown]
 # A tuple setting takes as many numbers as its default has, as `--help` names them; a wrong count or a
