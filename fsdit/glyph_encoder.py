@@ -59,7 +59,7 @@ def _apply(spec: GlyphEncoderSpec):
     net = GlyphEncoderNet(spec)
     return jax.jit(lambda p, x: net.apply({'params': p}, x))
 
-# %% ../nbs/02a_glyph_encoder.ipynb #57784bb2
+# %% ../nbs/02a_glyph_encoder.ipynb #1c3a24ae
 GLYPH_ENCODER_TYPE = 'fsdit-glyph-encoder'
 
 
@@ -117,7 +117,7 @@ class GlyphEncoder:
         spec = GlyphEncoderSpec(**{**cfg, 'widths': tuple(cfg['widths'])})
         return cls(spec, jax.tree.map(jnp.asarray, unflat_params(load_file(str(folder / 'model.safetensors')))), str(folder), info)
 
-
+# %% ../nbs/02a_glyph_encoder.ipynb #9ac97e43
 def is_glyph_encoder(folder) -> bool:
     "Whether `folder` holds a saved `GlyphEncoder` (its config.json names the type)."
     p = Path(folder) / 'config.json'

@@ -166,6 +166,21 @@ class GlyphEncoder:
         return cls(spec, jax.tree.map(jnp.asarray, unflat_params(load_file(str(folder / 'model.safetensors')))), str(folder), info)
 
 
+# %% [markdown]
+# Gray images and images of another size are taken as well (repeated to RGB, resized to the tower's):
+
+# %%
+_enc0 = GlyphEncoder(_spec, _p)
+_tk, _pl = _enc0(np.zeros((2, 32, 32, 1), np.float32))
+test_eq((_tk.shape, _pl.shape, _enc0.dim, _enc0.image_size), ((2, 36, 96), (2, 64), 64, 24))
+raises(lambda: _enc0(np.zeros((2, 24, 24, 4))), 'takes images (N, H, W, 3)')
+
+
+# %% [markdown]
+# A folder is recognised by its config's `model_type`:
+
+# %%
+#| export
 def is_glyph_encoder(folder) -> bool:
     "Whether `folder` holds a saved `GlyphEncoder` (its config.json names the type)."
     p = Path(folder) / 'config.json'
