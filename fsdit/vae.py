@@ -133,7 +133,7 @@ class Upsample(nn.Module):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)                  # (B, 2H, 2W, C)
         return _conv(x.shape[-1], 3, self.dtype, 'conv')(x)
 
-# %% ../nbs/03_vae.ipynb #659339eb
+# %% ../nbs/03_vae.ipynb #455445fb
 class MidBlock(nn.Module):
     "ResNet, attention (unless the config turns it off), ResNet."
     c: VAEConfig
@@ -163,7 +163,7 @@ class ResnetStack(nn.Module):
         if self.resample == 'up': x = Upsample(self.dtype, name='upsamplers_0')(x)
         return x
 
-
+# %% ../nbs/03_vae.ipynb #1c4c7d69
 class Encoder(nn.Module):
     "Images (B, H, W, in_channels) -> (B, H/f, W/f, 2 x latent_channels) before `quant_conv`."
     c: VAEConfig
@@ -197,7 +197,7 @@ class Decoder(nn.Module):
         x = ACTIVATIONS[c.act_fn](_norm(c.norm_num_groups, self.dtype, 'conv_norm_out')(x))
         return _conv(c.out_channels, dtype=self.dtype, name='conv_out')(x)
 
-
+# %% ../nbs/03_vae.ipynb #70cfc621
 class AutoencoderKL(nn.Module):
     "diffusers' `AutoencoderKL` (encoder, decoder, optional 1x1 quant convs) as a Flax module."
     c: VAEConfig
@@ -291,7 +291,7 @@ def load_checkpoint(d: Path) -> tuple[VAEConfig, dict[str, Any]]:
     check_params(params, config, source=str(wfile))
     return config, params
 
-# %% ../nbs/03_vae.ipynb #a8f57939
+# %% ../nbs/03_vae.ipynb #ae911aa9
 DTYPE_NAMES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -326,7 +326,7 @@ def _check_array(x, what: str, channels: int, factor: int = 1, value_range: bool
             raise ValueError(f"{what} must be in [-1, 1], found values in [{lo:.4g}, {hi:.4g}] "
                              f"(from [0, 1]: 2x - 1; from [0, 255]: x / 127.5 - 1)")
 
-
+# %% ../nbs/03_vae.ipynb #b999df9e
 class SDVAE:
     "A frozen SD-VAE: `moments`, `sample` and `decode`, jit-compiled over fixed parameters."
 

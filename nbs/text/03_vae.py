@@ -227,6 +227,19 @@ class ResnetStack(nn.Module):
         return x
 
 
+# %%
+_c = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+_y, _v = jax.eval_shape(lambda: ResnetStack(16, 2, _c, 'down').init_with_output(jax.random.key(0), jnp.zeros((1, 8, 8, 8))))
+test_eq((_y.shape, sorted(_v['params'])), ((1, 4, 4, 16), ['downsamplers_0', 'resnets_0', 'resnets_1']))
+_y, _v = jax.eval_shape(lambda: MidBlock(_c).init_with_output(jax.random.key(0), jnp.zeros((1, 4, 4, 16))))
+test_eq((_y.shape, sorted(_v['params'])), ((1, 4, 4, 16), ['attentions_0', 'resnets_0', 'resnets_1']))
+
+
+# %% [markdown]
+# The encoder halves the side between blocks and ends at twice the latent channels; the decoder mirrors it:
+
+# %%
+#| export
 class Encoder(nn.Module):
     "Images (B, H, W, in_channels) -> (B, H/f, W/f, 2 x latent_channels) before `quant_conv`."
     c: VAEConfig
@@ -261,6 +274,16 @@ class Decoder(nn.Module):
         return _conv(c.out_channels, dtype=self.dtype, name='conv_out')(x)
 
 
+# %%
+test_eq(jax.eval_shape(lambda: Encoder(_c).init_with_output(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))[0]).shape, (1, 8, 8, 8))
+test_eq(jax.eval_shape(lambda: Decoder(_c).init_with_output(jax.random.key(0), jnp.zeros((1, 8, 8, 4)))[0]).shape, (1, 16, 16, 3))
+
+
+# %% [markdown]
+# The autoencoder adds the optional 1x1 `quant_conv` / `post_quant_conv` around the latents:
+
+# %%
+#| export
 class AutoencoderKL(nn.Module):
     "diffusers' `AutoencoderKL` (encoder, decoder, optional 1x1 quant convs) as a Flax module."
     c: VAEConfig
@@ -483,6 +506,18 @@ def _check_array(x, what: str, channels: int, factor: int = 1, value_range: bool
                              f"(from [0, 1]: 2x - 1; from [0, 255]: x / 127.5 - 1)")
 
 
+# %%
+_check_array(np.zeros((1, 16, 16, 3), np.float32), 'images', 3, 8, value_range=True)
+test_fail(lambda: _check_array(np.zeros((1, 3, 16, 16), np.float32), 'images', 3), contains='NCHW')
+test_fail(lambda: _check_array(np.zeros((1, 12, 16, 3), np.float32), 'images', 3, 8), contains='multiples of 8')
+test_close(_posterior_sample(jax.random.key(0), jnp.ones((2, 3)), jnp.full((2, 3), -30.0)), jnp.ones((2, 3)), eps=1e-5)
+
+
+# %% [markdown]
+# `SDVAE` holds the parameters and the compiled functions:
+
+# %%
+#| export
 class SDVAE:
     "A frozen SD-VAE: `moments`, `sample` and `decode`, jit-compiled over fixed parameters."
 
