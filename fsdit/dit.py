@@ -101,7 +101,7 @@ class LabelEmbedder(nn.Module):
         return nn.Embed(self.num_classes + 1, self.hidden, embedding_init=nn.initializers.normal(0.02),
                         dtype=self.dtype)(labels)                             # (B, D)
 
-# %% ../nbs/05_dit.ipynb #285a8944
+# %% ../nbs/05_dit.ipynb #64875a4d
 def modulate(x, shift, scale):
     "adaLN: `x (B, T, D) * (1 + scale (B, D)) + shift (B, D)`."
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -143,7 +143,7 @@ class Attention(nn.Module):
         out = nn.Dense(D, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype, name='proj')(out.reshape(B, T, D))
         return out, ent
 
-
+# %% ../nbs/05_dit.ipynb #97989757
 class CrossAttention(nn.Module):
     "Target tokens `(B, T, D)` attend to support tokens `(B, S, D)`; the output projection starts at zero."
     hidden: int
@@ -189,7 +189,7 @@ class DiTBlock(nn.Module):
         h = nn.Dense(D, kernel_init=nn.initializers.xavier_uniform(), dtype=dt, name='mlp_out')(nn.gelu(h))
         return x + gate_m[:, None] * h, ent
 
-
+# %% ../nbs/05_dit.ipynb #2cbe68d0
 class FinalLayer(nn.Module):
     "adaLN (shift, scale) then a zero-initialised linear map to `p*p*C` per token."
     patch: int
@@ -235,7 +235,7 @@ def support_stats(latents, drop=None):
     if drop is None: return stats
     return jnp.where(jnp.asarray(drop, bool)[:, None, None, None], 0.0, stats)
 
-# %% ../nbs/05_dit.ipynb #44b040e9
+# %% ../nbs/05_dit.ipynb #f72b900e
 class DiT(nn.Module):
     "Flow-matching DiT: `(x (B,H,W,C), t (B,), cond, drop (B,) | None)` -> velocity `(B,H,W,C)` float32."
     cfg: ModelConfig
@@ -273,7 +273,7 @@ class DiT(nn.Module):
         if not return_intermediates: return v
         return v, {'attn_entropy': jnp.stack(ents), 'act_rms': jnp.stack(rms)}   # (depth, heads), (depth,)
 
-
+# %% ../nbs/05_dit.ipynb #d4bd2f3f
 def _conditioning(cfg: ModelConfig):
     # `fsdit.conds` builds each conditioning from the layers above, so it is imported when a model is traced or a
     # condition made, not when this module is (an import at the top would be circular).

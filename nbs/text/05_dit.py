@@ -218,6 +218,24 @@ class Attention(nn.Module):
         return out, ent
 
 
+# %% [markdown]
+# `modulate` shifts and scales each example's tokens; both attention paths give the same output, the explicit
+# one also the mean entropy per head (at most $\log T$):
+
+# %%
+test_eq(modulate(jnp.ones((2, 3, 4)), jnp.full((2, 4), 0.5), jnp.ones((2, 4))), jnp.full((2, 3, 4), 2.5))
+_xa = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
+_pa = Attention(16, 2).init(jax.random.PRNGKey(1), _xa)
+(_o1, _e1), (_o2, _e2) = Attention(16, 2, with_entropy=True).apply(_pa, _xa), Attention(16, 2).apply(_pa, _xa)
+test_close(_o1, _o2, eps=1e-5); test_eq((_e1.shape, _e2), ((2,), None))
+assert (np.asarray(_e1) > 0).all() and (np.asarray(_e1) <= math.log(5) + 1e-5).all()
+
+
+# %% [markdown]
+# Cross-attention to support tokens, and the block that puts them together:
+
+# %%
+#| export
 class CrossAttention(nn.Module):
     "Target tokens `(B, T, D)` attend to support tokens `(B, S, D)`; the output projection starts at zero."
     hidden: int
@@ -264,6 +282,22 @@ class DiTBlock(nn.Module):
         return x + gate_m[:, None] * h, ent
 
 
+# %% [markdown]
+# A block with zero gates is the identity, whatever the input, and a fresh cross-attention adds nothing:
+
+# %%
+blk = DiTBlock(16, 2)
+xb, cb = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16)), jnp.ones((2, 16))
+out = jax.jit(lambda k: blk.apply(blk.init(k, xb, cb), xb, cb)[0])(jax.random.PRNGKey(1))
+test_eq(np.asarray(out), np.asarray(xb))
+test_eq(np.asarray(CrossAttention(16, 2).init_with_output(jax.random.PRNGKey(2), xb, jnp.ones((2, 7, 16)))[0]), np.zeros((2, 5, 16)))
+
+
+# %% [markdown]
+# The readout back to patches starts at zero too:
+
+# %%
+#| export
 class FinalLayer(nn.Module):
     "adaLN (shift, scale) then a zero-initialised linear map to `p*p*C` per token."
     patch: int
@@ -280,14 +314,9 @@ class FinalLayer(nn.Module):
                         dtype=self.dtype, name='linear')(x)                  # (B, T, p*p*C)
 
 
-# %% [markdown]
-# A block with zero gates is the identity, whatever the input:
-
 # %%
-blk = DiTBlock(16, 2)
-xb, cb = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16)), jnp.ones((2, 16))
-out = jax.jit(lambda k: blk.apply(blk.init(k, xb, cb), xb, cb)[0])(jax.random.PRNGKey(1))
-test_eq(np.asarray(out), np.asarray(xb))
+_fo = FinalLayer(2, 4, 16).init_with_output(jax.random.PRNGKey(0), xb, cb)[0]
+test_eq(np.asarray(_fo), np.zeros((2, 5, 16)))    # p*p*C = 16 values per token
 
 
 # %% [markdown]
@@ -430,6 +459,11 @@ class DiT(nn.Module):
         return v, {'attn_entropy': jnp.stack(ents), 'act_rms': jnp.stack(rms)}   # (depth, heads), (depth,)
 
 
+# %% [markdown]
+# Helpers: a null condition of the right shapes (for `init`), a random example condition, parameters.
+
+# %%
+#| export
 def _conditioning(cfg: ModelConfig):
     # `fsdit.conds` builds each conditioning from the layers above, so it is imported when a model is traced or a
     # condition made, not when this module is (an import at the top would be circular).
@@ -462,9 +496,6 @@ def param_count(params) -> int:
     "Number of scalars in a parameter tree."
     return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
-
-# %% [markdown]
-# Helpers: a null condition of the right shapes (for `init`), a random example condition, parameters.
 
 # %% [markdown]
 # ## Invariants
