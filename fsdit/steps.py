@@ -57,7 +57,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, scaling, ax
     return state.replace(params=params, ema_params=ema_update(state.ema_params, params, tc.ema_decay),
                          opt_state=opt_state, step=state.step + 1), metrics
 
-# %% ../nbs/08b_steps.ipynb #3cd13f2c
+# %% ../nbs/08b_steps.ipynb #3ccd8ac6
 def make_mesh(devices=None) -> Mesh:
     "A one-axis mesh (`AXIS`) over `devices` (default: every device of every process)."
     return data_mesh(jax.devices() if devices is None else devices)
@@ -73,7 +73,7 @@ def _init_fn(layout: 'Layout', mc: ModelConfig, tc: TrainConfig) -> Callable:
     "`init_state` under jit with the layout's output shardings (cached: one compilation per model, recipe and layout)."
     return jax.jit(lambda: init_state(mc, tc), out_shardings=layout.shardings(jax.eval_shape(lambda: init_state(mc, tc))))
 
-
+# %% ../nbs/08b_steps.ipynb #66fb4353
 @dataclass(frozen=True)
 class Layout:
     "Where a run's arrays live: the batch split along `AXIS`; the state replicated, or sharded when `fsdp`."
@@ -126,7 +126,7 @@ class Layout:
             tree = _gather_fn(self.replicated)(tree)
         return to_host(tree)
 
-
+# %% ../nbs/08b_steps.ipynb #0285bf63
 def to_host(tree) -> Any:
     "Host numpy copies of arrays every device holds whole (replicated metrics and state, fetched trees)."
     def one(x):

@@ -125,6 +125,16 @@ def _init_fn(layout: 'Layout', mc: ModelConfig, tc: TrainConfig) -> Callable:
     return jax.jit(lambda: init_state(mc, tc), out_shardings=layout.shardings(jax.eval_shape(lambda: init_state(mc, tc))))
 
 
+# %%
+_m = make_mesh()
+test_eq((_m.axis_names, _m.size), ((AXIS,), jax.device_count()))
+
+
+# %% [markdown]
+# `Layout` holds the mesh and the sharding rule:
+
+# %%
+#| export
 @dataclass(frozen=True)
 class Layout:
     "Where a run's arrays live: the batch split along `AXIS`; the state replicated, or sharded when `fsdp`."
@@ -178,6 +188,25 @@ class Layout:
         return to_host(tree)
 
 
+# %% [markdown]
+# On the `mu` model with FSDP over one device nothing is split (there is nothing to split over). With a
+# layout that pretends to have 4 devices the rule shows itself: a `(128, 512)` kernel is split along its 512
+# outputs, a bias of 512 stays whole, and a tensor no dimension of which the device count divides stays whole.
+
+# %%
+class _FakeMesh:   # only `size` is read by `spec`
+    size = 4
+lay4 = Layout(_FakeMesh(), fsdp=True, min_shard=1024)
+test_eq(lay4.spec((128, 512)), P(None, AXIS)); test_eq(lay4.spec((512,)), P())
+test_eq(lay4.spec((3, 5, 7, 9)), P()); test_eq(lay4.spec((2, 2, 4, 1024)), P(None, None, None, AXIS))
+test_eq(Layout(_FakeMesh(), fsdp=False).spec((128, 512)), P())
+
+
+# %% [markdown]
+# `to_host` copies replicated arrays back; `layout_for` is the layout a run uses:
+
+# %%
+#| export
 def to_host(tree) -> Any:
     "Host numpy copies of arrays every device holds whole (replicated metrics and state, fetched trees)."
     def one(x):
@@ -193,22 +222,12 @@ def layout_for(tc: TrainConfig, devices=None) -> Layout:
     return Layout(make_mesh(devices), fsdp=tc.fsdp, min_shard=tc.fsdp_min_size)
 
 
-# %% [markdown]
-# On the `mu` model with FSDP over one device nothing is split (there is nothing to split over). With a
-# layout that pretends to have 4 devices the rule shows itself: a `(128, 512)` kernel is split along its 512
-# outputs, a bias of 512 stays whole, and a tensor no dimension of which the device count divides stays whole.
-
 # %%
-class _FakeMesh:   # only `size` is read by `spec`
-    size = 4
-lay4 = Layout(_FakeMesh(), fsdp=True, min_shard=1024)
-test_eq(lay4.spec((128, 512)), P(None, AXIS)); test_eq(lay4.spec((512,)), P())
-test_eq(lay4.spec((3, 5, 7, 9)), P()); test_eq(lay4.spec((2, 2, 4, 1024)), P(None, None, None, AXIS))
-test_eq(Layout(_FakeMesh(), fsdp=False).spec((128, 512)), P())
 lay = layout_for(tc)
 st = lay.create(mc, tc)
 for a, b_ in zip(jax.tree.leaves(st), jax.tree.leaves(create_state(mc, tc))): np.testing.assert_array_equal(a, b_)
 test_eq(lay.fetch(lay.put({'w': np.arange(6.0)}))['w'], np.arange(6.0))
+test_eq(to_host({'a': jnp.arange(3)})['a'], np.arange(3))
 
 
 # %% [markdown]
