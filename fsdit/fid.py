@@ -11,7 +11,7 @@ from .images import to_uint8
 # %% auto #0
 __all__ = ['fid_available', 'fid_inception', 'inception_features']
 
-# %% ../nbs/09b_fid.ipynb #23158320
+# %% ../nbs/09b_fid.ipynb #228d9c27
 def _import_fid():
     "torch and pytorch_fid.inception, or an ImportError that says how to get them."
     try:
@@ -32,7 +32,7 @@ def fid_available() -> bool:
     try: _import_fid(); return True
     except ImportError: return False
 
-
+# %% ../nbs/09b_fid.ipynb #d15e6204
 def _fid_inception_net(inc, state_dict=None):
     "pytorch-fid's `fid_inception_v3` with the state dict given (or random) instead of downloaded."
     net = inc._inception_v3(num_classes=1008, aux_logits=False, weights=None)

@@ -50,6 +50,19 @@ def fid_available() -> bool:
     except ImportError: return False
 
 
+# %% [markdown]
+# Whether the extra is there decides whether FID is computed at all; when it is not, the error says what to install:
+
+# %%
+if fid_available(): assert hasattr(_import_fid()[1], "InceptionV3")
+else: test_fail(_import_fid, contains='pip install')
+
+
+# %% [markdown]
+# The network, and its features of fsdit's images:
+
+# %%
+#| export
 def _fid_inception_net(inc, state_dict=None):
     "pytorch-fid's `fid_inception_v3` with the state dict given (or random) instead of downloaded."
     net = inc._inception_v3(num_classes=1008, aux_logits=False, weights=None)
