@@ -60,7 +60,7 @@ class DemoSize:
     eval_cfg: tuple = (8.0,)              # CFG scales evaluated (over `cfg_interval`)
     sample_steps: int = 15                # Euler steps for grids and eval (the seed samples with 50; chosen on val)
 
-
+# %% ../nbs/11_demo.ipynb #1f6d7552
 DEMO_SIZES = {
     'full': DemoSize(),
     'long': DemoSize(model={**DemoSize().model, 'hidden': 192, 'depth': 6},
@@ -126,7 +126,7 @@ def _chars(out) -> str:
     "The characters of the demo's glyph classes."
     return ''.join(map(glyph_char, sorted(json.loads((Path(out) / 'glyphs' / 'glyphs.json').read_text())['classes'])))
 
-
+# %% ../nbs/11_demo.ipynb #33210437
 def demo_encoder(out, s: DemoSize, log: Callable | None = None):
     """The stand-in support encoder: with `s.encoder`, a `GlyphEncoder` trained on its own unaligned renderings of every
     class and kept in DEMO/encoder (reused when trained with these settings); else the random pixel projection."""
@@ -155,7 +155,7 @@ def _heldout_proto_acc(enc, out) -> float:
         for f in list_images(test / c): ims.append(load_image(f)); labels.append(i)
     return prototype_accuracy(enc, np.stack(ims).astype(np.float32) / 127.5 - 1, np.array(labels))
 
-
+# %% ../nbs/11_demo.ipynb #467d1532
 def demo_store(out, s: DemoSize, encoder=None, log: Callable | None = None, progress: bool = True):
     "The pixel-space feature store of the split with the stand-in encoder (reused when complete)."
     out = Path(out); t0 = time.time(); reused = (out / 'feats' / 'metadata.json').exists()
@@ -171,7 +171,7 @@ def demo_judge(out, s: DemoSize, log: Callable | None = None):
     style = {} if s.data == 'aligned' else {'style': s.data}      # the aligned judge's settings as they were
     return glyph_judge(Path(out) / 'judge', _chars(out), s.image_size, log=log, **s.judge, **style)
 
-
+# %% ../nbs/11_demo.ipynb #8205aab3
 def _resume_step(run: Path) -> int:
     "The step a run resumes from: its newest checkpoint (0 when none). The log may run past it; the trainer cuts it back."
     return max(saved_steps(run), default=0)
@@ -216,7 +216,7 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
               f"val loss {last.get('val/loss', float('nan')):.4f})")
     return run
 
-
+# %% ../nbs/11_demo.ipynb #82b86c34
 def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.ndarray:
     "A grid of `s.grid_classes` classes of `split`: 5 supports from the store, `s.grid_samples` samples each."
     rng = np.random.default_rng(seed)
@@ -257,7 +257,7 @@ def _loader(run_dir) -> Callable:
 
 def _guidance(s: DemoSize) -> str: return f"CFG {s.cfg:g}{interval_text(s.cfg_interval)}"
 
-
+# %% ../nbs/11_demo.ipynb #6ba22472
 def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
     "DEMO/samples_seen.png (train classes) and DEMO/samples_heldout.png (test classes), remade when stale."
     out = Path(out); step = max(saved_steps(out / 'run'), default=None)
@@ -274,7 +274,7 @@ def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: 
               f"{time.time() - t0:.0f} s)")
     return files
 
-
+# %% ../nbs/11_demo.ipynb #4aa3681a
 from .eval import JUDGE_METRICS as HEADLINE
 
 
@@ -301,7 +301,7 @@ def summary_table(summary: dict) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return '\n'.join(' '.join(c.rjust(w[i]) for i, c in enumerate(r)) for r in rows)
 
-
+# %% ../nbs/11_demo.ipynb #954ec366
 def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None, judge=None) -> dict:
     "DEMO/eval/eval.json and figures (remade when the run moved on); returns the summary."
     out = Path(out); step = max(saved_steps(out / 'run'), default=None); ev = out / 'eval' / 'eval.json'
@@ -319,7 +319,7 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
               + summary_table(summary))
     return summary
 
-
+# %% ../nbs/11_demo.ipynb #943f1219
 STAGES = ('data', 'encoder', 'store', 'judge', 'train', 'samples', 'eval')
 
 

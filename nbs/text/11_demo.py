@@ -98,6 +98,15 @@ class DemoSize:
     sample_steps: int = 15                # Euler steps for grids and eval (the seed samples with 50; chosen on val)
 
 
+# %%
+test_eq((DemoSize().image_size, DemoSize().cfg_interval, DemoSize(cfg=2.0).cfg), (16, (0.6, 0.9), 2.0))
+test_fail(lambda: setattr(DemoSize(), 'cfg', 1.0))                  # frozen: a size is changed with `replace`
+
+# %% [markdown]
+# The sizes, what the unaligned data changes, and the configs a size makes:
+
+# %%
+#| export
 DEMO_SIZES = {
     'full': DemoSize(),
     'long': DemoSize(model={**DemoSize().model, 'hidden': 192, 'depth': 6},
@@ -207,6 +216,18 @@ def _chars(out) -> str:
     return ''.join(map(glyph_char, sorted(json.loads((Path(out) / 'glyphs' / 'glyphs.json').read_text())['classes'])))
 
 
+# %%
+ex_dir, ex_s, ex_log = Path(tempfile.mkdtemp()), demo_size('tiny'), []
+test_eq(demo_data(ex_dir, ex_s, ex_log.append), ex_dir / 'split')
+test_eq(sorted(p.name for p in (ex_dir / 'split').iterdir()), ['prepare.json', 'test', 'train', 'val'])
+test_eq(_chars(ex_dir), ex_s.chars); assert '24 aligned glyph classes x 6 images' in ex_log[-1], ex_log
+
+
+# %% [markdown]
+# The support encoder: the random projection, or (unaligned data) a glyph encoder trained once and kept:
+
+# %%
+#| export
 def demo_encoder(out, s: DemoSize, log: Callable | None = None):
     """The stand-in support encoder: with `s.encoder`, a `GlyphEncoder` trained on its own unaligned renderings of every
     class and kept in DEMO/encoder (reused when trained with these settings); else the random pixel projection."""
@@ -236,6 +257,17 @@ def _heldout_proto_acc(enc, out) -> float:
     return prototype_accuracy(enc, np.stack(ims).astype(np.float32) / 127.5 - 1, np.array(labels))
 
 
+# %%
+ex_enc = demo_encoder(ex_dir, ex_s)                                 # the tiny size trains no encoder
+test_eq(ex_enc.name, PixelEncoder(dim=16).name)
+assert 0.25 < _heldout_proto_acc(ex_enc, ex_dir) <= 1               # 4 held-out classes: chance is 0.25
+
+
+# %% [markdown]
+# The store, and the judge:
+
+# %%
+#| export
 def demo_store(out, s: DemoSize, encoder=None, log: Callable | None = None, progress: bool = True):
     "The pixel-space feature store of the split with the stand-in encoder (reused when complete)."
     out = Path(out); t0 = time.time(); reused = (out / 'feats' / 'metadata.json').exists()
@@ -252,6 +284,21 @@ def demo_judge(out, s: DemoSize, log: Callable | None = None):
     return glyph_judge(Path(out) / 'judge', _chars(out), s.image_size, log=log, **s.judge, **style)
 
 
+# %%
+ex_st = demo_store(ex_dir, ex_s, ex_enc, ex_log.append, progress=False)
+test_eq((len(ex_st.embeds), ex_st.meta['encoder']), (144, ex_enc.name)); assert 'reused' not in ex_log[-1]
+demo_store(ex_dir, ex_s, ex_enc, ex_log.append, progress=False); assert 'reused' in ex_log[-1]
+
+
+# %% [markdown]
+# Training goes through `fsdit.train.train` on episodes from the store. The trainer logs to
+# `RUN/metrics.jsonl`; a thread follows that file to move a progress bar, so the trainer needs no hook.
+# A run already at its last step is not touched. A run cut off resumes from its newest checkpoint, which may be
+# behind the last line of its log (the trainer cuts the log back to it), so that is where the bar starts and what the
+# stage's line counts from:
+
+# %%
+#| export
 def _resume_step(run: Path) -> int:
     "The step a run resumes from: its newest checkpoint (0 when none). The log may run past it; the trainer cuts it back."
     return max(saved_steps(run), default=0)
@@ -297,6 +344,26 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
     return run
 
 
+# %%
+_r = Path(tempfile.mkdtemp()) / 'run'; (_r / 'checkpoints' / '1000').mkdir(parents=True)
+(_r / 'metrics.jsonl').write_text(''.join(json.dumps({'step': k, 'train/loss': 0.2}) + '\n' for k in (500, 1000, 1500)))
+test_eq((_resume_step(_r), last_logged_step(_r), _resume_step(_r.parent / 'none')), (1000, 1500, 0))
+
+# %%
+import contextlib, io
+with contextlib.redirect_stderr(io.StringIO()):                     # the bar's output
+    ex_f = _Follow(_r, 2000, True); test_eq(ex_f.bar.n, 1000)         # starts at the newest checkpoint
+    with open(_r / 'metrics.jsonl', 'a') as fh: fh.write(json.dumps({'step': 2000}) + '\n')
+    ex_f.start(); ex_f.stop(); test_eq(ex_f.bar.n, 2000)
+
+
+# %% [markdown]
+# The grids show, one class a row, the 5 supports (left of the gap) and images generated from them at
+# the run's CFG scale; the supports are drawn from the store, each class with its own seed. A grid is
+# remade only when the run it shows has moved on (its step is recorded beside it).
+
+# %%
+#| export
 def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.ndarray:
     "A grid of `s.grid_classes` classes of `split`: 5 supports from the store, `s.grid_samples` samples each."
     rng = np.random.default_rng(seed)
@@ -338,6 +405,22 @@ def _loader(run_dir) -> Callable:
 def _guidance(s: DemoSize) -> str: return f"CFG {s.cfg:g}{interval_text(s.cfg_interval)}"
 
 
+# %%
+test_eq(_stamp(ex_s, 30, 'samples'), {'step': 30, 'cfg': 3.0, 'cfg_interval': [0.5, 1.0], 'sample_steps': 4, 'grid': [3, 8, 4]})
+test_eq(_stamp(ex_s, 30, 'eval')['eval'], [4, 2, [3.0]])
+ex_meta = ex_dir / 'stamp.json'
+assert not _stamp_ok(ex_meta, {'step': 30})                         # no file, no stamp
+ex_meta.write_text(json.dumps(_stamp(ex_s, 30, 'samples')))
+assert _stamp_ok(ex_meta, _stamp(ex_s, 30, 'samples')) and not _stamp_ok(ex_meta, _stamp(ex_s, 40, 'samples'))
+test_eq(_guidance(ex_s), 'CFG 3 for t in [0.5, 1]')
+test_fail(_loader(ex_dir / 'no-run'), contains='not a run directory')   # loaded when called, not before
+
+
+# %% [markdown]
+# The grids' stage:
+
+# %%
+#| export
 def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None) -> dict:
     "DEMO/samples_seen.png (train classes) and DEMO/samples_heldout.png (test classes), remade when stale."
     out = Path(out); step = max(saved_steps(out / 'run'), default=None)
@@ -355,6 +438,17 @@ def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: 
     return files
 
 
+# %% [markdown]
+# The evaluation is `fsdit.eval.evaluate` on the held-out test classes and as many seen (train) classes,
+# with the judge: its class consistency (`judge_acc`), glyph-FD (`glyph_fd`), diversity and distance to the
+# nearest support in its features, for the model at each CFG scale, for real images (the judge never
+# trained on them: they are its held-out accuracy and the FD floor), and for the two trivial baselines
+# (*copy* returns a support, *mean* the supports' pixel mean). The stand-in embedding's numbers are in
+# `eval.json` too. `summary.json` keeps the headline at the size's CFG: each figure of the model beside
+# real images', and the ratios the demo is judged by (`vs_real`).
+
+# %%
+#| export
 from fsdit.eval import JUDGE_METRICS as HEADLINE
 
 
@@ -382,6 +476,21 @@ def summary_table(summary: dict) -> str:
     return '\n'.join(' '.join(c.rjust(w[i]) for i, c in enumerate(r)) for r in rows)
 
 
+# %%
+ex_res = {'records': [dict(split='test', method=m, cfg=c, classes=4, judge_chance=0.25, **{k: v for k in HEADLINE})
+                      for m, c, v in (('real', None, 0.5), ('copy', None, 0.2), ('model', 3.0, 0.25), ('model', 2.0, 0.9))]}
+ex_sum = demo_summary(ex_res, 3.0)
+test_eq((ex_sum['test']['model']['judge_acc'], ex_sum['test']['vs_real']['glyph_fd']), (0.25, 0.5))
+assert 'mean' not in ex_sum['test'] and ex_sum['test']['classes'] == 4
+test_eq(summary_table(ex_sum).splitlines()[0].split(), ['split', 'method', *HEADLINE])
+test_eq([l.split()[1] for l in summary_table(ex_sum).splitlines()[1:]], ['real', 'copy', 'model', 'vs_real'])
+
+
+# %% [markdown]
+# The eval's stage:
+
+# %%
+#| export
 def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Callable | None = None, judge=None) -> dict:
     "DEMO/eval/eval.json and figures (remade when the run moved on); returns the summary."
     out = Path(out); step = max(saved_steps(out / 'run'), default=None); ev = out / 'eval' / 'eval.json'
@@ -400,6 +509,11 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
     return summary
 
 
+# %% [markdown]
+# The stages in order, and the demo that runs them:
+
+# %%
+#| export
 STAGES = ('data', 'encoder', 'store', 'judge', 'train', 'samples', 'eval')
 
 
@@ -433,31 +547,11 @@ def _keep_timings(path: Path, now: dict):
     path.write_text(json.dumps({**old, **{k: v for k, v in now.items() if v >= 1.0 or k not in old}}, indent=1))
 
 
-# %% [markdown]
-# Training goes through `fsdit.train.train` on episodes from the store. The trainer logs to
-# `RUN/metrics.jsonl`; a thread follows that file to move a progress bar, so the trainer needs no hook.
-# A run already at its last step is not touched. A run cut off resumes from its newest checkpoint, which may be
-# behind the last line of its log (the trainer cuts the log back to it), so that is where the bar starts and what the
-# stage's line counts from:
-
 # %%
-_r = Path(tempfile.mkdtemp()) / 'run'; (_r / 'checkpoints' / '1000').mkdir(parents=True)
-(_r / 'metrics.jsonl').write_text(''.join(json.dumps({'step': k, 'train/loss': 0.2}) + '\n' for k in (500, 1000, 1500)))
-test_eq((_resume_step(_r), last_logged_step(_r), _resume_step(_r.parent / 'none')), (1000, 1500, 0))
-
-# %% [markdown]
-# The grids show, one class a row, the 5 supports (left of the gap) and images generated from them at
-# the run's CFG scale; the supports are drawn from the store, each class with its own seed. A grid is
-# remade only when the run it shows has moved on (its step is recorded beside it).
-
-# %% [markdown]
-# The evaluation is `fsdit.eval.evaluate` on the held-out test classes and as many seen (train) classes,
-# with the judge: its class consistency (`judge_acc`), glyph-FD (`glyph_fd`), diversity and distance to the
-# nearest support in its features, for the model at each CFG scale, for real images (the judge never
-# trained on them: they are its held-out accuracy and the FD floor), and for the two trivial baselines
-# (*copy* returns a support, *mean* the supports' pixel mean). The stand-in embedding's numbers are in
-# `eval.json` too. `summary.json` keeps the headline at the size's CFG: each figure of the model beside
-# real images', and the ratios the demo is judged by (`vs_real`).
+test_fail(lambda: demo(ex_dir, 'tiny', until='deploy'), contains='until must be one of')
+ex_t = ex_dir / 'timings.json'
+_keep_timings(ex_t, {'data': 5.0, 'train': 60.0}); _keep_timings(ex_t, {'data': 0.1, 'train': 30.0, 'eval': 0.2})
+test_eq(json.loads(ex_t.read_text()), {'data': 5.0, 'train': 30.0, 'eval': 0.2})   # a reused stage keeps its seconds
 
 # %% [markdown]
 # ## The whole chain
