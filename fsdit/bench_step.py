@@ -44,7 +44,7 @@ def machine_info() -> dict:
                 load=[round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None,
                 time=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
 
-# %% ../nbs/13a_bench_step.ipynb #fb2d0c88
+# %% ../nbs/13a_bench_step.ipynb #25978589
 _COMP_RE = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$')
 _INSTR_RE = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*?)\s([a-z][a-z0-9\-]*)\((.*)$')
 _CALLS_RE = re.compile(r'\b(?:calls|to_apply|body|condition|branch_computations)=\{?([%\w.\-, ]+)\}?')
@@ -92,7 +92,7 @@ def op_classes(instrs: dict[str, dict]) -> dict[str, str]:
         return 'elementwise'
     return {name: cls(name) for name in instrs}
 
-
+# %% ../nbs/13a_bench_step.ipynb #c3bec70c
 def _dims(shape: str) -> list[int]:
     m = re.search(r'\[([\d,]*)\]', shape)
     return [int(d) for d in m.group(1).split(',') if d] if m else []
@@ -131,7 +131,7 @@ def profile_shares(run: Callable[[], Any], hlo_text: str, reps: int = 1) -> dict
     if not s: return None
     return dict(shares={k: v / s for k, v in total.most_common()}, op_seconds=s / 1e9 / reps)
 
-# %% ../nbs/13a_bench_step.ipynb #b17ed203
+# %% ../nbs/13a_bench_step.ipynb #9e93f2c0
 def _model(size: str | ModelConfig, **model_kw) -> ModelConfig:
     return size if isinstance(size, ModelConfig) else model_config(size, **model_kw)
 
@@ -157,7 +157,7 @@ def random_like(shapes, seed: int = 0, scale: float = 0.02):
     r = np.random.default_rng(seed)
     return jax.tree.map(lambda s: (scale * r.standard_normal(s.shape)).astype(s.dtype), shapes)
 
-
+# %% ../nbs/13a_bench_step.ipynb #f0952671
 def train_inputs(mc: ModelConfig, tc: TrainConfig, batch: int, seed: int = 0):
     "A state of the trainer's structure in the trainer's layout of `tc`, and a synthetic batch split over the devices."
     # Drawn with numpy from the state's shapes: compiling the init costs seconds even at `mu`, and a

@@ -136,6 +136,18 @@ def op_classes(instrs: dict[str, dict]) -> dict[str, str]:
     return {name: cls(name) for name in instrs}
 
 
+# %%
+_small = compiled(jax.jit(lambda a, b: jnp.tanh(a @ b).sum()), jnp.ones((2, 3)), jnp.ones((3, 4)))
+_ins = hlo_instructions(_small.as_text())
+assert 'parameter' in {i['op'] for i in _ins.values()}
+assert 'matmul/conv' in op_classes(_ins).values()
+
+
+# %% [markdown]
+# XLA's FLOP count is checked against the dots' own count, and a profile's events are summed per class:
+
+# %%
+#| export
 def _dims(shape: str) -> list[int]:
     m = re.search(r'\[([\d,]*)\]', shape)
     return [int(d) for d in m.group(1).split(',') if d] if m else []
@@ -237,6 +249,20 @@ def random_like(shapes, seed: int = 0, scale: float = 0.02):
     return jax.tree.map(lambda s: (scale * r.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
+# %%
+_mc = _model('mu')
+test_eq((_mc, _size_name('mu'), _size_name(_mc)), (model_config('mu'), 'mu', 'custom'))
+_exe, _tc = train_step_exe(_mc, 4, None, False)     # compiled from shapes; `train_runner('mu', batch=4)` below reuses it
+test_eq(_tc.batch_size, 4 * jax.device_count())
+_r = random_like({'w': jax.ShapeDtypeStruct((3, 2), jnp.float32)})
+test_eq((_r['w'].shape, _r['w'].dtype), ((3, 2), np.float32))
+
+
+# %% [markdown]
+# Inputs in the trainer's layout, a runner that times one step, interleaved rounds and their summary:
+
+# %%
+#| export
 def train_inputs(mc: ModelConfig, tc: TrainConfig, batch: int, seed: int = 0):
     "A state of the trainer's structure in the trainer's layout of `tc`, and a synthetic batch split over the devices."
     # Drawn with numpy from the state's shapes: compiling the init costs seconds even at `mu`, and a
