@@ -71,7 +71,7 @@ def encoder_exes(small: bool, batch: int, shots: int, input_size: int):
     c_mom = compiled(jax.jit(moments, out_shardings=split), vae.params, target)
     return (lambda: c_emb(enc.params, supports)), (lambda: c_mom(vae.params, target)), cost(c_emb)['flops'], cost(c_mom)['flops']
 
-
+# %% ../nbs/13_bench.ipynb #e529fc6d
 def online_parts(size: str | ModelConfig, batch: int = 4, shots: int = 5, small: bool = False, **model_kw) -> dict:
     "Runners for the store iteration, the online iteration and each encoder alone; the FLOPs of each piece."
     mc = _model(size, **model_kw)
@@ -193,7 +193,7 @@ def accel_bench(dp_sizes=('S/2', 'B/2'), fsdp_sizes=('L/2', 'XL/2'), batch: int 
         recs.append(rec); log(rec)
     return recs
 
-
+# %% ../nbs/13_bench.ipynb #a74a37e5
 def _gib(b) -> str: return '-' if b is None else f"{b / 2**30:.2f}"
 
 
@@ -270,7 +270,7 @@ def bench_parser() -> argparse.ArgumentParser:
     ap.add_argument('--out', type=Path, help='also append the JSON records to this file (JSON lines)')
     return ap
 
-
+# %% ../nbs/13_bench.ipynb #013e1349
 def run_benches(a: argparse.Namespace, emit: Callable[[dict], None]):
     "Run the benchmarks that the parsed options `a` name, passing each record to `emit`."
     what = {'peak', 'train', 'online', 'sample', 'memory'} | set(a.what) - {'all'} if 'all' in a.what else set(a.what)

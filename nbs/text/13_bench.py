@@ -112,6 +112,20 @@ def encoder_exes(small: bool, batch: int, shots: int, input_size: int):
     return (lambda: c_emb(enc.params, supports)), (lambda: c_mom(vae.params, target)), cost(c_emb)['flops'], cost(c_mom)['flops']
 
 
+# %%
+_enc, _vae = encoders(small=True)
+test_eq((_enc.image_size, _vae.config.block_out_channels), (16, (32, 32)))
+_mu_size = _model('mu').input_size
+_emb, _mom, _f_emb, _f_mom = encoder_exes(True, 4, 5, _mu_size)     # cached: `store_vs_online` below compiles nothing more
+_B = 4 * jax.local_device_count()
+test_eq((_emb().shape, _mom().shape[:3]), ((_B, 5, 768), (_B, 2, 2))); assert _f_emb > 0 and _f_mom > 0
+
+
+# %% [markdown]
+# The store iteration and the online one, built from the same compiled step:
+
+# %%
+#| export
 def online_parts(size: str | ModelConfig, batch: int = 4, shots: int = 5, small: bool = False, **model_kw) -> dict:
     "Runners for the store iteration, the online iteration and each encoder alone; the FLOPs of each piece."
     mc = _model(size, **model_kw)
@@ -309,6 +323,22 @@ def accel_bench(dp_sizes=('S/2', 'B/2'), fsdp_sizes=('L/2', 'XL/2'), batch: int 
     return recs
 
 
+# %% [markdown]
+# On this machine's CPU at `mu` size (bfloat16 on a CPU is slow, and its "peak" is the measured float32
+# matmul, so these figures mean nothing; the records are what is checked):
+
+# %%
+ar = accel_bench(('mu',), ('mu',), batch=2, reps=1, n=2, steps=2)
+test_eq([(r['bench'], r.get('fsdp')) for r in ar], [('accel_train', False), ('accel_train', True), ('accel_sample', None)])
+assert all('error' not in r and r['samples_per_s_total'] > 0 and r['mfu'] > 0 for r in ar[:2]) and ar[2]['images_per_s'] > 0
+_pb = _device_peak_bytes(); assert _pb is None or _pb > 0          # the CPU reports none
+
+
+# %% [markdown]
+# The records as the section of `BENCHMARKS.md`, and the section written in place:
+
+# %%
+#| export
 def _gib(b) -> str: return '-' if b is None else f"{b / 2**30:.2f}"
 
 
@@ -351,14 +381,11 @@ def write_section(path, section: str):
 
 
 # %% [markdown]
-# On this machine's CPU at `mu` size (bfloat16 on a CPU is slow, and its "peak" is the measured float32
-# matmul, so these figures mean nothing; the records and the section are what is checked), written twice
-# into a file that has other text around the section: the second write replaces the first.
+# The section of those records, written twice into a file that has other text around it: the second write
+# replaces the first.
 
 # %%
-ar = accel_bench(('mu',), ('mu',), batch=2, reps=1, n=2, steps=2)
-test_eq([(r['bench'], r.get('fsdp')) for r in ar], [('accel_train', False), ('accel_train', True), ('accel_sample', None)])
-assert all('error' not in r and r['samples_per_s_total'] > 0 and r['mfu'] > 0 for r in ar[:2]) and ar[2]['images_per_s'] > 0
+test_eq((_gib(None), _gib(3 * 2**29)), ('-', '1.50'))
 md = accel_markdown(ar, info)
 assert md.count('| mu |') == 3 and 'FSDP' in md and info['devices'] in md
 with tempfile.TemporaryDirectory() as d:
@@ -422,6 +449,18 @@ def bench_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# %%
+_tr = _train_record('mu', 2, 1, None, False, dtype='bfloat16', attention='xla')   # the step `accel_bench` compiled above
+test_eq((_tr['size'], _tr['batch'], _tr['reps']), ('mu', 2, 1)); assert _tr['params'] > 0 and 'mfu' not in _tr and 'profile' not in _tr
+_a = bench_parser().parse_args(['train', '--sizes', 'mu', '--fsdp'])
+test_eq((_a.what, _a.sizes, _a.fsdp, _a.batch, _a.dtype), (['train'], ['mu'], True, 16, 'float32'))
+
+
+# %% [markdown]
+# Running the benchmarks the options name, and the command:
+
+# %%
+#| export
 def run_benches(a: argparse.Namespace, emit: Callable[[dict], None]):
     "Run the benchmarks that the parsed options `a` name, passing each record to `emit`."
     what = {'peak', 'train', 'online', 'sample', 'memory'} | set(a.what) - {'all'} if 'all' in a.what else set(a.what)
