@@ -19,6 +19,7 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 
 from fsdit.hub import resolve_checkpoint
+from fsdit.utils import patch_to
 
 # %%
 import tempfile
@@ -570,16 +571,25 @@ class SDVAE:
             raise ValueError(f"mean and logvar shapes differ: {np.shape(mean)} vs {np.shape(logvar)}")
         return _posterior_sample(key, jnp.asarray(mean, jnp.float32), jnp.asarray(logvar, jnp.float32))
 
-    def decode(self, latents, clip: bool = True) -> jax.Array:
-        "Unscaled latents (B, h, w, latent_channels) -> images (B, h*f, w*f, out_channels), clipped to [-1, 1]."
-        _check_array(latents, 'latents', self.config.latent_channels)
-        x = self._decode(self.params, jnp.asarray(latents))
-        return jnp.clip(x, -1.0, 1.0) if clip else x
 
-    def __repr__(self):
-        c = self.config
-        return (f"SDVAE({self.name!r}, blocks={c.block_out_channels}, latent_channels={c.latent_channels}, "
-                f"f={c.downsample_factor}, scaling_factor={self.scaling_factor}, dtype={self.dtype!r})")
+# %% [markdown]
+# Decoding, and how a VAE shows itself:
+
+# %%
+#| export
+@patch_to(SDVAE)
+def decode(self, latents, clip: bool = True) -> jax.Array:
+    "Unscaled latents (B, h, w, latent_channels) -> images (B, h*f, w*f, out_channels), clipped to [-1, 1]."
+    _check_array(latents, 'latents', self.config.latent_channels)
+    x = self._decode(self.params, jnp.asarray(latents))
+    return jnp.clip(x, -1.0, 1.0) if clip else x
+
+
+@patch_to(SDVAE)
+def __repr__(self):
+    c = self.config
+    return (f"SDVAE({self.name!r}, blocks={c.block_out_channels}, latent_channels={c.latent_channels}, "
+            f"f={c.downsample_factor}, scaling_factor={self.scaling_factor}, dtype={self.dtype!r})")
 
 
 # %% [markdown]
