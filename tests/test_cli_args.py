@@ -43,7 +43,7 @@ def flag(f: dataclasses.Field) -> str: return '--' + f.name.replace('_', '-')
 
 def parsed(*flags) -> TrainConfig:
     "The TrainConfig `fsdit train FLAGS` would train with (the `test` preset below the flags; no store, nothing run)."
-    from fsdit.launch import parse_train_args, resolve_configs
+    from fsdit.commands.train import parse_train_args, resolve_configs
     return resolve_configs(parse_train_args(['--out', '/nonexistent/run', '--preset', 'test', *flags]), None)[1]
 
 
@@ -56,7 +56,7 @@ def test_every_tuple_setting_is_covered():
 @pytest.mark.parametrize('f', TUPLE_FIELDS, ids=lambda f: f.name)
 def test_train_help_shows_tuple_settings_as_numbers(f, capsys):
     "`--help` names each number (`--cfg-interval LO HI`), as `fsdit eval` and `fsdit sample` do; the parser takes that many."
-    from fsdit.launch import train_parser
+    from fsdit.commands.train import train_parser
     rc, out, _ = fsdit(capsys, 'train', '--help')
     action = next(a for a in train_parser()._actions if flag(f) in a.option_strings)
     assert rc == 0 and action.nargs == len(action.metavar) == len(f.default)
@@ -104,7 +104,7 @@ def cli_store(tmp_path_factory):
 
 def test_train_cli_tuple_setting_reaches_the_trainer(cli_store, tmp_path, capsys, monkeypatch):
     "The whole `fsdit train` path up to the trainer: the given numbers arrive as the config's tuple; out of range: refused."
-    import fsdit.launch as L
+    import fsdit.commands.train as L
     got = []
     monkeypatch.setattr(L, 'train', lambda mc, tc, *a, **k: got.append(tc))
     base = ['train', '--feats', cli_store, '--model', 'mu', '--model.patch', '4', '--preset', 'test']
@@ -136,7 +136,7 @@ def sample_run(tmp_path_factory):
 
 def test_sample_steps_default_to_the_runs(sample_run, tmp_path, capsys, monkeypatch):
     "No --steps: the run's TrainConfig.sample_steps (3 here, not 50); --steps still wins."
-    import fsdit.supports as S
+    import fsdit.commands.sample as S
     run, files = sample_run
     steps, real = [], S.sample_from_supports
     monkeypatch.setattr(S, 'sample_from_supports', lambda *a, **k: steps.append(k['steps']) or real(*a, **k))

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import fsdit.data as D
+import fsdit.commands.prepare as P
 from fsdit.data import (EpisodeBatches, RAVI_SPLIT, episode_table, host_batch, prepare,
                         process_share, split_classes, stratified_order, validation_batches)
 
@@ -121,8 +122,8 @@ def test_ravi_split(tmp_path):
 
 def test_prepare_cli(tmp_path, capsys):
     src = _flat(tmp_path / 'flat', ['a', 'b', 'c'])
-    assert D.prepare_cli(['--src', str(src), '--dst', str(tmp_path / 's'), '--train', '1', '--val', '1', '--test', '1']) == 0
-    assert D.prepare_cli(['--src', str(src), '--dst', str(tmp_path / 's'), '--train', '1', '--val', '1', '--test', '1',
+    assert P.prepare_cli(['--src', str(src), '--dst', str(tmp_path / 's'), '--train', '1', '--val', '1', '--test', '1']) == 0
+    assert P.prepare_cli(['--src', str(src), '--dst', str(tmp_path / 's'), '--train', '1', '--val', '1', '--test', '1',
                           '--seed', '7']) == 1
     out = capsys.readouterr()
     assert out.err.startswith('fsdit prepare: refusing') and 'refusing' not in out.out

@@ -154,7 +154,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_eval_cli_on_tiny_run(tiny_run, capsys):
-    from fsdit.eval import eval_cli
+    from fsdit.commands.eval import eval_cli
     out = tiny_run / 'eval'
     rc = eval_cli(['--run', str(tiny_run / 'run'), '--feats', str(tiny_run / 'feats'), '--shots', '1', '3',
                    '--cfg', '0', '3', '--cfg-interval', '0.5', '1', '--n', '4', '--steps', '2', '--max-real', '6', '--out', str(out)])
@@ -188,7 +188,7 @@ def test_quick_eval_for_training(tiny_run):
 
 def test_sample_cli_on_tiny_run(tiny_run, capsys):
     from PIL import Image
-    from fsdit.supports import sample_cli
+    from fsdit.commands.sample import sample_cli
     cls = next((tiny_run / 'split' / 'test').iterdir())
     out = tiny_run / 'grid.png'
     rc = sample_cli(['--run', str(tiny_run / 'run'), '--class-dir', str(cls), '--n', '6', '--steps', '2',

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsdit.codecs import PixelEncoder, PixelSpace, precompute_cli
+from fsdit.codecs import PixelEncoder, PixelSpace
+from fsdit.commands.precompute import precompute_cli
 from fsdit.data import EpisodeBatches, host_batch, load_image, online_batch, to_unit
 from fsdit.features import FORMAT_VERSION, open_store, precompute, store_index
 

@@ -1,6 +1,7 @@
 """tools/import_graph.py: one function builds the device mesh, `l2_normalize` lives in `fsdit.utils`, no module over
 450 lines, no branch on the conditioning's name outside `fsdit.conds` (and the config's validation), `latent_scale` in
-`fsdit.features` and `fsdit.run` only; the tool exits 0 on the package and names each failure on a copy that breaks them; notebook cells over 60
+`fsdit.features` and `fsdit.run` only, no library module importing a command module (`cli`, `app`, `commands.*`) or a
+`*_cli`; the tool exits 0 on the package and names each failure on a copy that breaks them; notebook cells over 60
 lines are reported, not failed."""
 import importlib.util, subprocess, sys
 from pathlib import Path
@@ -17,6 +18,9 @@ def test_package_passes():
     assert r['long_modules'] == {}
     assert set(r['cond_branches']) <= G.COND_OWNERS, r['cond_branches']
     assert r['latent_scale_modules'] == ['features', 'run']
+    assert r['command_imports'] == []
+    assert {'cli', 'app', 'commands.train', 'commands.prepare'} <= {m for m in r['modules'] if G.is_command(m)}
+    assert not G.is_command('launch') and not G.is_command('data')
     assert G.failures(r) == []
     p = subprocess.run([sys.executable, str(ROOT / 'tools' / 'import_graph.py')], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.rstrip().endswith('ok'), p.stdout + p.stderr
@@ -29,13 +33,19 @@ def test_failures_are_named(tmp_path):
                                    "from .demo import demo_cli\n"
                                    "def f(mc, cond): return mc.cond == 'class' or 'x' != cond or mc.cond in ('a',) or 'b' not in mc.cond\n")
     (tmp_path / 'conds.py').write_text("def f(cfg): return cfg.cond == 'class'\n")   # the owner may
+    (tmp_path / 'commands').mkdir(); (tmp_path / 'commands' / '__init__.py').write_text('')
+    (tmp_path / 'commands' / 'x.py').write_text("from ..b import f\nfrom ..cli import fail\ndef x_cli(argv): return 0\n")  # a command may
+    (tmp_path / 'c.py').write_text("from .commands.x import x_cli\nfrom .commands import x\nimport fsdit.commands.x\n")
     for m in ('a', 'b', 'conds'): (tmp_path / f'{m}.py').write_text((tmp_path / f'{m}.py').read_text() + "latent_scale = 1.0\n")
     r = G.report(tmp_path)
     assert r['mesh_builders'] == ['a.m', 'b.<lambda>'] and r['l2_normalize_defined_in'] == ['a']
-    assert list(r['long_modules']) == ['a'] and len(r['command_imports']) == 2
+    assert list(r['long_modules']) == ['a'] and len(r['command_imports']) == 5
+    assert r['command_imports'][:2] == ['b: from cli import fail', 'b: from demo import demo_cli']
+    assert r['command_imports'][2:] == ['c: from commands.x import x_cli', 'c: from commands import x', 'c: import fsdit.commands.x']
     assert r['cond_branches'] == {'b': 4, 'conds': 1}
-    assert len(G.failures(r)) == 5 and "outside ['conds', 'config']: {'b': 4}" in G.failures(r)[-2]
-    assert "latent_scale is mentioned in 3 modules" in G.failures(r)[-1] and r['latent_scale_modules'] == ['a', 'b', 'conds']
+    assert len(G.failures(r)) == 6 and "outside ['conds', 'config']: {'b': 4}" in G.failures(r)[-3]
+    assert "latent_scale is mentioned in 3 modules" in G.failures(r)[-2] and r['latent_scale_modules'] == ['a', 'b', 'conds']
+    assert "library modules import from a command module" in G.failures(r)[-1] and 'b: from demo import demo_cli' in G.failures(r)[-1]
 
 
 def test_long_cells_reported_not_failed(tmp_path):

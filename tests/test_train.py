@@ -62,7 +62,7 @@ def train_store(tmp_path_factory):
 @pytest.fixture(scope='module')
 def train_run(train_store):
     "An uninterrupted 8-step CLI run (1 process, 1 device)."
-    from fsdit.launch import train_cli
+    from fsdit.commands.train import train_cli
     run = train_store.parent / 'run_a'
     assert train_cli(['--feats', str(train_store), '--out', str(run), *FLAGS]) == 0
     return run
@@ -92,7 +92,7 @@ def test_schedule_and_mask():
 @pytest.mark.oldjax
 def test_resume_after_sigterm_is_bitwise(train_store, train_run, monkeypatch):
     "SIGTERM at step 3 (between log steps), then the same command again: identical to the uninterrupted run."
-    import fsdit.launch as T
+    import fsdit.commands.train as T
     orig = T.store_source
 
     def killing_source(*a, **kw):
@@ -224,7 +224,7 @@ _PROCESS = textwrap.dedent('''
             after_step(self)
             if self.step == term_after: os.kill(os.getpid(), signal.SIGTERM)
         T.Trainer.after_step = after_then_term
-    from fsdit.launch import train_cli
+    from fsdit.commands.train import train_cli
     sys.exit(train_cli(['--feats', feats, '--out', out, *sys.argv[6:]]))
 ''')
 

@@ -10,9 +10,11 @@ Checks (a failure exits 1):
     `fsdit.conds`, which owns the conditionings, and `fsdit.config`, which validates the name;
   - `latent_scale` is mentioned in at most two modules: `fsdit.features`, where the store records the VAE's
     factor, and `fsdit.run`, which reads it back from a run's config.json; everything else gets a
-    `fsdit.utils.LatentScaling` that applies it.
+    `fsdit.utils.LatentScaling` that applies it;
+  - no library module imports from a command module or imports a `*_cli` function. The command modules are
+    `fsdit.cli`, `fsdit.app` and those of `fsdit.commands` (named `commands.<name>` here); they may import
+    the library, never the reverse.
 Reported, not failed:
-  - library modules that import from a command module (`cli`, `app`) or import a `*_cli` function;
   - the branches on `cond` per module;
   - the notebook cells over 60 lines, per notebook text form in `nbs/text/` (first line and length of each).
 """
@@ -22,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / 'fsdit'
 TEXT = ROOT / 'nbs' / 'text'
-COMMAND_MODULES = {'cli', 'app'}
+COMMAND_MODULES = {'cli', 'app'}     # with every module of the `commands` subpackage
+COMMAND_PACKAGE = 'commands'
 MAX_LINES = 450
 MAX_CELL_LINES = 60
 COND_OWNERS = {'conds', 'config'}     # the conditionings' module, and the config that validates `cond`
@@ -30,36 +33,50 @@ MAX_LATENT_SCALE_MODULES = 2          # the store that records the VAE's factor,
 
 
 def modules(pkg: Path = PKG) -> dict[str, tuple[str, ast.Module]]:
-    "Module name -> (source, tree) for every module of the package but the generated `_modidx`."
+    """Module name -> (source, tree) for every module of the package and its subpackages but the generated `_modidx`;
+    a subpackage's module is named with dots (`commands.train`), its `__init__.py` by the subpackage (`commands`)."""
     out = {}
-    for p in sorted(pkg.glob('*.py')):
-        if p.stem == '_modidx': continue
+    for p in sorted(pkg.rglob('*.py')):
+        if p.stem == '_modidx' or '__pycache__' in p.parts: continue
+        parts = p.relative_to(pkg).with_suffix('').parts
+        if parts[-1] == '__init__': parts = parts[:-1]
+        if not parts: continue                                   # the package's own __init__
         src = p.read_text()
-        out[p.stem] = (src, ast.parse(src, str(p)))
+        out['.'.join(parts)] = (src, ast.parse(src, str(p)))
     return out
 
 
-def _imported_module(node: ast.ImportFrom) -> str | None:
-    "The package module an `ImportFrom` reads from (`.cli` or `fsdit.cli` -> 'cli'), or None when outside the package."
+def is_command(module: str | None) -> bool:
+    "Whether a package module (`cli`, `commands.train`, ...) is a command module."
+    return bool(module) and (module in COMMAND_MODULES or module.split('.')[0] == COMMAND_PACKAGE)
+
+
+def _imported_modules(node: ast.ImportFrom, importer: str) -> list[str]:
+    """The package modules an `ImportFrom` in module `importer` reads from (`.cli`, `..cli` or `fsdit.cli` -> 'cli';
+    `from . import commands` -> 'commands'); empty when outside the package."""
     mod = node.module or ''
-    if node.level == 1: return mod.split('.')[0] or None
-    if node.level == 0 and mod.startswith('fsdit.'): return mod.split('.')[1]
-    return None
+    if node.level == 0:
+        return [mod.split('.', 1)[1]] if mod.startswith('fsdit.') else []
+    base = importer.split('.')[:-1]                              # the importer's package, relative to fsdit
+    if node.level - 1 > len(base): return []
+    base = base[:len(base) - (node.level - 1)]
+    if mod: return ['.'.join(base + [mod])]
+    return ['.'.join(base + [a.name]) for a in node.names]       # `from . import x`: x may be a module
 
 
 def command_imports(mods: dict) -> list[str]:
     "`module: from X import names` for each library module importing from a command module or importing a `*_cli`."
     out = []
     for name, (_, tree) in mods.items():
-        if name in COMMAND_MODULES: continue
+        if is_command(name): continue
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                src, names = _imported_module(node), [a.name for a in node.names]
-                if src in COMMAND_MODULES or any(n.endswith('_cli') for n in names):
-                    out.append(f"{name}: from {src or node.module} import {', '.join(names)}")
+                srcs, names = _imported_modules(node, name), [a.name for a in node.names]
+                if any(map(is_command, srcs)) or any(n.endswith('_cli') for n in names):
+                    out.append(f"{name}: from {(srcs[0] if len(srcs) == 1 else None) or node.module} import {', '.join(names)}")
             elif isinstance(node, ast.Import):
                 for a in node.names:
-                    if a.name in {f'fsdit.{m}' for m in COMMAND_MODULES}: out.append(f"{name}: import {a.name}")
+                    if a.name.startswith('fsdit.') and is_command(a.name.split('.', 1)[1]): out.append(f"{name}: import {a.name}")
     return out
 
 
@@ -131,6 +148,7 @@ def report(pkg: Path = PKG, text: Path = TEXT) -> dict:
         latent_scale_modules=[n for n, (s, _) in mods.items() if 'latent_scale' in s],
         cond_branches=cond_branches(mods),
         long_cells=long_cells(text),
+        modules=list(mods),
         n_modules=len(mods))
 
 
@@ -145,17 +163,19 @@ def failures(r: dict) -> list[str]:
     ls = r['latent_scale_modules']
     if len(ls) > MAX_LATENT_SCALE_MODULES:
         out.append(f"latent_scale is mentioned in {len(ls)} modules (want at most {MAX_LATENT_SCALE_MODULES}; pass a LatentScaling): {ls}")
+    if r['command_imports']:
+        out.append(f"library modules import from a command module or import a *_cli: {r['command_imports']}")
     return out
 
 
 def main() -> int:
     r = report()
-    print(f"{r['n_modules']} modules in fsdit/")
+    print(f"{r['n_modules']} modules in fsdit/ ({sum(map(is_command, r['modules']))} command modules: "
+          f"{', '.join(m for m in r['modules'] if is_command(m))})")
     print(f"Mesh built in: {', '.join(r['mesh_builders']) or 'nowhere'}")
     print(f"l2_normalize defined in: {', '.join(r['l2_normalize_defined_in']) or 'nowhere'}")
     print(f"modules over {MAX_LINES} lines: {r['long_modules'] or 'none'}")
-    print(f"library modules importing from a command module ({', '.join(sorted(COMMAND_MODULES))}) or a *_cli "
-          f"(reported, not failed): {len(r['command_imports'])}")
+    print(f"library modules importing from a command module or a *_cli (failed above 0): {len(r['command_imports'])}")
     for line in r['command_imports']: print(f"  {line}")
     print(f"modules mentioning latent_scale (failed above {MAX_LATENT_SCALE_MODULES}): {len(r['latent_scale_modules'])}: {', '.join(r['latent_scale_modules'])}")
     cb = r['cond_branches']

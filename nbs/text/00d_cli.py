@@ -3,9 +3,11 @@
 #
 # > `fsdit <command>`: a thin layer over the functions the notebooks define.
 #
-# Each command is owned by the module that implements it; this module only routes `argv` to it, so
-# `fsdit train --help` is written next to the trainer, and importing the CLI costs nothing until a
-# command runs.
+# The commands are a layer over the library: each lives in its own module of `fsdit.commands`
+# (`fsdit.commands.train`, ...; the explorer's web app, `fsdit.app`, is one too), written in a notebook
+# beside the component it drives. A command module imports the library; the library never imports a command.
+# This module only routes `argv` to the command and holds what the commands share, so importing the CLI costs
+# nothing until a command runs.
 
 # %%
 #| default_exp cli
@@ -16,18 +18,20 @@ from __future__ import annotations
 import argparse, importlib, sys, tempfile
 from pathlib import Path
 
+from fsdit.utils import CLIError
+
 # %%
 #| export
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # command: (module, function, one-line help)
-    'prepare':    ('fsdit.data', 'prepare_cli', 'split a flat class-folder dataset into train/val/test by class'),
-    'precompute': ('fsdit.codecs', 'precompute_cli', 'run every image once through the frozen encoders into a feature store'),
-    'train':      ('fsdit.launch', 'train_cli', 'train (or resume) a run on a feature store, data-parallel over all devices'),
-    'sample':     ('fsdit.supports', 'sample_cli', 'generate images of a class from a few support images'),
-    'eval':       ('fsdit.eval', 'eval_cli', 'few-shot metrics on unseen (and seen) classes -> JSON + plots'),
-    'export':     ('fsdit.export', 'export_cli', 'a run as a folder to share: safetensors weights, JSON configs, a model card'),
-    'demo':       ('fsdit.demo', 'demo_cli', 'the whole chain offline on a small real dataset a dependency ships'),
-    'bench':      ('fsdit.bench', 'bench_cli', 'benchmarks: train step, store vs online encoders, sampling, memory'),
+    'prepare':    ('fsdit.commands.prepare', 'prepare_cli', 'split a flat class-folder dataset into train/val/test by class'),
+    'precompute': ('fsdit.commands.precompute', 'precompute_cli', 'run every image once through the frozen encoders into a feature store'),
+    'train':      ('fsdit.commands.train', 'train_cli', 'train (or resume) a run on a feature store, data-parallel over all devices'),
+    'sample':     ('fsdit.commands.sample', 'sample_cli', 'generate images of a class from a few support images'),
+    'eval':       ('fsdit.commands.eval', 'eval_cli', 'few-shot metrics on unseen (and seen) classes -> JSON + plots'),
+    'export':     ('fsdit.commands.export', 'export_cli', 'a run as a folder to share: safetensors weights, JSON configs, a model card'),
+    'demo':       ('fsdit.commands.demo', 'demo_cli', 'the whole chain offline on a small real dataset a dependency ships'),
+    'bench':      ('fsdit.commands.bench', 'bench_cli', 'benchmarks: train step, store vs online encoders, sampling, memory'),
     'explore':    ('fsdit.app', 'explore_cli', "the explorer of a run as a web app in the browser (needs fsdit[app])"),
 }
 
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # %% [markdown]
-# Every command resolves to a function of the module that owns it:
+# Every command resolves to a function of its command module:
 
 # %%
 import contextlib, io
@@ -65,20 +69,19 @@ assert 'precompute' in buf.getvalue() and 'fsdit <command> --help' in buf.getval
 with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(['trian']), 2)
 assert "unknown command 'trian'" in err.getvalue()
 
-
 # %% [markdown]
 # ## Refusing clearly
 #
 # Every command ends either in success or in exit status 1 with **one line** on stderr, `fsdit <command>: ...`,
 # that names what was wrong and what to do — never a traceback, and nothing written that a corrected rerun
-# would trip over. The commands share the pieces for that: `CLIError` for a refusal, `fail` to print one,
+# would trip over. The commands share the pieces for that: `CLIError` for a refusal (defined in `fsdit.utils`,
+# since library code raises it too, and offered here as well), `fail` to print one,
 # `Parser` whose argument errors are one line too (exit status 2), `positive_int` for counts, and
 # `check_out_dir` / `check_out_file`, which look at an output path before anything is computed or written.
 
 # %%
 #| export
-class CLIError(ValueError):
-    "A command refused its input; the message says what was wrong and what to do."
+_all_ = ['CLIError']   # from fsdit.utils, where library code raising it finds it
 
 
 def fail(cmd: str, e: BaseException | str) -> int:

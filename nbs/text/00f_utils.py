@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Utilities
 #
-# > Small helpers that every layer shares and that depend on nothing else in the package: L2 normalisation, the data-parallel device mesh, the latent scaling, and `patch_to` for writing a class over several cells.
+# > Small helpers that every layer shares and that depend on nothing else in the package: L2 normalisation, the data-parallel device mesh, the latent scaling, `patch_to` for writing a class over several cells, and `CLIError`, the refusal a command reports in one line.
 
 # %%
 #| default_exp utils
@@ -134,3 +134,22 @@ def compile(self): return 'method'
 test_eq((_A().double(), _A().half, _A().compile()), (4, 1.0, 'method'))
 test_eq((_A.double.__qualname__, _A.half.fget.__qualname__), ('_A.double', '_A.half'))
 assert double is _A.double and compile is builtins.compile          # a new name is the function; a builtin is kept
+
+
+# %% [markdown]
+# ## A refusal
+#
+# `CLIError` is what a function raises when its input is refused with a message that says what was wrong and
+# what to do. The commands (`fsdit.cli` and `fsdit.commands`) catch it and print that message as one line;
+# library code that refuses a setting given on the command line (a TPU topology, say) raises it too, so it lives
+# here rather than in the command layer. `fsdit.cli` still offers it under its old name.
+
+# %%
+#| export
+class CLIError(ValueError):
+    "A command refused its input; the message says what was wrong and what to do."
+
+
+# %%
+try: raise CLIError('--x 3: give 1 or 2')
+except ValueError as e: test_eq(str(e), '--x 3: give 1 or 2')     # a ValueError: callers catching those catch it too

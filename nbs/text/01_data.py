@@ -20,7 +20,6 @@ from PIL import Image
 
 from fsdit.config import TrainConfig
 from fsdit.files import building
-from fsdit.cli import Parser, fail
 from fsdit.utils import l2_normalize, data_mesh, DATA_AXIS, LatentScaling
 
 _all_ = ['l2_normalize']   # its home is `fsdit.utils`; `from fsdit.data import l2_normalize` still works
@@ -282,30 +281,13 @@ for i in range(2, 7): (src / 'c3' / f'{i}.png').unlink()
 raises(lambda: prepare(src, _root / 'split2', train=3, val=1, test=1, seed=0), "'c3' (2)")
 assert not (_root / 'split2').exists()
 
-
-# %%
-#| export
-def prepare_cli(argv: list[str]) -> int:
-    "`fsdit prepare`: split a flat class-folder dataset by class; a refusal is one line on stderr and exit status 1."
-    p = Parser(prog='fsdit prepare', description=prepare.__doc__)
-    p.add_argument('--src', required=True, help='folder of class folders (flat miniImageNet)')
-    p.add_argument('--dst', required=True, help='output: DST/{train,val,test}/<class>/')
-    p.add_argument('--train', type=int, default=60); p.add_argument('--val', type=int, default=16)
-    p.add_argument('--test', type=int, default=20); p.add_argument('--seed', type=int, default=42)
-    p.add_argument('--split', choices=('seed', 'ravi'), default='seed',
-                   help="'seed': the seed's RandomState permutation; 'ravi': the standard 64/16/20 lists")
-    p.add_argument('--copy', action='store_true', help='copy the images instead of symlinking them')
-    a = p.parse_args(argv)
-    try: m = prepare(a.src, a.dst, a.train, a.val, a.test, a.seed, a.split, a.copy)
-    except (ValueError, OSError) as e:                  # FileExistsError, an unreadable --src: OSError
-        return fail('prepare', e)
-    for k, v in m['counts'].items(): print(f"{k}: {len(v)} classes, {sum(v.values())} images")
-    for path, why in m['skipped']: print(f"skipped {path}: {why}")
-    return 0
-
+# %% [markdown]
+# The command `fsdit prepare` (`fsdit.commands.prepare`) runs `prepare` with these arguments as flags; on the
+# dataset above it prints the counts, and the refusal is one line:
 
 # %%
 import contextlib, io
+from fsdit.commands.prepare import prepare_cli
 with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(prepare_cli(['--src', str(src), '--dst', str(_root / 'split'), '--train', '2', '--val', '1', '--test', '1', '--seed', '0']), 0)
     test_eq(prepare_cli(['--src', str(src), '--dst', str(_root / 'split'), '--train', '2', '--val', '1', '--test', '1', '--seed', '5']), 1)

@@ -22,7 +22,6 @@ from fsdit.encoder import SigLIPEncoder
 from fsdit.glyph_encoder import GlyphEncoder, is_glyph_encoder
 from fsdit.features import open_store, precompute, store_index
 from fsdit.vae import DEFAULT_VAE, SDVAE
-from fsdit.cli import Parser, positive_int, check_out_dir, fail
 
 # %%
 import contextlib, io, tempfile as _tf
@@ -222,58 +221,16 @@ test_eq((_emb.shape, _lat.shape), ((3, 16), (3, 16, 16, 3))); test_close(_lat, i
 test_close(np.linalg.norm(_emb, axis=-1), 1, eps=1e-5)
 test_eq(store_meta(_run), None)
 
-
 # %% [markdown]
 # ## Command line
 #
 # `fsdit precompute --data SPLIT --out FEATS` loads SigLIP2 and the SD-VAE (hub ids or local folders) and
 # runs `fsdit.features.precompute`; `--stand-in` uses the offline stand-ins instead (pixel space,
-# `PixelEncoder` — not SigLIP2). It lives here, with the codecs it chooses between. A run whose
-# `config.json` names the store then gets the same codecs back from `run_codecs`.
+# `PixelEncoder` — not SigLIP2). The command is `fsdit.commands.precompute`; it is run here, on the codecs it chooses
+# between. A run whose `config.json` names the store then gets the same codecs back from `run_codecs`.
 
 # %%
-#| export
-def _named(obj, name: str, method: str):
-    "`obj` if it carries a `name`, else a view of it with `name`, `method` and its `scaling_factor` if any."
-    if getattr(obj, 'name', None): return obj
-    extra = {'scaling_factor': obj.scaling_factor} if hasattr(obj, 'scaling_factor') else {}
-    return types.SimpleNamespace(name=name, **{method: getattr(obj, method)}, **extra)
-
-
-def precompute_cli(argv: list[str]) -> int:
-    "`fsdit precompute`: every image of a prepared split once through the frozen encoders."
-    p = Parser(prog='fsdit precompute', description=precompute.__doc__)
-    p.add_argument('--data', required=True, help='prepared split (output of `fsdit prepare`)')
-    p.add_argument('--out', required=True, help='feature store folder to write')
-    p.add_argument('--encoder', default=None, help=f'SigLIP(2) hub id or local folder (default {DEFAULT_ENCODER}); '
-                   'with --stand-in: a glyph encoder folder (default: the random pixel projection)')
-    p.add_argument('--vae', default=DEFAULT_VAE, help='SD-VAE (any diffusers AutoencoderKL) hub id or local folder')
-    p.add_argument('--image-size', type=positive_int, default=None, help='224 (latent) or 32 (--stand-in)')
-    p.add_argument('--chunk-size', type=positive_int, default=1024); p.add_argument('--batch-size', type=positive_int, default=64)
-    p.add_argument('--stand-in', action='store_true', help='offline stand-ins: pixel space + PixelEncoder (NOT SigLIP2)')
-    p.add_argument('--embed-dim', type=positive_int, default=64, help='stand-in embedding width')
-    p.add_argument('--channels', type=int, default=3, help='stand-in pixel channels (3 or 1)')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='encoder compute dtype')
-    a = p.parse_args(argv)
-    try:
-        check_out_dir(a.out)
-        store_index(a.data)                                  # a split to read, before any encoder loads
-        if a.stand_in:
-            size = a.image_size or 32
-            enc = load_encoder(a.encoder) if a.encoder else PixelEncoder(dim=a.embed_dim)
-            vae, space = PixelSpace(size=size, channels=a.channels), 'pixel'
-        else:
-            size, space, name = a.image_size or 224, 'latent', a.encoder or DEFAULT_ENCODER
-            enc = _named(SigLIPEncoder.from_pretrained(name, dtype=a.dtype), name, 'embed')
-            vae = _named(SDVAE.from_pretrained(a.vae, dtype=a.dtype), a.vae, 'moments')
-        st = precompute(a.data, a.out, enc, vae, size, space, a.chunk_size, a.batch_size)
-    except (ValueError, OSError) as e:
-        return fail('precompute', e)
-    print(f"{a.out}: {len(st.embeds)} images, embeds {st.embeds.shape[1:]}, moments {st.moments.shape[1:]}, {st.meta['splits']}")
-    return 0
-
-
-# %%
+from fsdit.commands.precompute import precompute_cli
 with contextlib.redirect_stdout(io.StringIO()) as o, contextlib.redirect_stderr(io.StringIO()):
     test_eq(precompute_cli(['--data', str(_root / 'split'), '--out', str(_root / 'feats3'), '--stand-in', '--image-size', '16',
                             '--embed-dim', '8', '--chunk-size', '7']), 0)

@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 
-from fsdit.cli import Parser, check_out_dir, fail
 from fsdit.codecs import DEFAULT_ENCODER, Codecs, PixelEncoder, PixelSpace, run_codecs, store_meta
 from fsdit.config import config_to_dict, interval_text
 from fsdit.files import building
@@ -423,29 +422,11 @@ finally: _hc.HF_HUB_OFFLINE, _hc.HF_HUB_CACHE = _saved
 # ## Command line
 #
 # `fsdit export RUN OUT`. `RUN` is the `--out` folder of `fsdit train` (the demo's `DEMO/run`), an export,
-# or a hub id. Prints what went in; a refusal is one line, exit status 1, and writes nothing.
+# or a hub id. Prints what went in; a refusal is one line, exit status 1, and writes nothing. The command is
+# `fsdit.commands.export`; on the runs above:
 
 # %%
-#| export
-def export_cli(argv: list[str]) -> int:
-    "`fsdit export RUN OUT`: a run as a folder to share (safetensors, JSON, a model card; no pickle)."
-    p = Parser(prog='fsdit export', description=export_cli.__doc__)
-    p.add_argument('run', help='run directory of `fsdit train` (or an export, or its hub id user/name)')
-    p.add_argument('out', help='folder to write; must not exist, or be empty')
-    a = p.parse_args(argv)
-    say = lambda msg: print(f"fsdit export: {msg}", file=sys.stderr)
-    try:
-        check_out_dir(a.out)
-        got = export_run(a.run, a.out, log=say)
-    except (ValueError, OSError) as e:
-        return fail('export', e)
-    c = got['codecs']
-    print(f"{a.out}: step {got['step']}, encoder {c['encoder']}" + (' (carried)' if 'encoder' in got['carried'] else '')
-          + f", figures: {got['figures'] or 'none'}, held-out grid: {'yes' if got['grid'] else 'none'}")
-    return 0
-
-
-# %%
+from fsdit.commands.export import export_cli
 with contextlib.redirect_stdout(io.StringIO()) as o, contextlib.redirect_stderr(io.StringIO()) as e:
     test_eq(export_cli([str(run2_dir), str(tmp / 'shared3')]), 0)
     test_eq(export_cli([str(run2_dir), str(tmp / 'shared3')]), 1)

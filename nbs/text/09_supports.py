@@ -21,7 +21,6 @@ from fsdit.images import save_png, support_grid, to_uint8
 from fsdit.run import Run, load_run
 from fsdit.config import check_interval, interval_text
 from fsdit.sampler import generate, check_supports
-from fsdit.cli import Parser, positive_int, check_out_file, fail
 from fsdit.data import check_image, load_image, list_images
 
 # %%
@@ -86,7 +85,6 @@ test_eq(read_supports([tmp / 'sup' / 'a.png'], 8).shape, (1, 8, 8, 3))
 test_fail(lambda: read_supports([tmp / 'sup' / 'a.png', tmp / 'sup' / 'none.png'], 8), contains='none.png (no such file)')
 test_eq(len(class_dir_supports(tmp / 'sup', 1)), 1)
 
-
 # %% [markdown]
 # ## Command line
 #
@@ -101,68 +99,14 @@ test_eq(len(class_dir_supports(tmp / 'sup', 1)), 1)
 # `RUN` is the `--out` folder of `fsdit train`, a folder of `fsdit export` or the hub id (`user/name`) of one
 # (`fsdit.run.load_run` reads all three). An export samples with the codecs it recorded and carries
 # (`fsdit.export.codecs_of`), so it needs no feature store, and its samples are the run's, seed for seed.
-
-# %%
-#| export
-def sample_parser() -> Parser:
-    "The options of `fsdit sample`."
-    p = Parser(prog='fsdit sample', description=sample_cli.__doc__)
-    p.add_argument('--run', required=True, help='run directory of `fsdit train`, a folder of `fsdit export` or its hub id (user/name)')
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument('--support', nargs='+', help='support image files')
-    g.add_argument('--class-dir', help='folder of images of one class to draw the supports from')
-    p.add_argument('--shots', type=positive_int, default=None, help="supports drawn from --class-dir (default: the run's shots)")
-    p.add_argument('--n', type=positive_int, default=16, help='images to generate')
-    p.add_argument('--cfg', type=float, default=None,
-                   help="classifier-free guidance scale (negative: away from the supports; default: the run's)")
-    p.add_argument('--cfg-interval', type=float, nargs=2, default=None, metavar=('LO', 'HI'),
-                   help="guide only where LO <= t <= HI (t=0 noise, t=1 data; default: the run's)")
-    p.add_argument('--steps', type=positive_int, default=None, help="sampler steps (default: the run's)")
-    p.add_argument('--method', default='euler', choices=('euler', 'heun'))
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default='grid.png', help='grid image to write')
-    p.add_argument('--npz', default=None, help='also save the samples (uint8) to this .npz')
-    p.add_argument('--feats', default=None, help="feature store of the run (names its encoders; an export records its own)")
-    p.add_argument('--encoder', default=None, help='support encoder id or folder (overrides the store)')
-    p.add_argument('--vae', default=None, help='VAE id or folder (overrides the store)')
-    p.add_argument('--raw', action='store_true', help='live instead of EMA parameters')
-    return p
-
-
-def sample_cli(argv: list[str]) -> int:
-    "`fsdit sample`: images of a class from a few support images, as a grid with the supports on top."
-    a = sample_parser().parse_args(argv)
-    say = lambda msg: print(f"fsdit sample: {msg}", file=sys.stderr)
-    try:
-        outs = [check_out_file(a.out)] + ([check_out_file(a.npz, '--npz')] if a.npz else [])
-        if a.support: read_supports(a.support, 8)             # every file readable, before the run loads
-        interval = None if a.cfg_interval is None else check_interval(a.cfg_interval)
-        run = load_run(a.run, ema=not a.raw, warn=say)
-        check_supports(run.mc, 1)                             # a class-conditioned run takes no supports
-        files = a.support or class_dir_supports(a.class_dir, a.shots or run.tc.shots, a.seed)
-        codecs = codecs_of(run, a.feats, a.encoder, a.vae)
-        sup = read_supports(files, codecs.image_size)
-        cfg = run.tc.cfg_scale if a.cfg is None else a.cfg
-        interval = interval or check_interval(run.tc.cfg_interval)
-        steps = a.steps or run.tc.sample_steps
-        x = sample_from_supports(run, codecs, sup, a.n, cfg_scale=cfg, steps=steps, seed=a.seed, method=a.method,
-                                 cfg_interval=interval)
-        if len(sup) != run.tc.shots:
-            say(f"note: the run was trained on {run.tc.shots}-shot episodes; sampled from {len(sup)} supports")
-        for o in outs: o.parent.mkdir(parents=True, exist_ok=True)
-        if a.npz: np.savez_compressed(a.npz, samples=to_uint8(x, rgb=True), supports=sup)
-        save_png(support_grid(sup, x), a.out)
-    except (ValueError, OSError) as e:
-        return fail('sample', e)
-    print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {cfg}{interval_text(interval)}, {steps} steps)")
-    return 0
-
+# The command is `fsdit.commands.sample`.
 
 # %% [markdown]
 # End to end on the saved run: three support files, a grid with them on the top row and the samples
 # below; an unreadable support and a run without checkpoint each end in a one-line error.
 
 # %%
+from fsdit.commands.sample import sample_cli, sample_parser
 import contextlib, io
 from PIL import Image
 (tmp / 'cls').mkdir()

@@ -29,7 +29,6 @@ from typing import Any, Callable
 import numpy as np
 
 from fsdit.config import train_config, TrainConfig, ModelConfig, interval_text
-from fsdit.cli import Parser, positive_int, fail
 from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace, load_encoder, run_codecs
 from fsdit.glyph_encoder import GlyphEncoder, GlyphEncoderSpec, is_glyph_encoder, train_glyph_encoder, prototype_accuracy
 from fsdit.data import prepare
@@ -616,37 +615,10 @@ Image.open(d / 'samples_heldout.png')
 #
 # `fsdit demo --out DEMO` (default `demo`) runs the `full` size; `--size tiny` the seconds-long one;
 # `--cond support` the seed's conditioning (`context`: supports as tokens); `--until STAGE` stops early.
+# The command is `fsdit.commands.demo`; run again on the folder above, it reuses every stage:
 
 # %%
-#| export
-def demo_cli(argv: list[str]) -> int:
-    "`fsdit demo`: the whole chain offline on the glyph dataset — data, store, train, samples, eval."
-    p = Parser(prog='fsdit demo', description=demo_cli.__doc__)
-    p.add_argument('--out', default='demo', help='demo folder (reused: finished stages are skipped)')
-    p.add_argument('--size', default='full', choices=sorted(DEMO_SIZES),
-                   help="'full' (minutes on a CPU), 'long' (about 1.6 hours on a 2-core CPU) or 'tiny' (seconds)")
-    p.add_argument('--data', default='aligned', choices=('aligned', 'unaligned'),
-                   help="'aligned': centred dark characters; 'unaligned': each placed, sized, turned and coloured at random "
-                        "(RGB), with a trained stand-in encoder")
-    p.add_argument('--cond', default=None, choices=('aligned', 'support', 'context', 'xattn'),
-                   help="default (the data's): 'aligned', the supports' pixels beside the target; 'xattn': cross-attention "
-                        "to the supports' patches; 'support': the seed's mean embedding via adaLN only; 'context': supports also as tokens")
-    p.add_argument('--steps', type=positive_int, default=None, help='training steps (default: the size\'s)')
-    p.add_argument('--until', default='eval', choices=STAGES, help='last stage to run')
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
-    a = p.parse_args(argv)
-    s = demo_size(a.size, a.data)
-    if a.steps is not None:
-        t = {**s.train, 'max_steps': a.steps}
-        if 'warmup' in t: t['warmup'] = min(t['warmup'], a.steps)
-        s = replace(s, train=t)
-    try: demo(a.out, s, a.cond, a.until, log=print, progress=not a.no_progress)
-    except (ValueError, FileExistsError, OSError) as e:
-        return fail('demo', e)
-    return 0
-
-
-# %%
+from fsdit.commands.demo import demo_cli
 import contextlib, io
 with contextlib.redirect_stdout(io.StringIO()) as o: test_eq(demo_cli(['--out', str(d), '--size', 'tiny', '--no-progress']), 0)
 assert o.getvalue().startswith('fsdit demo -> ') and o.getvalue().count('reused') == 6

@@ -26,8 +26,7 @@ from fsdit.state import create_state
 from fsdit.steps import make_train_step, layout_for, state_shardings
 from fsdit.testing import synthetic_batch
 from fsdit.perf import block, stats, compiled, cost, memory
-from fsdit.cli import CLIError
-from fsdit.utils import LatentScaling
+from fsdit.utils import CLIError, LatentScaling
 
 SD_VAE_SCALE = 0.18215   # the SD-VAE's scaling factor: the latent scale of the benchmarked steps (speed does not depend on it)
 

@@ -229,7 +229,11 @@ assert model_config('B/2').tokens == 196 and train_config().batch_size == 128
 # foundations (`00_config` ... `00f_utils`), data (`01_data`, `01a_glyphs`), frozen codecs (`02_encoder` SigLIP2,
 # `02a_glyph_encoder`, `03_vae`, `04_features` the store, `04a_codecs`), the model (`05_dit`, `06_flow`, `07_sampler`),
 # training (`08_state`, `08a_run`, `08b_steps`, `08c_train`, `08d_export`), using a run (`09_supports`, `09a_metrics`,
-# `09b_fid`, `10_eval`, `10a_judge`, `10b_launch`) and on top (`11_demo`, `12_explorer`, `13_bench`). `make sync`
+# `09b_fid`, `10_eval`, `10a_judge`, `10b_launch`) and on top (`11_demo`, `12_explorer`, `13_bench`). The commands
+# are a layer over the library: `fsdit.cli` routes `fsdit <command>` to a module of `fsdit.commands`, each written
+# in a notebook beside the component it drives (`01b_cmd_prepare`, `04b_cmd_precompute`, `08e_cmd_export`,
+# `09c_cmd_sample`, `10c_cmd_eval`, `10d_cmd_train`, `11a_cmd_demo`, `13b_cmd_bench`; the explorer's app, `12a_app`,
+# is a command too); a command imports the library, the library never imports a command. `make sync`
 # exports the package and writes this README from `nbs/index.ipynb`.
 #
 # **Troubleshooting**: every command stops with one line saying what was wrong and what to do;
