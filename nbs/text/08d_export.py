@@ -417,7 +417,6 @@ try:
     test_eq(samples(hubbed, codecs_of(hubbed), sup2), before)
 finally: _hc.HF_HUB_OFFLINE, _hc.HF_HUB_CACHE = _saved
 
-
 # %% [markdown]
 # ## Command line
 #

@@ -592,7 +592,6 @@ def offline(images): raise OSError("google/siglip2-base-patch16-224: not on disk
 off = FewShotHook(src, mc_fs, tc_fs, None, offline)
 test_eq(off(None, 2), {}); assert off.embed is None and off(None, 4) == {}
 
-
 # %% [markdown]
 # ## Command line
 #

@@ -609,7 +609,6 @@ assert 10 <= g.shape[0] - GRID_SCALE * 3 * (16 + 2) <= 40          # 3 classes e
 assert g.shape[1] > GRID_SCALE * (5 + 3) * 16                      # 5 supports | 3 samples
 Image.open(d / 'samples_heldout.png')
 
-
 # %% [markdown]
 # ## Command line
 #

@@ -419,4 +419,3 @@ def train_record(size, batch, reps, peak, profile, fsdp=False, **model_kw) -> di
 # %%
 _tr = train_record('mu', 2, 1, None, False, dtype='bfloat16', attention='xla')   # the step `accel_bench` compiled above
 test_eq((_tr['size'], _tr['batch'], _tr['reps']), ('mu', 2, 1)); assert _tr['params'] > 0 and 'mfu' not in _tr and 'profile' not in _tr
-
