@@ -29,12 +29,14 @@ from typing import Any
 
 import numpy as np
 import jax, jax.numpy as jnp
+import optax
 
 from fsdit import bench, steps
 from fsdit.config import train_config
 from fsdit.dit import DiT
-from fsdit.state import make_optimizer
+from fsdit.state import make_optimizer, lr_schedule, ema_update
 from fsdit.utils import LatentScaling
+from fsdit.flow import loss_fn, t_bin_stats
 
 SIZES = {'S/2': (384, 12, 6), 'B/2': (768, 12, 12), 'L/2': (1024, 24, 16), 'XL/2': (1152, 28, 16), 'mu': (32, 2, 2)}
 STEP_DEFS = ('flow_interpolate', 'flow_velocity', 'compute_t_bin_losses', 'Trainer')
@@ -96,13 +98,32 @@ def original_runner(o: dict, size: str, batch: int, max_steps: int = 200_000):
     return run, dict(params=n_params, flops=bench.cost(c)['flops'], memory=bench.memory(c), hlo=c.as_text())
 
 
+def pmap_step(state, batch, *, model, tx, mc, tc, scaling):
+    """The trainer's previous step, per device under `jax.pmap` over the axis 'batch': each device draws the keys of
+    its own examples from their global index, and the loss, gradients and t-bin sums are reduced over the axis."""
+    n = batch['moments'].shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(state.key, state.step), i))(
+        jax.lax.axis_index('batch') * n + jnp.arange(n))
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, batch, keys, mc, tc, scaling)
+    loss, grads = jax.lax.pmean((loss, grads), 'batch')
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = steps.global_norm(grads)
+    bin_sums, bin_counts = jax.lax.psum(t_bin_stats(aux['loss'], aux['t']), 'batch')
+    metrics = dict(loss=loss, grad_norm=grad_norm, grad_norm_clipped=jnp.minimum(grad_norm, tc.grad_clip),
+                   param_norm=steps.global_norm(params), lr=lr_schedule(tc)(state.step),
+                   finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm), bin_sums=bin_sums, bin_counts=bin_counts)
+    return state.replace(params=params, ema_params=ema_update(state.ema_params, params, tc.ema_decay),
+                         opt_state=opt_state, step=state.step + 1), metrics
+
+
 def pmap_runner(size: str, batch: int):
-    """The trainer's previous step: the same `fsdit.steps.train_step` per device under `jax.pmap` (state replicated
-    on every local device, gradients pmean-ed over the axis), as the trainer ran it before the jit + sharding layout."""
+    """The trainer's previous step (`pmap_step`): state replicated on every local device, gradients pmean-ed over the
+    axis, as the trainer ran it before the jit + sharding layout."""
     mc, n = bench._model(size), jax.local_device_count()
     tc = train_config('seed', batch_size=batch * n)
-    fn = jax.pmap(functools.partial(steps.train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
-                                    scaling=LatentScaling(bench.SD_VAE_SCALE), axis_name='batch'),
+    fn = jax.pmap(functools.partial(pmap_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
+                                    scaling=LatentScaling(bench.SD_VAE_SCALE)),
                   axis_name='batch', donate_argnums=(0,) if steps.donate_state() else ())
     state, b = bench.train_inputs(mc, tc, batch)
     stack = lambda x: np.stack([np.asarray(x)] * n)

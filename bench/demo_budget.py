@@ -26,7 +26,7 @@ def jit_runner(mc, batch: int):
     "The trainer's step function under one `jax.jit` (no data axis), warmed; returns (run, flops)."
     tc = demo_configs(demo_size('full'))[1]
     step = jax.jit(functools.partial(train_step, model=DiT(mc), tx=make_optimizer(tc), mc=mc, tc=tc,
-                                     scaling=LatentScaling(), axis_name=None))
+                                     scaling=LatentScaling()))
     state, b = B.train_inputs(mc, tc, batch)
     c = step.lower(state, b).compile()
     box = {'state': state}

@@ -177,18 +177,17 @@ test_close(float(np.nansum(bin_means(s, n) * np.asarray(n)) / 4), float(lf), eps
 #
 # Every random number of a step — $t$, the noise $\epsilon$, the CFG drop, the posterior sample and the
 # mirror choice — comes from a key that depends only on the step and the example's index in the *global*
-# batch: `fold_in(fold_in(key, step), index)`. A device finds the index of its first example from its
-# position on the data axis (`lax.axis_index`, global across processes), so 1 device, 8 devices or 2
-# processes draw the same numbers for the same example and a run does not depend on how its batch is split.
+# batch: `fold_in(fold_in(key, step), index)`. The step is one program over the global batch (`jax.jit` with
+# shardings), so the index is the example's place in that batch whichever device holds it: 1 device, 8 devices
+# or 2 processes draw the same numbers for the same example and a run does not depend on how its batch is split.
 # (The seed split one key per device and reused one fixed key for the VAE posterior noise.)
 
 # %%
 #| export
-def example_keys(key: jax.Array, step, n: int, axis_name: str | None = None) -> jax.Array:
-    "Keys (n, 2) for this device's n examples: fold_in(fold_in(key, step), global example index along `axis_name`)."
-    first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+def example_keys(key: jax.Array, step, n: int) -> jax.Array:
+    "Keys (n, 2) for the n examples of the global batch: fold_in(fold_in(key, step), example index)."
     step_key = jax.random.fold_in(key, step)
-    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(n))
 
 
 
@@ -234,7 +233,7 @@ def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig,
 from fsdit.testing import synthetic_batch
 mc, tc = model_config('mu'), train_config('test')
 b = synthetic_batch(4, mc)
-keys = example_keys(jax.random.PRNGKey(0), 3, 4, axis_name=None)
+keys = example_keys(jax.random.PRNGKey(0), 3, 4)
 inputs = jax.jit(model_inputs, static_argnums=(2, 3, 4))
 x1, t, eps, drop, c_in = inputs(b, keys, mc, tc, LatentScaling(0.18215))
 test_eq((x1.shape, t.shape, eps.shape, drop.shape, c_in['support_embed'].shape), ((4, 28, 28, 4), (4,), (4, 28, 28, 4), (4,), (4, 768)))

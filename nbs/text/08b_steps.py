@@ -43,10 +43,6 @@ tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_eve
 # and XLA inserts the reductions a data-parallel step needs. Each example's noise and time come from its
 # global index (`fsdit.flow.example_keys`), so the step draws the same numbers on one device or on many.
 #
-# The same functions also run per device under `jax.pmap` or `shard_map` when given the axis name
-# (`axis_name`): then the loss and gradients are `pmean`-ed and the t-bin sums `psum`-med over it. The
-# benchmarks use that to time the previous (pmap) trainer against this one.
-#
 # The per-example losses go into 10 t-bins as sums and counts: a bin's mean is sum / count over the whole
 # batch (NaN when empty) — the seed averaged per-device bin means with empty bins counted as 0, which reads
 # the edge bins too low. Metrics stay on the device until a log step fetches them; `finite` is the NaN/Inf
@@ -58,28 +54,24 @@ tc = train_config('test', max_steps=10, eval_every=10, sample_every=10, save_eve
 AXIS = DATA_AXIS  # the mesh axis: the batch is split along it, and under FSDP the state too
 
 
-def _pmean(x, axis_name): return x if axis_name is None else jax.lax.pmean(x, axis_name)
 def global_norm(tree) -> jax.Array: return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-def _psum(x, axis_name): return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def compute_grads(state, batch, *, model, mc, tc, scaling, axis_name=None):
-    "Loss and gradients of the batch (pmean-ed over `axis_name` when run per device), per-example losses and t."
-    keys = example_keys(state.key, state.step, batch['moments'].shape[0], axis_name)
+def compute_grads(state, batch, *, model, mc, tc, scaling):
+    "Loss and gradients of the global batch, per-example losses and t."
+    keys = example_keys(state.key, state.step, batch['moments'].shape[0])
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, batch, keys, mc, tc, scaling)
-    return _pmean(loss, axis_name), _pmean(grads, axis_name), aux['loss'], aux['t']
+    return loss, grads, aux['loss'], aux['t']
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, scaling, axis_name=None,
-               grad_sharding=None):
+def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, scaling, grad_sharding=None):
     "One optimizer step on the batch; returns the new state and metrics. `grad_sharding`: where gradients live (FSDP)."
-    loss, grads, per_example, t = compute_grads(state, batch, model=model, mc=mc, tc=tc,
-                                                scaling=scaling, axis_name=axis_name)
+    loss, grads, per_example, t = compute_grads(state, batch, model=model, mc=mc, tc=tc, scaling=scaling)
     if grad_sharding is not None: grads = jax.lax.with_sharding_constraint(grads, grad_sharding)  # reduce-scatter
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = global_norm(grads)
-    bin_sums, bin_counts = _psum(t_bin_stats(per_example, t), axis_name)
+    bin_sums, bin_counts = t_bin_stats(per_example, t)
     metrics = dict(loss=loss, grad_norm=grad_norm, grad_norm_clipped=jnp.minimum(grad_norm, tc.grad_clip),
                    param_norm=global_norm(params), lr=lr_schedule(tc)(state.step),
                    finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm), bin_sums=bin_sums, bin_counts=bin_counts)
@@ -315,15 +307,14 @@ for e, a, b_ in zip(jax.tree.leaves(ema), jax.tree.leaves(p0), jax.tree.leaves(p
 
 # %%
 #| export
-def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, scaling, axis_name=None) -> dict:
+def eval_step(params, batch: dict, key: jax.Array, *, model, mc, tc, scaling) -> dict:
     "Validation sums over the batch: loss sum, count, t-bin sums/counts; attention entropy (depth, heads)."
-    keys = example_keys(key, 0, batch['moments'].shape[0], axis_name)
+    keys = example_keys(key, 0, batch['moments'].shape[0])
     _, aux = loss_fn(params, model, batch, keys, mc, tc, scaling, train=False, intermediates=True)
     per_example = aux['loss']
     bin_sums, bin_counts = t_bin_stats(per_example, aux['t'])
-    out = _psum(dict(loss_sum=per_example.sum(), count=jnp.float32(per_example.shape[0]),
-                     bin_sums=bin_sums, bin_counts=bin_counts), axis_name)
-    return {**out, 'attn_entropy': _pmean(aux['intermediates']['attn_entropy'], axis_name)}
+    return dict(loss_sum=per_example.sum(), count=jnp.float32(per_example.shape[0]), bin_sums=bin_sums,
+                bin_counts=bin_counts, attn_entropy=aux['intermediates']['attn_entropy'])
 
 
 @functools.lru_cache(maxsize=8)
