@@ -556,21 +556,36 @@ test_eq(json.loads(ex_t.read_text()), {'data': 5.0, 'train': 30.0, 'eval': 0.2})
 # ## The whole chain
 
 # %% [markdown]
-# At the `tiny` size the whole chain takes seconds. A second call reuses every stage:
+# At the `tiny` size the whole chain takes seconds. Stopped after the store (`until='store'`), the next call
+# resumes there: the data and the store are reused, the rest is made.
 
 # %%
-t0 = time.time()
 d = Path(tempfile.mkdtemp()) / 'demo'
-msgs = []
+demo(d, 'tiny', until='store', progress=False)
+assert (d / 'feats' / 'metadata.json').exists() and not (d / 'run').exists()
+t0, msgs = time.time(), []
 r = demo(d, 'tiny', log=msgs.append, progress=False)
 first = time.time() - t0
+ms = [m for m in msgs if not m.startswith('judge epoch')]                             # the judge's progress lines
+test_eq(ms[0], f"fsdit demo -> {d.resolve()}")
+test_eq([m.split(':')[0] for m in ms[1:7]], ['data', 'store', 'judge', 'train', 'samples', 'eval'])
+assert 'reused' in ms[1] and 'reused' in ms[2] and 'reused' not in ms[3]            # resumed after the store
+assert 'not SigLIP2' in ms[2] and ms[-1].startswith('minutes: data ')                # honest about the stand-in
 test_eq(sorted(p.name for p in d.iterdir()),
         ['eval', 'feats', 'glyphs', 'judge', 'run', 'samples_heldout.json', 'samples_heldout.png', 'samples_seen.json',
          'samples_seen.png', 'split', 'summary.json', 'timings.json'])
+for f in ('eval/eval.json', 'eval/fig_judge_acc.png', 'eval/fig_glyph_fd.png', 'judge/judge.json'): assert (d / f).exists(), f
 sm = json.loads((d / 'summary.json').read_text())
-test_eq((sm['step'], set(sm)), (30, {'step', 'cond', 'cfg', 'cfg_interval', 'sample_steps', 'eval', 'test', 'train'}))
-assert {'real', 'copy', 'mean', 'model', 'vs_real'} <= set(sm['test']) and sm['test']['classes'] == 4
-assert sm['test']['copy']['nn_support_judge'] < 1e-6 and sm['test']['real']['nn_support_judge'] > 0
+test_eq((sm['step'], sm['cond'], sm['cfg'], set(sm)),
+        (30, 'aligned', 3.0, {'step', 'cond', 'cfg', 'cfg_interval', 'sample_steps', 'eval', 'test', 'train'}))
+for split in ('test', 'train'):
+    test_eq((sm[split]['classes'], sm[split]['judge_chance']), (4, 1 / 24))           # the judge reads all 24 classes
+    assert {'real', 'copy', 'mean', 'model', 'vs_real'} <= set(sm[split])
+    assert all(0 <= sm[split][m]['judge_acc'] <= 1 for m in ('real', 'copy', 'mean', 'model'))
+    assert sm[split]['copy']['nn_support_judge'] < 1e-6 < sm[split]['real']['nn_support_judge']
+ev = json.loads((d / 'eval' / 'eval.json').read_text())
+test_eq((ev['step'], set(ev['classes']), ev['settings']['judge']['classes']), (30, {'test', 'train'}, 24))
+assert not set(ev['classes']['test']) & set(ev['classes']['train'])                   # held-out means unseen
 test_eq(list(r['timings']), list(STAGES)); test_eq(r['run'], d / 'run')
 print('\n'.join(msgs)); print(f"{first:.1f} s")
 
@@ -579,6 +594,7 @@ msgs2 = []
 t0 = time.time(); demo(d, 'tiny', log=msgs2.append, progress=False)
 assert all('reused' in m for m in msgs2[1:-1]) and len(msgs2) == 8, msgs2
 assert time.time() - t0 < first
+test_eq(json.loads((d / 'summary.json').read_text()), sm)
 
 # %% [markdown]
 # A grid and the eval are stamped with what they were made from (the run's step, the guidance, the sampler's steps,
