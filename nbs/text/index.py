@@ -70,7 +70,8 @@
 # (`nbs/images/demo_heldout_long.png`). The seed's own conditioning — one mean embedding through adaLN — stays near
 # chance on this data with the random-projection encoder (`fsdit demo --cond support`;
 # `nbs/images/demo_heldout_seed_cond.png`, BENCHMARKS.md §9).
-#
+
+# %% [markdown]
 # **When the supports do not line up.** `fsdit demo --data unaligned --out demo_u` draws each character at a
 # random place, size, angle and colour (RGB, 24 px), so the supports' per-pixel mean is a blur, as it is for
 # photographs, and adds a stand-in encoder trained on its own renderings (its 5-shot nearest-prototype accuracy on
