@@ -82,9 +82,14 @@
 # glyph-FD (125 against 151-192) and strokes that hold together, but no character. Five times the steps, patch 2,
 # a model four times as wide and deep, or the seed's conditioning on that model: all under 6% on validation classes
 # (`nbs/images/unaligned_curves.png`), and the model cannot draw even its own training classes when there are only
-# 12 (`bench/unaligned_subset.sh demo_u OUT`). The limit is the generator. BENCHMARKS.md §8 has the table, the
-# curves and the grids. That is the open problem this project works on next; until it is solved, nothing here shows
-# that fsdit draws unseen classes of photographs.
+# 12 (`bench/unaligned_subset.sh demo_u OUT`). The limit is the generator. Taken apart on those 12 classes, one
+# change at a time (`python bench/unaligned_factors.py demo_u OUT`), the first limit is the image format, not the
+# placement: centred black characters at 24 px RGB come out blotched (8% judge consistency, real 61%) where the same
+# characters at 16 px gray, the aligned demo's format, are drawn cleanly (38%, 87% of real); a time schedule shifted
+# toward the noise triples the 24 px figure (26%), and nothing tried yet lifts the unaligned ones
+# (`nbs/images/unaligned_factors.png`). BENCHMARKS.md §8 has the tables, the curves and the grids. That is the open
+# problem this project works on next; until it is solved, nothing here shows that fsdit draws unseen classes of
+# photographs.
 #
 # **A real colour data set, through the CLI alone.** `bench/emoji_set.py` builds 323 classes of vendors' emoji
 # (Apple, Google, Twitter, Facebook, from the npm registry; 24 drawings a class in six skin tones, 32 px), and
