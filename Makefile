@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 NB_TEXT := nbs/text
 MAKE_START := $(shell date +%s)
 
-.PHONY: demo test venv venv-dev browser sync check-sync test-oldjax
+.PHONY: demo test venv venv-dev browser sync check-sync venv-oldjax test-oldjax
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,10 +60,20 @@ check-sync:
 # the pinned torch, so pip never swaps the CPU torch for another build.
 OLD_VENV := .venv-oldjax
 TORCHVISION ?= torchvision==0.28.0
-test-oldjax:
+# `venv-oldjax` installs everything but fsdit itself (its editable build writes into the tree, which `make test`'s own
+# install is doing at the same time when CI runs this in the background); `test-oldjax` adds fsdit, checks, and tests.
+# CI calls `make test-oldjax OLDJAX_READY=1` after the background install.
+OLDJAX_PINS := "$(TORCHVISION)" "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0"
+REQS := $(shell $(PY) -c "import configparser as c; p = c.ConfigParser(); p.read('settings.ini'); \
+	print(' '.join(chr(39) + r + chr(39) for k in ('requirements', 'dev_requirements', 'fid_requirements') for r in p['DEFAULT'][k].split()))")
+venv-oldjax:
 	[ -x $(OLD_VENV)/bin/python ] || $(PY) -m venv $(OLD_VENV)
 	$(OLD_VENV)/bin/pip install -q --no-compile --upgrade pip
 	$(OLD_VENV)/bin/pip install -q --no-compile "$(TORCH)"
-	$(OLD_VENV)/bin/pip install -q --no-compile "$(TORCHVISION)" "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0" -e ".[dev,fid]"
+	$(OLD_VENV)/bin/pip install -q --no-compile $(OLDJAX_PINS) $(REQS)
+
+test-oldjax:
+	[ -n "$(OLDJAX_READY)" ] || $(MAKE) venv-oldjax
+	$(OLD_VENV)/bin/pip install -q --no-compile --no-deps -e .
 	$(OLD_VENV)/bin/pip check
 	$(TEST_JAX_CACHE) $(OLD_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "oldjax or fid" tests

@@ -9,8 +9,9 @@ conditioning trains in DEMO/conds/<name>/run with the demo size's recipe, then d
 `--classes` held-out and as many seen classes (one table row each, `bench/demo_conds.json` style). `support-randproj`
 is the seed's conditioning on a second store embedded with the random pixel projection instead of the demo's
 encoder. `--set` changes the demo size's recipe (`model.*`, `train.*` or a `DemoSize` field, values read as JSON);
-`--tag` names such a variant, whose rows are `<cond>@<tag>`. `--t-shift S` probes a time schedule shifted toward the
-noise (`shift_time`: this process only). The step time is the median logged `train/step_time`; FLOPs per step are XLA's count of the compiled
+`--tag` names such a variant, whose rows are `<cond>@<tag>`; `--set train.t_shift=S` trains with times shifted toward
+the noise (`fsdit.flow.shift_t`). Rows from before that setting existed, marked `"t_shift_probe": true`, also moved the
+sampler's grid; the same weights sampled on the uniform grid gave the same figures. The step time is the median logged `train/step_time`; FLOPs per step are XLA's count of the compiled
 training step.
 """
 import argparse, json, sys, time
@@ -52,25 +53,6 @@ def override(s, pairs: list[str]):
     return s
 
 
-def shift_time(shift: float):
-    "Patch training times and the sampler's grid through t -> t / (t + shift (1 - t)) in this process (a probe, not a setting of the package)."
-    import jax, jax.numpy as jnp
-    from fsdit import flow, sampler
-    f = lambda t: t / (t + shift * (1 - t))
-    sample_t = flow.sample_t
-    flow.sample_t = lambda key, shape, mode='logit_normal': f(sample_t(key, shape, mode))
-
-    def integrate(velocity_fn, x0, steps: int, method: str = 'euler'):
-        def body(i, carry):
-            x, _ = carry
-            t, t1 = f(i.astype(jnp.float32) / steps), f((i + 1).astype(jnp.float32) / steps)
-            v = velocity_fn(x, t)
-            if method == 'heun': v = 0.5 * (v + velocity_fn(x + (t1 - t) * v, t1))
-            return x + (t1 - t) * v, v
-        return jax.lax.fori_loop(0, steps, body, (x0, jnp.zeros_like(x0)))[0]
-    sampler.integrate = integrate
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('demo')
@@ -83,10 +65,7 @@ def main(argv=None):
     ap.add_argument('--out', default=None)
     ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='recipe overrides, e.g. model.conv=32 train.lr=1e-3')
     ap.add_argument('--tag', default='', help='names the variant: rows and folders are <cond>@<tag>')
-    ap.add_argument('--t-shift', type=float, default=1.0,
-                    help='probe: training times and the sampling grid through t -> t / (t + S (1 - t)) (S > 1: nearer the noise)')
     a = ap.parse_args(argv)
-    if a.t_shift != 1.0: shift_time(a.t_shift)
     d = Path(a.demo); root = Path(a.out or d / 'conds')
     s = demo_size(a.size, a.data)
     if a.steps: s = replace(s, train={**s.train, 'max_steps': a.steps, 'warmup': min(s.train.get('warmup', 0), a.steps)})
@@ -100,6 +79,7 @@ def main(argv=None):
         if cname.endswith('-randproj'):
             store = precompute(d / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
                                image_size=s.image_size, space='pixel', chunk_size=1024, batch_size=256, progress=False)
+        mc, tc = demo_configs(s, cond)
         t0 = time.time()
         run_dir = demo_train(out, s, store, cond=cond, log=print, progress=False, judge=judge)
         train_s = time.time() - t0
@@ -109,8 +89,7 @@ def main(argv=None):
         res = evaluate(run, store, split='test', seen_split='train', n_per_class=a.n, shots=(run.tc.shots,),
                        cfg_scales=(s.cfg,), steps=s.sample_steps, max_real_per_class=None, judge=judge,
                        n_classes=a.classes, out=out / 'eval_wide', cfg_interval=s.cfg_interval)
-        mc, tc = demo_configs(s, cond)
-        rows[name] = {'t_shift': a.t_shift, 'step': run.step, 'train_s': round(train_s), 'step_s': median_step_time(run_dir),
+        rows[name] = {'t_shift': tc.t_shift, 'step': run.step, 'train_s': round(train_s), 'step_s': median_step_time(run_dir),
                       'flops_per_step': step_flops(mc, tc), 'encoder': store.meta['encoder'], **demo_summary(res, s.cfg)}
         (root / 'conds.json').write_text(json.dumps(rows, indent=1))
         print(name, json.dumps(rows[name]['test'].get('model', {})), flush=True)

@@ -1,7 +1,7 @@
 """Which part of the unaligned glyphs stops the generator: the placement, the colours, or both?
 
     python bench/unaligned_factors.py DEMO OUT [--styles unaligned placed-gray centred-colour centred-gray]
-                                      [--classes 16] [--steps 2000] [--set model.conv=32 ...] [--tag NAME] [--t-shift S]
+                                      [--classes 16] [--steps 2000] [--set model.conv=32 ...] [--tag NAME]
     python bench/unaligned_factors.py DEMO OUT --figure NAME=CAPTION ...     # the runs' grids in one picture
 
 DEMO is an unaligned demo folder with its encoder and judge (`fsdit demo --data unaligned --until judge`). For each
@@ -18,10 +18,10 @@ Each set is split 3/4 for training; the unaligned demo's model and recipe (`demo
 demo's guidance, and a grid of 8 of those classes is written enlarged. A generator that can draw these classes at all
 must score near the real images' consistency here: every image was seen about 270 times. Rows go to OUT/factors.json.
 
-`--t-shift S` probes a resolution shift of the time schedule (as SD3 shifts it for larger images): training times and
-the sampler's Euler grid both go through t -> t / (t + S (1 - t)) (t = 0 noise, t = 1 data), so S > 1 spends more of
-both near the noise. It patches `fsdit.flow.sample_t` and `fsdit.sampler.integrate` in this process only: a probe,
-not a setting of the package.
+`--set train.t_shift=S` trains with SD3's resolution shift of the time schedule, t -> t / (t + S (1 - t)) (t = 0 noise,
+t = 1 data; `fsdit.flow.shift_t`), so S > 1 spends more of training near the noise. Rows with `"t_shift_probe": true`
+come from before that setting: a probe that also moved the sampler's grid (the same weights sampled on the uniform
+grid gave the same figures).
 """
 import argparse, json, sys, time
 from dataclasses import replace
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from demo_conds import override, median_step_time, shift_time
+from demo_conds import override, median_step_time
 from fsdit import glyphs
 from fsdit.codecs import PixelSpace
 from fsdit.data import prepare
@@ -85,9 +85,7 @@ def main(argv=None):
     ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE')
     ap.add_argument('--tag', default='')
     ap.add_argument('--figure', nargs='+', metavar='NAME=CAPTION', help='only compose the grids of these runs into OUT/factors.png')
-    ap.add_argument('--t-shift', type=float, default=1.0, help='probe: shift training times and the sampling grid toward noise')
     a = ap.parse_args(argv)
-    if a.t_shift != 1.0: shift_time(a.t_shift)
     d, root = Path(a.demo), Path(a.out); root.mkdir(parents=True, exist_ok=True)
     if a.figure:
         pairs = [f.split('=', 1) for f in a.figure]
@@ -118,7 +116,7 @@ def main(argv=None):
                        out=out / 'eval', cfg_interval=s.cfg_interval)
         last = [json.loads(l) for l in (run_dir / 'metrics.jsonl').read_text().splitlines() if l.strip()]
         rows[name] = {'style': style, 'classes': ntr, 'steps': run.step, 'train_s': round(train_s),
-                      'step_s': median_step_time(run_dir), 'set': a.set, 't_shift': a.t_shift,
+                      'step_s': median_step_time(run_dir), 'set': a.set, 't_shift': run.tc.t_shift,
                       'train_loss': next(r['train/loss'] for r in reversed(last) if 'train/loss' in r),
                       **demo_summary(res, s.cfg)}
         (root / 'factors.json').write_text(json.dumps(rows, indent=1))

@@ -87,6 +87,25 @@ def test_xattn_zero_at_init_order_invariant_k_free_and_null():
     np.testing.assert_allclose(f({'params': p}, x, t, c, d), f({'params': p}, x, t, example_cond(cfg, 2, seed=7, K=1), d), atol=1e-5)
 
 
+def test_t_shift_moves_training_times_toward_the_noise():
+    "TrainConfig.t_shift: the trainer's times are the unshifted ones through t / (t + S (1 - t)); S <= 0 is refused."
+    from fsdit.config import train_config
+    from fsdit.flow import model_inputs, shift_t, example_keys
+    from fsdit.testing import synthetic_batch
+    from fsdit.utils import LatentScaling
+    mc = model_config('mu', input_size=8, in_channels=4, support_dim=16)
+    batch, keys = synthetic_batch(64, mc), example_keys(jax.random.PRNGKey(0), 3, 64)
+    t1 = model_inputs(batch, keys, mc, train_config('test', mirror=False), LatentScaling(1.0))[1]
+    t3 = model_inputs(batch, keys, mc, train_config('test', mirror=False, t_shift=3.0), LatentScaling(1.0))[1]
+    np.testing.assert_allclose(t3, t1 / (t1 + 3 * (1 - t1)), rtol=1e-5)
+    assert (t3 < t1).all() and float(jnp.median(t3)) < 0.4
+    l1 = flow_loss(lambda v, x, t, c, d: x, None, batch['moments'][:, 0, 0], {}, key=jax.random.PRNGKey(1))[1]['t']
+    l3 = flow_loss(lambda v, x, t, c, d: x, None, batch['moments'][:, 0, 0], {}, key=jax.random.PRNGKey(1), t_shift=3.0)[1]['t']
+    np.testing.assert_allclose(l3, shift_t(l1, 3.0), rtol=1e-5)
+    with pytest.raises(ValueError, match='t_shift must be positive'):
+        train_config('test', t_shift=0.0)
+
+
 def test_flow_loss_true_velocity_and_bins():
     x1 = jax.random.normal(jax.random.PRNGKey(0), (64, 4, 4, 2))
     eps = jax.random.normal(jax.random.PRNGKey(1), x1.shape)

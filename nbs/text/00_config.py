@@ -179,6 +179,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     t_sampling: str = 'logit_normal'  # t = sigmoid(N(0,1)), or 'uniform'
+    t_shift: float = 1.0         # training times moved toward the noise, t -> t / (t + S (1 - t)) (SD3's resolution shift); 1: off
     mirror: bool = True          # the seed's random horizontal flip of the target; off where a mirror image is another class
     fsdp: bool = False           # shard parameters, EMA and optimizer state over the devices (ZeRO-3); default: replicated
     fsdp_min_size: int = 16384   # FSDP: tensors with fewer elements stay replicated
@@ -251,6 +252,7 @@ def validate_train(c: TrainConfig):
     try: check_interval(c.cfg_interval)
     except ValueError as e: raise ValueError(f"cfg_interval must be two times (lo, hi): {e}") from None
     _require(c.t_sampling in T_SAMPLING, f"t_sampling must be one of {T_SAMPLING}, got {c.t_sampling!r}")
+    _require(c.t_shift > 0, f"t_shift must be positive (1 is no shift; more than 1 moves training times toward the noise), got {c.t_shift}")
     _require(c.episodes in EPISODES, f"episodes must be one of {EPISODES}, got {c.episodes!r}")
     _require(c.wandb_mode in WANDB_MODES, f"wandb_mode must be one of {WANDB_MODES}, got {c.wandb_mode!r}")
 

@@ -69,11 +69,17 @@ test_close((interpolate(x1, eps, t0 + h) - interpolate(x1, eps, t0)) / h, veloci
 
 # %%
 #| export
-def sample_t(key, shape, mode: str = 'logit_normal'):
-    "Training timesteps in (0, 1): `'logit_normal'` = sigmoid(N(0, 1)), or `'uniform'`."
-    if mode == 'logit_normal': return jax.nn.sigmoid(jax.random.normal(key, shape))
-    if mode == 'uniform': return jax.random.uniform(key, shape)
-    raise ValueError(f"t sampling must be 'logit_normal' or 'uniform', got {mode!r}")
+def shift_t(t, shift: float = 1.0):
+    "Move times toward the noise (t=0): `t / (t + shift (1 - t))`, SD3's resolution shift; `shift=1` leaves `t` as it is."
+    return t if shift == 1.0 else t / (t + shift * (1 - t))
+
+
+def sample_t(key, shape, mode: str = 'logit_normal', shift: float = 1.0):
+    "Training timesteps in (0, 1): `'logit_normal'` = sigmoid(N(0, 1)), or `'uniform'`; then `shift_t(t, shift)`."
+    if mode == 'logit_normal': t = jax.nn.sigmoid(jax.random.normal(key, shape))
+    elif mode == 'uniform': t = jax.random.uniform(key, shape)
+    else: raise ValueError(f"t sampling must be 'logit_normal' or 'uniform', got {mode!r}")
+    return shift_t(t, shift)
 
 
 # %%
@@ -82,6 +88,20 @@ assert 0 < ts.min() and ts.max() < 1 and abs(np.median(ts) - 0.5) < 0.01
 assert ((ts > 0.25) & (ts < 0.75)).mean() > 0.65        # uniform would give 0.5
 tu = np.asarray(sample_t(jax.random.PRNGKey(0), (20_000,), 'uniform'))
 assert abs(((tu > 0.25) & (tu < 0.75)).mean() - 0.5) < 0.02
+
+# %% [markdown]
+# A shift $S > 1$ spends more of training near the noise, where a larger image (more values per token) is
+# still legible after more noise is added (SD3, section 5.3.2). It is a bijection of (0, 1) that keeps the
+# order of times and moves the median from 1/2 to $1/(1+S)$; the sampler's grid stays uniform (on the glyph
+# demo, sampling the shifted model on the shifted grid left coloured speckle on the paper, the uniform grid
+# did not, and the judge's figures were the same: BENCHMARKS.md section 8).
+
+# %%
+S = 2.6
+tsh = np.asarray(sample_t(jax.random.PRNGKey(0), (20_000,), shift=S))
+test_close(tsh, ts / (ts + S * (1 - ts)), eps=1e-6)
+assert abs(np.median(tsh) - 1 / (1 + S)) < 0.01 and (np.diff(np.asarray(shift_t(jnp.linspace(0, 1, 11), S))) > 0).all()
+assert shift_t(ts, 1.0) is ts and float(shift_t(jnp.float32(1.0), S)) == 1.0 and float(shift_t(jnp.float32(0.0), S)) == 0.0
 
 
 # %% [markdown]
@@ -138,13 +158,13 @@ test_close(np.nansum(m * np.asarray(n)) / np.asarray(n).sum(), float(loss.mean()
 # %%
 #| export
 def flow_loss(apply_fn: Callable, params, x1, cond: dict, drop=None, *, key=None, eps=None, t=None,
-              t_sampling: str = 'logit_normal', intermediates: bool = False):
+              t_sampling: str = 'logit_normal', t_shift: float = 1.0, intermediates: bool = False):
     "Flow-matching MSE of `apply_fn` on targets `x1 (B, H, W, C)`: `(mean loss, {'loss': (B,), 't': (B,), 'intermediates'})`."
     if eps is None or t is None:
         assert key is not None, 'flow_loss needs `key` unless both `eps` and `t` are given'
         k_eps, k_t = jax.random.split(key)
         eps = jax.random.normal(k_eps, x1.shape, x1.dtype) if eps is None else eps
-        t = sample_t(k_t, x1.shape[:1], t_sampling) if t is None else t
+        t = sample_t(k_t, x1.shape[:1], t_sampling, t_shift) if t is None else t
     out = apply_fn({'params': params}, interpolate(x1, eps, t), t, cond, drop,
                    **({'return_intermediates': True} if intermediates else {}))
     v, inter = out if intermediates else (out, {})
@@ -224,7 +244,7 @@ def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig,
         mean, logvar = moments[(jax.random.bernoulli(kmirror) & tc.mirror).astype(jnp.int32)].astype(jnp.float32)
         x1 = scaling.to_model(mean + jnp.exp(0.5 * logvar) * jax.random.normal(knoise, mean.shape))
         drop = jax.random.bernoulli(kdrop, mc.cfg_drop) & train
-        return x1, sample_t(kt, (), tc.t_sampling), jax.random.normal(keps, mean.shape), drop
+        return x1, sample_t(kt, (), tc.t_sampling, tc.t_shift), jax.random.normal(keps, mean.shape), drop
     x1, t, eps, drop = jax.vmap(one)(keys, batch['moments'])
     return x1, t, eps, drop, condition(batch, mc, scaling)
 
