@@ -1,6 +1,6 @@
 """Is the paper clean? The share of paper pixels that are slightly off the paper colour, in real images and in samples.
 
-    python bench/speckle.py DEMO [--split test] [--classes 40] [--n 8] [--cfg 8] [--interval 0.6 1] [--steps 15 50] [--method euler]
+    python bench/speckle.py DEMO [--run RUN] [--split test] [--classes 40] [--n 8] [--cfg 8] [--interval 0.6 1] [--steps 15 50] [--method euler]
                                  [--raw] [--out DEMO/speckle.json] [--grid DEMO/speckle_grid.png]
 
 A glyph sits on a flat paper: away from the strokes every pixel is the paper's colour, and only the antialiased
@@ -45,12 +45,14 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, nargs='+', default=[15, 50])
     ap.add_argument('--method', default='euler', choices=('euler', 'heun'))
     ap.add_argument('--raw', action='store_true', help='also sample the raw (not EMA) parameters')
+    ap.add_argument('--run', default=None, help="a run trained on DEMO's store (default DEMO/run)")
     ap.add_argument('--out', default=None); ap.add_argument('--grid', default=None)
     a = ap.parse_args(argv)
     d = Path(a.demo)
     store = open_store(d / 'feats')
-    runs = {'ema': load_run(d / 'run')}
-    if a.raw: runs['raw'] = load_run(d / 'run', ema=False)
+    run_dir = Path(a.run) if a.run else d / 'run'
+    runs = {'ema': load_run(run_dir)}
+    if a.raw: runs['raw'] = load_run(run_dir, ema=False)
     codecs = run_codecs(runs['ema'], store.path)
     cs = class_set(store, a.split, None, a.classes)
     sup, held, lab = draw_episodes(cs.labels, a.n, runs['ema'].tc.shots, seed=1)
