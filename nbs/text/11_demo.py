@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fsdit.config import train_config, TrainConfig, ModelConfig, interval_text
-from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace, load_encoder, run_codecs
+from fsdit.config import model_config, train_config, TrainConfig, ModelConfig, interval_text
+from fsdit.codecs import PixelEncoder, PixelSpace, load_encoder, run_codecs
 from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderSpec, is_glyph_encoder, train_glyph_encoder, prototype_accuracy
 from fsdit.data import prepare
 from fsdit.eval import FewShotHook, evaluate
@@ -81,6 +81,7 @@ class DemoSize:
     embed_dim: int = 64                   # stand-in support embedding width
     encoder: dict | None = None           # `train_glyph_encoder` settings of a trained stand-in encoder; None: the random projection
     cond: str = 'aligned'                 # the conditioning (see `fsdit.config.CONDS`)
+    # `fsdit train`'s settings: `model` is `--model PRESET --model.FIELD VALUE ...`, `train` is `--preset PRESET --FIELD VALUE ...`
     model: dict = field(default_factory=lambda: dict(preset='mu', hidden=128, depth=4, heads=4, patch=2))
     train: dict = field(default_factory=lambda: dict(
         preset='short', mirror=False, batch_size=32, max_steps=2200, lr=2e-3, warmup=200, ema_decay=0.9975, log_every=100,
@@ -141,17 +142,19 @@ def demo_size(name: str = 'full', data: str = 'aligned', **overrides) -> DemoSiz
 
 
 def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
-    "The pixel-space model and the training recipe of a demo size (`cond`: the size's unless given)."
+    """The model and the training recipe of a demo size, made as `fsdit train` makes them and by the same functions
+    (`fsdit.config.model_config`, `train_config`): each preset with the size's settings, the store's shape (pixels,
+    channels, embedding width) and the size's sampling (`cond`: the size's unless given). The only place they are made."""
     m, t = dict(s.model), dict(s.train)
-    mc = offline_model_config(m.pop('preset'), size=s.image_size, channels=s.channels, embed_dim=s.embed_dim,
-                              cond=cond or s.cond, **m)
+    mc = model_config(m.pop('preset'), cond=cond or s.cond,
+                      **{'input_size': s.image_size, 'in_channels': s.channels, 'support_dim': s.embed_dim, **m})
     tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
                       wandb_mode='disabled', **t)
     return mc, tc
 
 
 # %% [markdown]
-# The configs the sizes make, through the same preset functions a user calls:
+# The configs the sizes make, through the same preset functions `fsdit train` calls:
 
 # %%
 mc, tc = demo_configs(DEMO_SIZES['full'])
@@ -171,6 +174,31 @@ test_eq((tc_u.batch_size, tc_u.max_steps), (tc.batch_size, tc.max_steps))       
 test_eq(demo_size('full', 'unaligned').encoder, dict(per_class=48, steps=2500))
 test_eq(demo_size('long', 'unaligned').model['hidden'], 192)
 test_fail(lambda: demo_size('full', 'tilted'), contains="unknown demo data 'tilted'")
+
+# %% [markdown]
+# They are the configs `fsdit train` resolves from the same settings given as its flags on the demo's store
+# (the store gives the pixels, channels and embedding width), for every size and data:
+
+# %%
+from fsdit.commands.train import parse_train_args, resolve_configs
+
+
+def _flags(d: dict, prefix: str) -> list[str]:
+    "`fsdit train` flags of a settings dict (`prefix` 'model.' or '')."
+    show = lambda v: [str(v).lower()] if isinstance(v, bool) else list(map(str, v)) if isinstance(v, tuple) else [str(v)]
+    return [a for k, v in d.items() for a in (f"--{prefix}{k}", *show(v))]
+
+
+def _as_fsdit_train(s: DemoSize) -> tuple:
+    m, t = dict(s.model), dict(s.train)
+    argv = ['--out', str(Path(tempfile.mkdtemp()) / 'run'), '--model', m.pop('preset'), '--preset', t.pop('preset'),
+            *_flags({**m, 'cond': s.cond}, 'model.'), *_flags({**t, 'sample_steps': s.sample_steps, 'cfg_scale': s.cfg,
+                                                               'cfg_interval': s.cfg_interval, 'wandb_mode': 'disabled'}, '')]
+    return resolve_configs(parse_train_args(argv), {'latent_shape': [s.image_size, s.image_size, s.channels], 'embed_dim': s.embed_dim})
+
+
+for _name in DEMO_SIZES:
+    for _data in ('aligned', 'unaligned'): test_eq(demo_configs(demo_size(_name, _data)), _as_fsdit_train(demo_size(_name, _data)))
 
 
 # %% [markdown]
