@@ -18,7 +18,7 @@ from fsdit import bench as B
 from fsdit.dit import DiT
 from fsdit.state import make_optimizer
 from fsdit.steps import train_step
-from fsdit.demo import demo_configs, demo_size
+from fsdit.glyph.demo import demo_configs, demo_size
 from fsdit.utils import LatentScaling
 
 

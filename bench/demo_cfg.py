@@ -10,9 +10,9 @@ path). Held-out (test) classes are not touched: the setting the demo reports on 
 import argparse, json, sys
 from pathlib import Path
 
-from fsdit.eval import evaluate, JUDGE_METRICS
+from fsdit.eval import evaluate
 from fsdit.features import open_store
-from fsdit.judge import load_judge
+from fsdit.glyph.judge import JUDGE_METRICS, load_judge
 from fsdit.run import load_run
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from fsdit.codecs import PixelEncoder, PixelSpace
-from fsdit.demo import demo_size, demo_train, demo_samples, demo_summary, demo_judge, demo_configs
+from fsdit.glyph.demo import demo_size, demo_train, demo_samples, demo_summary, demo_judge, demo_configs
 from fsdit.eval import evaluate
 from fsdit.features import open_store, precompute
-from fsdit.judge import load_judge
+from fsdit.glyph.judge import load_judge
 from fsdit.run import load_run
 
 

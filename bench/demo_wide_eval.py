@@ -10,10 +10,10 @@ sample (the Frechet distance of two finite samples is biased upward). This print
 import argparse, json, sys
 from pathlib import Path
 
-from fsdit.demo import demo_summary, DemoSize
+from fsdit.glyph.demo import demo_summary, DemoSize
 from fsdit.eval import evaluate
 from fsdit.features import open_store
-from fsdit.judge import load_judge
+from fsdit.glyph.judge import load_judge
 from fsdit.run import load_run
 
 

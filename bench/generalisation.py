@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fsdit.config import model_config, train_config, config_to_dict
 from fsdit.data import prepare
-from fsdit.glyphs import make_offline_dataset, offline_split_sizes
+from fsdit.glyph.data import make_offline_dataset, offline_split_sizes
 from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace
 from fsdit import bench as B
 

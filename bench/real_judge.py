@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from fsdit.data import SPLITS, list_classes, list_images, load_image
-from fsdit.demo import demo_summary
+from fsdit.glyph.demo import demo_summary
 from fsdit.eval import evaluate
 from fsdit.features import open_store
-from fsdit.glyphs import glyph_char
-from fsdit.judge import fit_judge, judge_accuracy
+from fsdit.glyph.data import glyph_char
+from fsdit.glyph.judge import fit_judge, judge_accuracy
 from fsdit.run import load_run
 
 

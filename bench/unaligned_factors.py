@@ -31,15 +31,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from demo_conds import override, median_step_time
-from fsdit import glyphs
+from fsdit.glyph import data as glyphs
 from fsdit.codecs import PixelSpace
 from fsdit.data import prepare
-from fsdit.demo import demo_size, demo_train, demo_grid, demo_summary
+from fsdit.glyph.demo import demo_size, demo_train, demo_grid, demo_summary
 from fsdit.eval import evaluate
 from fsdit.features import precompute
-from fsdit.glyph_encoder import GlyphEncoder
+from fsdit.glyph.encoder import GlyphEncoder
 from fsdit.images import save_png
-from fsdit.judge import load_judge
+from fsdit.glyph.judge import load_judge
 from fsdit.codecs import run_codecs
 from fsdit.run import load_run
 

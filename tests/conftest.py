@@ -35,7 +35,7 @@ def demo_tiny(tmp_path_factory, worker_id):
     Made once for the whole session, across pytest-xdist workers: the first worker builds it under a file lock,
     the others find every stage complete and reuse it (the demo skips finished stages)."""
     from filelock import FileLock
-    from fsdit.demo import demo
+    from fsdit.glyph.demo import demo
     root = tmp_path_factory.getbasetemp() if worker_id == 'master' else tmp_path_factory.getbasetemp().parent
     d = root / 'demo_tiny'
     with FileLock(str(root / 'demo_tiny.lock')):

@@ -92,7 +92,7 @@ def test_train_tuple_setting_malformed_refused(f, bad, capsys, tmp_path):
 def cli_store(tmp_path_factory):
     "A tiny prepared glyph split and its stand-in feature store (pixel space, 12x12)."
     from fsdit.cli import main
-    from fsdit.glyphs import make_offline_dataset
+    from fsdit.glyph.data import make_offline_dataset
     d = tmp_path_factory.mktemp('cli_args')
     make_offline_dataset(d / 'glyphs', per_class=6, size=12, chars='0123456789AB')
     assert main(['prepare', '--src', str(d / 'glyphs'), '--dst', str(d / 'split'), '--train', '8', '--val', '2',

@@ -135,7 +135,7 @@ def test_protocol_baselines_on_toy_classes():
 def tiny_run(tmp_path_factory):
     "Glyphs 12x12 (pixel space, stand-in encoder) -> store -> a `mu` model trained for a few steps."
     from fsdit.data import prepare, EpisodeSource
-    from fsdit.glyphs import make_offline_dataset
+    from fsdit.glyph.data import make_offline_dataset
     from fsdit.codecs import PixelEncoder, PixelSpace, offline_model_config
     from fsdit.features import precompute, open_store
     from fsdit.config import train_config

@@ -121,7 +121,7 @@ def test_export_carries_its_encoder_folder(demo_tiny, supports, tmp_path, capsys
     from fsdit.codecs import PixelSpace, offline_model_config
     from fsdit.config import train_config
     from fsdit.features import precompute
-    from fsdit.glyph_encoder import GlyphEncoder, GlyphEncoderNet, GlyphEncoderSpec
+    from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderNet, GlyphEncoderSpec
     from fsdit.run import checkpoint_manager, save_checkpoint, write_run_config
     from fsdit.state import create_state
     r = np.random.default_rng(0)

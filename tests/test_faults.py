@@ -98,7 +98,7 @@ def faults(tmp_path_factory):
     """DIR/'with space': split (class folders in other scripts), feats, run (4 steps, uninterrupted), and a second
     trainer into run_killed, still running and waiting at step 4's record."""
     from fsdit.cli import main
-    from fsdit.glyphs import make_offline_dataset
+    from fsdit.glyph.data import make_offline_dataset
     root = tmp_path_factory.mktemp('faults') / 'with space'
     make_offline_dataset(root / 'glyphs', per_class=6, size=16, chars='0123456789ABCDEFGHIJKLMN')
     for i, c in enumerate(sorted(p for p in (root / 'glyphs').iterdir() if p.is_dir())):

@@ -1,6 +1,6 @@
-"""fsdit.glyphs: the offline dataset renders, splits by `prepare`, and its default classes exist in the fonts."""
+"""fsdit.glyph.data: the offline dataset renders, splits by `prepare`, and its default classes exist in the fonts."""
 from fsdit.data import load_image, prepare
-import fsdit.glyphs as G
+import fsdit.glyph.data as G
 
 
 def test_offline_dataset_small(tmp_path):

@@ -1,8 +1,8 @@
 """tools/import_graph.py: one function builds the device mesh, `l2_normalize` lives in `fsdit.utils`, no module over
 450 lines, no branch on the conditioning's name outside `fsdit.conds` (and the config's validation), `latent_scale` in
 `fsdit.features` and `fsdit.run` only, no library module importing a command module (`cli`, `app`, `commands.*`) or a
-`*_cli`; the tool exits 0 on the package and names each failure on a copy that breaks them; notebook cells over 60
-lines are reported, not failed."""
+`*_cli`, no core library module importing the glyph demo (`glyph.*`) at module level; the tool exits 0 on the
+package and names each failure on a copy that breaks them; notebook cells over 60 lines are reported, not failed."""
 import importlib.util, subprocess, sys
 from pathlib import Path
 
@@ -18,7 +18,9 @@ def test_package_passes():
     assert r['long_modules'] == {}
     assert set(r['cond_branches']) <= G.COND_OWNERS, r['cond_branches']
     assert r['latent_scale_modules'] == ['features', 'run']
-    assert r['command_imports'] == []
+    assert r['command_imports'] == [] and r['glyph_imports'] == []
+    assert {'glyph.data', 'glyph.encoder', 'glyph.judge', 'glyph.demo'} <= {m for m in r['modules'] if G.is_glyph(m)}
+    assert not G.is_core('glyph.demo') and not G.is_core('commands.demo') and G.is_core('codecs')
     assert {'cli', 'app', 'commands.train', 'commands.prepare'} <= {m for m in r['modules'] if G.is_command(m)}
     assert not G.is_command('launch') and not G.is_command('data')
     assert G.failures(r) == []
@@ -46,6 +48,21 @@ def test_failures_are_named(tmp_path):
     assert len(G.failures(r)) == 6 and "outside ['conds', 'config']: {'b': 4}" in G.failures(r)[-3]
     assert "latent_scale is mentioned in 3 modules" in G.failures(r)[-2] and r['latent_scale_modules'] == ['a', 'b', 'conds']
     assert "library modules import from a command module" in G.failures(r)[-1] and 'b: from demo import demo_cli' in G.failures(r)[-1]
+
+
+def test_glyph_imports_at_module_level_fail(tmp_path):
+    "A core module may import the glyph demo inside a function only; the glyph modules and the commands may at module level."
+    (tmp_path / 'glyph').mkdir(); (tmp_path / 'glyph' / '__init__.py').write_text('')
+    (tmp_path / 'glyph' / 'demo.py').write_text("from ..a import f\nfrom .judge import j\n")
+    (tmp_path / 'commands').mkdir(); (tmp_path / 'commands' / '__init__.py').write_text('')
+    (tmp_path / 'commands' / 'demo.py').write_text("from ..glyph.demo import demo\n")
+    (tmp_path / 'a.py').write_text("def f():\n    from fsdit.glyph.encoder import E\n    return E\n")
+    (tmp_path / 'b.py').write_text("from .glyph.judge import j\nimport fsdit.glyph.data\nfrom . import glyph\n"
+                                   "if True:\n    from fsdit import glyph\nclass C:\n    from .glyph import demo\n")
+    r = G.report(tmp_path)
+    assert r['glyph_imports'] == ['b: from glyph.judge import j', 'b: import fsdit.glyph.data', 'b: from glyph import glyph',
+                                  'b: from glyph import glyph', 'b: from glyph import demo'], r['glyph_imports']
+    assert r['command_imports'] == [] and 'glyph demo' in G.failures(r)[-1]            # the last of 3 (no Mesh, no l2_normalize)
 
 
 def test_long_cells_reported_not_failed(tmp_path):

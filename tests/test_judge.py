@@ -6,8 +6,8 @@ import pytest
 import jax
 
 from fsdit.codecs import PixelEncoder
-from fsdit.glyphs import glyph_classes, glyph_name
-from fsdit.judge import train_judge, render_judge_set, save_judge, load_judge, glyph_judge
+from fsdit.glyph.data import glyph_classes, glyph_name
+from fsdit.glyph.judge import train_judge, render_judge_set, save_judge, load_judge, glyph_judge
 from fsdit.eval import ClassSet, Pipeline, evaluate_classes
 
 SIZE, N_CLASSES, PER_CLASS = 16, 40, 16

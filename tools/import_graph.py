@@ -13,7 +13,10 @@ Checks (a failure exits 1):
     `fsdit.utils.LatentScaling` that applies it;
   - no library module imports from a command module or imports a `*_cli` function. The command modules are
     `fsdit.cli`, `fsdit.app` and those of `fsdit.commands` (named `commands.<name>` here); they may import
-    the library, never the reverse.
+    the library, never the reverse;
+  - no core library module imports the glyph demo (`fsdit.glyph`: its data, encoder, judge and demo, named
+    `glyph.<name>` here) at module level: a core module that needs it imports it inside the function that does,
+    so the library loads without the demo. The glyph modules and the command modules may import it.
 Reported, not failed:
   - the branches on `cond` per module;
   - the notebook cells over 60 lines, per notebook text form in `nbs/text/` (first line and length of each).
@@ -26,6 +29,7 @@ PKG = ROOT / 'fsdit'
 TEXT = ROOT / 'nbs' / 'text'
 COMMAND_MODULES = {'cli', 'app'}     # with every module of the `commands` subpackage
 COMMAND_PACKAGE = 'commands'
+GLYPH_PACKAGE = 'glyph'               # the glyph demo, its judge and its data: not part of the core library
 MAX_LINES = 450
 MAX_CELL_LINES = 60
 COND_OWNERS = {'conds', 'config'}     # the conditionings' module, and the config that validates `cond`
@@ -49,6 +53,16 @@ def modules(pkg: Path = PKG) -> dict[str, tuple[str, ast.Module]]:
 def is_command(module: str | None) -> bool:
     "Whether a package module (`cli`, `commands.train`, ...) is a command module."
     return bool(module) and (module in COMMAND_MODULES or module.split('.')[0] == COMMAND_PACKAGE)
+
+
+def is_glyph(module: str | None) -> bool:
+    "Whether a package module (`glyph`, `glyph.demo`, ...) is part of the glyph demo's subpackage."
+    return bool(module) and module.split('.')[0] == GLYPH_PACKAGE
+
+
+def is_core(module: str | None) -> bool:
+    "Whether a package module is a core library module: neither a command module nor one of the glyph demo."
+    return bool(module) and not is_command(module) and not is_glyph(module)
 
 
 def _imported_modules(node: ast.ImportFrom, importer: str) -> list[str]:
@@ -77,6 +91,35 @@ def command_imports(mods: dict) -> list[str]:
             elif isinstance(node, ast.Import):
                 for a in node.names:
                     if a.name.startswith('fsdit.') and is_command(a.name.split('.', 1)[1]): out.append(f"{name}: import {a.name}")
+    return out
+
+
+def _module_level(tree: ast.Module):
+    "The nodes run when the module is imported: everything but the bodies of functions and lambdas."
+    todo = list(ast.iter_child_nodes(tree))
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo += node.decorator_list if not isinstance(node, ast.Lambda) else []
+            continue
+        yield node
+        todo += list(ast.iter_child_nodes(node))
+
+
+def glyph_imports(mods: dict) -> list[str]:
+    "`module: from X import names` for each core library module importing the glyph subpackage at module level."
+    out = []
+    for name, (_, tree) in mods.items():
+        if not is_core(name): continue
+        for node in _module_level(tree):
+            if isinstance(node, ast.ImportFrom):
+                srcs, names = _imported_modules(node, name), [a.name for a in node.names]
+                if node.level == 0 and node.module == 'fsdit': srcs = names               # `from fsdit import glyph`
+                if any(map(is_glyph, srcs)):
+                    out.append(f"{name}: from {(srcs[0] if len(srcs) == 1 else None) or node.module} import {', '.join(names)}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith('fsdit.') and is_glyph(a.name.split('.', 1)[1]): out.append(f"{name}: import {a.name}")
     return out
 
 
@@ -145,6 +188,7 @@ def report(pkg: Path = PKG, text: Path = TEXT) -> dict:
         l2_normalize_defined_in=definitions(mods, 'l2_normalize'),
         long_modules={n: len(s.splitlines()) for n, (s, _) in mods.items() if len(s.splitlines()) > MAX_LINES},
         command_imports=command_imports(mods),
+        glyph_imports=glyph_imports(mods),
         latent_scale_modules=[n for n, (s, _) in mods.items() if 'latent_scale' in s],
         cond_branches=cond_branches(mods),
         long_cells=long_cells(text),
@@ -165,6 +209,9 @@ def failures(r: dict) -> list[str]:
         out.append(f"latent_scale is mentioned in {len(ls)} modules (want at most {MAX_LATENT_SCALE_MODULES}; pass a LatentScaling): {ls}")
     if r['command_imports']:
         out.append(f"library modules import from a command module or import a *_cli: {r['command_imports']}")
+    if r['glyph_imports']:
+        out.append(f"core library modules import the glyph demo ({GLYPH_PACKAGE}.*) at module level (import it in the function "
+                   f"that needs it): {r['glyph_imports']}")
     return out
 
 
@@ -177,6 +224,10 @@ def main() -> int:
     print(f"modules over {MAX_LINES} lines: {r['long_modules'] or 'none'}")
     print(f"library modules importing from a command module or a *_cli (failed above 0): {len(r['command_imports'])}")
     for line in r['command_imports']: print(f"  {line}")
+    glyph = [m for m in r['modules'] if is_glyph(m)]
+    print(f"core library modules importing the glyph demo ({', '.join(glyph)}) at module level (failed above 0): "
+          f"{len(r['glyph_imports'])}")
+    for line in r['glyph_imports']: print(f"  {line}")
     print(f"modules mentioning latent_scale (failed above {MAX_LATENT_SCALE_MODULES}): {len(r['latent_scale_modules'])}: {', '.join(r['latent_scale_modules'])}")
     cb = r['cond_branches']
     print(f"branches on `cond` (failed outside {', '.join(sorted(COND_OWNERS))}): {sum(cb.values())} in {len(cb)} modules: "

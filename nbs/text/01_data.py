@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import jax, jax.numpy as jnp
+import jax
 from PIL import Image
 
 from fsdit.config import TrainConfig

@@ -4,7 +4,7 @@
 # > A small real dataset that runs offline: characters as classes, the fonts matplotlib ships as images, rendered with a little jitter and laid out like miniImageNet.
 
 # %%
-#| default_exp glyphs
+#| default_exp glyph.data
 
 # %%
 #| export

@@ -23,6 +23,7 @@ from jaxtyping import Array, Float
 from fsdit.data import resize_rule
 from fsdit.utils import l2_normalize
 from fsdit.hub import HubUnavailableError, resolve_checkpoint
+_all_ = ['HubUnavailableError']   # raised by `SigLIPEncoder.from_pretrained`; its callers catch it from here
 
 # %%
 import os, tempfile

@@ -4,7 +4,7 @@
 # > A stand-in for SigLIP2 that knows the glyph classes as SigLIP2 knows ImageNet's: a small Flax image tower trained on its own renderings, frozen, saved as a folder (safetensors + config) that `fsdit precompute --encoder FOLDER` loads.
 
 # %%
-#| default_exp glyph_encoder
+#| default_exp glyph.encoder
 
 # %%
 #| export
@@ -21,7 +21,7 @@ import optax
 
 from fsdit.utils import l2_normalize
 from fsdit.files import building, flat_params, unflat_params
-from fsdit.glyphs import GLYPH_FONTS, render_class
+from fsdit.glyph.data import GLYPH_FONTS, render_class
 
 # %%
 import tempfile as _tf
@@ -159,7 +159,7 @@ class GlyphEncoder:
         folder = Path(folder)
         if not is_glyph_encoder(folder):
             raise ValueError(f"{folder} holds no glyph encoder (config.json with model_type {GLYPH_ENCODER_TYPE!r}); "
-                             "make one with fsdit.glyph_encoder.train_glyph_encoder or `fsdit demo --data unaligned`")
+                             "make one with fsdit.glyph.encoder.train_glyph_encoder or `fsdit demo --data unaligned`")
         cfg = json.loads((folder / 'config.json').read_text())
         info = cfg.pop('trained', {}); cfg.pop('model_type')
         spec = GlyphEncoderSpec(**{**cfg, 'widths': tuple(cfg['widths'])})

@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import re, types
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,15 +19,14 @@ import numpy as np
 from fsdit.config import model_config
 from fsdit.utils import l2_normalize
 from fsdit.encoder import SigLIPEncoder
-from fsdit.glyph_encoder import GlyphEncoder, is_glyph_encoder
-from fsdit.features import open_store, precompute, store_index
+from fsdit.features import open_store
 from fsdit.vae import DEFAULT_VAE, SDVAE
 
 # %%
-import contextlib, io, tempfile as _tf
+import contextlib, io, types, tempfile as _tf
 from fastcore.test import test_eq, test_close, test_fail
 from fsdit.data import EpisodeBatches, encode_images, host_batch, list_classes, list_images, load_image, online_batch, prepare
-from fsdit.glyphs import glyph_name, make_offline_dataset, offline_split_sizes
+from fsdit.glyph.data import glyph_name, make_offline_dataset, offline_split_sizes
 
 _root = Path(_tf.mkdtemp())
 
@@ -173,6 +172,7 @@ def stand_in_encoder(name: str) -> PixelEncoder:
 def load_encoder(name: str):
     "The support encoder a store names: a stand-in rebuilt from its name, a glyph encoder folder, else SigLIP(2) from a hub id or folder."
     if name.startswith('stand-in/'): return stand_in_encoder(name)
+    from fsdit.glyph.encoder import GlyphEncoder, is_glyph_encoder     # the glyph demo's encoder: loaded only when asked for
     if is_glyph_encoder(name): return GlyphEncoder.from_pretrained(name)
     return SigLIPEncoder.from_pretrained(name)
 
@@ -245,11 +245,11 @@ with contextlib.redirect_stderr(io.StringIO()) as err:
 assert err.getvalue().startswith('fsdit precompute: no images under')
 
 # %% [markdown]
-# `--encoder FOLDER` with `--stand-in` embeds with a saved glyph encoder (`fsdit.glyph_encoder`), as a user
+# `--encoder FOLDER` with `--stand-in` embeds with a saved glyph encoder (`fsdit.glyph.encoder`), as a user
 # points `--encoder` at a local SigLIP2 folder; the store records the folder, and a run's codecs load it back:
 
 # %%
-from fsdit.glyph_encoder import GlyphEncoder, GlyphEncoderSpec, GlyphEncoderNet
+from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderSpec, GlyphEncoderNet
 import jax
 _gs = GlyphEncoderSpec(embed_dim=8)
 _gdir = GlyphEncoder(_gs, GlyphEncoderNet(_gs).init(jax.random.PRNGKey(0), np.zeros((1, 24, 24, 3)))['params']).save_pretrained(_root / 'genc')

@@ -9,7 +9,6 @@
 # %%
 #| export
 from __future__ import annotations
-from functools import partial
 from typing import Any
 import numpy as np
 import jax, jax.numpy as jnp

@@ -24,7 +24,7 @@ from fsdit.images import to_uint8, image_grid, label_rows, save_png
 from fsdit.run import (RunLog, RunLock, CheckpointError, write_run_config, checkpoint_manager, save_checkpoint,
                        restore_latest, quarantine_checkpoint, os_reason)
 from fsdit.sampler import sample
-from fsdit.state import TrainState, create_state
+from fsdit.state import TrainState
 from fsdit.perf import cost, device_peak, mfu
 from fsdit.steps import (make_train_step, make_eval_step, compiled_step, layout_for, to_host, validate, check_finite,
                          train_summary)
@@ -36,6 +36,7 @@ from fastcore.test import test_eq, test_close
 from fsdit.config import model_config, train_config
 from fsdit.run import (RunInUse, read_run_config, run_json, run_records, saved_steps, last_logged_step,
                        restore_checkpoint)
+from fsdit.state import create_state
 from fsdit.steps import NonFiniteLoss
 from fsdit.testing import synthetic_source, raises
 

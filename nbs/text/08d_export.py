@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import json, shutil, sys
+import json, shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -19,7 +19,7 @@ import numpy as np
 from fsdit.codecs import DEFAULT_ENCODER, Codecs, PixelEncoder, PixelSpace, run_codecs, store_meta
 from fsdit.config import config_to_dict, interval_text
 from fsdit.files import building
-from fsdit.run import EXPORT_FORMAT, Run, copy_run_log, flat_params, is_export, load_run, run_eval
+from fsdit.run import EXPORT_FORMAT, Run, copy_run_log, flat_params, load_run, run_eval
 from fsdit.vae import DEFAULT_VAE
 
 # %%
@@ -29,7 +29,7 @@ from fastcore.test import test_eq, test_fail
 from PIL import Image
 from fsdit.config import train_config
 from fsdit.codecs import offline_model_config
-from fsdit.run import write_run_config, checkpoint_manager, save_checkpoint
+from fsdit.run import is_export, write_run_config, checkpoint_manager, save_checkpoint
 from fsdit.sampler import generate
 from fsdit.state import create_state
 from fsdit.testing import perturb, raises
@@ -351,15 +351,15 @@ test_eq(samples(shared, codecs_of(shared), sup), samples(run, codecs_of(run), su
 # %% [markdown]
 # ## A run that needs its encoder folder
 #
-# A store made with a saved glyph encoder (`fsdit.glyph_encoder`) names its folder; the export carries a copy.
+# A store made with a saved glyph encoder (`fsdit.glyph.encoder`) names its folder; the export carries a copy.
 # The original folder can then go: the export still samples exactly as the run did. The demo's figures and
 # held-out grid beside the run go into the card.
 
 # %%
 from fsdit.data import prepare
 from fsdit.features import precompute
-from fsdit.glyphs import make_offline_dataset, offline_split_sizes
-from fsdit.glyph_encoder import GlyphEncoder, GlyphEncoderSpec, GlyphEncoderNet
+from fsdit.glyph.data import make_offline_dataset, offline_split_sizes
+from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderSpec, GlyphEncoderNet
 make_offline_dataset(tmp / 'glyphs', per_class=6, size=16, chars='0123λ€')
 prepare(tmp / 'glyphs', tmp / 'split', **offline_split_sizes(6), seed=0)
 _gs = GlyphEncoderSpec(embed_dim=8)

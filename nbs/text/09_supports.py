@@ -9,17 +9,13 @@
 # %%
 #| export
 from __future__ import annotations
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from fsdit.codecs import Codecs
-from fsdit.export import codecs_of
-from fsdit.images import save_png, support_grid, to_uint8
-from fsdit.run import Run, load_run
-from fsdit.config import check_interval, interval_text
+from fsdit.run import Run
 from fsdit.sampler import generate, check_supports
 from fsdit.data import check_image, load_image, list_images
 
@@ -27,7 +23,7 @@ from fsdit.data import check_image, load_image, list_images
 import tempfile
 from fastcore.test import test_eq, test_close, test_fail
 from fsdit.config import model_config, train_config
-from fsdit.run import write_run_config, checkpoint_manager, save_checkpoint
+from fsdit.run import load_run, write_run_config, checkpoint_manager, save_checkpoint
 from fsdit.state import create_state
 from fsdit.codecs import offline_model_config
 

@@ -24,7 +24,6 @@ from fsdit.metrics import (frechet_distance, kernel_distance, heldout_prototype_
                            class_diversity, nearest_support_distance)
 from fsdit.run import load_run
 from fsdit.codecs import run_codecs
-from fsdit.export import codecs_of
 from fsdit.config import check_interval
 from fsdit.sampler import generate
 from fsdit.conds import conditioning
@@ -223,7 +222,7 @@ class Pipeline:
     generate: Callable | None = None   # (support_embeds (M,K,D), support_latents (M,K,h,w,c), cfg_scale, seed) -> latents
     fid_model: Any = None              # pytorch-fid InceptionV3, or None to skip FID
     batch_size: int = 64
-    judge: Any = None                  # images -> (logits, features), with .index(class names): `fsdit.judge.GlyphJudge`
+    judge: Any = None                  # images -> (logits, features), with .index(class names): `fsdit.glyph.judge.GlyphJudge`
 
 
 def images_of(latents, labels, pipe: Pipeline) -> Images:
@@ -349,7 +348,6 @@ METRICS = {'proto_acc': 'prototype accuracy (class consistency)', 'fd_embed': 'F
            'glyph_fd': 'glyph-FD: Fréchet distance in the judge\'s features',
            'glyph_kid': 'glyph-KID: kernel distance in the judge\'s features (no sample-size bias)', 'diversity_judge': 'diversity: judge features, RMS',
            'nn_support_judge': 'distance to nearest support (judge features, RMS)'}
-JUDGE_METRICS = ('judge_acc', 'glyph_fd', 'glyph_kid', 'diversity_judge', 'nn_support_judge')   # with a `Pipeline.judge` only
 
 
 def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch_size: int = 256, fid_model=None,
@@ -395,6 +393,7 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
 # %%
 from types import SimpleNamespace
 from fsdit.config import model_config
+from fsdit.glyph.judge import JUDGE_METRICS
 assert set(JUDGE_METRICS) <= set(METRICS)
 test_fail(lambda: model_pipeline(SimpleNamespace(mc=model_config('mu', cond='class', num_classes=3)), None),
           contains='class-conditioned run')
@@ -534,7 +533,7 @@ assert all(np.isfinite(v) for v in q.values()) and q['val_fs/nn_support_embed'] 
 # (`fsdit.train.Trainer(hooks=...)`): called with the EMA parameters and the step, it returns the metrics to
 # log under `val_fs/`. It draws `fewshot_classes` validation classes and their real images
 # (`2 fewshot_n + shots` per class) once, so the numbers are comparable along a run, and decodes and embeds
-# the real images once. With a glyph `judge` (`fsdit.judge.GlyphJudge`) the records include its class
+# the real images once. With a glyph `judge` (`fsdit.glyph.judge.GlyphJudge`) the records include its class
 # consistency and glyph-FD. An encoder that cannot load (an offline hub) switches the hook off with a
 # message instead of ending the run.
 

@@ -4,7 +4,7 @@
 # > A glyph classifier that scores generated glyphs: class consistency by its verdict, glyph-FD in its features — a judge of the offline domain that blur cannot fool.
 
 # %%
-#| default_exp judge
+#| default_exp glyph.judge
 
 # %%
 #| export
@@ -21,7 +21,7 @@ import flax.linen as nn
 import optax
 
 from fsdit.files import building, flat_params, unflat_params
-from fsdit.glyphs import GLYPH_FONTS, glyph_name, render_class
+from fsdit.glyph.data import GLYPH_FONTS, glyph_name, render_class
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -73,7 +73,7 @@ test_eq((_l.shape, _f.shape), ((3, 7), (3, 256)))
 # ## Training it
 #
 # `render_judge_set` draws `per_class` images of each character exactly as the dataset draws its own
-# (`fsdit.glyphs.render_class`: the fonts that have the character, in turn, with the same jitter), from its
+# (`fsdit.glyph.data.render_class`: the fonts that have the character, in turn, with the same jitter), from its
 # own seed. `train_judge` fits the net with AdamW and a warmup-cosine schedule, then measures its accuracy
 # on a further rendering it did not train on (`accuracy`). Images enter as gray in [-1, 1]; RGB input is
 # averaged over channels and other sizes are resized, so the judge reads whatever the pipeline decodes.
@@ -297,7 +297,6 @@ _t0 = time.time()
 _again = glyph_judge(_d.parent / 'j2', _chars, 16, per_class=4, epochs=1, batch_size=16)
 assert glyph_judge(_d.parent / 'j2', _chars, 16, per_class=4, epochs=1, batch_size=16).accuracy == _again.accuracy
 
-
 # %% [markdown]
 # ## What it scores
 #
@@ -309,16 +308,22 @@ assert glyph_judge(_d.parent / 'j2', _chars, 16, per_class=4, epochs=1, batch_si
 # - **diversity** and **distance to the nearest support** in the same features (`fsdit.eval` adds them).
 #
 # `judge_accuracy` is the first; `fsdit.metrics.frechet_distance` the second. A blurred copy of real images reads worse on both.
+# `JUDGE_METRICS` names these metrics as `fsdit.eval` records them (the demo's headline).
 
 # %%
 #| export
+JUDGE_METRICS = ('judge_acc', 'glyph_fd', 'glyph_kid', 'diversity_judge', 'nn_support_judge')   # `fsdit.eval` with a `Pipeline.judge` only
+
+
 def judge_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     "Class consistency: the share of `logits` (N, n_classes) whose argmax is the judge label `labels` (N,)."
     return float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
 
 
 # %%
+from fsdit.eval import METRICS
 from fsdit.metrics import frechet_distance
+assert set(JUDGE_METRICS) <= set(METRICS)                           # the records' names of these metrics
 _Xa, _ya = render_judge_set(_chars, 24, 16, seed=11)
 _la, _fa = _judge(_Xa)
 _blur = np.asarray(jax.image.resize(jax.image.resize(jnp.asarray(_Xa), (len(_Xa), 6, 6, 1), 'linear'), _Xa.shape, 'linear'))

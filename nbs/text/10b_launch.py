@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fsdit.codecs import load_encoder
-from fsdit.glyph_encoder import is_glyph_encoder
 from fsdit.vae import SDVAE
 
 # %%
@@ -51,6 +50,7 @@ def lazy_vae_decode(name: str) -> Callable:
 
 def store_embed(meta: dict) -> Callable | None:
     "The store's support encoder as images -> embeddings, loaded at its first call; None for an unknown stand-in."
+    from fsdit.glyph.encoder import is_glyph_encoder                   # the glyph demo's encoder folders
     name = meta.get('encoder')
     known = str(name).startswith('stand-in/') or is_glyph_encoder(name) if name else False
     if not name or (meta.get('space') == 'pixel' and not known): return None

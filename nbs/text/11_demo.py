@@ -4,19 +4,19 @@
 # > `fsdit demo --out DEMO`: the whole chain offline in minutes on a CPU — a glyph dataset rendered from the fonts matplotlib ships, split by class, a pixel-space feature store, a short training run, sample grids for seen and held-out classes, and the few-shot metrics beside real images and trivial baselines.
 #
 # Our machines reach no model hub and no dataset site, so the demo runs on data a dependency ships:
-# **characters as classes, fonts as images** (`fsdit.glyphs.make_offline_dataset`: 1,000 visually distinct
+# **characters as classes, fonts as images** (`fsdit.glyph.data.make_offline_dataset`: 1,000 visually distinct
 # characters of the fonts matplotlib ships, 20 images each). It is the same code path as a miniImageNet
 # run — `prepare`, `precompute`, `train`, `sample`, `eval` — with two stand-ins: the images themselves are
 # the "latents" (pixel space, gray), and the support encoder is a fixed random projection of downsampled
 # pixels (`fsdit.codecs.PixelEncoder`), **not SigLIP2**. Its referee is a glyph classifier trained on every
-# class (`fsdit.judge`): class consistency is the judge's verdict, glyph-FD is measured in its features.
+# class (`fsdit.glyph.judge`): class consistency is the judge's verdict, glyph-FD is measured in its features.
 #
 # Each stage writes its output completely or not at all, and is skipped when its output is already
 # there: running the demo again reuses what is done (an interrupted training run resumes from its last
 # checkpoint).
 
 # %%
-#| default_exp demo
+#| default_exp glyph.demo
 
 # %%
 #| export
@@ -28,15 +28,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fsdit.config import train_config, TrainConfig, ModelConfig, interval_text
-from fsdit.codecs import offline_model_config, PixelEncoder, PixelSpace, load_encoder, run_codecs
-from fsdit.glyph_encoder import GlyphEncoder, GlyphEncoderSpec, is_glyph_encoder, train_glyph_encoder, prototype_accuracy
+from fsdit.config import model_config, train_config, TrainConfig, ModelConfig, interval_text
+from fsdit.codecs import PixelEncoder, PixelSpace, load_encoder, run_codecs
+from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderSpec, is_glyph_encoder, train_glyph_encoder, prototype_accuracy
 from fsdit.data import prepare
 from fsdit.eval import FewShotHook, evaluate
 from fsdit.features import precompute, store_source
-from fsdit.glyphs import make_offline_dataset, offline_split_sizes, glyph_classes, glyph_char
+from fsdit.glyph.data import make_offline_dataset, offline_split_sizes, glyph_classes, glyph_char
 from fsdit.images import class_rows_grid, to_uint8, save_png
-from fsdit.judge import glyph_judge
+from fsdit.glyph.judge import glyph_judge
 from fsdit.launch import lazy
 from fsdit.files import write_atomic
 from fsdit.run import load_run, saved_steps, last_logged_step, run_records
@@ -74,18 +74,19 @@ class DemoSize:
     "Everything the demo's size decides."
     per_class: int = 20                   # images per glyph class
     image_size: int = 16                  # pixels (the model's input grid)
-    classes: int = 1000                   # glyph classes (`fsdit.glyphs.glyph_classes`), unless `chars` is given
+    classes: int = 1000                   # glyph classes (`fsdit.glyph.data.glyph_classes`), unless `chars` is given
     chars: str | None = None              # the characters themselves
     channels: int = 1                     # 1: gray pixels; 3: RGB
-    data: str = 'aligned'                 # glyph style (`fsdit.glyphs.GLYPH_STYLES`): centred gray, or placed and coloured at random
+    data: str = 'aligned'                 # glyph style (`fsdit.glyph.data.GLYPH_STYLES`): centred gray, or placed and coloured at random
     embed_dim: int = 64                   # stand-in support embedding width
     encoder: dict | None = None           # `train_glyph_encoder` settings of a trained stand-in encoder; None: the random projection
     cond: str = 'aligned'                 # the conditioning (see `fsdit.config.CONDS`)
+    # `fsdit train`'s settings: `model` is `--model PRESET --model.FIELD VALUE ...`, `train` is `--preset PRESET --FIELD VALUE ...`
     model: dict = field(default_factory=lambda: dict(preset='mu', hidden=128, depth=4, heads=4, patch=2))
     train: dict = field(default_factory=lambda: dict(
         preset='short', mirror=False, batch_size=32, max_steps=2200, lr=2e-3, warmup=200, ema_decay=0.9975, log_every=100,
         eval_every=1100, sample_every=2200, save_every=1100, fewshot_every=1100, fewshot_classes=16, fewshot_n=6, keep=2))
-    judge: dict = field(default_factory=lambda: dict(per_class=16, epochs=10))   # `fsdit.judge.train_judge`
+    judge: dict = field(default_factory=lambda: dict(per_class=16, epochs=10))   # `fsdit.glyph.judge.train_judge`
     cfg: float = 8.0                      # CFG of the grids and the headline (chosen on validation classes)
     cfg_interval: tuple = (0.6, 0.9)      # ... applied where 0.6 <= t <= 0.9 (chosen with it; guiding the last 10% too
                                           # left grey speckle on the paper: 9.8% of paper pixels off against 6.0%, real 5.5%)
@@ -141,17 +142,19 @@ def demo_size(name: str = 'full', data: str = 'aligned', **overrides) -> DemoSiz
 
 
 def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
-    "The pixel-space model and the training recipe of a demo size (`cond`: the size's unless given)."
+    """The model and the training recipe of a demo size, made as `fsdit train` makes them and by the same functions
+    (`fsdit.config.model_config`, `train_config`): each preset with the size's settings, the store's shape (pixels,
+    channels, embedding width) and the size's sampling (`cond`: the size's unless given). The only place they are made."""
     m, t = dict(s.model), dict(s.train)
-    mc = offline_model_config(m.pop('preset'), size=s.image_size, channels=s.channels, embed_dim=s.embed_dim,
-                              cond=cond or s.cond, **m)
+    mc = model_config(m.pop('preset'), cond=cond or s.cond,
+                      **{'input_size': s.image_size, 'in_channels': s.channels, 'support_dim': s.embed_dim, **m})
     tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
                       wandb_mode='disabled', **t)
     return mc, tc
 
 
 # %% [markdown]
-# The configs the sizes make, through the same preset functions a user calls:
+# The configs the sizes make, through the same preset functions `fsdit train` calls:
 
 # %%
 mc, tc = demo_configs(DEMO_SIZES['full'])
@@ -172,6 +175,31 @@ test_eq(demo_size('full', 'unaligned').encoder, dict(per_class=48, steps=2500))
 test_eq(demo_size('long', 'unaligned').model['hidden'], 192)
 test_fail(lambda: demo_size('full', 'tilted'), contains="unknown demo data 'tilted'")
 
+# %% [markdown]
+# They are the configs `fsdit train` resolves from the same settings given as its flags on the demo's store
+# (the store gives the pixels, channels and embedding width), for every size and data:
+
+# %%
+from fsdit.commands.train import parse_train_args, resolve_configs
+
+
+def _flags(d: dict, prefix: str) -> list[str]:
+    "`fsdit train` flags of a settings dict (`prefix` 'model.' or '')."
+    show = lambda v: [str(v).lower()] if isinstance(v, bool) else list(map(str, v)) if isinstance(v, tuple) else [str(v)]
+    return [a for k, v in d.items() for a in (f"--{prefix}{k}", *show(v))]
+
+
+def _as_fsdit_train(s: DemoSize) -> tuple:
+    m, t = dict(s.model), dict(s.train)
+    argv = ['--out', str(Path(tempfile.mkdtemp()) / 'run'), '--model', m.pop('preset'), '--preset', t.pop('preset'),
+            *_flags({**m, 'cond': s.cond}, 'model.'), *_flags({**t, 'sample_steps': s.sample_steps, 'cfg_scale': s.cfg,
+                                                               'cfg_interval': s.cfg_interval, 'wandb_mode': 'disabled'}, '')]
+    return resolve_configs(parse_train_args(argv), {'latent_shape': [s.image_size, s.image_size, s.channels], 'embed_dim': s.embed_dim})
+
+
+for _name in DEMO_SIZES:
+    for _data in ('aligned', 'unaligned'): test_eq(demo_configs(demo_size(_name, _data)), _as_fsdit_train(demo_size(_name, _data)))
+
 
 # %% [markdown]
 # ## The stages
@@ -182,9 +210,9 @@ test_fail(lambda: demo_size('full', 'tilted'), contains="unknown demo data 'tilt
 # ```
 # DEMO/glyphs/         the flat dataset (class folders of PNGs)
 # DEMO/split/          train / val / test class folders (symlinks)       fsdit prepare
-# DEMO/encoder/        --data unaligned: the trained stand-in encoder     fsdit.glyph_encoder (safetensors + config.json)
+# DEMO/encoder/        --data unaligned: the trained stand-in encoder     fsdit.glyph.encoder (safetensors + config.json)
 # DEMO/feats/          the pixel-space feature store                     fsdit precompute --stand-in
-# DEMO/judge/          the glyph classifier that scores the samples      fsdit.judge
+# DEMO/judge/          the glyph classifier that scores the samples      fsdit.glyph.judge
 # DEMO/run/            config.json, checkpoints/, metrics.jsonl, samples/   fsdit train
 # DEMO/samples_seen.png, DEMO/samples_heldout.png    supports | samples, one class a row
 # DEMO/eval/           eval.json and one figure per metric               fsdit eval
@@ -278,7 +306,7 @@ def demo_store(out, s: DemoSize, encoder=None, log: Callable | None = None, prog
 
 
 def demo_judge(out, s: DemoSize, log: Callable | None = None):
-    "The glyph judge of every class of the dataset in its style, trained once and kept in DEMO/judge (`fsdit.judge.glyph_judge`)."
+    "The glyph judge of every class of the dataset in its style, trained once and kept in DEMO/judge (`fsdit.glyph.judge.glyph_judge`)."
     style = {} if s.data == 'aligned' else {'style': s.data}      # the aligned judge's settings as they were
     return glyph_judge(Path(out) / 'judge', _chars(out), s.image_size, log=log, **s.judge, **style)
 
@@ -448,7 +476,7 @@ def demo_samples(out, s: DemoSize, store, log: Callable | None = None, get_run: 
 
 # %%
 #| export
-from fsdit.eval import JUDGE_METRICS as HEADLINE
+from fsdit.glyph.judge import JUDGE_METRICS as HEADLINE
 
 
 def demo_summary(res: dict, cfg: float) -> dict:

@@ -1,11 +1,11 @@
 # %% [markdown]
 # # fsdit demo
 #
-# > The `fsdit demo` command: the whole chain offline on the glyph dataset with `fsdit.demo.demo` — data, store, train, samples, eval.
+# > The `fsdit demo` command: the whole chain offline on the glyph dataset with `fsdit.glyph.demo.demo` — data, store, train, samples, eval.
 #
 # `fsdit demo --out DEMO` (default `demo`) runs the `full` size; `--size tiny` the seconds-long one; `--data unaligned`
 # the harder glyphs; `--cond` another conditioning; `--steps N` a training length of its own; `--until STAGE` stops early.
-# The notebook of `fsdit.demo` runs the command on a finished tiny demo; here are its options and a refusal.
+# The notebook of `fsdit.glyph.demo` runs the command on a finished tiny demo; here are its options and a refusal.
 
 # %%
 #| default_exp commands.demo
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fsdit.cli import Parser, positive_int, fail
-from fsdit.demo import DEMO_SIZES, STAGES, demo, demo_size
+from fsdit.glyph.demo import DEMO_SIZES, STAGES, demo, demo_size
 
 # %%
 import contextlib, io, tempfile

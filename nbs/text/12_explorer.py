@@ -462,7 +462,7 @@ class Explorer(_SupportSet, _Controls):
 # `FSDIT_EXPLORER_DIR` when set (to reuse one run across notebooks and tests), else a temporary one.
 
 # %%
-from fsdit.demo import demo
+from fsdit.glyph.demo import demo
 root = Path(os.environ.get('FSDIT_EXPLORER_DIR') or tempfile.mkdtemp()) / 'demo'
 run_dir = demo(root, 'tiny', until='train', progress=False)['run']
 test_eq(find_runs(root), [run_dir]); test_eq(find_store(run_dir), root / 'feats')

@@ -231,7 +231,7 @@ def explore_cli(argv: list[str]) -> int:
 # call shows the explorer — the same object the notebook drives — opened on the held-out classes.
 
 # %%
-from fsdit.demo import demo
+from fsdit.glyph.demo import demo
 root = Path(os.environ.get('FSDIT_EXPLORER_DIR') or tempfile.mkdtemp()) / 'demo'
 run_dir = demo(root, 'tiny', until='train', progress=False)['run']
 test_eq(app_run(run_dir), (run_dir, root / 'feats'))

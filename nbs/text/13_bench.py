@@ -22,7 +22,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, functools, json, statistics, time
+import functools, statistics, time
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,7 @@ import jax, jax.numpy as jnp
 
 from fsdit.config import ModelConfig, train_config
 from fsdit.steps import layout_for
-from fsdit.perf import block, time_calls, stats, compiled, cost, memory, matmul_peak, device_peak   # also read as `fsdit.bench.cost`, ...
+from fsdit.perf import block, time_calls, compiled, cost, memory, matmul_peak, device_peak   # also read as `fsdit.bench.cost`, ...
 from fsdit.utils import l2_normalize
 from fsdit.dit import DiT, init_params, example_cond
 from fsdit.encoder import SigLIPEncoder, VisionSpec, to_torch
@@ -43,7 +43,7 @@ from fsdit.bench_step import (
     random_like, train_inputs, train_runner, interleave, summarize_step, train_memory, tpu_devices, _model, _size_name)
 _all_ = ['SD_VAE_SCALE', 'MOVEMENT', 'CONTROL', 'machine_info', 'hlo_instructions', 'op_classes', 'dot_flops',
          'profile_shares', 'train_step_exe', 'random_like', 'train_inputs', 'train_runner', 'interleave',
-         'summarize_step', 'train_memory', 'tpu_devices']
+         'summarize_step', 'train_memory', 'tpu_devices', 'memory', 'matmul_peak']   # perf's two: the bench scripts read them here
 
 # %%
 import tempfile

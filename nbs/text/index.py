@@ -240,8 +240,11 @@ assert model_config('B/2').tokens == 196 and train_config().batch_size == 128
 # are a layer over the library: `fsdit.cli` routes `fsdit <command>` to a module of `fsdit.commands`, each written
 # in a notebook beside the component it drives (`01b_cmd_prepare`, `04b_cmd_precompute`, `08e_cmd_export`,
 # `09c_cmd_sample`, `10c_cmd_eval`, `10d_cmd_train`, `11a_cmd_demo`, `13b_cmd_bench`; the explorer's app, `12a_app`,
-# is a command too); a command imports the library, the library never imports a command. `make sync`
-# exports the package and writes this README from `nbs/index.ipynb`.
+# is a command too); a command imports the library, the library never imports a command. The glyph demo is a
+# subpackage of its own, `fsdit.glyph`: its data (`01a_glyphs` -> `fsdit.glyph.data`), stand-in encoder
+# (`02a_glyph_encoder` -> `fsdit.glyph.encoder`), judge (`10a_judge` -> `fsdit.glyph.judge`) and the demo itself
+# (`11_demo` -> `fsdit.glyph.demo`); the core library imports it only inside the functions that load a glyph encoder's
+# folder. `make sync` exports the package and writes this README from `nbs/index.ipynb`.
 #
 # **Troubleshooting**: every command stops with one line saying what was wrong and what to do;
 # `TROUBLESHOOTING.md` lists them.
