@@ -86,8 +86,9 @@
 # change at a time (`python bench/unaligned_factors.py demo_u OUT`), the first limit is the image format, not the
 # placement: centred black characters at 24 px RGB come out blotched (8% judge consistency, real 61%) where the same
 # characters at 16 px gray, the aligned demo's format, are drawn cleanly (38%, 87% of real); a time schedule shifted
-# toward the noise triples the 24 px figure (26%); in 16 px gray, characters placed, sized and turned at random are
-# drawn too (20%, 40% of real), and it is colour at 24 px RGB on top that leaves the unaligned demo at nothing
+# toward the noise triples the 24 px figure (26%; `fsdit train --t-shift S`, off by default: on the aligned demo it
+# leaves the figures as they are and adds speckle to the paper); in 16 px gray, characters placed, sized and
+# turned at random are drawn too (20%, 40% of real), and it is colour at 24 px RGB on top that leaves the unaligned demo at nothing
 # (`nbs/images/unaligned_factors.png`). BENCHMARKS.md §8 has the tables, the curves and the grids. That is the open
 # problem this project works on next; until it is solved, nothing here shows that fsdit draws unseen classes of
 # photographs.
