@@ -88,8 +88,9 @@
 # characters at 16 px gray, the aligned demo's format, are drawn cleanly (38%, 87% of real); a time schedule shifted
 # toward the noise triples the 24 px figure (26%; `fsdit train --t-shift S`, off by default: on the aligned demo it
 # leaves the figures as they are and adds speckle to the paper); in 16 px gray, characters placed, sized and
-# turned at random are drawn too (20%, 40% of real), and it is colour at 24 px RGB on top that leaves the unaligned demo at nothing
-# (`nbs/images/unaligned_factors.png`). BENCHMARKS.md §8 has the tables, the curves and the grids. That is the open
+# turned at random are drawn too (20%, 40% of real), as they are at 24 px in one gray channel (11%, 28% of real),
+# and it is the three colour channels, random ink and paper, that leave the unaligned demo at nothing; smaller
+# RGB tokens (patch 2) do not help (1%) (`nbs/images/unaligned_factors.png`). BENCHMARKS.md §8 has the tables, the curves and the grids. That is the open
 # problem this project works on next; until it is solved, nothing here shows that fsdit draws unseen classes of
 # photographs.
 #
