@@ -64,7 +64,7 @@ TORCHVISION ?= torchvision==0.28.0
 # install is doing at the same time when CI runs this in the background); `test-oldjax` adds fsdit, checks, and tests.
 # CI calls `make test-oldjax OLDJAX_READY=1` after the background install.
 OLDJAX_PINS := "$(TORCHVISION)" "jax==0.7.2" "jaxlib==0.7.2" "flax==0.12.0"
-REQS := $(shell $(PY) -c "import configparser as c; p = c.ConfigParser(); p.read('settings.ini'); \
+REQS = $(shell $(PY) -c "import configparser as c; p = c.ConfigParser(); p.read('settings.ini'); \
 	print(' '.join(chr(39) + r + chr(39) for k in ('requirements', 'dev_requirements', 'fid_requirements') for r in p['DEFAULT'][k].split()))")
 venv-oldjax:
 	[ -x $(OLD_VENV)/bin/python ] || $(PY) -m venv $(OLD_VENV)
