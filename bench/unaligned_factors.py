@@ -18,6 +18,9 @@ Each set is split 3/4 for training; the unaligned demo's model and recipe (`demo
 demo's guidance, and a grid of 8 of those classes is written enlarged. A generator that can draw these classes at all
 must score near the real images' consistency here: every image was seen about 270 times. Rows go to OUT/factors.json.
 
+`--vae FOLDER` trains the model on the latents of a diffusers `AutoencoderKL` folder (the glyph VAE of an unaligned
+demo with a VAE, DEMO/vae) instead of the pixels: its input grid and channels become the latents'.
+
 `--set train.t_shift=S` trains with SD3's resolution shift of the time schedule, t -> t / (t + S (1 - t)) (t = 0 noise,
 t = 1 data; `fsdit.flow.shift_t`), so S > 1 spends more of training near the noise. Rows with `"t_shift_probe": true`
 come from before that setting: a probe that also moved the sampler's grid (the same weights sampled on the uniform
@@ -84,6 +87,7 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, default=2000)
     ap.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE')
     ap.add_argument('--tag', default='')
+    ap.add_argument('--vae', default=None, help='a diffusers AutoencoderKL folder: the model trains on its latents')
     ap.add_argument('--figure', nargs='+', metavar='NAME=CAPTION', help='only compose the grids of these runs into OUT/factors.png')
     a = ap.parse_args(argv)
     d, root = Path(a.demo), Path(a.out); root.mkdir(parents=True, exist_ok=True)
@@ -104,8 +108,16 @@ def main(argv=None):
         glyphs.GLYPH_STYLES[style] = STYLES[style]
         glyphs.make_offline_dataset(out / 'glyphs', per_class=20, size=s.image_size, chars=chars, style=style)
         prepare(out / 'glyphs', out / 'split', train=ntr, val=(n - ntr) // 2, test=n - ntr - (n - ntr) // 2, seed=0)
-        store = precompute(out / 'split', out / 'feats', enc, PixelSpace(s.image_size, s.channels), image_size=s.image_size,
-                           space='pixel', chunk_size=1024, batch_size=256, progress=False)
+        if a.vae:
+            from fsdit.vae import SDVAE
+            v = SDVAE.from_pretrained(a.vae, latent_channels=None)
+            s = replace(s, model={**s.model, 'input_size': s.image_size // v.config.downsample_factor,
+                                  'in_channels': v.config.latent_channels})
+            store = precompute(out / 'split', out / 'feats', enc, v, image_size=s.image_size, space='latent',
+                               chunk_size=1024, batch_size=256, progress=False)
+        else:
+            store = precompute(out / 'split', out / 'feats', enc, PixelSpace(s.image_size, s.channels), image_size=s.image_size,
+                               space='pixel', chunk_size=1024, batch_size=256, progress=False)
         t0 = time.time()
         run_dir = demo_train(out, s, store, log=print, progress=False)
         train_s = time.time() - t0

@@ -191,3 +191,28 @@ def test_bad_images():
     with pytest.raises(ValueError, match='4 channels'): vae.decode(np.zeros((1, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match='shapes differ'): vae.sample(None, np.zeros((1, 2, 2, 4)), np.zeros((1, 2, 2, 3)))
     with pytest.raises(ValueError, match='dtype'): SDVAE(vae.config, vae.params, dtype='int8')
+
+
+@pytest.mark.parametrize('name', ['two-blocks', 'one-block-bare'])
+def test_save_pretrained_loads_in_diffusers(tmp_path, name):
+    "A Flax VAE written by `SDVAE.save_pretrained` is read by diffusers' own loader and computes the same thing there."
+    kw, xshape, _ = CONFIGS[name]
+    ref = torch_vae(**kw)
+    ref.save_pretrained(tmp_path / 'a')
+    vae = SDVAE.from_pretrained(tmp_path / 'a', latent_channels=None)
+    vae.save_pretrained(tmp_path / 'b')
+    back = diffusers.AutoencoderKL.from_pretrained(tmp_path / 'b').eval()
+    for k in ('block_out_channels', 'layers_per_block', 'latent_channels', 'norm_num_groups', 'scaling_factor',
+              'use_quant_conv', 'use_post_quant_conv', 'mid_block_add_attention'):
+        assert np.array_equal(back.config[k], ref.config[k]), k
+    assert_parity(vae, back, images(xshape))
+    with pytest.raises(FileExistsError, match='exists'): vae.save_pretrained(tmp_path / 'b')
+
+
+def test_glyph_vae_folder_is_a_diffusers_autoencoder(tmp_path):
+    "The glyph demo's VAE, trained for a few steps, is a folder diffusers loads, with the scaling it recorded."
+    from fsdit.glyph.vae import GlyphVAESpec, glyph_vae
+    v = glyph_vae(tmp_path / 'vae', 'AB', GlyphVAESpec(blocks=(8, 16), groups=4), per_class=4, steps=2, batch_size=8)
+    back = diffusers.AutoencoderKL.from_pretrained(tmp_path / 'vae').eval()
+    assert back.config.scaling_factor == pytest.approx(v.scaling_factor) and back.config.sample_size == 24
+    assert_parity(v, back, images((2, 24, 24, 3)))

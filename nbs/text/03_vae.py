@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import functools, json, os
+import functools, json, os, re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -593,6 +593,54 @@ def __repr__(self):
 
 
 # %% [markdown]
+# ## Saving a VAE as diffusers does
+#
+# A VAE trained here (the glyph demo trains a small one on its renderings, as SD-VAE was trained on
+# photographs) is written as the folder diffusers' `save_pretrained` writes: `config.json` and
+# `diffusion_pytorch_model.safetensors` under diffusers' own weight names — so `fsdit precompute --vae
+# FOLDER`, `SDVAE.from_pretrained` and diffusers' `AutoencoderKL.from_pretrained` all read it. The folder
+# appears whole or not at all (`fsdit.files.building`).
+
+# %%
+#| export
+def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
+    "Nested Flax params -> a diffusers `AutoencoderKL` state dict (the inverse of `torch_to_flax`; current attention names)."
+    out: dict[str, np.ndarray] = {}
+    def walk(tree, path):
+        for k, v in tree.items():
+            if isinstance(v, dict): walk(v, path + [re.sub(r'_(\d+)$', r'.\1', k)]); continue
+            w = np.asarray(v, np.float32)
+            if k == 'scale': k = 'weight'
+            elif k == 'kernel': k, w = 'weight', (w.T if w.ndim == 2 else w.transpose(3, 2, 0, 1))
+            out['.'.join(path + [k])] = np.ascontiguousarray(w)
+    walk(params, [])
+    return out
+
+
+def vae_config_dict(c: VAEConfig, sample_size: int | None = None) -> dict[str, Any]:
+    "The diffusers `config.json` of `c` (`sample_size`: the image side it was trained at)."
+    n = len(c.block_out_channels)
+    return {'_class_name': 'AutoencoderKL', 'in_channels': c.in_channels, 'out_channels': c.out_channels,
+            'down_block_types': ['DownEncoderBlock2D'] * n, 'up_block_types': ['UpDecoderBlock2D'] * n,
+            'block_out_channels': list(c.block_out_channels), 'layers_per_block': c.layers_per_block, 'act_fn': c.act_fn,
+            'latent_channels': c.latent_channels, 'norm_num_groups': c.norm_num_groups,
+            **({'sample_size': sample_size} if sample_size else {}), 'scaling_factor': c.scaling_factor,
+            'shift_factor': c.shift_factor, 'use_quant_conv': c.use_quant_conv,
+            'use_post_quant_conv': c.use_post_quant_conv, 'mid_block_add_attention': c.mid_block_add_attention}
+
+
+@patch_to(SDVAE)
+def save_pretrained(self, folder, sample_size: int | None = None, replace: bool = False) -> Path:
+    "Write the VAE as a diffusers folder (config.json + safetensors) that appears whole or not at all; returns it."
+    from safetensors.numpy import save_file
+    from fsdit.files import building
+    with building(folder, replace=replace) as tmp:
+        (tmp / FILES[0]).write_text(json.dumps(vae_config_dict(self.config, sample_size), indent=1))
+        save_file(flax_to_torch(jax.device_get(self.params)), str(tmp / FILES[1]))
+    return Path(folder)
+
+
+# %% [markdown]
 # ### Equal to diffusers
 #
 # A random diffusers `AutoencoderKL` (a tiny one with SD-VAE's four blocks, so the downsampling factor
@@ -624,6 +672,19 @@ assert rel(mean, mean_ref) < 1e-4 and rel(logvar, logvar_ref) < 1e-4
 out = vae.decode(mean, clip=False)
 test_eq(out.shape, x.shape)
 assert rel(out, dec_ref) < 1e-4
+
+# %% [markdown]
+# And back: the Flax weights written by `save_pretrained` load into diffusers' `AutoencoderKL` and give the
+# same outputs as the model they came from; a second save onto the folder is refused unless asked for.
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    vae.save_pretrained(Path(d) / 'vae', sample_size=48)
+    back = TorchAutoencoderKL.from_pretrained(Path(d) / 'vae').eval()
+    test_eq(back.config.block_out_channels, (8, 8, 16, 16)); test_eq(back.config.sample_size, 48)
+    with torch.no_grad(): post2 = back.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist
+    assert rel(nhwc(post2.mean), mean_ref) < 1e-5
+    test_fail(lambda: vae.save_pretrained(Path(d) / 'vae'), contains='exists')
 
 # %% [markdown]
 # At 224 px the latent grid is 28x28 (shapes traced, nothing compiled); a posterior sample with

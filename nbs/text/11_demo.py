@@ -31,13 +31,14 @@ import numpy as np
 from fsdit.config import model_config, train_config, TrainConfig, ModelConfig, interval_text
 from fsdit.codecs import PixelEncoder, PixelSpace, load_encoder, run_codecs
 from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderSpec, is_glyph_encoder, train_glyph_encoder, prototype_accuracy
+from fsdit.glyph.vae import GlyphVAESpec, glyph_vae
 from fsdit.data import prepare
 from fsdit.eval import FewShotHook, evaluate
 from fsdit.features import precompute, store_source
 from fsdit.glyph.data import make_offline_dataset, offline_split_sizes, glyph_classes, glyph_char
 from fsdit.images import class_rows_grid, to_uint8, save_png
 from fsdit.glyph.judge import glyph_judge
-from fsdit.launch import lazy
+from fsdit.launch import lazy, lazy_vae_decode
 from fsdit.files import write_atomic
 from fsdit.run import load_run, saved_steps, last_logged_step, run_records
 from fsdit.supports import sample_from_supports
@@ -80,6 +81,7 @@ class DemoSize:
     data: str = 'aligned'                 # glyph style (`fsdit.glyph.data.GLYPH_STYLES`): centred gray, or placed and coloured at random
     embed_dim: int = 64                   # stand-in support embedding width
     encoder: dict | None = None           # `train_glyph_encoder` settings of a trained stand-in encoder; None: the random projection
+    vae: dict | None = None               # `GlyphVAESpec` fields and `train_glyph_vae` settings of a glyph VAE; None: pixel space
     cond: str = 'aligned'                 # the conditioning (see `fsdit.config.CONDS`)
     # `fsdit train`'s settings: `model` is `--model PRESET --model.FIELD VALUE ...`, `train` is `--preset PRESET --FIELD VALUE ...`
     model: dict = field(default_factory=lambda: dict(preset='mu', hidden=128, depth=4, heads=4, patch=2))
@@ -120,14 +122,19 @@ DEMO_SIZES = {
                      grid_classes=3, grid_samples=8, eval_classes=4, eval_per_class=2, eval_cfg=(3.0,), sample_steps=4),
 }
 
-
-# What the unaligned data changes at every size: 24 px RGB (a character at half the side is still legible,
-# and patch 3 keeps the 64 target tokens of the aligned 16 px at patch 2), a trained stand-in encoder,
-# cross-attention to the supports (6 px patches: 16 tokens a support), and 3x3 convolutions of 32 channels around
-# the transformer (lower glyph-FD on validation classes at every point of a 12,000-step run; BENCHMARKS §8).
-UNALIGNED = dict(image_size=24, channels=3, cond='xattn', model=dict(patch=3, context_patch=6, conv=32),
+# %%
+#| export
+# What the unaligned data changes at every size: 24 px RGB (a character at half the side is still legible), a
+# trained stand-in encoder, a glyph VAE trained on its own renderings (the DiT models its 12x12x4 latents at patch 2,
+# as a miniImageNet run models SD-VAE latents: in pixel space no model drew a character; BENCHMARKS §8),
+# cross-attention to the supports' latents (3x3 patches: 16 tokens a support), and 3x3 convolutions of 32 channels
+# around the transformer. The full size trains twice the aligned demo's steps: a latent step costs half a pixel one.
+UNALIGNED = dict(image_size=24, channels=3, cond='xattn', model=dict(patch=2, context_patch=3, conv=32),
+                 vae=dict(blocks=(32, 64), latent_channels=4, groups=16, per_class=12, steps=1000),
                  encoder=dict(per_class=48, steps=2500), judge=dict(per_class=48, epochs=5))
-UNALIGNED_TINY = dict(encoder=dict(per_class=8, steps=30, batch_size=32), judge=dict(per_class=8, epochs=4, batch_size=32))
+UNALIGNED_TRAIN = {'full': dict(max_steps=4400, save_every=1100, eval_every=2200, sample_every=4400)}
+UNALIGNED_TINY = dict(encoder=dict(per_class=8, steps=30, batch_size=32), judge=dict(per_class=8, epochs=4, batch_size=32),
+                      vae=dict(blocks=(8, 16), latent_channels=4, groups=4, per_class=4, steps=20, batch_size=16))
 
 
 def demo_size(name: str = 'full', data: str = 'aligned', **overrides) -> DemoSize:
@@ -136,9 +143,24 @@ def demo_size(name: str = 'full', data: str = 'aligned', **overrides) -> DemoSiz
     s = DEMO_SIZES[name]
     if data == 'unaligned':
         u = {**UNALIGNED, **(UNALIGNED_TINY if name == 'tiny' else {})}
-        s = replace(s, data=data, **{**u, 'model': {**s.model, **u['model']}})
+        s = replace(s, data=data, **{**u, 'model': {**s.model, **u['model']}, 'train': {**s.train, **UNALIGNED_TRAIN.get(name, {})}})
     elif data != 'aligned': raise ValueError(f"unknown demo data {data!r}; choose 'aligned' or 'unaligned'")
     return replace(s, **overrides)
+
+
+def vae_settings(s: DemoSize) -> tuple[GlyphVAESpec, dict]:
+    "The glyph VAE's shape and its training settings, from `s.vae`."
+    spec_keys = set(GlyphVAESpec.__dataclass_fields__) - {'image_size'}
+    v = dict(s.vae or {})
+    return (GlyphVAESpec(image_size=s.image_size, **{k: v.pop(k) for k in list(v) if k in spec_keys}), v)
+
+
+def demo_latent_shape(s: DemoSize) -> tuple[int, int, int]:
+    "What the DiT models: the pixels (side, side, channels), or the glyph VAE's latent grid."
+    if not s.vae: return (s.image_size, s.image_size, s.channels)
+    spec = vae_settings(s)[0]
+    f = 2 ** (len(spec.blocks) - 1)
+    return (s.image_size // f, s.image_size // f, spec.latent_channels)
 
 
 def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
@@ -146,8 +168,8 @@ def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, Tra
     (`fsdit.config.model_config`, `train_config`): each preset with the size's settings, the store's shape (pixels,
     channels, embedding width) and the size's sampling (`cond`: the size's unless given). The only place they are made."""
     m, t = dict(s.model), dict(s.train)
-    mc = model_config(m.pop('preset'), cond=cond or s.cond,
-                      **{'input_size': s.image_size, 'in_channels': s.channels, 'support_dim': s.embed_dim, **m})
+    side, _, ch = demo_latent_shape(s)
+    mc = model_config(m.pop('preset'), cond=cond or s.cond, **{'input_size': side, 'in_channels': ch, 'support_dim': s.embed_dim, **m})
     tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
                       wandb_mode='disabled', **t)
     return mc, tc
@@ -169,8 +191,11 @@ mc_t, tc_t = demo_configs(demo_size('tiny'), cond='context')
 test_eq((mc_t.input_size, mc_t.tokens, mc_t.cond, tc_t.max_steps), (16, 16, 'context', 30))
 test_fail(lambda: demo_size('huge'), contains="unknown demo size 'huge'")
 mc_u, tc_u = demo_configs(demo_size('full', 'unaligned'))
-test_eq((mc_u.input_size, mc_u.in_channels, mc_u.patch, mc_u.tokens, mc_u.cond, mc_u.context_patch), (24, 3, 3, 64, 'xattn', 6))
-test_eq((tc_u.batch_size, tc_u.max_steps), (tc.batch_size, tc.max_steps))                    # the same recipe as the aligned demo
+test_eq((mc_u.input_size, mc_u.in_channels, mc_u.patch, mc_u.tokens, mc_u.cond, mc_u.context_patch), (12, 4, 2, 36, 'xattn', 3))
+test_eq((tc_u.batch_size, tc_u.lr, tc_u.max_steps), (tc.batch_size, tc.lr, 2 * tc.max_steps))   # the aligned recipe, twice the steps
+test_eq(demo_latent_shape(demo_size('full', 'unaligned')), (12, 12, 4))
+test_eq(demo_latent_shape(demo_size('full', 'unaligned', vae=None)), (24, 24, 3))                # pixel space, one override away
+test_eq(demo_configs(demo_size('tiny', 'unaligned'))[1].max_steps, 30)
 test_eq(demo_size('full', 'unaligned').encoder, dict(per_class=48, steps=2500))
 test_eq(demo_size('long', 'unaligned').model['hidden'], 192)
 test_fail(lambda: demo_size('full', 'tilted'), contains="unknown demo data 'tilted'")
@@ -194,7 +219,7 @@ def _as_fsdit_train(s: DemoSize) -> tuple:
     argv = ['--out', str(Path(tempfile.mkdtemp()) / 'run'), '--model', m.pop('preset'), '--preset', t.pop('preset'),
             *_flags({**m, 'cond': s.cond}, 'model.'), *_flags({**t, 'sample_steps': s.sample_steps, 'cfg_scale': s.cfg,
                                                                'cfg_interval': s.cfg_interval, 'wandb_mode': 'disabled'}, '')]
-    return resolve_configs(parse_train_args(argv), {'latent_shape': [s.image_size, s.image_size, s.channels], 'embed_dim': s.embed_dim})
+    return resolve_configs(parse_train_args(argv), {'latent_shape': list(demo_latent_shape(s)), 'embed_dim': s.embed_dim})
 
 
 for _name in DEMO_SIZES:
@@ -291,17 +316,27 @@ assert 0.25 < _heldout_proto_acc(ex_enc, ex_dir) <= 1               # 4 held-out
 
 
 # %% [markdown]
-# The store, and the judge:
+# The glyph VAE (unaligned data: the DiT then models its latents, as on miniImageNet), the store, and the judge:
 
 # %%
 #| export
-def demo_store(out, s: DemoSize, encoder=None, log: Callable | None = None, progress: bool = True):
-    "The pixel-space feature store of the split with the stand-in encoder (reused when complete)."
+def demo_vae(out, s: DemoSize, log: Callable | None = None):
+    """With `s.vae`, the glyph VAE trained on its own renderings of every class and kept in DEMO/vae (a diffusers
+    `AutoencoderKL` folder; reused when trained with these settings); else None: the DiT works on pixels."""
+    if not s.vae: return None
+    spec, kw = vae_settings(s)
+    return glyph_vae(Path(out).absolute() / 'vae', _chars(out), spec, log=log, **kw)
+
+
+def demo_store(out, s: DemoSize, encoder=None, vae=None, log: Callable | None = None, progress: bool = True):
+    "The feature store of the split with the stand-in encoder: the VAE's latents, else the pixels (reused when complete)."
     out = Path(out); t0 = time.time(); reused = (out / 'feats' / 'metadata.json').exists()
-    st = precompute(out / 'split', out / 'feats', encoder or PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
-                    image_size=s.image_size, space='pixel', chunk_size=1024, batch_size=256, progress=progress)
+    space = PixelSpace(s.image_size, s.channels) if vae is None else vae
+    st = precompute(out / 'split', out / 'feats', encoder or PixelEncoder(dim=s.embed_dim), space,
+                    image_size=s.image_size, space='pixel' if vae is None else 'latent', chunk_size=1024, batch_size=256,
+                    progress=progress)
     _log(log, f"store:   {out / 'feats'}  ({len(st.embeds)} images, stand-in encoder {st.meta['encoder']} "
-              f"(not SigLIP2); {'reused' if reused else f'{time.time() - t0:.0f} s'})")
+              f"(not SigLIP2), {'pixels' if vae is None else 'glyph VAE latents'}; {'reused' if reused else f'{time.time() - t0:.0f} s'})")
     return st
 
 
@@ -312,9 +347,9 @@ def demo_judge(out, s: DemoSize, log: Callable | None = None):
 
 
 # %%
-ex_st = demo_store(ex_dir, ex_s, ex_enc, ex_log.append, progress=False)
+ex_st = demo_store(ex_dir, ex_s, ex_enc, log=ex_log.append, progress=False)
 test_eq((len(ex_st.embeds), ex_st.meta['encoder']), (144, ex_enc.name)); assert 'reused' not in ex_log[-1]
-demo_store(ex_dir, ex_s, ex_enc, ex_log.append, progress=False); assert 'reused' in ex_log[-1]
+demo_store(ex_dir, ex_s, ex_enc, log=ex_log.append, progress=False); assert 'reused' in ex_log[-1]
 
 
 # %% [markdown]
@@ -360,8 +395,9 @@ def demo_train(out, s: DemoSize, store, cond: str | None = None, log: Callable |
     feats = str(Path(store.path).absolute())
     follow = _Follow(run, tc.max_steps, progress); follow.start()
     source = store_source(feats, tc)
-    hook = FewShotHook(source, mc, tc, None, load_encoder(store.meta['encoder']).embed, judge=judge)
-    try: train(mc, tc, source, run, extra={'feats': feats}, hooks=[hook])   # as `fsdit train --feats` does
+    decode = lazy_vae_decode(store.meta['vae']) if source.space == 'latent' else None      # the glyph VAE's decoder
+    hook = FewShotHook(source, mc, tc, decode, load_encoder(store.meta['encoder']).embed, judge=judge)
+    try: train(mc, tc, source, run, decode, extra={'feats': feats}, hooks=[hook])   # as `fsdit train --feats` does
     finally: follow.stop()
     last = run_records(run)[-1]
     _log(log, f"train:   {run}  ({mc.cond} conditioning, {tc.max_steps - step0} steps of {tc.batch_size}"
@@ -399,7 +435,8 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
     sups, gens = [], []
     for c in pick:
         rows = np.sort(rng.choice(crs[c], run.tc.shots, replace=False))
-        sup = to_uint8(store.latents(rows), rgb=True)   # pixel mode: the images
+        lat = store.latents(rows)                       # pixel space: the images; else VAE latents, decoded
+        sup = to_uint8(lat if run.space == 'pixel' else codecs.decode(lat), rgb=True)
         gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
                                    steps=s.sample_steps, seed=seed + int(c))
         sups.append(sup); gens.append(to_uint8(gen, rgb=True))
@@ -541,7 +578,7 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
 
 # %%
 #| export
-STAGES = ('data', 'encoder', 'store', 'judge', 'train', 'samples', 'eval')
+STAGES = ('data', 'encoder', 'vae', 'store', 'judge', 'train', 'samples', 'eval')
 
 
 def demo(out='demo', size: str | DemoSize = 'full', cond: str | None = None, until: str = 'eval',
@@ -558,7 +595,8 @@ def demo(out='demo', size: str | DemoSize = 'full', cond: str | None = None, unt
         return STAGES.index(name) >= STAGES.index(until)
     get_run = _loader(out / 'run')                  # loaded once, only if a later stage has work to do
     (stage('data', 'split', demo_data, out, s, log) or stage('encoder', 'encoder', demo_encoder, out, s, log)
-            or stage('store', 'store', demo_store, out, s, res['encoder'], log, progress)
+            or stage('vae', 'vae', demo_vae, out, s, log)
+            or stage('store', 'store', demo_store, out, s, res['encoder'], res['vae'], log, progress)
             or stage('judge', 'judge', demo_judge, out, s, log)
             or stage('train', 'run', demo_train, out, s, res['store'], s.cond, log, progress, res['judge'])
             or stage('samples', 'samples', demo_samples, out, s, res['store'], log, get_run)

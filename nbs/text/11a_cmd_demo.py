@@ -34,7 +34,7 @@ def demo_cli(argv: list[str]) -> int:
                    help="'full' (minutes on a CPU), 'long' (about 1.6 hours on a 2-core CPU) or 'tiny' (seconds)")
     p.add_argument('--data', default='aligned', choices=('aligned', 'unaligned'),
                    help="'aligned': centred dark characters; 'unaligned': each placed, sized, turned and coloured at random "
-                        "(RGB), with a trained stand-in encoder")
+                        "(RGB), with a trained stand-in encoder and a glyph VAE whose latents the DiT models")
     p.add_argument('--cond', default=None, choices=('aligned', 'support', 'context', 'xattn'),
                    help="default (the data's): 'aligned', the supports' pixels beside the target; 'xattn': cross-attention "
                         "to the supports' patches; 'support': the seed's mean embedding via adaLN only; 'context': supports also as tokens")

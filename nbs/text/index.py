@@ -74,25 +74,21 @@
 # %% [markdown]
 # **When the supports do not line up.** `fsdit demo --data unaligned --out demo_u` draws each character at a
 # random place, size, angle and colour (RGB, 24 px), so the supports' per-pixel mean is a blur, as it is for
-# photographs, and adds a stand-in encoder trained on its own renderings (its 5-shot nearest-prototype accuracy on
-# 200 held-out classes, 70.7%, is printed by the demo's encoder stage). On that data nothing tried so far draws
-# characters, at the demo's budget or well past it. At the budget every conditioning — the seed's with either
-# encoder, `aligned`, `context`, cross-attention — stays under 1% judge consistency against 70.6% for real images
-# (`python bench/demo_conds.py demo_u`); the default's 3x3 convolutions around the transformer give the lowest
-# glyph-FD (125 against 151-192) and strokes that hold together, but no character. Five times the steps, patch 2,
-# a model four times as wide and deep, or the seed's conditioning on that model: all under 6% on validation classes
-# (`nbs/images/unaligned_curves.png`), and the model cannot draw even its own training classes when there are only
-# 12 (`bench/unaligned_subset.sh demo_u OUT`). The limit is the generator. Taken apart on those 12 classes, one
-# change at a time (`python bench/unaligned_factors.py demo_u OUT`), the first limit is the image format, not the
-# placement: centred black characters at 24 px RGB come out blotched (8% judge consistency, real 61%) where the same
-# characters at 16 px gray, the aligned demo's format, are drawn cleanly (38%, 87% of real); a time schedule shifted
-# toward the noise triples the 24 px figure (26%; `fsdit train --t-shift S`, off by default: on the aligned demo it
-# leaves the figures as they are and adds speckle to the paper); in 16 px gray, characters placed, sized and
-# turned at random are drawn too (20%, 40% of real), as they are at 24 px in one gray channel (11%, 28% of real),
-# and it is the three colour channels, random ink and paper, that leave the unaligned demo at nothing; smaller
-# RGB tokens (patch 2) do not help (1%) (`nbs/images/unaligned_factors.png`). BENCHMARKS.md §8 has the tables, the curves and the grids. That is the open
-# problem this project works on next; until it is solved, nothing here shows that fsdit draws unseen classes of
-# photographs.
+# photographs. It adds a stand-in encoder trained on its own renderings (5-shot nearest-prototype accuracy on 200
+# held-out classes: 70.7%) and, as SD-VAE does for photographs, a small VAE trained on its own renderings
+# (`fsdit.glyph.vae`, a diffusers `AutoencoderKL` folder that `fsdit precompute --vae` loads), so the DiT models
+# 12x12x4 latents rather than pixels. From pixels, nothing tried drew a character: every conditioning stayed under
+# 1% judge consistency against 70.6% for real images, and the model could not draw even 12 classes it trained on
+# (`python bench/unaligned_factors.py demo_u OUT`: it is the three colour channels, random ink and paper, that stop
+# it). In the VAE's latents the same model, given the class by label, draws those 12 classes — whole characters in one
+# ink colour on flat paper, anywhere in the frame — at 43% against 56% for the VAE's reconstructions
+# (`nbs/images/unaligned_vae_class_8k.png`, `bench/class_curve.py`). Few-shot, at the demo's budget (4,400 steps, 10
+# minutes of training; the whole unaligned demo takes about 35 minutes, the VAE 16 of them), the samples now look
+# like the data — glyph-FD 50 against 125 from pixels, below the supports' mean (113) for the first time — but they
+# carry only their class's texture, not its shape: 0.7% consistency on 200 held-out classes
+# (`nbs/images/unaligned_vae_heldout.png`). Reading the class from supports that do not line up is the open problem
+# this project works on next; BENCHMARKS.md §8 has the tables, curves and grids. Until it is solved, nothing here
+# shows that fsdit draws unseen classes of photographs.
 #
 # **A real colour data set, through the CLI alone.** `bench/emoji_set.py` builds 323 classes of vendors' emoji
 # (Apple, Google, Twitter, Facebook, from the npm registry; 24 drawings a class in six skin tones, 32 px), and
