@@ -83,7 +83,7 @@
 # it). In the VAE's latents the same model, given the class by label, draws those 12 classes — whole characters in one
 # ink colour on flat paper, anywhere in the frame — at 43% against 56% for the VAE's reconstructions
 # (`nbs/images/unaligned_vae_class_8k.png`, `bench/class_curve.py`). Few-shot, at the demo's budget (4,400 steps, 10
-# minutes of training; the whole unaligned demo takes about 35 minutes, the VAE 16 of them), the samples now look
+# minutes of training; the whole unaligned demo takes about 37 minutes, the VAE 16 of them), the samples now look
 # like the data — glyph-FD 50 against 125 from pixels, below the supports' mean (113) for the first time — but they
 # carry only their class's texture, not its shape: 0.7% consistency on 200 held-out classes, still 0.7% at 2.5
 # times the steps (`nbs/images/unaligned_vae_heldout.png`). Reading the class from supports that do not line up is the open problem
