@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fsdit.codecs import PixelEncoder, PixelSpace
-from fsdit.glyph.demo import demo_size, demo_train, demo_samples, demo_summary, demo_judge, demo_configs
+from fsdit.codecs import PixelEncoder
+from fsdit.glyph.demo import demo_size, demo_train, demo_samples, demo_summary, demo_configs, demo_store
+from fsdit.vae import SDVAE
 from fsdit.eval import evaluate
-from fsdit.features import open_store, precompute
+from fsdit.features import open_store
 from fsdit.glyph.judge import load_judge
 from fsdit.run import load_run
 
@@ -77,8 +78,8 @@ def main(argv=None):
         out = root / name; out.mkdir(parents=True, exist_ok=True)
         cond, store = cname.split('-')[0], open_store(d / 'feats')
         if cname.endswith('-randproj'):
-            store = precompute(d / 'split', out / 'feats', PixelEncoder(dim=s.embed_dim), PixelSpace(s.image_size, s.channels),
-                               image_size=s.image_size, space='pixel', chunk_size=1024, batch_size=256, progress=False)
+            vae = SDVAE.from_pretrained(store.meta['vae'], latent_channels=None) if store.meta['space'] == 'latent' else None
+            store = demo_store(out, s, PixelEncoder(dim=s.embed_dim), vae, progress=False)   # the demo's space, the projection
         mc, tc = demo_configs(s, cond)
         t0 = time.time()
         run_dir = demo_train(out, s, store, cond=cond, log=print, progress=False, judge=judge)

@@ -18,6 +18,10 @@ Each set is split 3/4 for training; the unaligned demo's model and recipe (`demo
 demo's guidance, and a grid of 8 of those classes is written enlarged. A generator that can draw these classes at all
 must score near the real images' consistency here: every image was seen about 270 times. Rows go to OUT/factors.json.
 
+The rows of `bench/unaligned_factors.json` were made when the unaligned demo worked on pixels at patch 3 with 6 px
+support patches; since the demo moved to the glyph VAE's latents (patch 2, 3x3 support patches), those rows are
+remade with `--set model.patch=3 model.context_patch=6`.
+
 `--vae FOLDER` trains the model on the latents of a diffusers `AutoencoderKL` folder (the glyph VAE of an unaligned
 demo with a VAE, DEMO/vae) instead of the pixels: its input grid and channels become the latents'.
 
@@ -30,16 +34,14 @@ import argparse, json, sys, time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from demo_conds import override, median_step_time
 from fsdit.glyph import data as glyphs
-from fsdit.codecs import PixelSpace
 from fsdit.data import prepare
-from fsdit.glyph.demo import demo_size, demo_train, demo_grid, demo_summary
+from fsdit.glyph.demo import demo_size, demo_train, demo_grid, demo_summary, demo_store
+from fsdit.vae import SDVAE
 from fsdit.eval import evaluate
-from fsdit.features import precompute
 from fsdit.glyph.encoder import GlyphEncoder
 from fsdit.images import save_png
 from fsdit.glyph.judge import load_judge
@@ -98,7 +100,7 @@ def main(argv=None):
     s = demo_size('full', 'unaligned')
     s = replace(s, train={**s.train, 'max_steps': a.steps, 'save_every': a.steps, 'eval_every': a.steps,
                           'sample_every': a.steps, 'fewshot_every': 0})
-    s = override(s, a.set)
+    s = override(replace(s, vae=None), a.set)      # pixels, unless --vae names the latents to train on
     judge, enc = load_judge(d / 'judge'), GlyphEncoder.from_pretrained(d / 'encoder')
     rows = json.loads((root / 'factors.json').read_text()) if (root / 'factors.json').exists() else {}
     n = len(chars); ntr = n * 3 // 4
@@ -108,16 +110,12 @@ def main(argv=None):
         glyphs.GLYPH_STYLES[style] = STYLES[style]
         glyphs.make_offline_dataset(out / 'glyphs', per_class=20, size=s.image_size, chars=chars, style=style)
         prepare(out / 'glyphs', out / 'split', train=ntr, val=(n - ntr) // 2, test=n - ntr - (n - ntr) // 2, seed=0)
+        v = None
         if a.vae:
-            from fsdit.vae import SDVAE
-            v = SDVAE.from_pretrained(a.vae, latent_channels=None)
+            v = SDVAE.from_pretrained(Path(a.vae).absolute(), latent_channels=None)
             s = replace(s, model={**s.model, 'input_size': s.image_size // v.config.downsample_factor,
                                   'in_channels': v.config.latent_channels})
-            store = precompute(out / 'split', out / 'feats', enc, v, image_size=s.image_size, space='latent',
-                               chunk_size=1024, batch_size=256, progress=False)
-        else:
-            store = precompute(out / 'split', out / 'feats', enc, PixelSpace(s.image_size, s.channels), image_size=s.image_size,
-                               space='pixel', chunk_size=1024, batch_size=256, progress=False)
+        store = demo_store(out, s, enc, v, progress=False)
         t0 = time.time()
         run_dir = demo_train(out, s, store, log=print, progress=False)
         train_s = time.time() - t0

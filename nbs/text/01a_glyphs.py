@@ -166,11 +166,21 @@ def render_class(ch: str, n: int, size: int, rng: np.random.RandomState, fonts: 
     return np.stack([render_glyph(ch, f, size, **GLYPH_STYLES[style](rng)) for f in names]), names
 
 
+def render_set(chars: str, per_class: int, size: int, seed: int, style: str = 'unaligned') -> tuple[np.ndarray, np.ndarray]:
+    "`per_class` images in [-1, 1] of each of `chars` in `style` from one seeded stream, and their class indices."
+    rng = np.random.RandomState(seed)
+    X = np.concatenate([render_class(ch, per_class, size, rng, GLYPH_FONTS, style)[0] for ch in chars])
+    return X.astype(np.float32) / 127.5 - 1, np.repeat(np.arange(len(chars)), per_class)
+
+
 # %%
 _j = glyph_jitter(np.random.RandomState(0))
 test_eq(sorted(_j), ['angle', 'scale', 'shift', 'stroke'])
 _a, _f = render_class('A', 3, 16, np.random.RandomState(0), fonts=GLYPH_FONTS[:2])
 test_eq((_a.shape, _f), ((3, 16, 16), ['DejaVuSans', 'DejaVuSans-Bold', 'DejaVuSans']))
+_X, _y = render_set('AB', 2, 24, seed=0)                         # a training set for the stand-in towers
+test_eq((_X.shape, _X.dtype, list(_y)), ((4, 24, 24, 3), np.float32, [0, 0, 1, 1]))
+assert -1 <= _X.min() and _X.max() <= 1
 
 # %% [markdown]
 # Photographs of one class do not line up: the object sits at different places and sizes, on different

@@ -21,7 +21,7 @@ import optax
 
 from fsdit.utils import l2_normalize
 from fsdit.files import building, flat_params, unflat_params
-from fsdit.glyph.data import GLYPH_FONTS, render_class
+from fsdit.glyph.data import render_set
 
 # %%
 import tempfile as _tf
@@ -235,12 +235,6 @@ def prototype_accuracy(enc, images, labels, shots: int = 5, seed: int = 0, batch
     return float((pred == labels[query]).mean())
 
 
-def _render_set(chars: str, per_class: int, size: int, seed: int):
-    rng = np.random.RandomState(seed)
-    X = np.concatenate([render_class(ch, per_class, size, rng, GLYPH_FONTS, 'unaligned')[0] for ch in chars])
-    return X.astype(np.float32) / 127.5 - 1, np.repeat(np.arange(len(chars)), per_class)
-
-
 def _proxy_loss(net, params, x, y, tau: float):
     "Cross-entropy over cosine similarities to one learned unit proxy per class, at temperature `tau`."
     e = l2_normalize(net.apply({'params': params['net']}, x)[1], eps=1e-6)        # (B, E)
@@ -253,7 +247,7 @@ def train_glyph_encoder(chars: str, spec: GlyphEncoderSpec = GlyphEncoderSpec(),
                         log: Callable | None = None) -> GlyphEncoder:
     "Train a `GlyphEncoder` with cosine proxies on `per_class` unaligned renderings of each of `chars` (its own seed); the proxies are dropped."
     t0 = time.time()
-    X, y = _render_set(chars, per_class, spec.image_size, seed)
+    X, y = render_set(chars, per_class, spec.image_size, seed)
     net, key = GlyphEncoderNet(spec), jax.random.PRNGKey(seed)
     params = {'net': net.init(key, X[:1])['params'],
               'proxies': jax.random.normal(jax.random.fold_in(key, 1), (len(chars), spec.embed_dim))}
@@ -283,7 +277,7 @@ def train_glyph_encoder(chars: str, spec: GlyphEncoderSpec = GlyphEncoderSpec(),
 # %%
 _chars = '0123ABCD'
 _ge = train_glyph_encoder(_chars, per_class=64, steps=250, batch_size=64)
-_Xq, _yq = _render_set(_chars, 8, 24, seed=7)
+_Xq, _yq = render_set(_chars, 8, 24, seed=7)
 _acc, _acc0 = prototype_accuracy(_ge, _Xq, _yq), prototype_accuracy(GlyphEncoder(_spec, _p), _Xq, _yq)
 assert _acc > _acc0 + 0.15, (_acc, _acc0)                                     # chance: 1/8
 test_eq((_ge.info['steps'], _ge.info['seed']), (250, 2026))

@@ -19,7 +19,7 @@ import jax, jax.numpy as jnp
 import optax
 
 from fsdit.vae import VAEConfig, AutoencoderKL, SDVAE, FILES
-from fsdit.glyph.data import GLYPH_FONTS, render_class
+from fsdit.glyph.data import render_set
 
 # %%
 import tempfile as _tf
@@ -58,12 +58,6 @@ class GlyphVAESpec:
                          norm_num_groups=self.groups, scaling_factor=scaling_factor)
 
 
-def _render_set(chars: str, per_class: int, size: int, seed: int) -> np.ndarray:
-    rng = np.random.RandomState(seed)
-    X = np.concatenate([render_class(ch, per_class, size, rng, GLYPH_FONTS, 'unaligned')[0] for ch in chars])
-    return X.astype(np.float32) / 127.5 - 1
-
-
 # %% [markdown]
 # ## Training
 #
@@ -87,7 +81,7 @@ def train_glyph_vae(chars: str, spec: GlyphVAESpec = GlyphVAESpec(), per_class: 
                     log: Callable | None = None) -> SDVAE:
     "Train the autoencoder on `per_class` unaligned renderings of each of `chars` (its own seed); frozen `SDVAE` with `info`."
     t0 = time.time()
-    X = _render_set(chars, per_class, spec.image_size, seed)
+    X = render_set(chars, per_class, spec.image_size, seed)[0]
     module, key = AutoencoderKL(spec.config()), jax.random.PRNGKey(seed)
     params = module.init(key, X[:1])['params']
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps), weight_decay=0.0)
@@ -108,7 +102,7 @@ def train_glyph_vae(chars: str, spec: GlyphVAESpec = GlyphVAESpec(), per_class: 
     moments = jax.jit(lambda p, x: module.apply({'params': p}, x, method=module.moments)[0])
     std = float(np.std(np.concatenate([np.asarray(moments(params, X[i:i + 512])) for i in range(0, len(X), 512)])))
     vae = SDVAE(spec.config(round(1.0 / std, 5)), jax.device_get(params), name='glyph-vae')
-    held = _render_set(chars[:200], 4, spec.image_size, seed + 1)
+    held = render_set(chars[:200], 4, spec.image_size, seed + 1)[0]
     l1 = float(np.mean([np.abs(np.asarray(vae.decode(vae.moments(held[i:i + 256])[0])) - held[i:i + 256]).mean()
                         for i in range(0, len(held), 256)]))
     vae.info = dict(chars=chars, spec=asdict(spec), per_class=per_class, steps=steps, batch_size=batch_size, lr=lr,
@@ -143,7 +137,9 @@ def glyph_vae(folder, chars: str, spec: GlyphVAESpec = GlyphVAESpec(), log: Call
     (folder / INFO).write_text(json.dumps(vae.info, indent=1))
     if log: log(f"vae:     {folder}  (an autoencoder trained on its own renderings of {len(chars)} classes; "
                 f"held-out L1 {vae.info['heldout_l1']:.3f}; {vae.info['seconds']:.0f} s)")
-    return SDVAE.from_pretrained(folder, latent_channels=None)
+    saved = SDVAE.from_pretrained(folder, latent_channels=None)      # named by its folder, as the store records it
+    saved.info = vae.info
+    return saved
 
 
 # %% [markdown]
@@ -157,7 +153,7 @@ with _tf.TemporaryDirectory() as d:
     v = glyph_vae(Path(d) / 'vae', 'AB1', tiny, per_class=4, steps=3, batch_size=8)
     test_eq(sorted(p.name for p in (Path(d) / 'vae').iterdir()), sorted([*FILES, INFO]))
     test_eq(v.config.downsample_factor, 2); test_eq(v.config.latent_channels, 4)
-    x = _render_set('AB', 2, 24, 0)
+    x = render_set('AB', 2, 24, 0)[0]
     m, _ = v.moments(x)
     test_eq(m.shape, (4, 12, 12, 4))
     assert 0 < v.scaling_factor and np.isfinite(v.scaling_factor)

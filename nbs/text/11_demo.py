@@ -158,9 +158,8 @@ def vae_settings(s: DemoSize) -> tuple[GlyphVAESpec, dict]:
 def demo_latent_shape(s: DemoSize) -> tuple[int, int, int]:
     "What the DiT models: the pixels (side, side, channels), or the glyph VAE's latent grid."
     if not s.vae: return (s.image_size, s.image_size, s.channels)
-    spec = vae_settings(s)[0]
-    f = 2 ** (len(spec.blocks) - 1)
-    return (s.image_size // f, s.image_size // f, spec.latent_channels)
+    c = vae_settings(s)[0].config()
+    return (s.image_size // c.downsample_factor, s.image_size // c.downsample_factor, c.latent_channels)
 
 
 def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, TrainConfig]:
