@@ -1,6 +1,6 @@
 """Do the samples look like the data? A plain CNN trained only on the dataset's own real images reads a demo run's samples.
 
-    python bench/real_judge.py DEMO [--classes 200] [--n 10] [--epochs 30] [--out DEMO/eval_realjudge.json]
+    python bench/real_judge.py DEMO [--classes 200] [--n 10] [--epochs 30] [--guide S --guide-upto U] [--out DEMO/eval_realjudge.json]
 
 The demo's judge learns from fresh renderings, so it is tolerant of whatever a renderer can draw. This reader
 has seen nothing but the dataset: half of every class's images (all splits: a reader must know a class to
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fsdit.config import GUIDE_UPTO
 from fsdit.data import SPLITS, list_classes, list_images, load_image
 from fsdit.glyph.demo import demo_summary
 from fsdit.eval import evaluate
@@ -41,6 +42,8 @@ def main(argv=None):
     ap.add_argument('--n', type=int, default=10, help='generated images per class')
     ap.add_argument('--epochs', type=int, default=30)
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--guide', type=float, default=None, help="encoder guidance scale (default: the demo summary's, else 0)")
+    ap.add_argument('--guide-upto', type=float, default=None)
     ap.add_argument('--out', default=None)
     a = ap.parse_args(argv)
     d = Path(a.demo); t0 = time.time()
@@ -53,12 +56,15 @@ def main(argv=None):
     reader = fit_judge(X[train], y[train], chars, X.shape[1], epochs=a.epochs, batch_size=128, seed=a.seed)
     real = {sp: judge_accuracy(reader(X[~train & (where == sp)])[0], y[~train & (where == sp)]) for sp in ('test', 'train')}
     run, store = load_run(d / 'run'), open_store(d / 'feats')
-    demo = json.loads((d / 'summary.json').read_text())
+    demo = json.loads((d / 'summary.json').read_text()) if (d / 'summary.json').exists() else \
+        {'cfg': run.tc.cfg_scale, 'sample_steps': run.tc.sample_steps, 'cfg_interval': run.tc.cfg_interval}
+    guide, upto = demo.get('guide', [0.0, GUIDE_UPTO])
+    guide, upto = (guide if a.guide is None else a.guide), (upto if a.guide_upto is None else a.guide_upto)
     res = evaluate(run, store, split='test', seen_split='train', n_per_class=a.n, shots=(run.tc.shots,),
                    cfg_scales=(demo['cfg'],), steps=demo['sample_steps'], max_real_per_class=None, judge=reader,
-                   n_classes=a.classes, cfg_interval=demo['cfg_interval'])
+                   n_classes=a.classes, cfg_interval=demo['cfg_interval'], guide_scale=guide, guide_upto=upto)
     summ = demo_summary(res, demo['cfg'])
-    out = {'step': run.step, 'cond': run.mc.cond, 'classes': a.classes, 'epochs': a.epochs, 'seconds': round(time.time() - t0),
+    out = {'step': run.step, 'cond': run.mc.cond, 'guide': [guide, upto], 'classes': a.classes, 'epochs': a.epochs, 'seconds': round(time.time() - t0),
            **{sp: {'real_unseen': real[sp], 'model': summ[sp]['model']['judge_acc'], 'mean': summ[sp]['mean']['judge_acc'],
                    'model_vs_real': summ[sp]['model']['judge_acc'] / real[sp]} for sp in ('test', 'train')}}
     print(json.dumps(out, indent=1))

@@ -199,6 +199,43 @@ def test_sample_cli_on_tiny_run(tiny_run, capsys):
     assert 'not a run directory' in capsys.readouterr().err
 
 
+def test_eval_cli_with_encoder_guidance(tiny_run, capsys):
+    "`fsdit eval --guide`: the eval records its guidance, and guided samples sit nearer their supports by the encoder."
+    from fsdit.commands.eval import eval_cli
+    res = {}
+    for g in ('0', '3'):
+        out = tiny_run / f'eval_guide{g}'
+        rc = eval_cli(['--run', str(tiny_run / 'run'), '--feats', str(tiny_run / 'feats'), '--shots', '3', '--no-seen',
+                       '--cfg', '1', '--n', '4', '--steps', '3', '--max-real', '6', '--guide', g, '--guide-upto', '0.8',
+                       '--out', str(out)])
+        assert rc == 0, capsys.readouterr().err
+        res[g] = json.loads((out / 'eval.json').read_text())
+    assert res['3']['settings']['guide_scale'] == 3.0 and res['3']['settings']['guide_upto'] == 0.8
+    model = {g: next(r for r in res[g]['records'] if r['method'] == 'model') for g in res}
+    assert model['3']['nn_support_embed'] < model['0']['nn_support_embed'] - 0.05, model
+    assert eval_cli(['--run', str(tiny_run / 'run'), '--guide', '-2']) == 1
+    assert 'must be >= 0' in capsys.readouterr().err
+
+
+def test_latent_guide_through_vae_and_siglip():
+    "A latent run's guide: SigLIP after the SD-VAE decoder (resized to the tower's size), equal to embed(decode(z)), with finite gradients."
+    import jax, jax.numpy as jnp
+    from fsdit.codecs import encoder_guide
+    from fsdit.encoder import SigLIPEncoder, VisionSpec
+    from fsdit.vae import SDVAE, VAEConfig
+    vae = SDVAE.random(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4), seed=1)
+    enc = SigLIPEncoder.random(VisionSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                          image_size=16, patch_size=8), seed=2)
+    g = encoder_guide(enc, vae)
+    z = jnp.asarray(np.random.default_rng(0).normal(size=(3, 10, 10, 4)), jnp.float32)   # decodes to 20 px, tower takes 16
+    e = np.asarray(g.fn(g.params, z))
+    img = np.asarray(jnp.clip(vae.decode(z, clip=False), -1, 1))
+    ref = np.asarray(enc.embed(np.asarray(jax.image.resize(img, (3, 16, 16, 3), 'linear', antialias=True))))
+    np.testing.assert_allclose(e, ref, atol=1e-5)
+    grad = jax.grad(lambda z: (g.fn(g.params, z) * jnp.asarray(ref[::-1])).sum())(z)
+    assert grad.shape == z.shape and np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
+
+
 # ---------------------------------------------------------------- generation spread over devices
 
 _GEN = r'''

@@ -9,6 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
+import math
 from dataclasses import dataclass, fields, asdict
 from typing import Any
 
@@ -188,6 +189,9 @@ class TrainConfig:
     cfg_scale: float = 3.0       # for sample grids and the few-shot metrics
     cfg_interval: tuple = (0.0, 1.0)  # guidance where lo <= t <= hi (t=0 noise, t=1 data); conditional elsewhere
     sample_steps: int = 50       # Euler steps for sample grids
+    guide_scale: float = 0.0     # encoder guidance (`fsdit.sampler.encoder_guided`) of `fsdit sample` and `fsdit eval`; 0: off
+                                 # (the trainer's own grids and val_fs metrics are unguided)
+    guide_upto: float = 0.7      # ... acting where t <= guide_upto
     log_every: int = 100
     eval_every: int = 5_000
     sample_every: int = 10_000
@@ -218,6 +222,15 @@ def check_interval(interval) -> tuple[float, float]:
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"a guidance interval (lo, hi) needs 0 <= lo <= hi <= 1 (t=0 noise, t=1 data), got {interval!r}")
     return lo, hi
+
+
+GUIDE_UPTO = 0.7   # encoder guidance acts where t <= 0.7 unless told otherwise (chosen on the unaligned demo's validation classes)
+
+
+def check_guidance(scale: float, upto: float):
+    "Raise `ValueError` unless the encoder guidance scale is >= 0 (0: off) and 0 <= upto < 1."
+    if not math.isfinite(scale) or scale < 0: raise ValueError(f"the guidance scale must be >= 0 (0: off), got {scale}")
+    if not 0 <= upto < 1: raise ValueError(f"guidance acts where t <= upto, so upto must be in [0, 1), got {upto}")
 
 
 def interval_text(interval) -> str:
@@ -251,6 +264,8 @@ def validate_train(c: TrainConfig):
     _require(c.grad_clip > 0, f"grad_clip must be positive, got {c.grad_clip}")
     try: check_interval(c.cfg_interval)
     except ValueError as e: raise ValueError(f"cfg_interval must be two times (lo, hi): {e}") from None
+    try: check_guidance(c.guide_scale, c.guide_upto)
+    except ValueError as e: raise ValueError(f"guide_scale / guide_upto: {e}") from None
     _require(c.t_sampling in T_SAMPLING, f"t_sampling must be one of {T_SAMPLING}, got {c.t_sampling!r}")
     _require(c.t_shift > 0, f"t_shift must be positive (1 is no shift; more than 1 moves training times toward the noise), got {c.t_shift}")
     _require(c.episodes in EPISODES, f"episodes must be one of {EPISODES}, got {c.episodes!r}")
@@ -269,6 +284,7 @@ def check_batch(batch_size: int, n_devices: int, n_processes: int = 1):
 t = TrainConfig(cfg_interval=[0.1, 0.9])
 test_eq((t.batch_size, t.cfg_interval), (128, (0.1, 0.9)))
 test_fail(lambda: TrainConfig(warmup=10**6), contains='warmup')
+test_fail(lambda: TrainConfig(guide_upto=1.0), contains='guide_upto')
 check_batch(128, 8, 2)
 test_fail(lambda: check_batch(100, 8), contains='not divisible by the 8 devices')
 

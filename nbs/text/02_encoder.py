@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import json
+import functools, json
 from dataclasses import dataclass, asdict
 from functools import partial
 from pathlib import Path
@@ -540,6 +540,16 @@ def _pool(module, params, x):
 
 
 _embed = jax.jit(lambda module, params, x: l2_normalize(_pool(module, params, x)), static_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _embed_any_size(module):
+    "Traceable `(params, images) -> unit embeddings`, images resized (bilinear, antialiased) to the tower's size."
+    n = module.spec.image_size
+    def fn(params, x):
+        if x.shape[1:3] != (n, n): x = jax.image.resize(x, (x.shape[0], n, n, x.shape[-1]), 'linear', antialias=True)
+        return l2_normalize(_pool(module, params, x))
+    return fn
 _encode_supports = jax.jit(lambda module, params, s: l2_normalize(_pool(module, params, s.reshape(-1, *s.shape[2:])))
                            .reshape(*s.shape[:2], -1).mean(1), static_argnums=0)   # (B, K, H, W, C) -> (B, D)
 
@@ -574,6 +584,11 @@ class SigLIPEncoder:
     def embed(self, images: Float[Array, 'N H W C']) -> Float[Array, 'N D']:
         "L2-normalised pooled embeddings (big_vision's `zimg`)."
         return _embed(self.module, self.params, _check_images(images, self.spec))
+
+    @property
+    def embed_fn(self) -> tuple:
+        "`(fn, params)`: `fn(params, images)` = `embed` of images of any size (resized), weights as an argument: traceable (encoder guidance)."
+        return _embed_any_size(self.module), self.params
 
     def encode_supports(self, supports: Float[Array, 'B K H W C']) -> Float[Array, 'B D']:
         "Mean of the K L2-normalised embeddings of each support set."
@@ -650,6 +665,16 @@ s = enc.encode_supports(x.reshape(2, 2, 32, 32, 3))
 test_eq(s.shape, (2, 32))
 test_close(s, np.stack([e[:2].mean(0), e[2:].mean(0)]), eps=1e-6)
 assert (np.linalg.norm(s, axis=-1) <= 1 + 1e-6).all()
+
+# %% [markdown]
+# `embed_fn` is the same embedding with the weights as an argument, traceable (encoder guidance differentiates
+# through it); images of another size are resized to the tower's first:
+
+# %%
+_fn, _fp = enc.embed_fn
+test_close(jax.jit(_fn)(_fp, x), e, eps=1e-5)
+test_eq(_fn(_fp, jax.image.resize(x, (4, 48, 48, 3), 'linear')).shape, (4, 32))
+assert np.isfinite(np.asarray(jax.grad(lambda im: (_fn(_fp, im) * e).sum())(x))).all()
 
 # %% [markdown]
 # What we save, transformers loads — and its outputs are ours:

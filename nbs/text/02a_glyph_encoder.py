@@ -97,6 +97,7 @@ _tok, _pool = _apply(_spec)(_p, _x)
 test_eq((_tok.shape, _pool.shape), ((2, _spec.tokens, 96), (2, 64)))
 test_eq(_spec.tokens, 36)
 
+
 # %% [markdown]
 # ## The frozen encoder
 #
@@ -108,6 +109,12 @@ test_eq(_spec.tokens, 36)
 
 # %%
 #| export
+@functools.lru_cache(maxsize=8)
+def _embed_fn(spec: GlyphEncoderSpec) -> Callable:
+    resize = GlyphEncoder(spec, None)._input
+    return lambda p, x: l2_normalize(_apply(spec)(p, resize(x))[1], eps=1e-6)
+
+
 GLYPH_ENCODER_TYPE = 'fsdit-glyph-encoder'
 
 
@@ -141,6 +148,11 @@ class GlyphEncoder:
     def embed(self, images):
         "The L2-normalised pooled embedding (N, E): what the feature store keeps."
         return l2_normalize(self(images)[1], eps=1e-6)
+
+    @property
+    def embed_fn(self) -> tuple[Callable, Any]:
+        "`(fn, params)` with `fn(params, images) == embed(images)`, the weights an argument: traceable (encoder guidance)."
+        return _embed_fn(self.spec), self.params
 
     def save_pretrained(self, folder) -> Path:
         "Write `folder/model.safetensors` and `folder/config.json` atomically (no pickle)."
@@ -202,6 +214,8 @@ _back = GlyphEncoder.from_pretrained(_enc.save_pretrained(_root / 'enc'))
 test_close(np.asarray(_back.embed(_xr)), _e, eps=1e-6)
 test_eq((_back.name, _back.dim), (str(_root / 'enc'), 64))
 test_eq(np.asarray(_back.embed(jax.image.resize(_xr, (3, 48, 48, 3), 'linear'))).shape, (3, 64))   # resized to 24
+_fn, _fp = _back.embed_fn                                             # the same embedding, weights as an argument
+test_close(np.asarray(jax.jit(_fn)(_fp, _xr)), _e, eps=1e-6)
 (_root / 'other').mkdir(); (_root / 'other' / 'config.json').write_text('{"model_type": "siglip"}')
 raises(lambda: GlyphEncoder.from_pretrained(_root / 'other'), 'holds no glyph encoder')
 assert not is_glyph_encoder(_root / 'missing')

@@ -9,14 +9,16 @@
 # %%
 #| export
 from __future__ import annotations
-import re
+import functools, re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import jax.numpy as jnp
 
 from fsdit.config import model_config
+from fsdit.sampler import Guide
 from fsdit.utils import l2_normalize
 from fsdit.encoder import SigLIPEncoder
 from fsdit.features import open_store
@@ -64,6 +66,16 @@ class PixelEncoder:
         x = jax.image.resize(x, (x.shape[0], self.grid, self.grid), 'linear', antialias=True).reshape(x.shape[0], -1)
         x = l2_normalize(x - x.mean(-1, keepdims=True), eps=1e-6)
         return l2_normalize(x @ jnp.asarray(self.matrix), eps=1e-6)
+
+    @property
+    def embed_fn(self) -> tuple[Callable, None]:
+        "`(fn, None)` with `fn(None, images) == embed(images)`: traceable (encoder guidance); no weights."
+        return _pixel_embed_fn(self), None
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_embed_fn(enc: PixelEncoder) -> Callable:
+    return lambda p, x: enc.embed(x)
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,7 @@ class Codecs:
     decode: Callable
     image_size: int
     names: dict
+    guide: Guide | None = None       # the encoder after the decoder, traceable: what encoder guidance differentiates
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         "Support embeddings (K, D) and posterior-mean latents (K, h, w, c) of uint8 images (K, H, W, 3)."
@@ -200,11 +213,25 @@ def run_codecs(run, feats=None, encoder: str | None = None, vae: str | None = No
         enc = load_encoder(enc_name) if enc_name else PixelEncoder(dim=mc.support_dim)
         space = PixelSpace(size=mc.input_size, channels=mc.in_channels)
         size = int(meta.get('image_size', mc.input_size))
-        return Codecs(enc.embed, space.moments, lambda z: np.asarray(z), size, {'encoder': enc.name, 'vae': space.name})
+        return Codecs(enc.embed, space.moments, lambda z: np.asarray(z), size, {'encoder': enc.name, 'vae': space.name},
+                      encoder_guide(enc))
     enc_name, vae_name = enc_name or DEFAULT_ENCODER, vae_name or DEFAULT_VAE
     enc = load_encoder(enc_name)
     v = SDVAE.from_pretrained(vae_name)
-    return Codecs(enc.embed, v.moments, v.decode, int(meta.get('image_size', 224)), {'encoder': enc_name, 'vae': vae_name})
+    return Codecs(enc.embed, v.moments, v.decode, int(meta.get('image_size', 224)), {'encoder': enc_name, 'vae': vae_name},
+                  encoder_guide(enc, v))
+
+
+def encoder_guide(encoder, vae: SDVAE | None = None) -> Guide:
+    "The encoder after the VAE's decoder (pixel space: after clipping to [-1, 1]) as a traceable `fsdit.sampler.Guide`."
+    fn, params = encoder.embed_fn
+    return Guide(_guide_fn(fn, None if vae is None else vae._decode), (params, None if vae is None else vae.params))
+
+
+@functools.lru_cache(maxsize=8)
+def _guide_fn(embed: Callable, decode: Callable | None) -> Callable:
+    if decode is None: return lambda p, z: embed(p[0], jnp.clip(z, -1, 1))
+    return lambda p, z: embed(p[0], jnp.clip(decode(p[1], z), -1, 1))
 
 
 # %% [markdown]
@@ -263,3 +290,12 @@ c5 = run_codecs(types.SimpleNamespace(mc=offline_model_config('mu', size=16, emb
 _im = np.asarray(st5.moments[:3, 0, 0], np.float32)
 test_close(np.asarray(c5.embed(_im)), np.asarray(st5.embeds[:3], np.float32), eps=2e-3)   # float16 store
 test_eq(type(load_encoder(str(_gdir))).__name__, 'GlyphEncoder')
+
+# %% [markdown]
+# Each run's codecs carry its `guide`: the encoder after the decoder, with their weights as an argument, so that
+# encoder guidance (`fsdit.sampler`) can differentiate through both. It is `embed(decode(z))` exactly:
+
+# %%
+for _c in (c0, c5):
+    _z = np.asarray(st5.moments[:3, 0, 0], np.float32) if _c is c5 else _lat
+    test_close(np.asarray(_c.guide.fn(_c.guide.params, jnp.asarray(_z))), np.asarray(_c.embed(np.clip(_c.decode(_z), -1, 1))), eps=1e-5)

@@ -11,17 +11,18 @@
 from __future__ import annotations
 import functools
 from functools import partial
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 import numpy as np
 import jax, jax.numpy as jnp
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fsdit.config import ModelConfig, check_interval
+from fsdit.config import GUIDE_UPTO, ModelConfig, check_guidance, check_interval
 from fsdit.dit import DiT
 from fsdit.conds import conditioning
 from fsdit.flow import condition
-from fsdit.utils import data_mesh, DATA_AXIS, LatentScaling
+from fsdit.utils import data_mesh, DATA_AXIS, LatentScaling, l2_normalize
 
 # %%
 import numpy as np
@@ -126,6 +127,34 @@ def guided_velocity(apply_fn: Callable, params, cond: dict, cfg_scale=3.0, inter
     return v
 
 
+# %% [markdown]
+# The sampler can also add *encoder guidance* (`encoder_guided`), explained with its example under **Encoder guidance** below.
+
+# %%
+#| export
+@dataclass(frozen=True, eq=False)
+class Guide:
+    "The frozen encoder seen through the decoder: `fn(params, x)` -> unit embeddings (B, E) of the model's latents `x`."
+    fn: Callable          # traceable; the same object for the same codecs, so the compiled sampler is reused
+    params: Any = None    # its weights (a pytree of arrays: traced, not baked into the program)
+
+
+def encoder_guided(velocity_fn: Callable, guide_fn: Callable, guide_params, target, scale, upto) -> Callable:
+    """`(x, t) -> v + scale g / (1 - t)` for t <= `upto` (the plain `v` after), g the unit-RMS gradient with respect to x
+    of cos(guide(x + (1 - t) v(x, t)), target): through the model's estimate of the clean sample."""
+    def guided(x, t):
+        def sim(x):
+            u = velocity_fn(x, t)
+            return (guide_fn(guide_params, x + (1 - t) * u) * target).sum(), u   # a sum of per-sample cosines
+        (_, u), g = jax.value_and_grad(sim, has_aux=True)(x)
+        g = g / (jnp.sqrt(jnp.mean(g ** 2, axis=tuple(range(1, g.ndim)), keepdims=True)) + 1e-12)
+        return u + scale * g / jnp.maximum(1 - t, 1e-3)
+
+    return lambda x, t: jax.lax.cond(t <= upto, guided, velocity_fn, x, t)   # no gradient computed past `upto`
+
+
+# %%
+#| export
 class _ModuleApply:
     "A module's `apply` that equals the `apply` of an equal module (bound methods compare by identity)."
     def __init__(self, module): self.module = module
@@ -139,18 +168,28 @@ def _static(apply_fn):
     return _ModuleApply(m) if isinstance(m, nn.Module) and getattr(apply_fn, '__name__', '') == 'apply' else apply_fn
 
 
-@partial(jax.jit, static_argnames=('apply_fn', 'steps', 'method'))
-def _sample(apply_fn, params, noise, cond, cfg_scale, interval, steps, method):
-    return integrate(guided_velocity(apply_fn, params, cond, cfg_scale, interval), noise, steps, method)
+@partial(jax.jit, static_argnames=('apply_fn', 'steps', 'method', 'guide_fn'))
+def _sample(apply_fn, params, noise, cond, cfg_scale, interval, steps, method, guide_fn=None, guide=None):
+    v = guided_velocity(apply_fn, params, cond, cfg_scale, interval)
+    if guide_fn is not None: v = encoder_guided(v, guide_fn, *guide)
+    return integrate(v, noise, steps, method)
 
 
 def sample(apply_fn: Callable, params, noise, cond: dict, *, steps: int = 50, cfg_scale=3.0, method: str = 'euler',
-           cfg_interval=(0.0, 1.0)):
-    """Generate from `noise (B, H, W, C)` at t=0 to t=1 with CFG at `cfg_scale` where `cfg_interval[0] <= t <= cfg_interval[1]`;
-    one compiled program per (model, shapes, steps, method)."""
+           cfg_interval=(0.0, 1.0), guide: Guide | None = None, target=None, guide_scale: float = 0.0,
+           guide_upto: float = GUIDE_UPTO):
+    """Generate from `noise (B, H, W, C)` at t=0 to t=1 with CFG at `cfg_scale` where `cfg_interval[0] <= t <= cfg_interval[1]`,
+    and with `guide_scale > 0` encoder guidance towards `target (B, E)` (see `encoder_guided`); one compiled program per
+    (model, shapes, steps, method, guide)."""
     if cfg_scale is not None: cfg_scale = jnp.asarray(cfg_scale, jnp.float32)   # traced: a new scale does not recompile
     interval = jnp.asarray(check_interval(cfg_interval), jnp.float32)           # nor does a new interval
-    return _sample(_static(apply_fn), params, noise, cond, cfg_scale, interval, steps, method)
+    if not guide_scale: return _sample(_static(apply_fn), params, noise, cond, cfg_scale, interval, steps, method)
+    check_guidance(guide_scale, guide_upto)
+    if guide is None or target is None: raise ValueError("encoder guidance needs the guide (the run's codecs) and a target embedding")
+    if np.shape(target)[0] != noise.shape[0]:
+        raise ValueError(f"one target embedding per sample: got {np.shape(target)[0]} targets for {noise.shape[0]} samples")
+    return _sample(_static(apply_fn), params, noise, cond, cfg_scale, interval, steps, method, guide.fn,
+                   (guide.params, jnp.asarray(target, jnp.float32), jnp.float32(guide_scale), jnp.float32(guide_upto)))
 
 
 # %% [markdown]
@@ -208,6 +247,43 @@ sample(DiT(cfg).apply, params, noise, cond, steps=4, cfg_scale=5.0)
 sample(DiT(cfg).apply, params, noise, cond, steps=4, cfg_scale=5.0, cfg_interval=(0.25, 0.75))
 test_eq(_sample._cache_size(), n0)
 
+# %% [markdown]
+# ## Encoder guidance
+#
+# The support encoder knows far more classes than the DiT has learned to draw: SigLIP2 was trained on web images,
+# the unaligned glyph demo's stand-in on its own renderings of every class. Where the supports do not line up, the
+# DiT trained at the demo's budget draws its class's texture but not its shape (BENCHMARKS §8). *Encoder guidance*
+# puts the encoder's knowledge into each sampler step, as CLIP guidance does (Nichol et al., *GLIDE*, 2022;
+# Bansal et al., *Universal Guidance for Diffusion Models*, 2023): the model's estimate of the clean sample,
+# $\hat x_1 = x + (1 - t)\,v(x, t)$, is decoded and embedded by the frozen encoder, and the gradient $g$ of its cosine
+# similarity to the supports' mean embedding with respect to $x$ (through the model, decoder and encoder; scaled to
+# unit RMS per sample) moves that estimate by `scale` latent units:
+#
+# $$v \leftarrow v + \text{scale}\cdot\frac{g}{1 - t}\qquad\text{for } t \le \text{upto}.$$
+#
+# Guiding the early part of the path (t <= 0.7 by default) sets the shape; the model alone then draws the last
+# steps, which keeps the paper flat (guided to the end, the gradient leaves an adversarial texture the encoder likes
+# and no reader does). A `Guide` is the encoder after the decoder, `fn(params, x) -> unit embeddings`, traceable, with
+# its frozen weights: `fsdit.codecs.Codecs.guide` builds it for a run. Guidance is off by default (scale 0).
+
+# %% [markdown]
+# On a toy guide — the mean of each sample's pixels, pushed towards +1 or -1 — guidance moves every sample the way
+# its target asks, and scale 0 is the plain sampler exactly. Bad settings are refused before anything compiles.
+
+# %%
+toy = Guide(lambda p, x: jnp.stack([x.mean((1, 2, 3)), jnp.full(x.shape[:1], p)], -1) / jnp.sqrt(x.mean((1, 2, 3)) ** 2 + p ** 2)[:, None],
+            jnp.float32(0.05))
+target = jnp.array([[1.0, 0.0], [-1.0, 0.0]])
+plain = sample(apply, params, noise, cond, steps=4)
+test_close(sample(apply, params, noise, cond, steps=4, guide=toy, target=target, guide_scale=0.0), plain, eps=1e-6)
+up = sample(apply, params, noise, cond, steps=4, guide=toy, target=target, guide_scale=1.0, guide_upto=0.5)
+shift = np.asarray(up - plain).mean((1, 2, 3))
+assert shift[0] > 0.1 and shift[1] < -0.1, shift
+test_fail(lambda: sample(apply, params, noise, cond, guide=toy, target=target, guide_scale=-1.0), contains='>= 0')
+test_fail(lambda: sample(apply, params, noise, cond, guide=toy, target=target, guide_scale=1.0, guide_upto=1.0), contains='[0, 1)')
+test_fail(lambda: sample(apply, params, noise, cond, guide_scale=1.0), contains='needs the guide')
+test_fail(lambda: sample(apply, params, noise, cond, guide=toy, target=target[:1], guide_scale=1.0), contains='one target embedding per sample')
+
 
 # %% [markdown]
 # ## Generating
@@ -236,6 +312,17 @@ def _dit(mc: ModelConfig) -> DiT:
     return DiT(mc)
 
 
+@functools.lru_cache(maxsize=8)
+def _model_fn(fn: Callable, scale: float) -> Callable:
+    "One function per (guide, scale), so that the compiled sampler is reused."
+    return lambda p, x: fn(p, x / scale)
+
+
+def _model_space_guide(guide: Guide, scale: float) -> Guide:
+    "The guide of posterior latents seen from the model's latents (posterior x scale)."
+    return Guide(_model_fn(guide.fn, float(scale)), guide.params)
+
+
 def _noise(key, start: int, n: int, shape) -> jax.Array:
     "Per-example noise (n, *shape): example i from fold_in(key, start + i)."
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(jnp.arange(start, start + n))
@@ -243,8 +330,14 @@ def _noise(key, start: int, n: int, shape) -> jax.Array:
 
 def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None, labels=None, *,
              scaling: LatentScaling = LatentScaling(), seed: int = 0, steps: int = 50, cfg_scale: float = 3.0,
-             method: str = 'euler', batch_size: int = 256, cfg_interval=(0.0, 1.0)) -> np.ndarray:
-    "Latents (M, h, w, c) in posterior space from M episodes: support_embeds (M, K, D), support_latents (M, K, h, w, c), labels (M,)."
+             method: str = 'euler', batch_size: int = 256, cfg_interval=(0.0, 1.0), guide: Guide | None = None,
+             guide_scale: float = 0.0, guide_upto: float = GUIDE_UPTO) -> np.ndarray:
+    """Latents (M, h, w, c) in posterior space from M episodes: support_embeds (M, K, D), support_latents (M, K, h, w, c), labels (M,).
+    `guide_scale > 0`: encoder guidance towards the supports' mean embedding, `guide` taking posterior latents."""
+    if guide_scale:
+        check_guidance(guide_scale, guide_upto)
+        if guide is None: raise ValueError("encoder guidance needs the run's guide: fsdit.codecs.run_codecs(run).guide")
+        if support_embeds is None: raise ValueError("encoder guidance steers towards the supports' embedding: pass support_embeds")
     given = {'support_embeds': support_embeds, 'support_latents': support_latents, 'labels': labels}
     given = {k: np.asarray(v) for k, v in given.items() if v is not None}
     check_supports(mc, None if 'support_embeds' not in given else given['support_embeds'].shape[1])
@@ -261,8 +354,12 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
         b = {k: np.concatenate([v[i:i + n], np.repeat(v[i + n - 1:i + n], bs - n, 0)]) for k, v in given.items()}
         b = jax.device_put(b, NamedSharding(mesh, P(DATA_AXIS)))
         noise = jax.device_put(_noise(key, i, bs, shape), NamedSharding(mesh, P(DATA_AXIS)))
+        gk = {}
+        if guide_scale:                                   # the guide sees posterior latents; the model works in its own scale
+            target = l2_normalize(jnp.mean(b['support_embeds'], 1), eps=1e-6)
+            gk = dict(guide=_model_space_guide(guide, scaling.scale), target=target, guide_scale=guide_scale, guide_upto=guide_upto)
         x = sample(model.apply, params, noise, condition(b, mc, scaling), steps=steps, cfg_scale=cfg_scale, method=method,
-                   cfg_interval=cfg_interval)
+                   cfg_interval=cfg_interval, **gk)
         out.append(scaling.to_posterior(np.asarray(x)[:n]))
     return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
 
@@ -285,3 +382,17 @@ assert not np.allclose(z_all, generate(params, mc, emb, lat, steps=3, seed=2))
 test_fail(lambda: check_supports(model_config('mu', cond='class', num_classes=3), 5), contains='class-conditioned')
 test_fail(lambda: check_supports(mc, 0), contains='at least one support')
 check_supports(mc, 1); check_supports(model_config('mu', cond='context'), 7)   # any K >= 1
+
+# %% [markdown]
+# With a guide, `generate` steers each episode towards its supports' mean embedding. Here the guide is a fixed random
+# projection of the (posterior) latents: guided samples sit closer to their targets by that projection, scale 0 is the
+# plain sampler, and guidance without a guide is refused.
+
+# %%
+proj = jnp.asarray(r.normal(size=(8 * 8 * 3, 16)).astype(np.float32))
+toy_guide = Guide(lambda p, x: l2_normalize(x.reshape(len(x), -1) @ p, eps=1e-6), proj)
+cos = lambda z: np.asarray((toy_guide.fn(proj, jnp.asarray(z)) * l2_normalize(jnp.asarray(emb).mean(1))).sum(-1))
+z_g = generate(params, mc, emb, lat, steps=3, seed=1, guide=toy_guide, guide_scale=2.0, guide_upto=0.9)
+assert cos(z_g).mean() > cos(z_all).mean() + 0.1, (cos(z_g), cos(z_all))
+test_close(generate(params, mc, emb, lat, steps=3, seed=1, guide=toy_guide, guide_scale=0.0), z_all, eps=1e-6)
+test_fail(lambda: generate(params, mc, emb, lat, steps=3, guide_scale=1.0), contains="needs the run's guide")

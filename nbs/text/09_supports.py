@@ -16,6 +16,7 @@ import numpy as np
 
 from fsdit.codecs import Codecs
 from fsdit.run import Run
+from fsdit.config import GUIDE_UPTO
 from fsdit.sampler import generate, check_supports
 from fsdit.data import check_image, load_image, list_images
 
@@ -26,6 +27,7 @@ from fsdit.config import model_config, train_config
 from fsdit.run import load_run, write_run_config, checkpoint_manager, save_checkpoint
 from fsdit.state import create_state
 from fsdit.codecs import offline_model_config
+from fsdit.utils import l2_normalize
 
 tmp = Path(tempfile.mkdtemp())                                   # a freshly initialised run, saved as `fsdit train` saves one
 mc, tc, run_dir = offline_model_config('mu', size=8, channels=3, embed_dim=16), train_config('test', shots=3), tmp / 'run'
@@ -62,13 +64,16 @@ def class_dir_supports(d, k: int, seed: int = 0) -> list[Path]:
 
 
 def sample_from_supports(run: Run, codecs: Codecs, images, n: int = 16, *, cfg_scale: float = 3.0, steps: int = 50,
-                         seed: int = 0, method: str = 'euler', batch_size: int = 256, cfg_interval=(0.0, 1.0)) -> np.ndarray:
-    "`n` images in [-1, 1] (n, H, W, C) of the class shown by the uint8 support images (K, H, W, 3); CFG as `fsdit.sampler.sample`."
+                         seed: int = 0, method: str = 'euler', batch_size: int = 256, cfg_interval=(0.0, 1.0),
+                         guide_scale: float = 0.0, guide_upto: float = GUIDE_UPTO) -> np.ndarray:
+    """`n` images in [-1, 1] (n, H, W, C) of the class shown by the uint8 support images (K, H, W, 3); CFG as `fsdit.sampler.sample`,
+    encoder guidance (`guide_scale > 0`) through `codecs.guide`."""
     emb, lat = codecs.encode(images)
     check_supports(run.mc, len(emb))
     tile = lambda a: np.repeat(a[None], n, 0)                      # every episode has the same K supports
     z = generate(run.params, run.mc, tile(emb), tile(lat), scaling=run.scaling, seed=seed, steps=steps,
-                 cfg_scale=cfg_scale, method=method, batch_size=batch_size, cfg_interval=cfg_interval)
+                 cfg_scale=cfg_scale, method=method, batch_size=batch_size, cfg_interval=cfg_interval,
+                 guide=codecs.guide, guide_scale=guide_scale, guide_upto=guide_upto)
     return np.asarray(codecs.decode(z), np.float32)
 
 
@@ -126,3 +131,23 @@ assert 'broken.jpg' in err.getvalue() and 'missing.png (no such file)' in err.ge
 assert 'holds 3 images' in err.getvalue() and '0 <= lo <= hi <= 1' in err.getvalue()
 assert 'cfg 3.0, 2 steps' in out.getvalue() and 'cfg 3.0 for t in [0.5, 1], 2 steps' in out.getvalue()
 assert f'cfg 3.0, {tc.sample_steps} steps' in out.getvalue()      # no --steps: the run's own sampler steps
+
+# %% [markdown]
+# `--guide S` adds encoder guidance (`fsdit.sampler.encoder_guided`) through the run's own encoder: the guided samples'
+# embeddings sit closer to the supports' mean embedding. A negative scale, or guidance reaching t = 1, is refused
+# before the run loads.
+
+# %%
+from fsdit.codecs import run_codecs
+with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(cli('--support', *files, '--guide', '2', '--guide-upto', '0.9'), 0)
+    test_eq(cli('--support', *files, '--guide', '-1'), 1)
+    test_eq(cli('--support', *files, '--guide', '1', '--guide-upto', '1'), 1)
+assert 'encoder guidance 2 for t <= 0.9, 2 steps' in out.getvalue()
+assert 'must be >= 0' in err.getvalue() and 'upto must be in [0, 1)' in err.getvalue()
+_c, _sup = run_codecs(run), read_supports(files, 8)
+_t = np.asarray(l2_normalize(_c.embed(_sup / 127.5 - 1).mean(0)))
+_cos = lambda x: float((np.asarray(_c.embed(np.clip(x, -1, 1))) @ _t).mean())
+_plain = sample_from_supports(run, _c, _sup, 4, steps=4)
+_guided = sample_from_supports(run, _c, _sup, 4, steps=4, guide_scale=2.0, guide_upto=0.9)
+assert _cos(_guided) > _cos(_plain) + 0.1, (_cos(_guided), _cos(_plain))

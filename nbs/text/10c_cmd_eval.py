@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from fsdit.cli import Parser, positive_int, check_out_dir, fail
-from fsdit.config import check_interval
+from fsdit.config import GUIDE_UPTO, check_guidance, check_interval
 from fsdit.eval import evaluate, results_table
 from fsdit.export import codecs_of
 from fsdit.run import load_run
@@ -41,6 +41,8 @@ def eval_cli(argv: list[str]) -> int:
     p.add_argument('--cfg', type=float, nargs='+', default=None, help="CFG scales (default: the run's)")
     p.add_argument('--cfg-interval', type=float, nargs=2, default=None, metavar=('LO', 'HI'),
                    help="guide only where LO <= t <= HI (t=0 noise, t=1 data; default: the run's)")
+    p.add_argument('--guide', type=float, default=None, help="encoder guidance scale (0: off; default: the run's)")
+    p.add_argument('--guide-upto', type=float, default=None, help="encoder guidance acts where t <= this (default: the run's)")
     p.add_argument('--n', type=positive_int, default=128, help='generated images per class (per shots and cfg)')
     p.add_argument('--max-real', type=int, default=128, help='real images per class (0: all)')
     p.add_argument('--steps', type=positive_int, default=50); p.add_argument('--method', default='euler', choices=('euler', 'heun'))
@@ -53,13 +55,16 @@ def eval_cli(argv: list[str]) -> int:
     try:
         out = check_out_dir(a.out or Path(a.run) / 'eval')
         interval = None if a.cfg_interval is None else check_interval(a.cfg_interval)
+        if a.guide is not None or a.guide_upto is not None: check_guidance(a.guide or 0.0, GUIDE_UPTO if a.guide_upto is None else a.guide_upto)
         run = load_run(a.run, warn=lambda msg: print(f"fsdit eval: {msg}", file=sys.stderr))
         feats = a.feats or run.config.get('feats')
         if feats is None: raise ValueError("no feature store: pass --feats FEATS")
         res = evaluate(run, feats, split=a.split, seen_split=None if a.no_seen else a.seen_split, n_per_class=a.n,
                        shots=a.shots, cfg_scales=a.cfg or [run.tc.cfg_scale], steps=a.steps, seed=a.seed, max_real_per_class=a.max_real or None,
                        fid=a.fid, fid_weights=a.fid_weights, method=a.method, batch_size=a.batch_size, out=out,
-                       cfg_interval=interval or run.tc.cfg_interval, codecs=codecs_of(run, feats))
+                       cfg_interval=interval or run.tc.cfg_interval, codecs=codecs_of(run, feats),
+                       guide_scale=run.tc.guide_scale if a.guide is None else a.guide,
+                       guide_upto=run.tc.guide_upto if a.guide_upto is None else a.guide_upto)
     except (ValueError, OSError, RuntimeError, ImportError, KeyError) as e:
         return fail('eval', e)
     print(results_table(res['records']))

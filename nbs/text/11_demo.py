@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fsdit.config import model_config, train_config, TrainConfig, ModelConfig, interval_text
+from fsdit.config import GUIDE_UPTO, model_config, train_config, TrainConfig, ModelConfig, interval_text
 from fsdit.codecs import PixelEncoder, PixelSpace, load_encoder, run_codecs
 from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderSpec, is_glyph_encoder, train_glyph_encoder, prototype_accuracy
 from fsdit.glyph.vae import GlyphVAESpec, glyph_vae
@@ -98,6 +98,8 @@ class DemoSize:
     eval_per_class: int = 10              # generated images per class (half a class's real images: see glyph-FD)
     eval_cfg: tuple = (8.0,)              # CFG scales evaluated (over `cfg_interval`)
     sample_steps: int = 15                # Euler steps for grids and eval (the seed samples with 50; chosen on val)
+    guide: float = 0.0                    # encoder guidance of grids and eval (`fsdit.sampler.encoder_guided`); 0: off
+    guide_upto: float = GUIDE_UPTO        # ... where t <= guide_upto
 
 
 # %%
@@ -129,7 +131,9 @@ DEMO_SIZES = {
 # as a miniImageNet run models SD-VAE latents: in pixel space no model drew a character; BENCHMARKS §8),
 # cross-attention to the supports' latents (3x3 patches: 16 tokens a support), and 3x3 convolutions of 32 channels
 # around the transformer. The full size trains twice the aligned demo's steps: a latent step costs half a pixel one.
-UNALIGNED = dict(image_size=24, channels=3, cond='xattn', model=dict(patch=2, context_patch=3, conv=32),
+# Samples are steered by the encoder (encoder guidance at scale 1 for t <= 0.7, chosen on validation classes): the
+# encoder knows every class's shape, the DiT at this budget only their texture.
+UNALIGNED = dict(image_size=24, channels=3, cond='xattn', model=dict(patch=2, context_patch=3, conv=32), guide=1.0,
                  vae=dict(blocks=(32, 64), latent_channels=4, groups=16, per_class=12, steps=1000),
                  encoder=dict(per_class=48, steps=2500), judge=dict(per_class=48, epochs=5))
 UNALIGNED_TRAIN = {'full': dict(max_steps=4400, save_every=1100, eval_every=2200, sample_every=4400)}
@@ -170,7 +174,7 @@ def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, Tra
     side, _, ch = demo_latent_shape(s)
     mc = model_config(m.pop('preset'), cond=cond or s.cond, **{'input_size': side, 'in_channels': ch, 'support_dim': s.embed_dim, **m})
     tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
-                      wandb_mode='disabled', **t)
+                      guide_scale=s.guide, guide_upto=s.guide_upto, wandb_mode='disabled', **t)
     return mc, tc
 
 
@@ -197,6 +201,7 @@ test_eq(demo_latent_shape(demo_size('full', 'unaligned', vae=None)), (24, 24, 3)
 test_eq(demo_configs(demo_size('tiny', 'unaligned'))[1].max_steps, 30)
 test_eq(demo_size('full', 'unaligned').encoder, dict(per_class=48, steps=2500))
 test_eq(demo_size('long', 'unaligned').model['hidden'], 192)
+test_eq((tc_u.guide_scale, tc_u.guide_upto, tc.guide_scale), (1.0, 0.7, 0.0))        # encoder guidance: unaligned only
 test_fail(lambda: demo_size('full', 'tilted'), contains="unknown demo data 'tilted'")
 
 # %% [markdown]
@@ -217,7 +222,8 @@ def _as_fsdit_train(s: DemoSize) -> tuple:
     m, t = dict(s.model), dict(s.train)
     argv = ['--out', str(Path(tempfile.mkdtemp()) / 'run'), '--model', m.pop('preset'), '--preset', t.pop('preset'),
             *_flags({**m, 'cond': s.cond}, 'model.'), *_flags({**t, 'sample_steps': s.sample_steps, 'cfg_scale': s.cfg,
-                                                               'cfg_interval': s.cfg_interval, 'wandb_mode': 'disabled'}, '')]
+                                                               'cfg_interval': s.cfg_interval, 'guide_scale': s.guide,
+                                                               'guide_upto': s.guide_upto, 'wandb_mode': 'disabled'}, '')]
     return resolve_configs(parse_train_args(argv), {'latent_shape': list(demo_latent_shape(s)), 'embed_dim': s.embed_dim})
 
 
@@ -437,7 +443,7 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
         lat = store.latents(rows)                       # pixel space: the images; else VAE latents, decoded
         sup = to_uint8(lat if run.space == 'pixel' else codecs.decode(lat), rgb=True)
         gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
-                                   steps=s.sample_steps, seed=seed + int(c))
+                                   steps=s.sample_steps, seed=seed + int(c), guide_scale=s.guide, guide_upto=s.guide_upto)
         sups.append(sup); gens.append(to_uint8(gen, rgb=True))
     return class_rows_grid(sups, gens, scale=GRID_SCALE,
                            titles=(f"{run.tc.shots} supports", f"{s.grid_samples} samples, {_guidance(s)}"))
@@ -449,6 +455,7 @@ GRID_SCALE = 4   # the grids are written enlarged (nearest neighbour): a 16-pixe
 def _stamp(s: DemoSize, step: int | None, stage: str) -> dict:
     "What a grid or the eval was made from: the run's step and the size's sampling settings (the stage is remade when one differs)."
     d = {'step': step, 'cfg': s.cfg, 'cfg_interval': list(s.cfg_interval), 'sample_steps': s.sample_steps}
+    if s.guide: d['guide'] = [s.guide, s.guide_upto]                 # recorded only when on: unguided stamps stay as they were
     if stage == 'samples': return {**d, 'grid': [s.grid_classes, s.grid_samples, GRID_SCALE]}
     return {**d, 'eval': [s.eval_classes, s.eval_per_class, list(s.eval_cfg)]}
 
@@ -465,7 +472,8 @@ def _loader(run_dir) -> Callable:
     return lazy(lambda: load_run(run_dir))
 
 
-def _guidance(s: DemoSize) -> str: return f"CFG {s.cfg:g}{interval_text(s.cfg_interval)}"
+def _guidance(s: DemoSize) -> str:
+    return f"CFG {s.cfg:g}{interval_text(s.cfg_interval)}" + (f", encoder guidance {s.guide:g} for t <= {s.guide_upto:g}" if s.guide else '')
 
 
 # %%
@@ -564,7 +572,8 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
     run, t0 = (get_run or _loader(out / 'run'))(), time.time()
     res = evaluate(run, store, split='test', seen_split='train', n_per_class=s.eval_per_class,
                    shots=(run.tc.shots,), cfg_scales=s.eval_cfg, steps=s.sample_steps, max_real_per_class=None,
-                   judge=judge, n_classes=s.eval_classes, out=out / 'eval', cfg_interval=s.cfg_interval)
+                   judge=judge, n_classes=s.eval_classes, out=out / 'eval', cfg_interval=s.cfg_interval,
+                   guide_scale=s.guide, guide_upto=s.guide_upto)
     summary = {**_stamp(s, run.step, 'eval'), 'cond': run.mc.cond, **demo_summary(res, s.cfg)}
     write_atomic(out / 'summary.json', json.dumps(summary, indent=1))
     _log(log, f"eval:    {ev}  ({time.time() - t0:.0f} s; {_guidance(s)}, the judge's metrics; vs_real = model / real)\n"
