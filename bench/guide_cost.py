@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax, jax.numpy as jnp
 
+from fsdit.bench import SD_VAE_BLOCKS
 from fsdit.codecs import _guide_fn
 from fsdit.config import model_config
 from fsdit.dit import DiT, example_cond, init_params
@@ -33,7 +34,7 @@ def main(argv=None):
     ap.add_argument('--out', default='bench/guide_cost.json')
     a = ap.parse_args(argv)
     mc = model_config(a.model, cond=a.cond)
-    spec, vc = VisionSpec(), VAEConfig()
+    spec, vc = VisionSpec(), VAEConfig(block_out_channels=SD_VAE_BLOCKS, layers_per_block=2, scaling_factor=0.18215)
     dit_p = shapes(lambda k: init_params(mc, k), jax.random.PRNGKey(0))
     enc_p = shapes(lambda k: SiglipVision(spec).init(k, jnp.zeros((1, 224, 224, 3)))['params'], jax.random.PRNGKey(0))
     f = vc.downsample_factor
@@ -50,7 +51,7 @@ def main(argv=None):
         v = guided_velocity(DiT(mc).apply, p, cond, 3.0)
         return encoder_guided(v, gfn, gp, jnp.ones((1, spec.hidden_size)) / spec.hidden_size ** 0.5, 1.0, 0.7)(x, t)
 
-    def decode_only(vp, x): return _compiled(vc, 'float32')[1](vp, x / 0.18215)
+    def decode_only(vp, x): return _compiled(vc, 'float32')[1](vp, x)
 
     rows = {}
     for name, fn, args in (('plain step (CFG)', plain, (dit_p, x)), ('guided step', guided, (dit_p, (enc_p, vae_p), x)),
