@@ -83,14 +83,14 @@
 # it). In the VAE's latents the same model, given the class by label, draws those 12 classes — whole characters in one
 # ink colour on flat paper, anywhere in the frame — at 43% against 56% for the VAE's reconstructions
 # (`nbs/images/unaligned_vae_class_8k.png`, `bench/class_curve.py`). Few-shot, at the demo's budget (4,400 steps, 10
-# minutes of training; the whole unaligned demo takes about 37 minutes, the VAE 16 of them), the DiT alone draws its
+# minutes of training; the whole unaligned demo took about 37 minutes unguided, the VAE 16 of them), the DiT alone draws its
 # class's texture, not its shape (0.7% on 200 held-out classes). The encoder knows the shapes, so the demo samples with
 # **encoder guidance** (`fsdit sample --guide 1`): at each step for t <= 0.7 the model's estimate of the clean image is
 # decoded and embedded by the frozen encoder, and the gradient of its similarity to the supports' embedding steers it.
 # Held out, 200 classes: **12.2% consistency (21% of real), glyph-FD 31.7 (5.6x the floor)**, against 0.7% and 50.4
-# unguided; seen classes 15.7%. Enlarged (`nbs/images/unaligned_guided_heldout.png`), most rows now draw their
-# character — C's, brackets, i's, rings for the circled dot, dot patterns for Braille — on flat paper; '$' stays a
-# tangle. That is short of the target (70% of real); BENCHMARKS.md §8 has the tables, curves and grids.
+# unguided; seen classes 15.7%. Enlarged (`nbs/images/unaligned_guided_heldout.png`), half the rows now draw their
+# character in most cells — C's, brackets, rings for the circled dot, dot patterns for Braille — and i's and x's in
+# about half, on flat paper; '$' stays a tangle. That is short of the target (70% of real); BENCHMARKS.md §8 has the tables, curves and grids.
 #
 # **A real colour data set, through the CLI alone.** `bench/emoji_set.py` builds 323 classes of vendors' emoji
 # (Apple, Google, Twitter, Facebook, from the npm registry; 24 drawings a class in six skin tones, 32 px), and
