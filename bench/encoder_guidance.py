@@ -17,7 +17,6 @@ held-out figures come from `bench/demo_wide_eval.py --guide`. Rows go to OUT/gui
 enlarged 4x) to OUT/grid_SPLIT_SCALE.png; bench/encoder_guidance.json holds the sweep that chose the demo's setting.
 """
 import argparse, json, sys, time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,24 +30,25 @@ from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderNet
 from fsdit.glyph.judge import load_judge
 from fsdit.images import class_rows_grid, save_png, to_uint8
 from fsdit.run import load_run
-from fsdit.sampler import _dit, _noise, guided_velocity
+from fsdit.codecs import encoder_guide
+from fsdit.config import GUIDE_UPTO
+from fsdit.sampler import _dit, _model_space_guide, _noise, encoder_guided, guided_velocity, integrate
 from fsdit.utils import l2_normalize
 from fsdit.vae import SDVAE
 
 
 def guided_sampler(run, vae: SDVAE, enc: GlyphEncoder, steps: int, cfg: float, interval, upto: float,
                    through_model: bool = False, augs: int = 0):
-    "jit (x0, cond, proto, scale) -> model latents: the run's CFG sampler plus encoder guidance."
+    """jit (x0, cond, proto, scale) -> model latents: the run's CFG sampler plus encoder guidance. Through the model
+    without augmentations it is `fsdit.sampler.encoder_guided` itself; the other variants are this bench's."""
     mc, params, model = run.mc, run.params, _dit(run.mc)
+    guide = _model_space_guide(encoder_guide(enc, vae), run.scaling.scale)     # the package's guide, model latents in
     net, scale_lat = GlyphEncoderNet(enc.spec), run.scaling.scale
 
-    def embed(img):
-        return l2_normalize(net.apply({'params': enc.params}, img)[1], eps=1e-6)
-
     def sim(x1, proto, key=None):               # x1: model latents (B, h, w, c); proto (B, E) unit rows
-        img = vae.module.apply({'params': vae.params}, x1 / scale_lat, method='decode')
-        img = jnp.clip(img, -1, 1)
-        if not augs: return (embed(img) * proto).sum()
+        if not augs: return (guide.fn(guide.params, x1) * proto).sum()
+        img = jnp.clip(vae.module.apply({'params': vae.params}, x1 / scale_lat, method='decode'), -1, 1)
+        embed = lambda im: l2_normalize(net.apply({'params': enc.params}, im)[1], eps=1e-6)
         B, H, W, C = img.shape                   # the mean over random rescalings and shifts of the image
         def one(k):
             ks, kt = jax.random.split(k)
@@ -61,17 +61,17 @@ def guided_sampler(run, vae: SDVAE, enc: GlyphEncoder, steps: int, cfg: float, i
     @jax.jit
     def run_sampler(x0, cond, proto, gscale):
         vel = guided_velocity(model.apply, params, cond, cfg, interval)
+        if through_model and not augs:
+            return integrate(encoder_guided(vel, guide.fn, guide.params, proto, gscale, upto), x0, steps)
         h = 1.0 / steps
 
         def body(i, x):
             t = i.astype(jnp.float32) / steps
             key = jax.random.fold_in(jax.random.PRNGKey(7), i)
+            v = vel(x, t)
             if through_model:                    # d sim / d x through the model's estimate (universal guidance)
-                x1_of = lambda x: x + (1 - t) * vel(x, t)
-                v = vel(x, t)
-                g = jax.grad(lambda x: sim(x1_of(x), proto, key))(x)
+                g = jax.grad(lambda x: sim(x + (1 - t) * vel(x, t), proto, key))(x)
             else:                                # d sim / d x1 at the estimate (one decoder and encoder pass)
-                v = vel(x, t)
                 g = jax.grad(sim)(x + (1 - t) * v, proto, key)
             g = g / (jnp.sqrt((g ** 2).mean((1, 2, 3), keepdims=True)) + 1e-8)
             v = v + jnp.where(t <= upto, gscale, 0.0) * g / (1 - t)
@@ -89,7 +89,7 @@ def main(argv=None):
     ap.add_argument('--classes', type=int, default=32)
     ap.add_argument('--n', type=int, default=6, help='samples per class')
     ap.add_argument('--scales', type=float, nargs='+', default=[0.0, 1.0, 2.0, 4.0])
-    ap.add_argument('--upto', type=float, default=0.9)
+    ap.add_argument('--upto', type=float, default=GUIDE_UPTO)
     ap.add_argument('--cfg', type=float, default=DemoSize().cfg)
     ap.add_argument('--interval', type=float, nargs=2, default=DemoSize().cfg_interval)
     ap.add_argument('--steps', type=int, default=15)
