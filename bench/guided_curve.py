@@ -10,7 +10,7 @@ scale (t <= GUIDE_UPTO), from each checkpoint's EMA weights, so the guided demo'
 Each point is appended to `--json` as soon as it is done (a rerun skips the points already there).
 `--plot OUT NAME=JSON ...` only draws curves already measured.
 """
-import argparse, json, shutil, sys, tempfile, time
+import argparse, json, sys, tempfile, time
 from pathlib import Path
 
 from fsdit.config import GUIDE_UPTO
@@ -18,17 +18,9 @@ from fsdit.eval import evaluate
 from fsdit.features import open_store
 from fsdit.glyph.demo import demo_summary
 from fsdit.glyph.judge import load_judge
-from fsdit.run import load_run, saved_steps
+from fsdit.run import saved_steps
 
-
-def at_step(run: Path, step: int, tmp: Path) -> Path:
-    "A run folder that holds only checkpoint `step` of `run` (links, nothing copied), so `load_run` restores that step."
-    d = tmp / f'step{step}'
-    (d / 'checkpoints').mkdir(parents=True, exist_ok=True)
-    shutil.copy(run / 'config.json', d / 'config.json')
-    link = d / 'checkpoints' / str(step)
-    if not link.exists(): link.symlink_to((run / 'checkpoints' / str(step)).absolute(), target_is_directory=True)
-    return d
+from class_curve import run_at          # the run as it was at one checkpoint
 
 
 def point(run, store, judge, split, classes, n, guide, out) -> dict:
@@ -85,7 +77,7 @@ def main(argv=None):
         for step in a.steps or saved_steps(run_dir):
             todo = [g for g in a.guide if (step, g) not in done]
             if not todo: continue
-            run = load_run(at_step(run_dir, step, Path(tmp)))
+            run = run_at(run_dir, step, Path(tmp))
             for g in todo:
                 p = point(run, store, judge, a.split, a.classes, a.n, g, Path(tmp) / 'eval')
                 doc['points'].append(p); path.write_text(json.dumps(doc, indent=1))
