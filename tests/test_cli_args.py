@@ -176,3 +176,23 @@ def test_explore_refuses_in_one_line(sample_run, cli_store, tmp_path, capsys, mo
     assert rc == 0 and len(served) == 1, err
     src, port, browser = served[0]
     assert f"show_explorer({str(run)!r}, feats={str(cli_store)!r}, split='val')" in src and not browser and port > 0
+
+
+def test_precompute_takes_a_stand_in_encoder_folder_beside_a_vae(cli_store, tmp_path, capsys):
+    "`fsdit precompute --encoder FOLDER --vae FOLDER` without --stand-in: a saved stand-in encoder and a diffusers VAE make a latent store."
+    import jax
+    from fsdit.features import open_store
+    from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderNet, GlyphEncoderSpec
+    from fsdit.glyph.vae import GlyphVAESpec
+    from fsdit.vae import SDVAE
+    spec = GlyphEncoderSpec(image_size=12, widths=(8, 8, 8, 8), dim=8, embed_dim=16)
+    params = GlyphEncoderNet(spec).init(jax.random.PRNGKey(0), np.zeros((1, 12, 12, 3), np.float32))['params']
+    GlyphEncoder(spec, params).save_pretrained(tmp_path / 'enc')
+    SDVAE.random(GlyphVAESpec(image_size=12, blocks=(8, 16), groups=4).config(0.5)).save_pretrained(tmp_path / 'vae', sample_size=12)
+    rc, out, err = fsdit(capsys, 'precompute', '--data', cli_store.parent / 'split', '--out', tmp_path / 'feats',
+                         '--encoder', tmp_path / 'enc', '--vae', tmp_path / 'vae', '--image-size', '12')
+    assert rc == 0, err
+    st = open_store(tmp_path / 'feats')
+    assert (st.meta['space'], st.meta['encoder'], st.meta['vae']) == ('latent', str(tmp_path / 'enc'), str(tmp_path / 'vae'))
+    assert st.embeds.shape[1] == 16 and tuple(st.meta['latent_shape']) == (6, 6, 4) and st.meta['latent_scale'] == 0.5
+    np.testing.assert_allclose(np.linalg.norm(st.embeds.astype(np.float32), axis=1), 1, atol=2e-3)

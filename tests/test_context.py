@@ -116,7 +116,7 @@ def test_train_step_uses_supports():
     state = state.replace(params=perturb(state.params, scale=0.1, seed=1))
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(4, cfg, tc.shots, space='pixel').items()}
     grads_fn = jax.jit(partial(compute_grads, model=DiT(cfg), mc=cfg, tc=tc, scaling=LatentScaling(1.0)))
-    loss, grads, per_example, _ = grads_fn(state, batch)
-    assert np.isfinite(float(loss)) and per_example.shape == (4,)
+    loss, grads, aux = grads_fn(state, batch)
+    assert np.isfinite(float(loss)) and aux['loss'].shape == (4,)
     g = grads['support_tokens']
     assert np.abs(np.asarray(g['patch']['proj']['kernel'])).max() > 0 and np.abs(np.asarray(g['segment'])).max() > 0

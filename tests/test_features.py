@@ -130,7 +130,7 @@ def test_store_feeds_batches_and_online_equals_store(data, whole):
     assert [len(r) for r in rows] == [7, 7, 7] and whole.classes('val') == ['val0']
     idx = next(EpisodeBatches(rows, 6, seed=0))
     b = host_batch(whole.embeds, whole.moments, idx)
-    assert set(b) == {'moments', 'support_embeds', 'support_latents', 'labels', 'target_index'}
+    assert set(b) == {'moments', 'support_embeds', 'target_embeds', 'support_latents', 'labels', 'target_index'}
     paths = [data / p for p in whole.index['path']]
     o = online_batch(paths, idx, ENC.embed, VAE.moments, 16)
     for k in b: np.testing.assert_allclose(o[k].astype(np.float32), b[k].astype(np.float32), atol=2e-3)

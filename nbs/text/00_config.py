@@ -61,6 +61,8 @@ class ModelConfig:
     remat: bool = False          # rematerialise each block in the backward pass
     conv: int = 0                # channels of 3x3 convolutions around the transformer (a stem before the patch
                                  # embedding, a head after the readout); 0: the seed's linear embedding and readout
+    align_depth: int = 0         # after this many blocks, an MLP head maps the mean target token to the support
+                                 # embedding's space, for the representation loss (`TrainConfig.align_weight`); 0: no head
 
     def __post_init__(self): validate_model(self)
 
@@ -82,6 +84,8 @@ def validate_model(c: ModelConfig):
     for name in ('hidden', 'depth', 'heads', 'patch', 'input_size', 'in_channels', 'support_dim', 'context_patch'):
         _require(getattr(c, name) > 0, f"ModelConfig.{name} must be positive, got {getattr(c, name)}")
     _require(c.conv >= 0, f"ModelConfig.conv must be 0 (no convolutions) or a channel count, got {c.conv}")
+    _require(0 <= c.align_depth <= c.depth,
+             f"ModelConfig.align_depth must be 0 (no head) or a block count up to depth {c.depth}, got {c.align_depth}")
     _require(c.input_size % c.patch == 0,
              f"patch {c.patch} does not divide the input size {c.input_size}: pick a patch in "
              f"{[p for p in range(1, c.input_size + 1) if c.input_size % p == 0]}")
@@ -181,6 +185,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     t_sampling: str = 'logit_normal'  # t = sigmoid(N(0,1)), or 'uniform'
     t_shift: float = 1.0         # training times moved toward the noise, t -> t / (t + S (1 - t)) (SD3's resolution shift); 1: off
+    align_weight: float = 0.0    # weight of the representation loss (REPA-style, on the pooled target embedding); 0: off
     mirror: bool = True          # the seed's random horizontal flip of the target; off where a mirror image is another class
     fsdp: bool = False           # shard parameters, EMA and optimizer state over the devices (ZeRO-3); default: replicated
     fsdp_min_size: int = 16384   # FSDP: tensors with fewer elements stay replicated
@@ -267,6 +272,7 @@ def validate_train(c: TrainConfig):
     try: check_guidance(c.guide_scale, c.guide_upto)
     except ValueError as e: raise ValueError(f"guide_scale / guide_upto: {e}") from None
     _require(c.t_sampling in T_SAMPLING, f"t_sampling must be one of {T_SAMPLING}, got {c.t_sampling!r}")
+    _require(math.isfinite(c.align_weight) and c.align_weight >= 0, f"align_weight must be >= 0 (0: off), got {c.align_weight}")
     _require(c.t_shift > 0, f"t_shift must be positive (1 is no shift; more than 1 moves training times toward the noise), got {c.t_shift}")
     _require(c.episodes in EPISODES, f"episodes must be one of {EPISODES}, got {c.episodes!r}")
     _require(c.wandb_mode in WANDB_MODES, f"wandb_mode must be one of {WANDB_MODES}, got {c.wandb_mode!r}")
@@ -280,6 +286,13 @@ def check_batch(batch_size: int, n_devices: int, n_processes: int = 1):
     _require(n_devices % n_processes == 0, f"{n_devices} devices do not split over {n_processes} processes")
 
 
+def check_align(mc: ModelConfig, tc: TrainConfig):
+    "Raise `ValueError` when the representation loss is on (`tc.align_weight`) but the model has no head for it."
+    _require(not tc.align_weight or mc.align_depth > 0,
+             f"align_weight {tc.align_weight} needs a model with an alignment head: set model.align_depth to a block "
+             f"count in 1..{mc.depth} (a third of the depth is usual), or align_weight 0")
+
+
 # %%
 t = TrainConfig(cfg_interval=[0.1, 0.9])
 test_eq((t.batch_size, t.cfg_interval), (128, (0.1, 0.9)))
@@ -287,6 +300,10 @@ test_fail(lambda: TrainConfig(warmup=10**6), contains='warmup')
 test_fail(lambda: TrainConfig(guide_upto=1.0), contains='guide_upto')
 check_batch(128, 8, 2)
 test_fail(lambda: check_batch(100, 8), contains='not divisible by the 8 devices')
+test_fail(lambda: TrainConfig(align_weight=-1), contains='align_weight')
+test_fail(lambda: ModelConfig(depth=4, align_depth=5), contains='align_depth')
+check_align(ModelConfig(depth=4, align_depth=2), TrainConfig(align_weight=0.5)); check_align(ModelConfig(), TrainConfig())
+test_fail(lambda: check_align(ModelConfig(depth=4), TrainConfig(align_weight=0.5)), contains='model.align_depth')
 
 # %% [markdown]
 # ## Training presets

@@ -495,6 +495,7 @@ def host_batch(embeds: np.ndarray, moments: np.ndarray, idx: dict) -> dict:
     t, s = idx['target_index'], idx['support_index']                # (B,), (B, K)
     return {'moments': np.asarray(moments[t]),                      # (B, 2, 2, h, w, c)
             'support_embeds': np.asarray(embeds[s.reshape(-1)]).reshape(*s.shape, -1),   # (B, K, D)
+            'target_embeds': np.asarray(embeds[t]),                  # (B, D): the representation loss's target
             'support_latents': np.asarray(latents_at(moments, s.reshape(-1))).reshape(*s.shape, *moments.shape[-3:]),
             'labels': idx['labels'].astype(np.int32), 'target_index': t.astype(np.int64)}
 
@@ -507,8 +508,10 @@ test_eq(latents_at(_mom, [4, 2]), _mom[[4, 2], 0, 0]); test_eq(latents_at(_mom).
 hb = host_batch(_emb, _mom, want[0])
 test_eq({k: (v.shape, v.dtype.name) for k, v in hb.items()},
         {'moments': ((16, 2, 2, 4, 4, 3), 'float16'), 'support_embeds': ((16, 5, 8), 'float16'),
+         'target_embeds': ((16, 8), 'float16'),
          'labels': ((16,), 'int32'), 'target_index': ((16,), 'int64'), 'support_latents': ((16, 5, 4, 4, 3), 'float16')})
 test_eq(hb['support_latents'][3, 2], _mom[want[0]['support_index'][3, 2], 0, 0])
+test_eq(hb['target_embeds'][5], _emb[want[0]['target_index'][5]])
 
 
 # %% [markdown]

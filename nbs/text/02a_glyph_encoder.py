@@ -25,7 +25,7 @@ from fsdit.glyph.data import render_set
 
 # %%
 import tempfile as _tf
-from fastcore.test import test_eq, test_close
+from fastcore.test import test_eq, test_close, test_fail
 from fsdit.testing import raises
 
 
@@ -256,15 +256,18 @@ def _proxy_loss(net, params, x, y, tau: float):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def train_glyph_encoder(chars: str, spec: GlyphEncoderSpec = GlyphEncoderSpec(), per_class: int = 48, steps: int = 2500,
-                        batch_size: int = 128, lr: float = 2e-3, tau: float = 0.1, seed: int = 2026,
-                        log: Callable | None = None) -> GlyphEncoder:
-    "Train a `GlyphEncoder` with cosine proxies on `per_class` unaligned renderings of each of `chars` (its own seed); the proxies are dropped."
+def train_encoder(X: np.ndarray, y: np.ndarray, spec: GlyphEncoderSpec = GlyphEncoderSpec(), steps: int = 2500,
+                  batch_size: int = 128, lr: float = 2e-3, tau: float = 0.1, seed: int = 2026, log: Callable | None = None,
+                  info: dict | None = None) -> GlyphEncoder:
+    """Train a `GlyphEncoderNet` of `spec` with cosine proxies on images `X (N, H, W, 3)` in [-1, 1] of classes `y (N,)`
+    (0..C-1); the proxies are dropped. Any labelled image set: the glyph renderings, or a real set's own drawings."""
     t0 = time.time()
-    X, y = render_set(chars, per_class, spec.image_size, seed)
+    X, y = np.asarray(X, np.float32), np.asarray(y)
+    if X.ndim != 4 or len(X) != len(y) or not len(y):
+        raise ValueError(f"train_encoder takes images (N, H, W, 3) and N labels, got {X.shape} and {y.shape}")
     net, key = GlyphEncoderNet(spec), jax.random.PRNGKey(seed)
     params = {'net': net.init(key, X[:1])['params'],
-              'proxies': jax.random.normal(jax.random.fold_in(key, 1), (len(chars), spec.embed_dim))}
+              'proxies': jax.random.normal(jax.random.fold_in(key, 1), (int(y.max()) + 1, spec.embed_dim))}
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps), weight_decay=1e-4)
     opt = tx.init(params)
 
@@ -279,9 +282,16 @@ def train_glyph_encoder(chars: str, spec: GlyphEncoderSpec = GlyphEncoderSpec(),
         idx = rng.choice(len(X), min(batch_size, len(X)), replace=False)
         params, opt, loss = step(params, opt, X[idx], y[idx])
         if log and (i + 1) % max(1, steps // 10) == 0: log(f"glyph encoder step {i + 1}/{steps}: loss {float(loss):.3f}")
-    info = dict(chars=chars, per_class=per_class, steps=steps, batch_size=batch_size, lr=lr, tau=tau, seed=seed,
-                seconds=round(time.time() - t0, 1))
+    info = dict(info or {}, steps=steps, batch_size=batch_size, lr=lr, tau=tau, seed=seed, seconds=round(time.time() - t0, 1))
     return GlyphEncoder(spec, params['net'], 'trained', info)
+
+
+def train_glyph_encoder(chars: str, spec: GlyphEncoderSpec = GlyphEncoderSpec(), per_class: int = 48, steps: int = 2500,
+                        batch_size: int = 128, lr: float = 2e-3, tau: float = 0.1, seed: int = 2026,
+                        log: Callable | None = None) -> GlyphEncoder:
+    "`train_encoder` on `per_class` unaligned renderings of each of `chars` (its own seed)."
+    X, y = render_set(chars, per_class, spec.image_size, seed)
+    return train_encoder(X, y, spec, steps, batch_size, lr, tau, seed, log, dict(chars=chars, per_class=per_class))
 
 
 # %% [markdown]
@@ -295,3 +305,4 @@ _Xq, _yq = render_set(_chars, 8, 24, seed=7)
 _acc, _acc0 = prototype_accuracy(_ge, _Xq, _yq), prototype_accuracy(GlyphEncoder(_spec, _p), _Xq, _yq)
 assert _acc > _acc0 + 0.15, (_acc, _acc0)                                     # chance: 1/8
 test_eq((_ge.info['steps'], _ge.info['seed']), (250, 2026))
+test_fail(lambda: train_encoder(np.zeros((3, 24, 24), np.float32), np.zeros(3, int)), contains='takes images (N, H, W, 3)')

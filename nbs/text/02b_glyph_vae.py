@@ -23,7 +23,7 @@ from fsdit.glyph.data import render_set
 
 # %%
 import tempfile as _tf
-from fastcore.test import test_eq, test_close
+from fastcore.test import test_eq, test_close, test_fail
 from fsdit.testing import raises
 
 
@@ -76,12 +76,15 @@ def _vae_loss(module, params, x, key, beta: float):
     return rec + beta * kl, (rec, kl)
 
 
-def train_glyph_vae(chars: str, spec: GlyphVAESpec = GlyphVAESpec(), per_class: int = 12, steps: int = 1500,
-                    batch_size: int = 64, lr: float = 1e-3, beta: float = 1e-4, seed: int = 2027,
-                    log: Callable | None = None) -> SDVAE:
-    "Train the autoencoder on `per_class` unaligned renderings of each of `chars` (its own seed); frozen `SDVAE` with `info`."
+def train_vae(X: np.ndarray, held: np.ndarray, spec: GlyphVAESpec = GlyphVAESpec(), steps: int = 1500, batch_size: int = 64,
+              lr: float = 1e-3, beta: float = 1e-4, seed: int = 2027, log: Callable | None = None,
+              info: dict | None = None) -> SDVAE:
+    """Train the autoencoder on images `X (N, H, W, 3)` in [-1, 1] (L1 + `beta` KL on posterior samples); frozen `SDVAE`
+    whose scaling factor is one over the latents' std, with `info` and its L1 on the held-out images `held`."""
     t0 = time.time()
-    X = render_set(chars, per_class, spec.image_size, seed)[0]
+    X, held = np.asarray(X, np.float32), np.asarray(held, np.float32)
+    if X.ndim != 4 or X.shape[1:] != held.shape[1:] or not len(held):
+        raise ValueError(f"train_vae takes images (N, H, W, 3) and held-out images of the same size, got {X.shape} and {held.shape}")
     module, key = AutoencoderKL(spec.config()), jax.random.PRNGKey(seed)
     params = module.init(key, X[:1])['params']
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps), weight_decay=0.0)
@@ -102,12 +105,19 @@ def train_glyph_vae(chars: str, spec: GlyphVAESpec = GlyphVAESpec(), per_class: 
     moments = jax.jit(lambda p, x: module.apply({'params': p}, x, method=module.moments)[0])
     std = float(np.std(np.concatenate([np.asarray(moments(params, X[i:i + 512])) for i in range(0, len(X), 512)])))
     vae = SDVAE(spec.config(round(1.0 / std, 5)), jax.device_get(params), name='glyph-vae')
-    held = render_set(chars[:200], 4, spec.image_size, seed + 1)[0]
     l1 = float(np.mean([np.abs(np.asarray(vae.decode(vae.moments(held[i:i + 256])[0])) - held[i:i + 256]).mean()
                         for i in range(0, len(held), 256)]))
-    vae.info = dict(chars=chars, spec=asdict(spec), per_class=per_class, steps=steps, batch_size=batch_size, lr=lr,
-                    beta=beta, seed=seed, heldout_l1=round(l1, 5), seconds=round(time.time() - t0, 1))
+    vae.info = dict(info or {}, spec=asdict(spec), steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed,
+                    heldout_l1=round(l1, 5), seconds=round(time.time() - t0, 1))
     return vae
+
+
+def train_glyph_vae(chars: str, spec: GlyphVAESpec = GlyphVAESpec(), per_class: int = 12, steps: int = 1500,
+                    batch_size: int = 64, lr: float = 1e-3, beta: float = 1e-4, seed: int = 2027,
+                    log: Callable | None = None) -> SDVAE:
+    "`train_vae` on `per_class` unaligned renderings of each of `chars` (its own seed), held out on another seed's."
+    X, held = render_set(chars, per_class, spec.image_size, seed)[0], render_set(chars[:200], 4, spec.image_size, seed + 1)[0]
+    return train_vae(X, held, spec, steps, batch_size, lr, beta, seed, log, dict(chars=chars, per_class=per_class))
 
 
 # %% [markdown]
@@ -164,3 +174,4 @@ with _tf.TemporaryDirectory() as d:
     v2 = glyph_vae(Path(d) / 'vae', 'AB1', tiny, per_class=4, steps=3, batch_size=8)
     test_eq((Path(d) / 'vae' / FILES[1]).stat().st_mtime_ns, mtime)       # reused, not retrained
     test_close(np.asarray(v2.moments(x)[0]), np.asarray(m), eps=1e-5)
+test_fail(lambda: train_vae(np.zeros((4, 24, 24, 3)), np.zeros((2, 16, 16, 3))), contains='held-out images of the same size')

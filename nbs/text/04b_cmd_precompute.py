@@ -44,8 +44,9 @@ def precompute_cli(argv: list[str]) -> int:
     p = Parser(prog='fsdit precompute', description=precompute.__doc__)
     p.add_argument('--data', required=True, help='prepared split (output of `fsdit prepare`)')
     p.add_argument('--out', required=True, help='feature store folder to write')
-    p.add_argument('--encoder', default=None, help=f'SigLIP(2) hub id or local folder (default {DEFAULT_ENCODER}); '
-                   'with --stand-in: a glyph encoder folder (default: the random pixel projection)')
+    p.add_argument('--encoder', default=None, help=f'SigLIP(2) hub id or local folder, or a stand-in encoder folder '
+                   f'(fsdit.glyph.encoder) (default {DEFAULT_ENCODER}); with --stand-in: a stand-in encoder folder '
+                   '(default: the random pixel projection)')
     p.add_argument('--vae', default=DEFAULT_VAE, help='SD-VAE (any diffusers AutoencoderKL) hub id or local folder')
     p.add_argument('--image-size', type=positive_int, default=None, help='224 (latent) or 32 (--stand-in)')
     p.add_argument('--chunk-size', type=positive_int, default=1024); p.add_argument('--batch-size', type=positive_int, default=64)
@@ -63,7 +64,9 @@ def precompute_cli(argv: list[str]) -> int:
             vae, space = PixelSpace(size=size, channels=a.channels), 'pixel'
         else:
             size, space, name = a.image_size or 224, 'latent', a.encoder or DEFAULT_ENCODER
-            enc = _named(SigLIPEncoder.from_pretrained(name, dtype=a.dtype), name, 'embed')
+            # a stand-in encoder folder (fsdit.glyph.encoder) is taken as a SigLIP2 folder is, beside any diffusers VAE
+            from fsdit.glyph.encoder import is_glyph_encoder
+            enc = load_encoder(name) if is_glyph_encoder(name) else _named(SigLIPEncoder.from_pretrained(name, dtype=a.dtype), name, 'embed')
             vae = _named(SDVAE.from_pretrained(a.vae, dtype=a.dtype), a.vae, 'moments')
         st = precompute(a.data, a.out, enc, vae, size, space, a.chunk_size, a.batch_size)
     except (ValueError, OSError) as e:

@@ -403,6 +403,25 @@ test_eq(float(support_stats(_sl[:, :1])[..., 2:4].max()), 0.0)            # one 
 # MLP. The mean support embedding still enters through adaLN.
 
 # %% [markdown]
+# The representation loss's head (`ModelConfig.align_depth`, `fsdit.flow.align_loss`): REPA's projector, a
+# three-layer SiLU MLP, here from the mean target token to the support embedding's width.
+
+# %%
+#| export
+class AlignHead(nn.Module):
+    "MLP `(B, D)` -> `(B, S)`: the mean target token after `align_depth` blocks, mapped to the encoder's space."
+    out_dim: int
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.xavier_uniform()
+        for i in range(2): x = nn.silu(nn.Dense(2 * self.hidden, kernel_init=init, dtype=self.dtype, name=f'fc{i}')(x))
+        return nn.Dense(self.out_dim, kernel_init=init, dtype=self.dtype, name='out')(x).astype(jnp.float32)
+
+
+# %% [markdown]
 # ## The model
 #
 # `c = t_emb + y_emb`, where `y_emb` is `SupportProjector(support_embed)` (every conditioning on supports) or
@@ -449,6 +468,8 @@ class DiT(nn.Module):
                              name=f'block_{i}')(tok, c, kv_len, ctx, keep)
             if return_intermediates:
                 ents.append(ent); rms.append(jnp.sqrt(jnp.mean(jnp.square(tok[:, :n_target].astype(jnp.float32)))))
+            if i + 1 == cfg.align_depth:   # the representation loss's head (fsdit.flow.loss_fn); unused output otherwise
+                self.sow('intermediates', 'align', AlignHead(cfg.support_dim, D, dt, name='align_head')(tok[:, :n_target].mean(1)))
         F = cfg.conv or C
         out = FinalLayer(cfg.patch, F, D, dt, name='final')(tok[:, :n_target], c)   # zero at init
         v = unpatchify(out, cfg.patch, F)                                    # (B, H, W, F)
@@ -614,6 +635,22 @@ g = jax.grad(lambda q: jnp.sum(capply({'params': q}, x, t, cond, zeros) * x))(cp
 assert float(jnp.abs(g['final']['linear']['kernel']).max()) > 0
 test_eq(capply({'params': perturb(cp, seed=3)}, x, t, cond, zeros).shape, x.shape)
 test_fail(lambda: model_config('mu', conv=-1), contains='conv must be 0')
+
+# %% [markdown]
+# With `align_depth`, the model carries the head of the representation loss. It changes nothing the model
+# outputs (a fresh model still outputs zero, and the same parameters give the same velocity with and without
+# asking for the head), and the head's output comes back only when `'intermediates'` is mutable:
+
+# %%
+hcfg = model_config('mu', align_depth=1); happly = jit_apply(hcfg)
+hp = init_params(hcfg, jax.random.PRNGKey(0))
+assert (np.asarray(happly({'params': hp}, x, t, cond, zeros)) == 0).all()
+hp = perturb(hp, seed=7)
+vh, st = DiT(hcfg).apply({'params': hp}, x, t, cond, zeros, mutable=['intermediates'])
+test_eq(st['intermediates']['align'][0].shape, (3, hcfg.support_dim))
+test_close(vh, happly({'params': hp}, x, t, cond, zeros), eps=1e-5)
+no_head = {k: v for k, v in hp.items() if k != 'align_head'}
+test_close(jit_apply(cfg)({'params': no_head}, x, t, cond, zeros), vh, eps=1e-5)   # the same network without the head
 
 # %% [markdown]
 # `bfloat16` compute keeps float32 parameters and output, and stays close to float32; `remat` changes

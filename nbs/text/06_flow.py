@@ -13,13 +13,13 @@ from typing import Callable
 import jax, jax.numpy as jnp
 import numpy as np
 
-from fsdit.config import ModelConfig, TrainConfig
+from fsdit.config import ModelConfig, TrainConfig, check_align
 from fsdit.conds import conditioning
 from fsdit.utils import LatentScaling
 
 # %%
 import optax
-from fastcore.test import test_eq, test_close
+from fastcore.test import test_eq, test_close, test_fail
 from fsdit.config import model_config, train_config
 from fsdit.dit import DiT, init_params, example_cond
 
@@ -273,14 +273,39 @@ test_close(x1u, pb['moments'][:, 0, 0].astype(np.float32), eps=1e-5)
 # %% [markdown]
 # The trainer's loss is `flow_loss` on those inputs: `loss_fn` is what `jax.grad` differentiates in the train
 # step and what the validation step evaluates, so the invariants above hold for the code that trains.
+#
+# **A representation loss beside it (REPA-style, off by default).** REPA (Yu et al., 2024) speeds up a DiT's
+# training by pulling its hidden tokens, through a small MLP, toward a frozen encoder's features of the clean
+# image. The store keeps one pooled embedding per image (the one the supports are conditioned on), so here the
+# head reads the *mean* target token after `mc.align_depth` blocks and is pulled toward the target image's own
+# embedding: `align_loss = mean(1 - cos(head, e_target))`, added with weight `tc.align_weight` in training only.
+# The DiT then has to recognise, from the noisy target, what the encoder would say about it — in the space the
+# supports' embeddings condition it from. The head's output is `sow`n (`'intermediates'`), so sampling, which
+# does not ask for it, never computes it.
 
 # %%
 #| export
+def align_loss(z, target_embed):
+    "Mean over the batch of `1 - cos(z, e)`: the head's output `z (B, S)` against the targets' embeddings `e (B, S)`."
+    z, e = z.astype(jnp.float32), target_embed.astype(jnp.float32)
+    cos = jnp.sum(z * e, -1) / (jnp.linalg.norm(z, axis=-1) * jnp.linalg.norm(e, axis=-1) + 1e-6)
+    return jnp.mean(1 - cos)
+
+
 def loss_fn(params, model, batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig, scaling: LatentScaling,
             train: bool = True, intermediates: bool = False):
-    "`flow_loss` of a device batch: `(mean loss, {'loss': (B,), 't': (B,), 'intermediates'})`."
+    "The objective of a device batch: `(flow loss [+ align_weight x align_loss], {'loss': (B,), 't': (B,), 'intermediates'[, 'align']})`."
     x1, t, eps, drop, cond = model_inputs(batch, keys, mc, tc, scaling, train)
-    return flow_loss(model.apply, params, x1, cond, drop, eps=eps, t=t, intermediates=intermediates)
+    if not (train and tc.align_weight):
+        return flow_loss(model.apply, params, x1, cond, drop, eps=eps, t=t, intermediates=intermediates)
+    check_align(mc, tc)
+    head = []                                           # the sown head output, caught while flow_loss applies the model
+    def apply(variables, *args, **kw):
+        out, state = model.apply(variables, *args, mutable=['intermediates'], **kw)
+        head.append(state['intermediates']['align'][0]); return out
+    loss, aux = flow_loss(apply, params, x1, cond, drop, eps=eps, t=t, intermediates=intermediates)
+    align = align_loss(head[0], batch['target_embeds'])
+    return loss + tc.align_weight * align, dict(aux, align=align)
 
 
 # %%
@@ -289,6 +314,28 @@ l, aux = jax.jit(loss_fn, static_argnums=(1, 4, 5, 6))(params, DiT(mc), b, keys,
 test_close(float(l), float(jnp.mean(jnp.square(x1 - eps))), eps=1e-5); test_eq(aux['t'], t)
 _, aux_i = loss_fn(params, DiT(mc), b, keys, mc, tc, LatentScaling(0.18215), train=False, intermediates=True)
 test_eq(aux_i['intermediates']['attn_entropy'].shape, (mc.depth, mc.heads))
+
+# %% [markdown]
+# With the representation loss on, the objective is the flow loss plus `align_weight` times `align_loss`, whose
+# value at a fresh head is near 1 (a random direction); the validation loss (`train=False`) stays the flow loss
+# alone, and gradients reach the head and the blocks below it:
+
+# %%
+amc, atc = model_config('mu', align_depth=1), train_config('test', align_weight=0.5)
+aparams = init_params(amc, jax.random.PRNGKey(0))
+test_eq(aparams['align_head']['out']['kernel'].shape, (2 * amc.hidden, amc.support_dim))
+afn = jax.jit(loss_fn, static_argnums=(1, 4, 5, 6, 7))
+la, auxa = afn(aparams, DiT(amc), b, keys, amc, atc, LatentScaling(0.18215), True)
+test_close(float(la), float(aux['loss'].mean()) + 0.5 * float(auxa['align']), eps=1e-5)   # a fresh DiT: the same flow loss
+assert 0.5 < float(auxa['align']) < 1.5
+lv, auxv = afn(aparams, DiT(amc), b, keys, amc, atc, LatentScaling(0.18215), False)
+test_close(float(lv), float(l), eps=1e-5); assert 'align' not in auxv
+ga = jax.grad(lambda p: afn(p, DiT(amc), b, keys, amc, atc, LatentScaling(0.18215), True)[0])(aparams)
+assert all(float(jnp.abs(g).max()) > 0 for g in (ga['align_head']['out']['kernel'], ga['x_embed']['proj']['kernel'],
+                                                    ga['block_0']['adaLN']['kernel']))   # (a fresh block's gates are 0)
+# the head's own target: a head that returns the target's embedding scores 0
+test_close(float(align_loss(b['target_embeds'] * 3.0, b['target_embeds'])), 0.0, eps=1e-3)
+test_fail(lambda: loss_fn(params, DiT(mc), b, keys, mc, atc, LatentScaling(0.18215)), contains='model.align_depth')
 
 # %% [markdown]
 # ## A `mu` DiT fits a batch

@@ -58,23 +58,24 @@ def global_norm(tree) -> jax.Array: return jnp.sqrt(sum(jnp.sum(jnp.square(x.ast
 
 
 def compute_grads(state, batch, *, model, mc, tc, scaling):
-    "Loss and gradients of the global batch, per-example losses and t."
+    "The objective of the global batch, its gradients, and `loss_fn`'s aux: per-example flow losses, t (and `align`)."
     keys = example_keys(state.key, state.step, batch['moments'].shape[0])
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, batch, keys, mc, tc, scaling)
-    return loss, grads, aux['loss'], aux['t']
+    return loss, grads, aux
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, mc, tc, scaling, grad_sharding=None):
     "One optimizer step on the batch; returns the new state and metrics. `grad_sharding`: where gradients live (FSDP)."
-    loss, grads, per_example, t = compute_grads(state, batch, model=model, mc=mc, tc=tc, scaling=scaling)
+    objective, grads, aux = compute_grads(state, batch, model=model, mc=mc, tc=tc, scaling=scaling)
     if grad_sharding is not None: grads = jax.lax.with_sharding_constraint(grads, grad_sharding)  # reduce-scatter
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = global_norm(grads)
-    bin_sums, bin_counts = t_bin_stats(per_example, t)
-    metrics = dict(loss=loss, grad_norm=grad_norm, grad_norm_clipped=jnp.minimum(grad_norm, tc.grad_clip),
+    bin_sums, bin_counts = t_bin_stats(aux['loss'], aux['t'])
+    metrics = dict(loss=aux['loss'].mean(), grad_norm=grad_norm, grad_norm_clipped=jnp.minimum(grad_norm, tc.grad_clip),
                    param_norm=global_norm(params), lr=lr_schedule(tc)(state.step),
-                   finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm), bin_sums=bin_sums, bin_counts=bin_counts)
+                   finite=jnp.isfinite(objective) & jnp.isfinite(grad_norm), bin_sums=bin_sums, bin_counts=bin_counts)
+    if 'align' in aux: metrics['align'] = aux['align']   # the representation loss, 1 - cos (fsdit.flow.align_loss)
     return state.replace(params=params, ema_params=ema_update(state.ema_params, params, tc.ema_decay),
                          opt_state=opt_state, step=state.step + 1), metrics
 
@@ -297,6 +298,18 @@ test_eq(m['bin_counts'].sum(), tc.batch_size)
 ema, p1 = lay.fetch(state.ema_params), lay.fetch(state.params)
 for e, a, b_ in zip(jax.tree.leaves(ema), jax.tree.leaves(p0), jax.tree.leaves(p1)): test_close(e, tc.ema_decay * a + (1 - tc.ema_decay) * b_, eps=1e-6)
 
+# %% [markdown]
+# With the representation loss on (`align_weight`, a model with `align_depth`), the step also reports it:
+# `loss` stays the flow loss, so its curve reads the same with and without (`train_summary`, below, logs `train/align`).
+
+# %%
+amc, atc = model_config('mu', align_depth=1), train_config('test', batch_size=tc.batch_size, align_weight=0.5)
+astate, am = jax.jit(partial(train_step, model=DiT(amc), tx=make_optimizer(atc), mc=amc, tc=atc, scaling=LatentScaling(0.18215)))(
+    lay.create(amc, atc), batch)
+am = to_host(am)
+assert 0.5 < float(am['align']) < 1.5 and am['finite']
+test_close(float(am['loss']), float(m['loss']), eps=1e-5)          # the same batch, noise and fresh (zero) velocity
+
 
 # %% [markdown]
 # ## Evaluation
@@ -389,6 +402,7 @@ def train_summary(pending: list[dict], loss_ema: float | None, alpha: float = 0.
     out = {'train/loss': mean('loss'), 'train/loss_ema': loss_ema, 'train/grad_norm': mean('grad_norm'),
            'train/grad_norm_clipped': mean('grad_norm_clipped'), 'train/param_norm': float(ms[-1]['param_norm']),
            'train/lr': float(ms[-1]['lr'])}
+    if 'align' in ms[0]: out['train/align'] = mean('align')
     return {**out, **{f'train/loss_tbin_{i}': float(v) for i, v in enumerate(bins)}}, loss_ema
 
 
@@ -403,5 +417,7 @@ def _m(loss, finite=True):
                         bin_sums=np.ones(10, np.float32), bin_counts=np.ones(10, np.float32)))
 out, ema = train_summary([_m(1.0), _m(3.0)], None)
 test_eq((out['train/loss'], out['train/param_norm']), (2.0, 3.0)); test_close(ema, 0.99 * 1.0 + 0.01 * 3.0)
+test_close(train_summary([am], None)[0]['train/align'], float(am['align']), eps=1e-6)   # the aligned step above
+assert 'train/align' not in out
 check_finite([_m(1.0)], 5)
 test_fail(lambda: check_finite([_m(1.0), _m(np.nan, finite=False)], 5), contains='at step 6')

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import jax, jax.numpy as jnp
 
-from fsdit.config import ModelConfig, TrainConfig, check_batch, config_to_dict, interval_text
+from fsdit.config import ModelConfig, TrainConfig, check_batch, check_align, config_to_dict, interval_text
 from fsdit.data import latents_at
 from fsdit.dit import DiT
 from fsdit.flow import condition
@@ -133,7 +133,7 @@ class Trainer:
     "One run in `out_dir`: state on the device mesh, data stream, checkpoints, metrics; resumes if it can."
     def __init__(self, mc: ModelConfig, tc: TrainConfig, source, out_dir, decode: Callable | None = None,
                  extra: dict | None = None, hooks: Sequence[Callable[[Any, int], dict]] = ()):
-        check_batch(tc.batch_size, jax.device_count(), jax.process_count())
+        check_batch(tc.batch_size, jax.device_count(), jax.process_count()); check_align(mc, tc)
         self.mc, self.tc, self.source, self.out = mc, tc, source, Path(out_dir)
         self.main, self.layout = jax.process_index() == 0, layout_for(tc)
         self.scaling = source.scaling   # the store's VAE scaling factor (1 in pixel space)
