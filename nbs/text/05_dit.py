@@ -17,6 +17,7 @@ import flax.linen as nn
 from fsdit.config import ModelConfig
 
 # %%
+from functools import partial
 from fastcore.test import test_eq, test_close, test_fail
 from fsdit.config import model_config, MODEL_PRESETS
 from fsdit.testing import perturb
@@ -646,11 +647,11 @@ hcfg = model_config('mu', align_depth=1); happly = jit_apply(hcfg)
 hp = init_params(hcfg, jax.random.PRNGKey(0))
 assert (np.asarray(happly({'params': hp}, x, t, cond, zeros)) == 0).all()
 hp = perturb(hp, seed=7)
-vh, st = DiT(hcfg).apply({'params': hp}, x, t, cond, zeros, mutable=['intermediates'])
+vh, st = jax.jit(partial(DiT(hcfg).apply, mutable=['intermediates']))({'params': hp}, x, t, cond, zeros)
 test_eq(st['intermediates']['align'][0].shape, (3, hcfg.support_dim))
 test_close(vh, happly({'params': hp}, x, t, cond, zeros), eps=1e-5)
 no_head = {k: v for k, v in hp.items() if k != 'align_head'}
-test_close(jit_apply(cfg)({'params': no_head}, x, t, cond, zeros), vh, eps=1e-5)   # the same network without the head
+test_close(apply({'params': no_head}, x, t, cond, zeros), vh, eps=1e-5)   # the same network without the head
 
 # %% [markdown]
 # `bfloat16` compute keeps float32 parameters and output, and stays close to float32; `remat` changes

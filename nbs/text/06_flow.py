@@ -325,12 +325,12 @@ amc, atc = model_config('mu', align_depth=1), train_config('test', align_weight=
 aparams = init_params(amc, jax.random.PRNGKey(0))
 test_eq(aparams['align_head']['out']['kernel'].shape, (2 * amc.hidden, amc.support_dim))
 afn = jax.jit(loss_fn, static_argnums=(1, 4, 5, 6, 7))
-la, auxa = afn(aparams, DiT(amc), b, keys, amc, atc, LatentScaling(0.18215), True)
+(la, auxa), ga = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(1, 4, 5, 6, 7))(
+    aparams, DiT(amc), b, keys, amc, atc, LatentScaling(0.18215), True)
 test_close(float(la), float(aux['loss'].mean()) + 0.5 * float(auxa['align']), eps=1e-5)   # a fresh DiT: the same flow loss
 assert 0.5 < float(auxa['align']) < 1.5
 lv, auxv = afn(aparams, DiT(amc), b, keys, amc, atc, LatentScaling(0.18215), False)
 test_close(float(lv), float(l), eps=1e-5); assert 'align' not in auxv
-ga = jax.grad(lambda p: afn(p, DiT(amc), b, keys, amc, atc, LatentScaling(0.18215), True)[0])(aparams)
 assert all(float(jnp.abs(g).max()) > 0 for g in (ga['align_head']['out']['kernel'], ga['x_embed']['proj']['kernel'],
                                                     ga['block_0']['adaLN']['kernel']))   # (a fresh block's gates are 0)
 # the head's own target: a head that returns the target's embedding scores 0
