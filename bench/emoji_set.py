@@ -16,10 +16,9 @@ as photographs of one class do. The result is flat, `EMOJI/<class>/<vendor>_<ton
 side, turned up to 25 degrees either way, on a random paper colour, so five supports of a class no longer line up.
 """
 import argparse, json, sys
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 VENDORS = ('apple', 'google', 'twitter', 'facebook')
