@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from emoji_set import drawings, place
-from fsdit.data import list_classes, list_images, load_image, to_unit
+from fsdit.data import folder_images, to_unit
 from fsdit.glyph.encoder import GlyphEncoder, GlyphEncoderSpec, is_glyph_encoder, prototype_accuracy, train_encoder
 from fsdit.glyph.vae import GlyphVAESpec, train_vae
 
@@ -35,14 +35,6 @@ def vendor_set(src: Path, vendors: tuple, per_class: int, size: int, seed: int):
         X += [np.asarray(place(ims[i % len(ims)], size, rng)) for i in range(per_class)]
         y += [len(names)] * per_class; names.append(name)
     return to_unit(np.stack(X)).astype(np.float32), np.asarray(y), names
-
-
-def folder_set(split: Path, size: int):
-    "A class-folder tree's images in [-1, 1] and their class indices."
-    X, y = [], []
-    for i, c in enumerate(list_classes(split)):
-        for p in list_images(split / c): X.append(load_image(p, size)); y.append(i)
-    return to_unit(np.stack(X)).astype(np.float32), np.asarray(y)
 
 
 def main(argv=None):
@@ -81,7 +73,7 @@ def train_and_save(a, X, y, names):
                                   per_class=a.per_class))
     acc = {}
     for split in a.eval:
-        Xe, ye = folder_set(Path(split), a.size)
+        Xe, ye = folder_images(split, a.size)
         acc[Path(split).name] = round(prototype_accuracy(enc, Xe, ye), 4)
         print(f"5-shot nearest prototype on {split} ({len(np.unique(ye))} classes, chance {1 / len(np.unique(ye)):.1%}): "
               f"{acc[Path(split).name]:.1%}", flush=True)

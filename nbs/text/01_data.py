@@ -94,6 +94,15 @@ def to_unit(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) * np.float32(1 / 255) - 0.5) / 0.5
 
 
+def folder_images(folder, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    "Every image of a class-folder tree (`folder/<class>/*`) in [-1, 1], `(N, H, W, 3)`, and its class index (sorted names)."
+    X, y = [], []
+    for i, c in enumerate(list_classes(folder)):
+        for p in list_images(Path(folder) / c): X.append(load_image(p, size)); y.append(i)
+    if not X: raise ValueError(f"no images under {folder}: it needs one folder of images per class")
+    return to_unit(np.stack(X)), np.asarray(y)
+
+
 def check_image(path) -> str | None:
     "None if the image at `path` decodes completely, else the reason it does not."
     try:
@@ -669,6 +678,9 @@ _moments = lambda x: (x, np.full_like(x, -30.0))
 _files = [list_images(_root / 'split' / 'train' / c) for c in list_classes(_root / 'split' / 'train')]
 _paths = sum(_files, [])
 _E, _M = encode_images(np.stack([load_image(p, 8) for p in _paths]), _embed, _moments)
+_X, _y = folder_images(_root / 'split' / 'train', 8)                  # the same images, in [-1, 1], with class indices
+test_eq(_X, to_unit(np.stack([load_image(p, 8) for p in _paths]))); test_eq(_y, np.repeat(np.arange(len(_files)), [len(f) for f in _files]))
+(_root / 'empty').mkdir(exist_ok=True); test_fail(lambda: folder_images(_root / 'empty'), contains='no images under')
 test_eq((_E.shape, _E.dtype, _M.shape), ((len(_paths), 3), np.float16, (len(_paths), 2, 2, 8, 8, 3)))
 test_close(np.linalg.norm(_E.astype(np.float32), axis=-1), 1, eps=1e-2)
 test_close(_M[0, 1, 0], _M[0, 0, 0][:, ::-1], eps=1e-3)

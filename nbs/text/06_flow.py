@@ -15,7 +15,7 @@ import numpy as np
 
 from fsdit.config import ModelConfig, TrainConfig, check_align
 from fsdit.conds import conditioning
-from fsdit.utils import LatentScaling
+from fsdit.utils import LatentScaling, l2_normalize
 
 # %%
 import optax
@@ -287,8 +287,7 @@ test_close(x1u, pb['moments'][:, 0, 0].astype(np.float32), eps=1e-5)
 #| export
 def align_loss(z, target_embed):
     "Mean over the batch of `1 - cos(z, e)`: the head's output `z (B, S)` against the targets' embeddings `e (B, S)`."
-    z, e = z.astype(jnp.float32), target_embed.astype(jnp.float32)
-    cos = jnp.sum(z * e, -1) / (jnp.linalg.norm(z, axis=-1) * jnp.linalg.norm(e, axis=-1) + 1e-6)
+    cos = jnp.sum(l2_normalize(z.astype(jnp.float32), eps=1e-6) * l2_normalize(target_embed.astype(jnp.float32), eps=1e-6), -1)
     return jnp.mean(1 - cos)
 
 

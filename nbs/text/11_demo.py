@@ -306,12 +306,8 @@ def demo_encoder(out, s: DemoSize, log: Callable | None = None):
 
 def _heldout_proto_acc(enc, out) -> float:
     "Nearest 5-shot prototype accuracy of `enc` on the dataset's images of the held-out (test) classes."
-    from fsdit.data import list_classes, list_images, load_image
-    test = Path(out) / 'split' / 'test'
-    ims, labels = [], []
-    for i, c in enumerate(list_classes(test)):
-        for f in list_images(test / c): ims.append(load_image(f)); labels.append(i)
-    return prototype_accuracy(enc, np.stack(ims).astype(np.float32) / 127.5 - 1, np.array(labels))
+    from fsdit.data import folder_images
+    return prototype_accuracy(enc, *folder_images(Path(out) / 'split' / 'test'))
 
 
 # %%
