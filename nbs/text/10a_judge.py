@@ -189,8 +189,9 @@ test_eq(list(_s1), [1, 2]); assert _s1 != _s2 and hash(_s1) != hash(_s2)
 # %%
 #| export
 def fit_judge(X, y, chars: str, size: int, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3, seed: int = 1,
-              log: Callable | None = None) -> GlyphJudge:
-    "Fit a `GlyphJudge` of `chars` on gray images X (N, size, size, 1) in [-1, 1] with labels y (N,) indexing `chars`."
+              log: Callable | None = None, augment: Callable | None = None) -> GlyphJudge:
+    """Fit a `GlyphJudge` of `chars` on gray images X (N, size, size, 1) in [-1, 1] with labels y (N,) indexing `chars`.
+    `augment(batch, rng) -> batch`, if given, transforms each batch before its step (a reader of few real images)."""
     judge = GlyphJudge(chars, size, None)
     net = judge.net
     params = net.init(jax.random.PRNGKey(seed), X[:1])['params']
@@ -201,7 +202,8 @@ def fit_judge(X, y, chars: str, size: int, epochs: int = 10, batch_size: int = 1
         perm = rng.permutation(len(X))
         for b in range(len(X) // batch_size):
             idx = perm[b * batch_size:(b + 1) * batch_size]
-            params, opt, loss = _judge_fit_step(static, params, opt, X[idx], y[idx])
+            xb = X[idx] if augment is None else augment(X[idx], rng)
+            params, opt, loss = _judge_fit_step(static, params, opt, xb, y[idx])
         if log: log(f"judge epoch {e + 1}/{epochs}: loss {float(loss):.3f}")
     judge.params = params
     return judge
@@ -233,6 +235,13 @@ test_eq(_judge.index([glyph_name('B'), glyph_name('0')]), [11, 0])
 test_fail(lambda: _judge.index(['nope']), contains='does not know')
 _rgb = np.repeat(_X, 3, -1)                                                 # RGB input reads the same
 test_close(_judge(_rgb)[1], _f, eps=1e-4)
+
+# `augment` sees every batch before its step: a judge fit on batches turned to blank pages learns nothing.
+_calls = []
+def _blank(xb, rng): _calls.append(xb.shape); return np.full_like(xb, 1.0)
+_bj = fit_judge(_X, _y, _chars, 16, epochs=2, batch_size=16, augment=_blank)
+test_eq(_calls, [(16, 16, 16, 1)] * 6)
+assert (_bj(_X)[0].argmax(1) == _y).mean() < 0.3
 
 # %% [markdown]
 # On unaligned glyphs (`style='unaligned'`: anywhere in the frame, any size, angle and colours) the judge
