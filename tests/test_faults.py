@@ -278,6 +278,9 @@ def _damage(step_dir: Path, how: str):
         for p in step_dir.iterdir(): shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+# A truncated shard fails inside orbax's read, which abandons its other reads' coroutines; their garbage collection
+# is reported as an unraisable exception. The test asserts on the fallback itself.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('how', ['truncated', 'manifest', 'state', 'emptied'])
 def test_damaged_newest_checkpoint_falls_back(root, tmp_path, capsys, how):
     """The newest checkpoint damaged: `fsdit train` says so in one line, sets it aside, resumes from the one
