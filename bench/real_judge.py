@@ -1,12 +1,17 @@
 """Do the samples look like the data? A plain CNN trained only on the dataset's own real images reads a demo run's samples.
 
     python bench/real_judge.py DEMO [--classes 200] [--n 10] [--epochs 30] [--augment] [--guide S --guide-upto U] [--out DEMO/eval_realjudge.json]
+    python bench/real_judge.py DEMO --augment --epochs 80 --split val --setting 8,0.6,0.9 --setting 4,0.6,0.9,30 [--raw]
 
 The demo's judge learns from fresh renderings, so it is tolerant of whatever a renderer can draw. This reader
 has seen nothing but the dataset: half of every class's images (all splits: a reader must know a class to
 read it), the other half held back. Its accuracy on those unseen real images is the reference; its class
 consistency on the model's samples (each read as its supports' class), on held-out and seen classes, is
 compared with it. Samples drawn with the demo's guidance and sampler steps.
+
+`--split val` with one or more `--setting SCALE,LO,HI[,STEPS]` (guidance scale, the part of the path it acts on,
+sampler steps) reads each setting's samples on validation classes with the one reader, to choose a setting there;
+`--raw` samples the run's raw parameters instead of their EMA.
 
 `--augment` moves, scales, turns and recolours the reader's real images at every step (no new renderings): with
 ten unaligned images a class a plain CNN does not learn these characters otherwise.
@@ -69,6 +74,10 @@ def main(argv=None):
     ap.add_argument('--real-only', action='store_true', help='fit and measure the reader on real images only (no samples)')
     ap.add_argument('--guide', type=float, default=None, help="encoder guidance scale (default: the demo summary's, else 0)")
     ap.add_argument('--guide-upto', type=float, default=None)
+    ap.add_argument('--split', default='test', help="'test' (held-out and seen classes) or 'val' (validation classes only)")
+    ap.add_argument('--setting', action='append', default=None, metavar='SCALE,LO,HI[,STEPS]',
+                    help="guidance scale, interval and sampler steps to read (repeatable; default: the demo's)")
+    ap.add_argument('--raw', action='store_true', help="sample the raw parameters, not their EMA")
     ap.add_argument('--out', default=None)
     a = ap.parse_args(argv)
     d = Path(a.demo); t0 = time.time()
@@ -84,19 +93,35 @@ def main(argv=None):
     if a.real_only:
         print(json.dumps({'augment': a.augment, 'epochs': a.epochs, 'real_unseen': real, 'seconds': round(time.time() - t0)}))
         return 0
-    run, store = load_run(d / 'run'), open_store(d / 'feats')
+    run, store = load_run(d / 'run', ema=not a.raw), open_store(d / 'feats')
     demo = json.loads((d / 'summary.json').read_text()) if (d / 'summary.json').exists() else \
         {'cfg': run.tc.cfg_scale, 'sample_steps': run.tc.sample_steps, 'cfg_interval': run.tc.cfg_interval}
     guide, upto = demo.get('guide', [0.0, GUIDE_UPTO])
     guide, upto = (guide if a.guide is None else a.guide), (upto if a.guide_upto is None else a.guide_upto)
-    res = evaluate(run, store, split='test', seen_split='train', n_per_class=a.n, shots=(run.tc.shots,),
-                   cfg_scales=(demo['cfg'],), steps=demo['sample_steps'], max_real_per_class=None, judge=reader,
-                   n_classes=a.classes, cfg_interval=demo['cfg_interval'], guide_scale=guide, guide_upto=upto)
-    summ = demo_summary(res, demo['cfg'])
+    settings = [tuple(float(v) for v in st.split(',')) for st in a.setting] if a.setting else \
+        [(demo['cfg'], *demo['cfg_interval'])]
+    if any(len(st) not in (3, 4) for st in settings):
+        ap.error("--setting takes SCALE,LO,HI or SCALE,LO,HI,STEPS, e.g. --setting 8,0.6,0.9")
+    settings = [(*st[:3], int(st[3]) if len(st) == 4 else demo['sample_steps']) for st in settings]
+    splits = ('test', 'train') if a.split == 'test' else (a.split,)
+    if a.split != 'test':
+        m = ~train & (where == a.split)
+        real[a.split] = judge_accuracy(reader(X[m])[0], y[m])
+    rows = []
+    for scale, lo, hi, steps in settings:
+        res = evaluate(run, store, split=a.split, seen_split='train' if a.split == 'test' else None, n_per_class=a.n,
+                       shots=(run.tc.shots,), cfg_scales=(scale,), steps=steps, max_real_per_class=None, judge=reader,
+                       n_classes=a.classes, cfg_interval=(lo, hi), guide_scale=guide, guide_upto=upto)
+        summ = demo_summary(res, scale)
+        row = {'cfg': scale, 'cfg_interval': [lo, hi], 'steps': steps,
+               **{sp: {'real_unseen': real[sp], 'model': summ[sp]['model']['judge_acc'], 'mean': summ[sp]['mean']['judge_acc'],
+                       'model_vs_real': summ[sp]['model']['judge_acc'] / real[sp],
+                       'glyph_fd': summ[sp]['model']['glyph_fd'], 'real_glyph_fd': summ[sp]['real']['glyph_fd']}
+                   for sp in splits}}
+        print(json.dumps(row), flush=True); rows.append(row)
     out = {'step': run.step, 'cond': run.mc.cond, 'guide': [guide, upto], 'classes': a.classes, 'epochs': a.epochs,
-           'augment': a.augment, 'seconds': round(time.time() - t0),
-           **{sp: {'real_unseen': real[sp], 'model': summ[sp]['model']['judge_acc'], 'mean': summ[sp]['mean']['judge_acc'],
-                   'model_vs_real': summ[sp]['model']['judge_acc'] / real[sp]} for sp in ('test', 'train')}}
+           'augment': a.augment, 'split': a.split, 'ema': not a.raw, 'seconds': round(time.time() - t0)}
+    out.update(rows[0] if len(rows) == 1 else {'settings': rows})
     print(json.dumps(out, indent=1))
     Path(a.out or d / 'eval_realjudge.json').write_text(json.dumps(out, indent=1))
     return 0
