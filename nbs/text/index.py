@@ -8,7 +8,7 @@
 # trains on a Kaggle TPU v5e-8, on your GPUs or TPU pods (one `jit` program over a device mesh, data parallel
 # or FSDP), and on a CPU for the offline demo. Every component is defined and tested in a notebook under
 # `nbs/` and exported to the `fsdit` package. Below: 8 characters the model never saw in training, each with
-# its 5 supports and 8 samples, from the offline demo (`make demo`, 9 minutes on a 2-core CPU):
+# its 5 supports and 8 samples, from the offline demo (`make demo`, 7.5 minutes on a 2-core CPU):
 #
 # ![held-out classes, enlarged 4x: 5 supports | 8 samples at CFG 8 for t in [0.6, 0.8]](nbs/images/demo_heldout.png)
 #
