@@ -109,7 +109,7 @@ def main(argv=None):
         real[a.split] = judge_accuracy(reader(X[m])[0], y[m])
     rows = []
     for scale, lo, hi, steps in settings:
-        res = evaluate(run, store, split=a.split, seen_split='train' if a.split == 'test' else None, n_per_class=a.n,
+        res = evaluate(run, store, split=a.split, seen_split=(splits[1:] or [None])[0], n_per_class=a.n,
                        shots=(run.tc.shots,), cfg_scales=(scale,), steps=steps, max_real_per_class=None, judge=reader,
                        n_classes=a.classes, cfg_interval=(lo, hi), guide_scale=guide, guide_upto=upto)
         summ = demo_summary(res, scale)

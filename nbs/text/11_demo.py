@@ -142,9 +142,10 @@ UNALIGNED = dict(image_size=24, channels=3, cond='xattn', model=dict(patch=2, co
                  vae=dict(blocks=(32, 64), latent_channels=4, groups=16, per_class=12, steps=1000),
                  encoder=dict(per_class=48, steps=2500), judge=dict(per_class=48, epochs=5))
 UNALIGNED_TRAIN = {'full': dict(max_steps=4400, save_every=1100, eval_every=2200, sample_every=4400)}
-UNALIGNED_FULL = dict(cfg_interval=(0.6, 0.9))   # its guidance interval, chosen on its own validation classes
-UNALIGNED_TINY = dict(encoder=dict(per_class=8, steps=30, batch_size=32), judge=dict(per_class=8, epochs=4, batch_size=32),
-                      vae=dict(blocks=(8, 16), latent_channels=4, groups=4, per_class=4, steps=20, batch_size=16))
+UNALIGNED_SIZES = {   # per size, what differs from UNALIGNED
+    'full': dict(cfg_interval=(0.6, 0.9)),       # its guidance interval, chosen on its own validation classes
+    'tiny': dict(encoder=dict(per_class=8, steps=30, batch_size=32), judge=dict(per_class=8, epochs=4, batch_size=32),
+                 vae=dict(blocks=(8, 16), latent_channels=4, groups=4, per_class=4, steps=20, batch_size=16))}
 
 
 def demo_size(name: str = 'full', data: str = 'aligned', **overrides) -> DemoSize:
@@ -152,9 +153,8 @@ def demo_size(name: str = 'full', data: str = 'aligned', **overrides) -> DemoSiz
     if name not in DEMO_SIZES: raise KeyError(f"unknown demo size {name!r}; choose one of {sorted(DEMO_SIZES)}")
     s = DEMO_SIZES[name]
     if data == 'unaligned':
-        u = {**UNALIGNED, **(UNALIGNED_TINY if name == 'tiny' else {})}
-        s = replace(s, data=data, **{**u, **(UNALIGNED_FULL if name == 'full' else {}), 'model': {**s.model, **u['model']},
-                                     'train': {**s.train, **UNALIGNED_TRAIN.get(name, {})}})
+        u = {**UNALIGNED, **UNALIGNED_SIZES.get(name, {})}
+        s = replace(s, data=data, **{**u, 'model': {**s.model, **u['model']}, 'train': {**s.train, **UNALIGNED_TRAIN.get(name, {})}})
     elif data != 'aligned': raise ValueError(f"unknown demo data {data!r}; choose 'aligned' or 'unaligned'")
     return replace(s, **overrides)
 
