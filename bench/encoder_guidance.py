@@ -2,6 +2,7 @@
 
     python bench/encoder_guidance.py DEMO [--split val] [--classes 32] [--n 6] [--scales 0 1 2] [--upto 0.7]
                                           [--through-model] [--augs 0] [--cfg 8] [--steps 15] [--out DEMO/guidance]
+                                          [--guide-encoder FOLDER]
 
 The support encoder knows every class (SigLIP2 knows ImageNet's; the unaligned demo's stand-in was trained on its
 own renderings of all of them), while the DiT has learned only what its training classes taught it. At each Euler
@@ -15,6 +16,8 @@ encoder. The demo's judge (another network, trained on its own renderings) reads
 encoder sees would be an adversarial pattern, not a class. The settings are chosen here on validation classes;
 held-out figures come from `bench/demo_wide_eval.py --guide`. Rows go to OUT/guidance.json, grids (8 classes,
 enlarged 4x) to OUT/grid_SPLIT_SCALE.png; bench/encoder_guidance.json holds the sweep that chose the demo's setting.
+`--guide-encoder FOLDER` guides by another glyph encoder (an adversarially trained one: `train_encoder(adv_eps=...)`)
+towards its own embedding of the decoded supports, while the model stays conditioned on the store's embeddings.
 """
 import argparse, json, sys, time
 from pathlib import Path
@@ -97,11 +100,13 @@ def main(argv=None):
     ap.add_argument('--through-model', action='store_true', help='differentiate through the model too')
     ap.add_argument('--seen', action='store_true', help='also the same number of training classes')
     ap.add_argument('--out', default=None)
+    ap.add_argument('--guide-encoder', default=None, help='guide by this glyph encoder folder instead of the store\'s')
     a = ap.parse_args(argv)
     d = Path(a.demo); out = Path(a.out or d / 'guidance'); out.mkdir(parents=True, exist_ok=True)
     run, store, judge = load_run(d / 'run'), open_store(d / 'feats'), load_judge(d / 'judge')
     enc, vae = GlyphEncoder.from_pretrained(store.meta['encoder']), SDVAE.from_pretrained(store.meta['vae'])
-    sampler = guided_sampler(run, vae, enc, a.steps, a.cfg, tuple(a.interval), a.upto, a.through_model, a.augs)
+    genc = GlyphEncoder.from_pretrained(a.guide_encoder) if a.guide_encoder else enc
+    sampler = guided_sampler(run, vae, genc, a.steps, a.cfg, tuple(a.interval), a.upto, a.through_model, a.augs)
     decode = lambda z: vae.decode(z)
     mc, scaling = run.mc, run.scaling
     shape = (mc.input_size, mc.input_size, mc.in_channels)
@@ -115,7 +120,11 @@ def main(argv=None):
                 b = {'support_embeds': emb[i:i + 64], 'support_latents': lat[i:i + 64]}
                 n = len(b['support_latents'])
                 cond = condition({k: jnp.asarray(v) for k, v in b.items()}, mc, scaling)
-                proto = l2_normalize(jnp.asarray(b['support_embeds']).mean(1), eps=1e-6)
+                if genc is enc: proto = l2_normalize(jnp.asarray(b['support_embeds']).mean(1), eps=1e-6)
+                else:                                  # the guide's own embedding of the supports, as decoded
+                    sl = np.asarray(b['support_latents'])
+                    e = np.asarray(genc.embed(decode(sl.reshape(-1, *sl.shape[2:])))).reshape(n, sl.shape[1], -1)
+                    proto = l2_normalize(jnp.asarray(e).mean(1), eps=1e-6)
                 x0 = _noise(jax.random.PRNGKey(seed), i, n, shape)
                 res.append(scaling.to_posterior(sampler(x0, cond, proto, jnp.float32(gs))))
             return np.concatenate(res)
@@ -128,7 +137,7 @@ def main(argv=None):
                 row = {'scale': gs, 'upto': a.upto, 'split': name, 'method': r['method'], 'classes': r['classes'],
                        **{k: r.get(k) for k in ('judge_acc', 'glyph_fd', 'glyph_kid', 'proto_acc', 'diversity_judge')},
                        'seconds': round(time.time() - t0)}
-                row.update(steps=a.steps, through_model=a.through_model, cfg=a.cfg, augs=a.augs); rows.append(row); print(json.dumps(row), flush=True)
+                row.update(steps=a.steps, through_model=a.through_model, cfg=a.cfg, augs=a.augs, guide_encoder=a.guide_encoder); rows.append(row); print(json.dumps(row), flush=True)
             # a grid of the first 8 classes: supports | samples
             k = run.tc.shots
             idx = [np.flatnonzero(cs.labels == c) for c in range(min(8, cs.n_classes))]
