@@ -88,8 +88,8 @@
 # class's texture, not its shape (0.7% on 200 held-out classes). The encoder knows the shapes, so the demo samples with
 # **encoder guidance** (`fsdit sample --guide 1`): at each step for t <= 0.7 the model's estimate of the clean image is
 # decoded and embedded by the frozen encoder, and the gradient of its similarity to the supports' embedding steers it.
-# Held out, 200 classes: **12.2% consistency (21% of real), glyph-FD 31.7 (5.6x the floor)**, against 0.7% and 50.4
-# unguided; seen classes 15.7%. Enlarged (`nbs/images/unaligned_guided_heldout.png`), half the rows now draw their
+# Held out, 200 classes: **18.1% consistency (31% of real), glyph-FD 22.7 (4.0x the floor)** with an encoder trained
+# on adversarial examples (12.2% with a plain one; 0.7% unguided); seen classes 19.3%. Enlarged (`nbs/images/unaligned_guided_heldout.png`), half the rows now draw their
 # character in most cells — C's, brackets, rings for the circled dot, dot patterns for Braille — and i's and x's in
 # about half, on flat paper; '$' stays a tangle. The long size (`--size long`, 67 minutes of training) reads 18.3% (32%
 # of real, 4.9x the floor); unguided, no run passes 1% at any point of its learning curve. That is far short of the
