@@ -281,6 +281,9 @@ def train_encoder(X: np.ndarray, y: np.ndarray, spec: GlyphEncoderSpec = GlyphEn
     X, y = np.asarray(X, np.float32), np.asarray(y)
     if X.ndim != 4 or len(X) != len(y) or not len(y):
         raise ValueError(f"train_encoder takes images (N, H, W, 3) and N labels, got {X.shape} and {y.shape}")
+    if adv_eps < 0 or (adv_eps > 0 and adv_steps < 1):
+        raise ValueError(f"adversarial training needs adv_eps >= 0 and, when adv_eps > 0, adv_steps >= 1; got {adv_eps} and "
+                         f"{adv_steps} (adv_eps=0 trains on the images as they are)")
     net, key = GlyphEncoderNet(spec), jax.random.PRNGKey(seed)
     params = {'net': net.init(key, X[:1])['params'],
               'proxies': jax.random.normal(jax.random.fold_in(key, 1), (int(y.max()) + 1, spec.embed_dim))}
@@ -344,4 +347,5 @@ assert _d.max() <= 0.5 + 1e-4 and _d.min() > 0.1 and np.abs(np.asarray(_xa)).max
 assert float(_lossa(_xa)) > float(_lossa(jnp.asarray(_Xa))) + 0.1                  # the search found worse images
 _ra = train_glyph_encoder(_chars, per_class=64, steps=250, batch_size=64, adv_eps=0.5)
 test_eq((_ra.info['adv_eps'], _ra.info['adv_steps']), (0.5, 2))
+test_fail(lambda: train_encoder(_Xa, _ya, adv_eps=0.5, adv_steps=0), contains='adv_steps >= 1')
 assert prototype_accuracy(_ra, _Xq, _yq) > _acc0 + 0.15                       # it still learns the classes
