@@ -2,7 +2,7 @@
 
     python bench/encoder_guidance.py DEMO [--split val] [--classes 32] [--n 6] [--scales 0 1 2] [--upto 0.7]
                                           [--through-model] [--augs 0] [--cfg 8] [--steps 15] [--out DEMO/guidance]
-                                          [--guide-encoder FOLDER]
+                                          [--guide-encoder FOLDER] [--start T]
 
 The support encoder knows every class (SigLIP2 knows ImageNet's; the unaligned demo's stand-in was trained on its
 own renderings of all of them), while the DiT has learned only what its training classes taught it. At each Euler
@@ -18,8 +18,11 @@ held-out figures come from `bench/demo_wide_eval.py --guide`. Rows go to OUT/gui
 enlarged 4x) to OUT/grid_SPLIT_SCALE.png; bench/encoder_guidance.json holds the sweep that chose the demo's setting.
 `--guide-encoder FOLDER` guides by another glyph encoder (an adversarially trained one: `train_encoder(adv_eps=...)`)
 towards its own embedding of the decoded supports, while the model stays conditioned on the store's embeddings.
+`--start T` starts episode i at time T from its support i mod K, noised (SDEdit, as `fsdit.sampler.start_noise`);
+the rows then carry each sample's distance to its nearest support, to set beside real images'.
 """
 import argparse, json, sys, time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +64,17 @@ def guided_sampler(run, vae: SDVAE, enc: GlyphEncoder, steps: int, cfg: float, i
             return (embed(im) * proto).sum()
         return jnp.mean(jax.vmap(one)(jax.random.split(key, augs)))
 
-    @jax.jit
-    def run_sampler(x0, cond, proto, gscale):
+    @partial(jax.jit, static_argnames=('i0',))
+    def run_sampler(x0, cond, proto, gscale, init=None, i0=0):
         vel = guided_velocity(model.apply, params, cond, cfg, interval)
-        if through_model and not augs:
-            return integrate(encoder_guided(vel, guide.fn, guide.params, proto, gscale, upto), x0, steps)
         h = 1.0 / steps
+        if init is not None:                     # SDEdit: start at t0 = i0 / steps from the support, noised
+            t0 = i0 / steps
+            x0 = t0 * init + (1 - t0) * x0
+        if through_model and not augs:
+            v = encoder_guided(vel, guide.fn, guide.params, proto, gscale, upto)
+            if not i0: return integrate(v, x0, steps)
+            return jax.lax.fori_loop(i0, steps, lambda i, x: x + h * v(x, i.astype(jnp.float32) / steps), x0)
 
         def body(i, x):
             t = i.astype(jnp.float32) / steps
@@ -80,7 +88,7 @@ def guided_sampler(run, vae: SDVAE, enc: GlyphEncoder, steps: int, cfg: float, i
             v = v + jnp.where(t <= upto, gscale, 0.0) * g / (1 - t)
             return x + h * v
 
-        return jax.lax.fori_loop(0, steps, body, x0)
+        return jax.lax.fori_loop(i0, steps, body, x0)
 
     return run_sampler
 
@@ -100,6 +108,8 @@ def main(argv=None):
     ap.add_argument('--through-model', action='store_true', help='differentiate through the model too')
     ap.add_argument('--seen', action='store_true', help='also the same number of training classes')
     ap.add_argument('--out', default=None)
+    ap.add_argument('--start', type=float, default=0.0,
+                    help='SDEdit: start at this t from one of the supports, noised (0: from pure noise)')
     ap.add_argument('--guide-encoder', default=None, help='guide by this glyph encoder folder instead of the store\'s')
     a = ap.parse_args(argv)
     d = Path(a.demo); out = Path(a.out or d / 'guidance'); out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +136,12 @@ def main(argv=None):
                     e = np.asarray(genc.embed(decode(sl.reshape(-1, *sl.shape[2:])))).reshape(n, sl.shape[1], -1)
                     proto = l2_normalize(jnp.asarray(e).mean(1), eps=1e-6)
                 x0 = _noise(jax.random.PRNGKey(seed), i, n, shape)
-                res.append(scaling.to_posterior(sampler(x0, cond, proto, jnp.float32(gs))))
+                i0 = int(round(a.start * a.steps))
+                init = None
+                if i0:                                 # episode j starts from its support j mod K
+                    sl = np.asarray(b['support_latents'])
+                    init = scaling.to_model(jnp.asarray(sl[np.arange(n), np.arange(i, i + n) % sl.shape[1]]))
+                res.append(scaling.to_posterior(sampler(x0, cond, proto, jnp.float32(gs), init, i0=i0)))
             return np.concatenate(res)
         pipe = Pipeline(decode, enc.embed, gen, judge=judge)
         for name, cs in sets.items():
@@ -135,9 +150,10 @@ def main(argv=None):
                                     split=name, baselines=False)
             for r in recs:
                 row = {'scale': gs, 'upto': a.upto, 'split': name, 'method': r['method'], 'classes': r['classes'],
-                       **{k: r.get(k) for k in ('judge_acc', 'glyph_fd', 'glyph_kid', 'proto_acc', 'diversity_judge')},
+                       **{k: r.get(k) for k in ('judge_acc', 'glyph_fd', 'glyph_kid', 'proto_acc', 'diversity_judge',
+                                                'nn_support_judge')},
                        'seconds': round(time.time() - t0)}
-                row.update(steps=a.steps, through_model=a.through_model, cfg=a.cfg, augs=a.augs, guide_encoder=a.guide_encoder); rows.append(row); print(json.dumps(row), flush=True)
+                row.update(start=a.start, steps=a.steps, through_model=a.through_model, cfg=a.cfg, augs=a.augs, guide_encoder=a.guide_encoder); rows.append(row); print(json.dumps(row), flush=True)
             # a grid of the first 8 classes: supports | samples
             k = run.tc.shots
             idx = [np.flatnonzero(cs.labels == c) for c in range(min(8, cs.n_classes))]
@@ -146,7 +162,7 @@ def main(argv=None):
             px = to_uint8(np.asarray(decode(lat))).reshape(len(idx), 8, *to_uint8(np.asarray(decode(lat[:1]))).shape[1:])
             sp = to_uint8(np.asarray(decode(cs.latents[sup.reshape(-1)]))).reshape(len(idx), k, *px.shape[2:])
             save_png(class_rows_grid(list(sp), list(px), scale=4, titles=(f'{k} supports', f'8 samples, guidance {gs:g}')),
-                     out / f'grid_{name}_{gs:g}.png')
+                     out / f'grid_{name}_{gs:g}{f"_start{a.start:g}" if a.start else ""}.png')
     (out / 'guidance.json').write_text(json.dumps(rows, indent=1))
     return 0
 

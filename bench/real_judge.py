@@ -1,6 +1,6 @@
 """Do the samples look like the data? A plain CNN trained only on the dataset's own real images reads a demo run's samples.
 
-    python bench/real_judge.py DEMO [--classes 200] [--n 10] [--epochs 30] [--augment] [--guide S --guide-upto U] [--out DEMO/eval_realjudge.json]
+    python bench/real_judge.py DEMO [--classes 200] [--n 10] [--epochs 30] [--augment] [--guide S --guide-upto U] [--from-support T] [--out DEMO/eval_realjudge.json]
     python bench/real_judge.py DEMO --augment --epochs 80 --split val --setting 8,0.6,0.9 --setting 4,0.6,0.9,30 [--raw]
 
 The demo's judge learns from fresh renderings, so it is tolerant of whatever a renderer can draw. This reader
@@ -74,6 +74,7 @@ def main(argv=None):
     ap.add_argument('--real-only', action='store_true', help='fit and measure the reader on real images only (no samples)')
     ap.add_argument('--guide', type=float, default=None, help="encoder guidance scale (default: the demo summary's, else 0)")
     ap.add_argument('--guide-upto', type=float, default=None)
+    ap.add_argument('--from-support', type=float, default=None, help="start from a support, noised (default: the demo summary's, else 0)")
     ap.add_argument('--split', default='test', help="'test' (held-out and seen classes) or 'val' (validation classes only)")
     ap.add_argument('--setting', action='append', default=None, metavar='SCALE,LO,HI[,STEPS]',
                     help="guidance scale, interval and sampler steps to read (repeatable; default: the demo's)")
@@ -98,6 +99,7 @@ def main(argv=None):
         {'cfg': run.tc.cfg_scale, 'sample_steps': run.tc.sample_steps, 'cfg_interval': run.tc.cfg_interval}
     guide, upto = demo.get('guide', [0.0, GUIDE_UPTO])
     guide, upto = (guide if a.guide is None else a.guide), (upto if a.guide_upto is None else a.guide_upto)
+    start = demo.get('from_support', 0.0) if a.from_support is None else a.from_support
     settings = [tuple(float(v) for v in st.split(',')) for st in a.setting] if a.setting else \
         [(demo['cfg'], *demo['cfg_interval'])]
     if any(len(st) not in (3, 4) for st in settings):
@@ -111,7 +113,7 @@ def main(argv=None):
     for scale, lo, hi, steps in settings:
         res = evaluate(run, store, split=a.split, seen_split=(splits[1:] or [None])[0], n_per_class=a.n,
                        shots=(run.tc.shots,), cfg_scales=(scale,), steps=steps, max_real_per_class=None, judge=reader,
-                       n_classes=a.classes, cfg_interval=(lo, hi), guide_scale=guide, guide_upto=upto)
+                       n_classes=a.classes, cfg_interval=(lo, hi), guide_scale=guide, guide_upto=upto, from_support=start)
         summ = demo_summary(res, scale)
         row = {'cfg': scale, 'cfg_interval': [lo, hi], 'steps': steps,
                **{sp: {'real_unseen': real[sp], 'model': summ[sp]['model']['judge_acc'], 'mean': summ[sp]['mean']['judge_acc'],
@@ -119,7 +121,7 @@ def main(argv=None):
                        'glyph_fd': summ[sp]['model']['glyph_fd'], 'real_glyph_fd': summ[sp]['real']['glyph_fd']}
                    for sp in splits}}
         print(json.dumps(row), flush=True); rows.append(row)
-    out = {'step': run.step, 'cond': run.mc.cond, 'guide': [guide, upto], 'classes': a.classes, 'epochs': a.epochs,
+    out = {'step': run.step, 'cond': run.mc.cond, 'guide': [guide, upto], 'from_support': start, 'classes': a.classes, 'epochs': a.epochs,
            'augment': a.augment, 'split': a.split, 'ema': not a.raw, 'seconds': round(time.time() - t0)}
     out.update(rows[0] if len(rows) == 1 else {'settings': rows})
     print(json.dumps(out, indent=1))

@@ -217,6 +217,23 @@ def test_eval_cli_with_encoder_guidance(tiny_run, capsys):
     assert 'must be >= 0' in capsys.readouterr().err
 
 
+def test_eval_cli_from_support(tiny_run, capsys):
+    "`fsdit eval --from-support T`: recorded in the settings, and late starts sit nearer the supports than samples from noise."
+    from fsdit.commands.eval import eval_cli
+    model = {}
+    for t in ('0', '0.75'):
+        out = tiny_run / f'eval_from{t}'
+        rc = eval_cli(['--run', str(tiny_run / 'run'), '--feats', str(tiny_run / 'feats'), '--shots', '3', '--no-seen',
+                       '--cfg', '1', '--n', '4', '--steps', '4', '--max-real', '6', '--from-support', t, '--out', str(out)])
+        assert rc == 0, capsys.readouterr().err
+        res = json.loads((out / 'eval.json').read_text())
+        assert res['settings']['from_support'] == float(t)
+        model[t] = next(r for r in res['records'] if r['method'] == 'model')
+    assert model['0.75']['nn_support_pixel'] < 0.7 * model['0']['nn_support_pixel'], model
+    assert eval_cli(['--run', str(tiny_run / 'run'), '--from-support', '1.5']) == 1
+    assert 'starts at a time t in [0, 1)' in capsys.readouterr().err
+
+
 def test_latent_guide_through_vae_and_siglip():
     "A latent run's guide: SigLIP after the SD-VAE decoder (resized to the tower's size), equal to embed(decode(z)), with finite gradients."
     import jax, jax.numpy as jnp

@@ -197,6 +197,7 @@ class TrainConfig:
     guide_scale: float = 0.0     # encoder guidance (`fsdit.sampler.encoder_guided`) of `fsdit sample` and `fsdit eval`; 0: off
                                  # (the trainer's own grids and val_fs metrics are unguided)
     guide_upto: float = 0.7      # ... acting where t <= guide_upto
+    from_support: float = 0.0    # `fsdit sample` / `fsdit eval` start at this t from a support, noised (SDEdit); 0: from noise
     log_every: int = 100
     eval_every: int = 5_000
     sample_every: int = 10_000
@@ -238,6 +239,13 @@ def check_guidance(scale: float, upto: float):
     if not 0 <= upto < 1: raise ValueError(f"guidance acts where t <= upto, so upto must be in [0, 1), got {upto}")
 
 
+def check_start(t: float):
+    "Raise `ValueError` unless sampling from a noised support can start at `t`: 0 <= t < 1 (0: from pure noise)."
+    if not (math.isfinite(t) and 0 <= t < 1):
+        raise ValueError(f"sampling from a support starts at a time t in [0, 1) (0: from pure noise; 0.4 keeps the "
+                         f"support's layout and redraws the rest), got {t}")
+
+
 def interval_text(interval) -> str:
     "' for t in [lo, hi]' to follow a CFG scale in messages and labels; '' for the whole path."
     lo, hi = check_interval(interval)
@@ -271,6 +279,8 @@ def validate_train(c: TrainConfig):
     except ValueError as e: raise ValueError(f"cfg_interval must be two times (lo, hi): {e}") from None
     try: check_guidance(c.guide_scale, c.guide_upto)
     except ValueError as e: raise ValueError(f"guide_scale / guide_upto: {e}") from None
+    try: check_start(c.from_support)
+    except ValueError as e: raise ValueError(f"from_support: {e}") from None
     _require(c.t_sampling in T_SAMPLING, f"t_sampling must be one of {T_SAMPLING}, got {c.t_sampling!r}")
     _require(math.isfinite(c.align_weight) and c.align_weight >= 0, f"align_weight must be >= 0 (0: off), got {c.align_weight}")
     _require(c.t_shift > 0, f"t_shift must be positive (1 is no shift; more than 1 moves training times toward the noise), got {c.t_shift}")
@@ -298,6 +308,7 @@ t = TrainConfig(cfg_interval=[0.1, 0.9])
 test_eq((t.batch_size, t.cfg_interval), (128, (0.1, 0.9)))
 test_fail(lambda: TrainConfig(warmup=10**6), contains='warmup')
 test_fail(lambda: TrainConfig(guide_upto=1.0), contains='guide_upto')
+test_fail(lambda: TrainConfig(from_support=1.0), contains='from_support')
 check_batch(128, 8, 2)
 test_fail(lambda: check_batch(100, 8), contains='not divisible by the 8 devices')
 test_fail(lambda: TrainConfig(align_weight=-1), contains='align_weight')

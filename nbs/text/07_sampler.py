@@ -18,7 +18,7 @@ import jax, jax.numpy as jnp
 import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fsdit.config import GUIDE_UPTO, ModelConfig, check_guidance, check_interval
+from fsdit.config import GUIDE_UPTO, ModelConfig, check_guidance, check_interval, check_start
 from fsdit.dit import DiT
 from fsdit.conds import conditioning
 from fsdit.flow import condition
@@ -47,8 +47,8 @@ from fsdit.testing import perturb
 
 # %%
 #| export
-def integrate(velocity_fn: Callable, x0, steps: int, method: str = 'euler'):
-    "Integrate `dx/dt = velocity_fn(x, t)` (t a float32 scalar) from t=0 to 1 in `steps` steps; traceable."
+def integrate(velocity_fn: Callable, x0, steps: int, method: str = 'euler', start: int = 0):
+    "Integrate `dx/dt = velocity_fn(x, t)` (t a float32 scalar) from t = `start`/`steps` (0: noise) to 1 in steps of 1/`steps`; traceable."
     if method not in ('euler', 'heun'): raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
     h = 1.0 / steps
 
@@ -61,7 +61,7 @@ def integrate(velocity_fn: Callable, x0, steps: int, method: str = 'euler'):
         s = x + y
         return s, (s - x) - y
 
-    return jax.lax.fori_loop(0, steps, body, (x0, jnp.zeros_like(x0)))[0]
+    return jax.lax.fori_loop(start, steps, body, (x0, jnp.zeros_like(x0)))[0]
 
 
 # %% [markdown]
@@ -82,6 +82,9 @@ for xc in r['const'].values(): test_close(xc, x0 + c, eps=1e-6)
 err = {m: float(jnp.abs(r['exp'][m] - x0 * np.e).max()) for m in ('euler', 'heun')}
 assert err['heun'] < err['euler'] / 20, err
 test_close(r['lin_t'], x0 + 1, eps=1e-6)   # the trapezoid rule is exact for v linear in t
+# from t = start / steps: a constant field moves x by (1 - 3/10) c, and dx/dt = 2t from t = 0.3 adds 1 - 0.09
+test_close(jax.jit(lambda x: integrate(lambda x, t: c, x, 10, 'euler', start=3))(x0), x0 + 0.7 * c, eps=1e-6)
+test_close(jax.jit(lambda x: integrate(lambda x, t: 2 * t * jnp.ones_like(x), x, 10, 'heun', start=3))(x0), x0 + 0.91, eps=1e-6)
 
 
 # %% [markdown]
@@ -168,28 +171,43 @@ def _static(apply_fn):
     return _ModuleApply(m) if isinstance(m, nn.Module) and getattr(apply_fn, '__name__', '') == 'apply' else apply_fn
 
 
-@partial(jax.jit, static_argnames=('apply_fn', 'steps', 'method', 'guide_fn'))
-def _sample(apply_fn, params, noise, cond, cfg_scale, interval, steps, method, guide_fn=None, guide=None):
+@partial(jax.jit, static_argnames=('apply_fn', 'steps', 'method', 'guide_fn', 'i0'))
+def _sample(apply_fn, params, noise, cond, cfg_scale, interval, steps, method, guide_fn=None, guide=None, i0=0):
     v = guided_velocity(apply_fn, params, cond, cfg_scale, interval)
     if guide_fn is not None: v = encoder_guided(v, guide_fn, *guide)
-    return integrate(v, noise, steps, method)
+    return integrate(v, noise, steps, method, i0)
+
+
+def start_noise(noise, init, start: float, steps: int):
+    """The first step's index i0 = round(`start` x `steps`) and the sample there, t0 x init + (1 - t0) x noise with
+    t0 = i0 / steps: the flow's own interpolation at t0, so the sampler goes on from a noised `init` (SDEdit)."""
+    check_start(start)
+    i0 = int(round(start * steps))
+    if not i0: return 0, noise
+    if init is None: raise ValueError("starting from a support (start > 0) needs init: one latent per sample, in the model's scale")
+    if np.shape(init) != np.shape(noise):
+        raise ValueError(f"init must have the noise's shape {tuple(np.shape(noise))}, got {tuple(np.shape(init))}")
+    t0 = i0 / steps
+    return i0, t0 * jnp.asarray(init, jnp.float32) + (1 - t0) * noise
 
 
 def sample(apply_fn: Callable, params, noise, cond: dict, *, steps: int = 50, cfg_scale=3.0, method: str = 'euler',
            cfg_interval=(0.0, 1.0), guide: Guide | None = None, target=None, guide_scale: float = 0.0,
-           guide_upto: float = GUIDE_UPTO):
+           guide_upto: float = GUIDE_UPTO, init=None, start: float = 0.0):
     """Generate from `noise (B, H, W, C)` at t=0 to t=1 with CFG at `cfg_scale` where `cfg_interval[0] <= t <= cfg_interval[1]`,
-    and with `guide_scale > 0` encoder guidance towards `target (B, E)` (see `encoder_guided`); one compiled program per
-    (model, shapes, steps, method, guide)."""
+    and with `guide_scale > 0` encoder guidance towards `target (B, E)` (see `encoder_guided`); with `start > 0` from
+    `init (B, H, W, C)` noised to t = `start` (see `start_noise`); one compiled program per (model, shapes, steps, method,
+    guide, start)."""
     if cfg_scale is not None: cfg_scale = jnp.asarray(cfg_scale, jnp.float32)   # traced: a new scale does not recompile
     interval = jnp.asarray(check_interval(cfg_interval), jnp.float32)           # nor does a new interval
-    if not guide_scale: return _sample(_static(apply_fn), params, noise, cond, cfg_scale, interval, steps, method)
+    i0, x0 = start_noise(noise, init, start, steps)
+    if not guide_scale: return _sample(_static(apply_fn), params, x0, cond, cfg_scale, interval, steps, method, i0=i0)
     check_guidance(guide_scale, guide_upto)
     if guide is None or target is None: raise ValueError("encoder guidance needs the guide (the run's codecs) and a target embedding")
     if np.shape(target)[0] != noise.shape[0]:
         raise ValueError(f"one target embedding per sample: got {np.shape(target)[0]} targets for {noise.shape[0]} samples")
-    return _sample(_static(apply_fn), params, noise, cond, cfg_scale, interval, steps, method, guide.fn,
-                   (guide.params, jnp.asarray(target, jnp.float32), jnp.float32(guide_scale), jnp.float32(guide_upto)))
+    return _sample(_static(apply_fn), params, x0, cond, cfg_scale, interval, steps, method, guide.fn,
+                   (guide.params, jnp.asarray(target, jnp.float32), jnp.float32(guide_scale), jnp.float32(guide_upto)), i0=i0)
 
 
 # %% [markdown]
@@ -246,6 +264,34 @@ n0 = _sample._cache_size()
 sample(DiT(cfg).apply, params, noise, cond, steps=4, cfg_scale=5.0)
 sample(DiT(cfg).apply, params, noise, cond, steps=4, cfg_scale=5.0, cfg_interval=(0.25, 0.75))
 test_eq(_sample._cache_size(), n0)
+
+# %% [markdown]
+# ## Starting from a support (SDEdit)
+#
+# With `start = t0 > 0` the sampler does not begin at pure noise: it begins at the flow's own interpolation
+# $x_{t_0} = t_0\,x_{\text{init}} + (1 - t_0)\,\varepsilon$ of an image `init` (one of the supports, in `generate`)
+# and integrates from $t_0$ to 1 — Meng et al., *SDEdit* (2022), used for few-shot data by Trabucco et al.,
+# *DA-Fusion* (2023). Below $t_0$ the noise has washed out the support's detail; what survives is its layout — where the
+# subject sits, its size, its colours — and the model, conditioned on all K supports (and guided by the encoder, if
+# asked), redraws the rest. Where the supports do not line up and the model has not learned to place the class by
+# itself, this hands it a place to draw (BENCHMARKS §8 measures how far the samples then sit from their supports).
+# `t0` is rounded to the sampler's grid (`round(t0 * steps) / steps`), so the model is evaluated only at its usual times.
+
+# %%
+init = jax.random.normal(jax.random.PRNGKey(5), noise.shape)
+def by_hand_from(init, t0_steps, n=4):
+    x = (t0_steps / n) * init + (1 - t0_steps / n) * noise
+    for i in range(t0_steps, n):
+        out = apply({'params': params}, jnp.concatenate([x, x]), jnp.full(4, i / n), cond2, drop2)
+        x = x + (out[2:] + 3.0 * (out[:2] - out[2:])) / n
+    return x
+
+test_close(sample(apply, params, noise, cond, steps=4, init=init, start=0.5), by_hand_from(init, 2), eps=1e-5)
+test_close(sample(apply, params, noise, cond, steps=4, init=init, start=0.55), by_hand_from(init, 2), eps=1e-5)  # on the grid
+test_close(sample(apply, params, noise, cond, steps=4, init=init, start=0.1), x3, eps=1e-6)     # rounds to 0: from noise
+test_fail(lambda: sample(apply, params, noise, cond, steps=4, start=0.5), contains='needs init')
+test_fail(lambda: sample(apply, params, noise, cond, steps=4, init=init[:1], start=0.5), contains="noise's shape")
+test_fail(lambda: sample(apply, params, noise, cond, steps=4, init=init, start=1.0), contains='[0, 1)')
 
 # %% [markdown]
 # ## Encoder guidance
@@ -331,9 +377,13 @@ def _noise(key, start: int, n: int, shape) -> jax.Array:
 def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None, labels=None, *,
              scaling: LatentScaling = LatentScaling(), seed: int = 0, steps: int = 50, cfg_scale: float = 3.0,
              method: str = 'euler', batch_size: int = 256, cfg_interval=(0.0, 1.0), guide: Guide | None = None,
-             guide_scale: float = 0.0, guide_upto: float = GUIDE_UPTO) -> np.ndarray:
+             guide_scale: float = 0.0, guide_upto: float = GUIDE_UPTO, from_support: float = 0.0) -> np.ndarray:
     """Latents (M, h, w, c) in posterior space from M episodes: support_embeds (M, K, D), support_latents (M, K, h, w, c), labels (M,).
-    `guide_scale > 0`: encoder guidance towards the supports' mean embedding, `guide` taking posterior latents."""
+    `guide_scale > 0`: encoder guidance towards the supports' mean embedding, `guide` taking posterior latents.
+    `from_support > 0`: episode i starts at t = from_support from its support i mod K, noised (`start_noise`)."""
+    check_start(from_support)
+    if from_support and support_latents is None:
+        raise ValueError("sampling from a support (from_support > 0) needs the supports' latents: pass support_latents")
     if guide_scale:
         check_guidance(guide_scale, guide_upto)
         if guide is None: raise ValueError("encoder guidance needs the run's guide: fsdit.codecs.run_codecs(run).guide")
@@ -352,14 +402,16 @@ def generate(params, mc: ModelConfig, support_embeds=None, support_latents=None,
     for i in range(0, M, bs):
         n = min(bs, M - i)
         b = {k: np.concatenate([v[i:i + n], np.repeat(v[i + n - 1:i + n], bs - n, 0)]) for k, v in given.items()}
-        b = jax.device_put(b, NamedSharding(mesh, P(DATA_AXIS)))
+        init = None                                       # episode i + j starts from its support (i + j) mod K
+        if from_support: init = scaling.to_model(b['support_latents'][np.arange(bs), (i + np.arange(bs)) % b['support_latents'].shape[1]])
+        b, init = jax.device_put((b, init), NamedSharding(mesh, P(DATA_AXIS)))
         noise = jax.device_put(_noise(key, i, bs, shape), NamedSharding(mesh, P(DATA_AXIS)))
         gk = {}
         if guide_scale:                                   # the guide sees posterior latents; the model works in its own scale
             target = l2_normalize(jnp.mean(b['support_embeds'], 1), eps=1e-6)
             gk = dict(guide=_model_space_guide(guide, scaling.scale), target=target, guide_scale=guide_scale, guide_upto=guide_upto)
         x = sample(model.apply, params, noise, condition(b, mc, scaling), steps=steps, cfg_scale=cfg_scale, method=method,
-                   cfg_interval=cfg_interval, **gk)
+                   cfg_interval=cfg_interval, init=init, start=from_support, **gk)
         out.append(scaling.to_posterior(np.asarray(x)[:n]))
     return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
 
@@ -396,3 +448,19 @@ z_g = generate(params, mc, emb, lat, steps=3, seed=1, guide=toy_guide, guide_sca
 assert cos(z_g).mean() > cos(z_all).mean() + 0.1, (cos(z_g), cos(z_all))
 test_close(generate(params, mc, emb, lat, steps=3, seed=1, guide=toy_guide, guide_scale=0.0), z_all, eps=1e-6)
 test_fail(lambda: generate(params, mc, emb, lat, steps=3, guide_scale=1.0), contains="needs the run's guide")
+
+# %% [markdown]
+# From a support: episode *i* starts from its support *i* mod K, whatever the batching, and the model's scale is applied
+# to it (here 2: the support's latents are halved in posterior space).
+
+# %%
+sc = LatentScaling(2.0)
+z_s = generate(params, mc, emb, lat, steps=4, seed=1, from_support=0.5, scaling=sc)
+test_close(generate(params, mc, emb, lat, steps=4, seed=1, from_support=0.5, scaling=sc, batch_size=2), z_s, eps=1e-5)
+for i in range(5):
+    b = {'support_embeds': jnp.asarray(emb[i:i + 1]), 'support_latents': jnp.asarray(lat[i:i + 1])}
+    ref = sample(DiT(mc).apply, params, _noise(jax.random.PRNGKey(1), i, 1, (8, 8, 3)), condition(b, mc, sc), steps=4,
+                 init=sc.to_model(lat[i:i + 1, i % 3]), start=0.5)
+    test_close(z_s[i], sc.to_posterior(ref)[0], eps=1e-4)
+test_fail(lambda: generate(params, mc, emb, steps=3, from_support=0.5), contains='pass support_latents')
+test_fail(lambda: generate(params, mc, emb, lat, steps=3, from_support=-0.1), contains='[0, 1)')

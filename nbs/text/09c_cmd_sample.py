@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from fsdit.cli import Parser, positive_int, check_out_file, fail
-from fsdit.config import GUIDE_UPTO, check_guidance, check_interval, interval_text
+from fsdit.config import GUIDE_UPTO, check_guidance, check_interval, check_start, interval_text
 from fsdit.export import codecs_of
 from fsdit.images import save_png, support_grid, to_uint8
 from fsdit.run import load_run
@@ -49,6 +49,8 @@ def sample_parser() -> Parser:
     p.add_argument('--guide', type=float, default=None,
                    help="encoder guidance scale: steer towards the supports' embedding through the encoder (0: off; default: the run's)")
     p.add_argument('--guide-upto', type=float, default=None, help="encoder guidance acts where t <= this (default: the run's)")
+    p.add_argument('--from-support', type=float, default=None, metavar='T',
+                   help="start at time T from a support, noised (SDEdit: keeps its layout, redraws the rest; 0: from noise; default: the run's)")
     p.add_argument('--method', default='euler', choices=('euler', 'heun'))
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='grid.png', help='grid image to write')
@@ -69,6 +71,7 @@ def sample_cli(argv: list[str]) -> int:
         if a.support: read_supports(a.support, 8)             # every file readable, before the run loads
         interval = None if a.cfg_interval is None else check_interval(a.cfg_interval)
         if a.guide is not None or a.guide_upto is not None: check_guidance(a.guide or 0.0, GUIDE_UPTO if a.guide_upto is None else a.guide_upto)
+        if a.from_support is not None: check_start(a.from_support)
         run = load_run(a.run, ema=not a.raw, warn=say)
         check_supports(run.mc, 1)                             # a class-conditioned run takes no supports
         files = a.support or class_dir_supports(a.class_dir, a.shots or run.tc.shots, a.seed)
@@ -79,8 +82,9 @@ def sample_cli(argv: list[str]) -> int:
         steps = a.steps or run.tc.sample_steps
         guide = run.tc.guide_scale if a.guide is None else a.guide
         upto = run.tc.guide_upto if a.guide_upto is None else a.guide_upto
+        start = run.tc.from_support if a.from_support is None else a.from_support
         x = sample_from_supports(run, codecs, sup, a.n, cfg_scale=cfg, steps=steps, seed=a.seed, method=a.method,
-                                 cfg_interval=interval, guide_scale=guide, guide_upto=upto)
+                                 cfg_interval=interval, guide_scale=guide, guide_upto=upto, from_support=start)
         if len(sup) != run.tc.shots:
             say(f"note: the run was trained on {run.tc.shots}-shot episodes; sampled from {len(sup)} supports")
         for o in outs: o.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +92,7 @@ def sample_cli(argv: list[str]) -> int:
         save_png(support_grid(sup, x), a.out)
     except (ValueError, OSError) as e:
         return fail('sample', e)
-    gtext = f", encoder guidance {guide:g} for t <= {upto:g}" if guide else ''
+    gtext = (f", encoder guidance {guide:g} for t <= {upto:g}" if guide else '') + (f", from a support at t = {start:g}" if start else '')
     print(f"{a.out}: {len(x)} samples from {len(sup)} supports (step {run.step}, cfg {cfg}{interval_text(interval)}{gtext}, {steps} steps)")
     return 0
 

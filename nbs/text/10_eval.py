@@ -351,14 +351,15 @@ METRICS = {'proto_acc': 'prototype accuracy (class consistency)', 'fd_embed': 'F
 
 
 def model_pipeline(run, codecs, *, steps: int = 50, method: str = 'euler', batch_size: int = 256, fid_model=None,
-                   judge=None, cfg_interval=(0.0, 1.0), guide_scale: float = 0.0, guide_upto: float = GUIDE_UPTO) -> Pipeline:
+                   judge=None, cfg_interval=(0.0, 1.0), guide_scale: float = 0.0, guide_upto: float = GUIDE_UPTO,
+                   from_support: float = 0.0) -> Pipeline:
     "A `Pipeline` that samples a loaded `fsdit.run.Run` (guidance where t is in `cfg_interval`) and decodes/embeds with its codecs."
     if not conditioning(run.mc).takes_supports:
         raise ValueError(f"a class-conditioned run (cond={run.mc.cond!r}) cannot generate unseen classes from supports")
     gen = lambda emb, lat, cfg, seed: generate(run.params, run.mc, emb, lat, scaling=run.scaling, seed=seed,
                                                steps=steps, cfg_scale=cfg, method=method, batch_size=batch_size,
                                                cfg_interval=cfg_interval, guide=codecs.guide, guide_scale=guide_scale,
-                                               guide_upto=guide_upto)
+                                               guide_upto=guide_upto, from_support=from_support)
     return Pipeline(codecs.decode, codecs.embed, gen, fid_model, batch_size=min(batch_size, 64), judge=judge)
 
 
@@ -366,7 +367,8 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
              shots: Sequence[int] = (5,), cfg_scales: Sequence[float] = (3.0,), steps: int = 50, seed: int = 0,
              max_real_per_class: int | None = 128, fid: bool = False, fid_weights: str | None = 'download',
              method: str = 'euler', batch_size: int = 256, codecs=None, judge=None, n_classes: int | None = None,
-             out=None, cfg_interval=(0.0, 1.0), guide_scale: float = 0.0, guide_upto: float = GUIDE_UPTO) -> dict:
+             out=None, cfg_interval=(0.0, 1.0), guide_scale: float = 0.0, guide_upto: float = GUIDE_UPTO,
+             from_support: float = 0.0) -> dict:
     "Few-shot metrics of a run (dir or `Run`) on `split` (`n_classes` of them, drawn at random; default all) and as many seen classes; writes eval.json + figures to `out`."
     run = load_run(run) if isinstance(run, (str, Path)) else run
     store = open_store(store) if isinstance(store, (str, Path)) else store
@@ -374,7 +376,7 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
     cfg_interval = check_interval(cfg_interval)
     pipe = model_pipeline(run, codecs, steps=steps, method=method, batch_size=batch_size,
                           fid_model=fid_inception(fid_weights) if fid else None, judge=judge, cfg_interval=cfg_interval,
-                          guide_scale=guide_scale, guide_upto=guide_upto)
+                          guide_scale=guide_scale, guide_upto=guide_upto, from_support=from_support)
     unseen = class_set(store, split, max_real_per_class, n_classes, seed=seed)
     sets = {split: unseen}
     if seen_split: sets[seen_split] = class_set(store, seen_split, max_real_per_class, unseen.n_classes, seed)
@@ -386,7 +388,7 @@ def evaluate(run, store, *, split: str = 'test', seen_split: str | None = 'train
                trained_shots=run.tc.shots, codecs=codecs.names, classes={k: v.names for k, v in sets.items()},
                settings=dict(n_per_class=n_per_class, shots=list(shots), cfg_scales=list(map(float, cfg_scales)),
                              cfg_interval=list(cfg_interval), guide_scale=float(guide_scale), guide_upto=float(guide_upto),
-                             steps=steps, method=method, seed=seed, max_real_per_class=max_real_per_class, fid=fid,
+                             from_support=float(from_support), steps=steps, method=method, seed=seed, max_real_per_class=max_real_per_class, fid=fid,
                              judge=None if judge is None else dict(classes=len(judge.chars), accuracy=judge.accuracy)),
                records=records)
     if out is not None: write_results(res, out)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from fsdit.cli import Parser, positive_int, check_out_dir, fail
-from fsdit.config import GUIDE_UPTO, check_guidance, check_interval
+from fsdit.config import GUIDE_UPTO, check_guidance, check_interval, check_start
 from fsdit.eval import evaluate, results_table
 from fsdit.export import codecs_of
 from fsdit.run import load_run
@@ -43,6 +43,8 @@ def eval_cli(argv: list[str]) -> int:
                    help="guide only where LO <= t <= HI (t=0 noise, t=1 data; default: the run's)")
     p.add_argument('--guide', type=float, default=None, help="encoder guidance scale (0: off; default: the run's)")
     p.add_argument('--guide-upto', type=float, default=None, help="encoder guidance acts where t <= this (default: the run's)")
+    p.add_argument('--from-support', type=float, default=None, metavar='T',
+                   help="start at time T from a support, noised (0: from noise; default: the run's)")
     p.add_argument('--n', type=positive_int, default=128, help='generated images per class (per shots and cfg)')
     p.add_argument('--max-real', type=int, default=128, help='real images per class (0: all)')
     p.add_argument('--steps', type=positive_int, default=50); p.add_argument('--method', default='euler', choices=('euler', 'heun'))
@@ -56,6 +58,7 @@ def eval_cli(argv: list[str]) -> int:
         out = check_out_dir(a.out or Path(a.run) / 'eval')
         interval = None if a.cfg_interval is None else check_interval(a.cfg_interval)
         if a.guide is not None or a.guide_upto is not None: check_guidance(a.guide or 0.0, GUIDE_UPTO if a.guide_upto is None else a.guide_upto)
+        if a.from_support is not None: check_start(a.from_support)
         run = load_run(a.run, warn=lambda msg: print(f"fsdit eval: {msg}", file=sys.stderr))
         feats = a.feats or run.config.get('feats')
         if feats is None: raise ValueError("no feature store: pass --feats FEATS")
@@ -64,7 +67,8 @@ def eval_cli(argv: list[str]) -> int:
                        fid=a.fid, fid_weights=a.fid_weights, method=a.method, batch_size=a.batch_size, out=out,
                        cfg_interval=interval or run.tc.cfg_interval, codecs=codecs_of(run, feats),
                        guide_scale=run.tc.guide_scale if a.guide is None else a.guide,
-                       guide_upto=run.tc.guide_upto if a.guide_upto is None else a.guide_upto)
+                       guide_upto=run.tc.guide_upto if a.guide_upto is None else a.guide_upto,
+                       from_support=run.tc.from_support if a.from_support is None else a.from_support)
     except (ValueError, OSError, RuntimeError, ImportError, KeyError) as e:
         return fail('eval', e)
     print(results_table(res['records']))

@@ -105,6 +105,7 @@ class DemoSize:
     sample_steps: int = 15                # Euler steps for grids and eval (the seed samples with 50; chosen on val)
     guide: float = 0.0                    # encoder guidance of grids and eval (`fsdit.sampler.encoder_guided`); 0: off
     guide_upto: float = GUIDE_UPTO        # ... where t <= guide_upto
+    from_support: float = 0.0             # grids and eval start at this t from a support, noised (SDEdit); 0: from noise
 
 
 # %%
@@ -139,8 +140,11 @@ DEMO_SIZES = {
 # Samples are steered by the encoder (encoder guidance at scale 1 for t <= 0.7, chosen on validation classes): the
 # encoder knows every class's shape, the DiT at this budget only their texture. The encoder is trained on adversarial
 # examples (L2 radius 0.5, chosen on validation classes against 0, 0.25 and 1), so that the gradient guidance follows
-# is the strokes of a class, not a pattern only this encoder reads.
+# is the strokes of a class, not a pattern only this encoder reads. Each sample starts at t = 0.4 from one of its
+# supports, noised (SDEdit: the support's place, size and colours survive, its detail is redrawn); chosen on validation
+# classes as the latest start whose samples sit no nearer their supports than unseen real images do (BENCHMARKS §8).
 UNALIGNED = dict(image_size=24, channels=3, cond='xattn', model=dict(patch=2, context_patch=3, conv=32), guide=1.0,
+                 from_support=0.4,
                  vae=dict(blocks=(32, 64), latent_channels=4, groups=16, per_class=12, steps=1000),
                  encoder=dict(per_class=48, steps=2500, adv_eps=0.5), judge=dict(per_class=48, epochs=5))
 UNALIGNED_TRAIN = {'full': dict(max_steps=4400, save_every=1100, eval_every=2200, sample_every=4400)}
@@ -183,7 +187,7 @@ def demo_configs(s: DemoSize, cond: str | None = None) -> tuple[ModelConfig, Tra
     side, _, ch = demo_latent_shape(s)
     mc = model_config(m.pop('preset'), cond=cond or s.cond, **{'input_size': side, 'in_channels': ch, 'support_dim': s.embed_dim, **m})
     tc = train_config(t.pop('preset'), sample_steps=s.sample_steps, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
-                      guide_scale=s.guide, guide_upto=s.guide_upto, wandb_mode='disabled', **t)
+                      guide_scale=s.guide, guide_upto=s.guide_upto, from_support=s.from_support, wandb_mode='disabled', **t)
     return mc, tc
 
 
@@ -212,6 +216,7 @@ test_eq(demo_size('full', 'unaligned').encoder, dict(per_class=48, steps=2500, a
 test_eq(demo_size('long', 'unaligned').model['hidden'], 192)
 test_eq([demo_configs(demo_size(n))[0].conv for n in ('full', 'long')], [32, 0])          # 3x3 convolutions: the default's only
 test_eq((tc_u.guide_scale, tc_u.guide_upto, tc.guide_scale), (1.0, 0.7, 0.0))        # encoder guidance: unaligned only
+test_eq((tc_u.from_support, tc.from_support), (0.4, 0.0))                          # and the start from a support
 test_eq([demo_size(n, 'unaligned').cfg_interval for n in ('full', 'long')], [(0.6, 0.9), (0.5, 1.0)])   # each chosen on its data
 test_fail(lambda: demo_size('full', 'tilted'), contains="unknown demo data 'tilted'")
 
@@ -234,7 +239,8 @@ def _as_fsdit_train(s: DemoSize) -> tuple:
     argv = ['--out', str(Path(tempfile.mkdtemp()) / 'run'), '--model', m.pop('preset'), '--preset', t.pop('preset'),
             *_flags({**m, 'cond': s.cond}, 'model.'), *_flags({**t, 'sample_steps': s.sample_steps, 'cfg_scale': s.cfg,
                                                                'cfg_interval': s.cfg_interval, 'guide_scale': s.guide,
-                                                               'guide_upto': s.guide_upto, 'wandb_mode': 'disabled'}, '')]
+                                                               'guide_upto': s.guide_upto, 'from_support': s.from_support,
+                                                               'wandb_mode': 'disabled'}, '')]
     return resolve_configs(parse_train_args(argv), {'latent_shape': list(demo_latent_shape(s)), 'embed_dim': s.embed_dim})
 
 
@@ -450,7 +456,8 @@ def demo_grid(run, codecs, store, split: str, s: DemoSize, seed: int = 0) -> np.
         lat = store.latents(rows)                       # pixel space: the images; else VAE latents, decoded
         sup = to_uint8(lat if run.space == 'pixel' else codecs.decode(lat), rgb=True)
         gen = sample_from_supports(run, codecs, sup, s.grid_samples, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
-                                   steps=s.sample_steps, seed=seed + int(c), guide_scale=s.guide, guide_upto=s.guide_upto)
+                                   steps=s.sample_steps, seed=seed + int(c), guide_scale=s.guide, guide_upto=s.guide_upto,
+                                   from_support=s.from_support)
         sups.append(sup); gens.append(to_uint8(gen, rgb=True))
     return class_rows_grid(sups, gens, scale=GRID_SCALE,
                            titles=(f"{run.tc.shots} supports", f"{s.grid_samples} samples, {_guidance(s)}"))
@@ -463,6 +470,7 @@ def _stamp(s: DemoSize, step: int | None, stage: str) -> dict:
     "What a grid or the eval was made from: the run's step and the size's sampling settings (the stage is remade when one differs)."
     d = {'step': step, 'cfg': s.cfg, 'cfg_interval': list(s.cfg_interval), 'sample_steps': s.sample_steps}
     if s.guide: d['guide'] = [s.guide, s.guide_upto]                 # recorded only when on: unguided stamps stay as they were
+    if s.from_support: d['from_support'] = s.from_support
     if stage == 'samples': return {**d, 'grid': [s.grid_classes, s.grid_samples, GRID_SCALE]}
     return {**d, 'eval': [s.eval_classes, s.eval_per_class, list(s.eval_cfg)]}
 
@@ -480,7 +488,8 @@ def _loader(run_dir) -> Callable:
 
 
 def _guidance(s: DemoSize) -> str:
-    return f"CFG {s.cfg:g}{interval_text(s.cfg_interval)}" + (f", encoder guidance {s.guide:g} for t <= {s.guide_upto:g}" if s.guide else '')
+    return (f"CFG {s.cfg:g}{interval_text(s.cfg_interval)}" + (f", encoder guidance {s.guide:g} for t <= {s.guide_upto:g}" if s.guide else '')
+            + (f", from a support at t = {s.from_support:g}" if s.from_support else ''))
 
 
 # %%
@@ -580,7 +589,7 @@ def demo_eval(out, s: DemoSize, store, log: Callable | None = None, get_run: Cal
     res = evaluate(run, store, split='test', seen_split='train', n_per_class=s.eval_per_class,
                    shots=(run.tc.shots,), cfg_scales=s.eval_cfg, steps=s.sample_steps, max_real_per_class=None,
                    judge=judge, n_classes=s.eval_classes, out=out / 'eval', cfg_interval=s.cfg_interval,
-                   guide_scale=s.guide, guide_upto=s.guide_upto)
+                   guide_scale=s.guide, guide_upto=s.guide_upto, from_support=s.from_support)
     summary = {**_stamp(s, run.step, 'eval'), 'cond': run.mc.cond, **demo_summary(res, s.cfg)}
     write_atomic(out / 'summary.json', json.dumps(summary, indent=1))
     _log(log, f"eval:    {ev}  ({time.time() - t0:.0f} s; {_guidance(s)}, the judge's metrics; vs_real = model / real)\n"

@@ -95,20 +95,22 @@ class RunView:
 
     def generate(self, rows, n: int, cfg_scale: float, steps: int, seed: int, cfg_interval=None) -> np.ndarray:
         """uint8 (n, H, W, 3): `n` samples conditioned on the supports at store `rows`; guided over the run's `cfg_interval`
-        by default, with the run's encoder guidance (`TrainConfig.guide_scale`, 0 unless the run sets it)."""
+        by default, with the run's encoder guidance and start (`TrainConfig.guide_scale`, `from_support`: 0 unless the run sets them)."""
         rows = np.asarray(rows)
         tile = lambda a: np.repeat(np.asarray(a, np.float32)[None], n, 0)
         z = generate(self.run.params, self.run.mc, tile(self.store.embeds[rows]), tile(self.store.latents(rows)),
                      scaling=self.run.scaling, seed=seed, steps=steps, cfg_scale=cfg_scale,
                      cfg_interval=self.run.tc.cfg_interval if cfg_interval is None else cfg_interval,
-                     guide=self.codecs.guide, guide_scale=self.run.tc.guide_scale, guide_upto=self.run.tc.guide_upto)
+                     guide=self.codecs.guide, guide_scale=self.run.tc.guide_scale, guide_upto=self.run.tc.guide_upto,
+                     from_support=self.run.tc.from_support)
         return to_uint8(np.asarray(self.codecs.decode(z), np.float32), rgb=True)
 
     def generate_images(self, images, n: int, cfg_scale: float, steps: int, seed: int, cfg_interval=None) -> np.ndarray:
         "uint8 (n, H, W, 3): `n` samples conditioned on uint8 support images (K, H, W, 3), encoded as `fsdit sample` encodes its files."
         x = sample_from_supports(self.run, self.codecs, images, n, cfg_scale=cfg_scale, steps=steps, seed=seed,
                                  cfg_interval=self.run.tc.cfg_interval if cfg_interval is None else cfg_interval,
-                                 guide_scale=self.run.tc.guide_scale, guide_upto=self.run.tc.guide_upto)
+                                 guide_scale=self.run.tc.guide_scale, guide_upto=self.run.tc.guide_upto,
+                                 from_support=self.run.tc.from_support)
         return to_uint8(x, rgb=True)
 
     def metrics(self) -> list[dict]:
