@@ -1,7 +1,8 @@
 """A stand-in encoder that knows the emoji classes, as SigLIP2 knows ImageNet's: trained on vendors the data set leaves out.
 
     python bench/emoji_encoder.py --src package --vendor facebook [twitter] --out ENCODER [--vae-out VAE] [--per-class 48]
-                                  [--size 32] [--steps 2500] [--seed 2027] [--eval SPLIT/test ...]
+                                  [--size 32] [--steps 2500] [--seed 2027] [--adv-eps 0.5]
+                                  [--eval SPLIT/test ...]
 
 The emoji set that `fsdit` trains and is judged on is then made from the other vendors' drawings
 (`bench/emoji_set.py --vendors apple google twitter --placed SEED`), so the encoder has seen every class, as
@@ -48,6 +49,8 @@ def main(argv=None):
     ap.add_argument('--size', type=int, default=32)
     ap.add_argument('--steps', type=int, default=2500)
     ap.add_argument('--seed', type=int, default=2027)
+    ap.add_argument('--adv-eps', type=float, default=0.0,
+                    help='train on adversarial examples within this L2 radius (the unaligned glyph demo uses 0.5), so that encoder guidance follows shapes')
     ap.add_argument('--eval', nargs='*', default=[], help='class-folder trees to report 5-shot prototype accuracy on')
     a = ap.parse_args(argv)
     t0 = time.time()
@@ -68,7 +71,7 @@ def main(argv=None):
 
 def train_and_save(a, X, y, names):
     "Train the encoder on the placed drawings, report its prototype accuracy on `a.eval`, save it in `a.out`."
-    enc = train_encoder(X, y, GlyphEncoderSpec(image_size=a.size, embed_dim=64), steps=a.steps, seed=a.seed, log=print,
+    enc = train_encoder(X, y, GlyphEncoderSpec(image_size=a.size, embed_dim=64), steps=a.steps, seed=a.seed, log=print, adv_eps=a.adv_eps,
                         info=dict(data=f"emoji-datasource {' + '.join(a.vendor)} drawings, placed at random", classes=len(names),
                                   per_class=a.per_class))
     acc = {}

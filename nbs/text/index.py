@@ -87,24 +87,23 @@
 # minutes of training; the whole unaligned demo took about 37 minutes unguided, the VAE 16 of them), the DiT alone draws its
 # class's texture, not its shape (0.7% on 200 held-out classes). The encoder knows the shapes, so the demo samples with
 # **encoder guidance** (`fsdit sample --guide 1`): at each step for t <= 0.7 the model's estimate of the clean image is
-# decoded and embedded by the frozen encoder, and the gradient of its similarity to the supports' embedding steers it.
-# Held out, 200 classes: **18.1% consistency (31% of real), glyph-FD 22.7 (4.0x the floor)** with an encoder trained
-# on adversarial examples (12.2% with a plain one; 0.7% unguided); seen classes 19.3%. Enlarged (`nbs/images/unaligned_guided_heldout.png`), half the rows now draw their
-# character in most cells — C's, brackets, rings for the circled dot, dot patterns for Braille — and i's and x's in
-# about half, on flat paper; '$' stays a tangle. The long size (`--size long`, 67 minutes of training) reads 18.3% (32%
-# of real, 4.9x the floor); unguided, no run passes 1% at any point of its learning curve. That is far short of the
-# target (70% of real); BENCHMARKS.md §8 has the tables, curves and grids.
+# decoded and embedded by the frozen encoder (trained on adversarial examples), and the gradient of its similarity to the
+# supports' embedding steers it. And each sample **starts from one of its supports** (`--from-support 0.4`, SDEdit):
+# noised to t = 0.4, the support keeps its place, size and colours, and the model redraws the character. Held out, 200
+# classes: **32.9% consistency (57% of real), glyph-FD 21.7 (3.9x the floor)**, its samples as far from their nearest
+# support as unseen real images are (1.10 against 1.09); from noise 18.1%, unguided 0.7%; seen classes 33.4%. Enlarged
+# (`nbs/images/unaligned_fromsupport_heldout.png`): C's, brackets and Braille dots in every cell, forks for 'x', rings in
+# half the circled-dot row, '$' a tangle, on flat paper. Still short of the target (70% of real); BENCHMARKS.md §8 has the
+# tables, curves and grids.
 #
-# **A real colour data set, through the CLI alone.** `bench/emoji_set.py` builds 323 classes of vendors' emoji
-# (Apple, Google, Twitter, Facebook, from the npm registry; 24 drawings a class in six skin tones, 32 px), and
-# `bench/emoji_cli.sh EMOJI OUT aligned` runs `fsdit prepare`, `precompute --stand-in`, `train` and `sample` on it
-# (70 held-out classes, 10 minutes of training on a 2-core CPU). With `--model.cond aligned` most rows of the
-# held-out grid are recognisably their class — the couple under a heart, the dancer in a red dress, the fist, heads
-# with the supports' hair and hands — in blotchy colour broken into patch-sized blocks; emoji are drawn centred, so
-# their supports line up as glyphs do. The recommended recipe (the seed's pooled vector, in latents), with a stand-in
-# encoder and VAE trained on vendors the set leaves out (`bench/emoji_encoder.py`), draws about half of the grid's
-# held-out classes centred (the couple under a heart, the farmer in his hat) and none when the emoji are placed at
-# random (`emoji_set.py --placed`): the photographs' case is not met. Not shown here: the vendors' licences.
+# **A real colour data set, through the CLI alone.** `bench/emoji_set.py` builds 323 classes of vendors' emoji (from
+# the npm registry; six skin tones a drawing, 32 px), and `bench/emoji_cli.sh` runs `fsdit prepare`, `precompute`,
+# `train` and `sample` on it (70 held-out classes). Drawn centred, the supports line up and most held-out rows are their
+# class. Placed at random (`--placed`: the photographs' case), with a stand-in encoder and VAE trained on the two vendors
+# the set leaves out (`bench/emoji_encoder.py`), the recommended recipe draws no class from noise; from a support
+# (`--from-support 0.4`) it draws rough but recognisable members of about four of the grid's eight held-out classes —
+# the facepalm's head over its hand, the curly-haired man, the couple under a heart, the fist — in 13 minutes on a
+# 2-core CPU (`nbs/images/emoji_placed_fromsupport_heldout.png`: Noto Emoji, Apache 2.0, and Twemoji, CC-BY 4.0).
 #
 # How the defaults were chosen (guidance interval, steps, learning rate, the flip, the long size's width and depth),
 # with every run's figures: BENCHMARKS.md §6 and §9. How the default and the long size learn, on validation classes
@@ -151,8 +150,8 @@
 # 106 GFLOP per sample; 4.52 against 3.22 GiB per v5e core at 16 per core: `python bench/memory_plan.py --topology
 # v5e:2x4 --sizes B/2 --layouts replicated --cond xattn`, which needs libtpu but no TPU); it is not the
 # recommendation: on unaligned glyphs, with encoder guidance, the seed's pooled vector does as well (12.5% against
-# 12.2% held out). Sample with `--guide 1` (the notebook compares it with `--guide 0` on validation classes; cost in
-# BENCHMARKS §8). `fsdit prepare --split ravi` gives the field's standard 64/16/20 classes.
+# 12.2% held out). Sample with `--guide 1 --from-support 0.4` (the notebook compares it with `--guide 0` and with
+# sampling from noise on validation classes; BENCHMARKS §8). `fsdit prepare --split ravi`: the standard 64/16/20 classes.
 
 # %% [markdown]
 # ## The explorer
