@@ -38,7 +38,7 @@ from fsdit.images import class_rows_grid, save_png, to_uint8
 from fsdit.run import load_run
 from fsdit.codecs import encoder_guide
 from fsdit.config import GUIDE_UPTO
-from fsdit.sampler import _dit, _model_space_guide, _noise, encoder_guided, guided_velocity, integrate
+from fsdit.sampler import _dit, _model_space_guide, _noise, encoder_guided, guided_velocity, integrate, start_noise
 from fsdit.utils import l2_normalize
 from fsdit.vae import SDVAE
 
@@ -65,16 +65,12 @@ def guided_sampler(run, vae: SDVAE, enc: GlyphEncoder, steps: int, cfg: float, i
         return jnp.mean(jax.vmap(one)(jax.random.split(key, augs)))
 
     @partial(jax.jit, static_argnames=('i0',))
-    def run_sampler(x0, cond, proto, gscale, init=None, i0=0):
+    def run_sampler(x0, cond, proto, gscale, i0=0):
         vel = guided_velocity(model.apply, params, cond, cfg, interval)
         h = 1.0 / steps
-        if init is not None:                     # SDEdit: start at t0 = i0 / steps from the support, noised
-            t0 = i0 / steps
-            x0 = t0 * init + (1 - t0) * x0
         if through_model and not augs:
             v = encoder_guided(vel, guide.fn, guide.params, proto, gscale, upto)
-            if not i0: return integrate(v, x0, steps)
-            return jax.lax.fori_loop(i0, steps, lambda i, x: x + h * v(x, i.astype(jnp.float32) / steps), x0)
+            return integrate(v, x0, steps, start=i0)
 
         def body(i, x):
             t = i.astype(jnp.float32) / steps
@@ -136,12 +132,12 @@ def main(argv=None):
                     e = np.asarray(genc.embed(decode(sl.reshape(-1, *sl.shape[2:])))).reshape(n, sl.shape[1], -1)
                     proto = l2_normalize(jnp.asarray(e).mean(1), eps=1e-6)
                 x0 = _noise(jax.random.PRNGKey(seed), i, n, shape)
-                i0 = int(round(a.start * a.steps))
                 init = None
-                if i0:                                 # episode j starts from its support j mod K
+                if a.start:                            # episode j starts from its support j mod K, noised
                     sl = np.asarray(b['support_latents'])
                     init = scaling.to_model(jnp.asarray(sl[np.arange(n), np.arange(i, i + n) % sl.shape[1]]))
-                res.append(scaling.to_posterior(sampler(x0, cond, proto, jnp.float32(gs), init, i0=i0)))
+                i0, x0 = start_noise(x0, init, a.start, a.steps)
+                res.append(scaling.to_posterior(sampler(x0, cond, proto, jnp.float32(gs), i0=i0)))
             return np.concatenate(res)
         pipe = Pipeline(decode, enc.embed, gen, judge=judge)
         for name, cs in sets.items():
