@@ -199,19 +199,25 @@ def test_sample_cli_on_tiny_run(tiny_run, capsys):
     assert 'not a run directory' in capsys.readouterr().err
 
 
+def _small_eval(tiny_run, capsys, tag: str, *flags) -> dict:
+    "`fsdit eval` of the tiny run on 3-shot held-out episodes only (4 samples a class, CFG 1), with `flags`: its eval.json."
+    from fsdit.commands.eval import eval_cli
+    out = tiny_run / f'eval_{tag}'
+    rc = eval_cli(['--run', str(tiny_run / 'run'), '--feats', str(tiny_run / 'feats'), '--shots', '3', '--no-seen',
+                   '--cfg', '1', '--n', '4', '--max-real', '6', *flags, '--out', str(out)])
+    assert rc == 0, capsys.readouterr().err
+    return json.loads((out / 'eval.json').read_text())
+
+
+_model = lambda res: next(r for r in res['records'] if r['method'] == 'model')
+
+
 def test_eval_cli_with_encoder_guidance(tiny_run, capsys):
     "`fsdit eval --guide`: the eval records its guidance, and guided samples sit nearer their supports by the encoder."
     from fsdit.commands.eval import eval_cli
-    res = {}
-    for g in ('0', '3'):
-        out = tiny_run / f'eval_guide{g}'
-        rc = eval_cli(['--run', str(tiny_run / 'run'), '--feats', str(tiny_run / 'feats'), '--shots', '3', '--no-seen',
-                       '--cfg', '1', '--n', '4', '--steps', '3', '--max-real', '6', '--guide', g, '--guide-upto', '0.8',
-                       '--out', str(out)])
-        assert rc == 0, capsys.readouterr().err
-        res[g] = json.loads((out / 'eval.json').read_text())
+    res = {g: _small_eval(tiny_run, capsys, f'guide{g}', '--steps', '3', '--guide', g, '--guide-upto', '0.8') for g in ('0', '3')}
     assert res['3']['settings']['guide_scale'] == 3.0 and res['3']['settings']['guide_upto'] == 0.8
-    model = {g: next(r for r in res[g]['records'] if r['method'] == 'model') for g in res}
+    model = {g: _model(res[g]) for g in res}
     assert model['3']['nn_support_embed'] < model['0']['nn_support_embed'] - 0.05, model
     assert eval_cli(['--run', str(tiny_run / 'run'), '--guide', '-2']) == 1
     assert 'must be >= 0' in capsys.readouterr().err
@@ -220,15 +226,9 @@ def test_eval_cli_with_encoder_guidance(tiny_run, capsys):
 def test_eval_cli_from_support(tiny_run, capsys):
     "`fsdit eval --from-support T`: recorded in the settings, and late starts sit nearer the supports than samples from noise."
     from fsdit.commands.eval import eval_cli
-    model = {}
-    for t in ('0', '0.75'):
-        out = tiny_run / f'eval_from{t}'
-        rc = eval_cli(['--run', str(tiny_run / 'run'), '--feats', str(tiny_run / 'feats'), '--shots', '3', '--no-seen',
-                       '--cfg', '1', '--n', '4', '--steps', '4', '--max-real', '6', '--from-support', t, '--out', str(out)])
-        assert rc == 0, capsys.readouterr().err
-        res = json.loads((out / 'eval.json').read_text())
-        assert res['settings']['from_support'] == float(t)
-        model[t] = next(r for r in res['records'] if r['method'] == 'model')
+    res = {t: _small_eval(tiny_run, capsys, f'from{t}', '--steps', '4', '--from-support', t) for t in ('0', '0.75')}
+    for t in res: assert res[t]['settings']['from_support'] == float(t)
+    model = {t: _model(res[t]) for t in res}
     assert model['0.75']['nn_support_pixel'] < 0.7 * model['0']['nn_support_pixel'], model
     assert eval_cli(['--run', str(tiny_run / 'run'), '--from-support', '1.5']) == 1
     assert 'starts at a time t in [0, 1)' in capsys.readouterr().err
