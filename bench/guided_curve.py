@@ -2,11 +2,14 @@
 classes, read by the demo's judge.
 
     python bench/guided_curve.py DEMO [--run DEMO/run] [--steps 1100 2200 ...] [--classes 100] [--n 4]
-                                 [--guide 0 1] [--json curve.json] [--plot curve.png NAME=JSON ...]
+                                 [--guide 0 1] [--from-support T] [--cfg C] [--interval LO HI] [--sample-steps N]
+                                 [--json curve.json] [--plot curve.png NAME=JSON ...]
 
 The trainer's own few-shot hook (`val_fs/*`) samples 16 validation classes x 6 without guidance; this samples
 `--classes` of them (all 100 by default) x `--n` at the run's CFG, interval and sampler steps, once per `--guide`
 scale (t <= GUIDE_UPTO), from each checkpoint's EMA weights, so the guided demo's curve is measured as it samples.
+`--from-support T` starts each sample from a support noised to T (SDEdit, as `fsdit sample --from-support`);
+`--cfg`, `--interval` and `--sample-steps` replace the run's own sampler settings (to compare runs at one setting).
 Each point is appended to `--json` as soon as it is done (a rerun skips the points already there).
 `--plot OUT NAME=JSON ...` only draws curves already measured.
 """
@@ -23,16 +26,19 @@ from fsdit.run import saved_steps
 from class_curve import run_at          # the run as it was at one checkpoint
 
 
-def point(run, store, judge, split, classes, n, guide, out) -> dict:
-    "One point: the run's summary on `classes` of `split` at encoder guidance `guide`."
+def point(run, store, judge, split, classes, n, guide, out, from_support=0.0, cfg=None, interval=None, steps=None) -> dict:
+    "One point: the run's summary on `classes` of `split` at encoder guidance `guide` (the run's sampler unless given)."
     t0 = time.time()
-    res = evaluate(run, store, split=split, seen_split=None, n_per_class=n, shots=(run.tc.shots,), cfg_scales=(run.tc.cfg_scale,),
-                   steps=run.tc.sample_steps, max_real_per_class=None, judge=judge, n_classes=classes, out=out,
-                   cfg_interval=run.tc.cfg_interval, guide_scale=guide, guide_upto=GUIDE_UPTO)
-    s = demo_summary(res, run.tc.cfg_scale)[split]
-    return dict(step=run.step, guide=guide, classes=s['classes'], n=n, seconds=round(time.time() - t0, 1),
+    cfg = run.tc.cfg_scale if cfg is None else cfg
+    res = evaluate(run, store, split=split, seen_split=None, n_per_class=n, shots=(run.tc.shots,), cfg_scales=(cfg,),
+                   steps=steps or run.tc.sample_steps, max_real_per_class=None, judge=judge, n_classes=classes, out=out,
+                   cfg_interval=tuple(interval or run.tc.cfg_interval), guide_scale=guide, guide_upto=GUIDE_UPTO,
+                   from_support=from_support)
+    s = demo_summary(res, cfg)[split]
+    return dict(step=run.step, guide=guide, from_support=from_support, classes=s['classes'], n=n, seconds=round(time.time() - t0, 1),
                 judge_acc=s['model']['judge_acc'], real_judge_acc=s['real']['judge_acc'], glyph_fd=s['model']['glyph_fd'],
-                real_glyph_fd=s['real']['glyph_fd'], glyph_kid=s['model'].get('glyph_kid'), mean_judge_acc=s['mean']['judge_acc'])
+                real_glyph_fd=s['real']['glyph_fd'], glyph_kid=s['model'].get('glyph_kid'), mean_judge_acc=s['mean']['judge_acc'],
+                nn_support_judge=s['model'].get('nn_support_judge'), real_nn_support_judge=s['real'].get('nn_support_judge'))
 
 
 def plot(out, curves: dict):
@@ -60,6 +66,10 @@ def main(argv=None):
     ap.add_argument('--classes', type=int, default=100)
     ap.add_argument('--n', type=int, default=4, help='samples per class')
     ap.add_argument('--guide', type=float, nargs='+', default=[0.0, 1.0])
+    ap.add_argument('--from-support', type=float, default=0.0, help='start from a support noised to this t (0: from noise)')
+    ap.add_argument('--cfg', type=float, default=None, help="CFG scale (default: the run's)")
+    ap.add_argument('--interval', type=float, nargs=2, default=None, help="CFG interval (default: the run's)")
+    ap.add_argument('--sample-steps', type=int, default=None, help="Euler steps (default: the run's)")
     ap.add_argument('--json', default=None, help='points file (default DEMO/guided_curve.json)')
     ap.add_argument('--plot', nargs='+', default=None, metavar='OUT NAME=JSON', help='draw measured curves and stop')
     a = ap.parse_args(argv)
@@ -79,7 +89,8 @@ def main(argv=None):
             if not todo: continue
             run = run_at(run_dir, step, Path(tmp))
             for g in todo:
-                p = point(run, store, judge, a.split, a.classes, a.n, g, Path(tmp) / 'eval')
+                p = point(run, store, judge, a.split, a.classes, a.n, g, Path(tmp) / 'eval', a.from_support, a.cfg,
+                          a.interval, a.sample_steps)
                 doc['points'].append(p); path.write_text(json.dumps(doc, indent=1))
                 print(json.dumps(p), flush=True)
     return 0
