@@ -149,8 +149,10 @@ UNALIGNED = dict(image_size=24, channels=3, cond='xattn', model=dict(patch=2, co
                  vae=dict(blocks=(32, 64), latent_channels=4, groups=16, per_class=12, steps=1000),
                  encoder=dict(per_class=48, steps=2500, adv_eps=0.5), judge=dict(per_class=48, epochs=5))
 UNALIGNED_TRAIN = {'full': dict(max_steps=4400, save_every=1100, eval_every=2200, sample_every=4400)}
-UNALIGNED_SIZES = {   # per size, what differs from UNALIGNED
-    'full': dict(cfg=4.0, eval_cfg=(4.0,), cfg_interval=(0.6, 0.9), sample_steps=20),   # its sampler, chosen on its own validation classes
+_UNALIGNED_SAMPLER = dict(cfg=4.0, eval_cfg=(4.0,), cfg_interval=(0.6, 0.9), sample_steps=20)
+UNALIGNED_SIZES = {   # per size, what differs from UNALIGNED; each sampler chosen on the size's own validation classes
+    'full': _UNALIGNED_SAMPLER,
+    'long': {**_UNALIGNED_SAMPLER, 'from_support': 0.2},   # its samples sit nearer their supports: the rule starts it earlier
     'tiny': dict(encoder=dict(per_class=8, steps=30, batch_size=32), judge=dict(per_class=8, epochs=4, batch_size=32),
                  vae=dict(blocks=(8, 16), latent_channels=4, groups=4, per_class=4, steps=20, batch_size=16))}
 
@@ -219,7 +221,9 @@ test_eq([demo_configs(demo_size(n))[0].conv for n in ('full', 'long')], [32, 0])
 test_eq((tc_u.guide_scale, tc_u.guide_upto, tc.guide_scale), (1.0, 0.7, 0.0))        # encoder guidance: unaligned only
 test_eq((tc_u.from_support, tc.from_support), (0.3, 0.0))                          # and the start from a support
 test_eq((tc_u.cfg_scale, tc_u.sample_steps, demo_size('full', 'unaligned').eval_cfg), (4.0, 20, (4.0,)))   # its own sampler
-test_eq([demo_size(n, 'unaligned').cfg_interval for n in ('full', 'long')], [(0.6, 0.9), (0.5, 1.0)])   # each chosen on its data
+test_eq([demo_size(n, 'unaligned').cfg_interval for n in ('full', 'long')], [(0.6, 0.9), (0.6, 0.9)])   # each chosen on its data
+test_eq([demo_size(n, d).from_support for n in ('full', 'long') for d in ('aligned', 'unaligned')], [0.0, 0.3, 0.0, 0.2])
+test_eq(demo_size('long').cfg_interval, (0.5, 1.0))                                # the aligned long size keeps its own
 test_fail(lambda: demo_size('full', 'tilted'), contains="unknown demo data 'tilted'")
 
 # %% [markdown]
