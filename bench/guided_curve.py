@@ -81,11 +81,11 @@ def main(argv=None):
     d = Path(a.demo); run_dir = Path(a.run) if a.run else d / 'run'
     path = Path(a.json) if a.json else d / 'guided_curve.json'
     doc = json.loads(path.read_text()) if path.exists() else {'run': str(run_dir), 'split': a.split, 'points': []}
-    done = {(p['step'], p['guide']) for p in doc['points']}
+    done = {(p['step'], p['guide'], p.get('from_support', 0.0)) for p in doc['points']}   # a point per start, too
     store, judge = open_store(d / 'feats'), load_judge(d / 'judge')
     with tempfile.TemporaryDirectory() as tmp:
         for step in a.steps or saved_steps(run_dir):
-            todo = [g for g in a.guide if (step, g) not in done]
+            todo = [g for g in a.guide if (step, g, a.from_support) not in done]
             if not todo: continue
             run = run_at(run_dir, step, Path(tmp))
             for g in todo:
