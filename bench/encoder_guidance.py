@@ -2,7 +2,7 @@
 
     python bench/encoder_guidance.py DEMO [--split val] [--classes 32] [--n 6] [--scales 0 1 2] [--upto 0.7]
                                           [--through-model] [--augs 0] [--cfg 8] [--steps 15] [--out DEMO/guidance]
-                                          [--guide-encoder FOLDER] [--start T]
+                                          [--guide-encoder FOLDER] [--start T] [--best-of N]
 
 The support encoder knows every class (SigLIP2 knows ImageNet's; the unaligned demo's stand-in was trained on its
 own renderings of all of them), while the DiT has learned only what its training classes taught it. At each Euler
@@ -19,7 +19,10 @@ enlarged 4x) to OUT/grid_SPLIT_SCALE.png; bench/encoder_guidance.json holds the 
 `--guide-encoder FOLDER` guides by another glyph encoder (an adversarially trained one: `train_encoder(adv_eps=...)`)
 towards its own embedding of the decoded supports, while the model stays conditioned on the store's embeddings.
 `--start T` starts episode i at time T from its support i mod K, noised (SDEdit, as `fsdit.sampler.start_noise`);
-the rows then carry each sample's distance to its nearest support, to set beside real images'.
+the rows then carry each sample's distance to its nearest support, to set beside real images'. `--best-of N` draws N
+candidates an episode and keeps the one whose encoder embedding is nearest the supports' mean (leaving out the
+support it started from, so that a near copy of it is not what wins): reranking by the conditioning encoder, as
+DALL-E reranks by CLIP; the encoder chooses, the judge reads.
 """
 import argparse, json, sys, time
 from functools import partial
@@ -107,6 +110,9 @@ def main(argv=None):
     ap.add_argument('--start', type=float, default=0.0,
                     help='SDEdit: start at this t from one of the supports, noised (0: from pure noise)')
     ap.add_argument('--guide-encoder', default=None, help='guide by this glyph encoder folder instead of the store\'s')
+    ap.add_argument('--best-of', type=int, default=1,
+                    help='draw this many candidates an episode and keep the one the encoder puts nearest the class '
+                         '(the mean embedding of the supports other than the one it started from)')
     a = ap.parse_args(argv)
     d = Path(a.demo); out = Path(a.out or d / 'guidance'); out.mkdir(parents=True, exist_ok=True)
     run, store, judge = load_run(d / 'run'), open_store(d / 'feats'), load_judge(d / 'judge')
@@ -139,7 +145,19 @@ def main(argv=None):
                 i0, x0 = start_noise(x0, init, a.start, a.steps)
                 res.append(scaling.to_posterior(sampler(x0, cond, proto, jnp.float32(gs), i0=i0)))
             return np.concatenate(res)
-        pipe = Pipeline(decode, enc.embed, gen, judge=judge)
+
+        def best_of(emb, lat, cfg, seed, gen=gen):     # candidate j from seed + 7919 j; candidate 0 is the plain draw
+            cands = [gen(emb, lat, cfg, seed + 7919 * j) for j in range(a.best_of)]
+            n, k = len(lat), lat.shape[1]
+            e = np.asarray(emb, np.float32)
+            keep = np.ones((n, k), bool)
+            if a.start: keep[np.arange(n), np.arange(n) % k] = False      # leave out the support it started from
+            proto = np.asarray(l2_normalize(jnp.asarray((e * keep[..., None]).sum(1)), eps=1e-6))
+            score = np.stack([(np.asarray(enc.embed(decode(c))) * proto).sum(-1) for c in cands])   # (N, n)
+            return np.stack(cands)[score.argmax(0), np.arange(n)]
+
+        draw = gen if a.best_of == 1 else best_of
+        pipe = Pipeline(decode, enc.embed, draw, judge=judge)
         for name, cs in sets.items():
             t0 = time.time()
             recs = evaluate_classes(pipe, cs, n_per_class=a.n, shots=(run.tc.shots,), cfg_scales=(a.cfg,),
@@ -149,16 +167,16 @@ def main(argv=None):
                        **{k: r.get(k) for k in ('judge_acc', 'glyph_fd', 'glyph_kid', 'proto_acc', 'diversity_judge',
                                                 'nn_support_judge')},
                        'seconds': round(time.time() - t0)}
-                row.update(start=a.start, steps=a.steps, through_model=a.through_model, cfg=a.cfg, augs=a.augs, guide_encoder=a.guide_encoder); rows.append(row); print(json.dumps(row), flush=True)
+                row.update(best_of=a.best_of, start=a.start, steps=a.steps, through_model=a.through_model, cfg=a.cfg, augs=a.augs, guide_encoder=a.guide_encoder); rows.append(row); print(json.dumps(row), flush=True)
             # a grid of the first 8 classes: supports | samples
             k = run.tc.shots
             idx = [np.flatnonzero(cs.labels == c) for c in range(min(8, cs.n_classes))]
             sup = np.stack([ix[:k] for ix in idx])                               # (8, k)
-            lat = gen(cs.embeds[sup].repeat(8, 0), cs.latents[sup].repeat(8, 0), a.cfg, 0)
+            lat = draw(cs.embeds[sup].repeat(8, 0), cs.latents[sup].repeat(8, 0), a.cfg, 0)
             px = to_uint8(np.asarray(decode(lat))).reshape(len(idx), 8, *to_uint8(np.asarray(decode(lat[:1]))).shape[1:])
             sp = to_uint8(np.asarray(decode(cs.latents[sup.reshape(-1)]))).reshape(len(idx), k, *px.shape[2:])
             save_png(class_rows_grid(list(sp), list(px), scale=4, titles=(f'{k} supports', f'8 samples, guidance {gs:g}')),
-                     out / f'grid_{name}_{gs:g}{f"_start{a.start:g}" if a.start else ""}.png')
+                     out / f'grid_{name}_{gs:g}{f"_start{a.start:g}" if a.start else ""}{f"_best{a.best_of}" if a.best_of > 1 else ""}.png')
     (out / 'guidance.json').write_text(json.dumps(rows, indent=1))
     return 0
 
