@@ -2,7 +2,7 @@
 
     python bench/encoder_guidance.py DEMO [--split val] [--classes 32] [--n 6] [--scales 0 1 2] [--upto 0.7]
                                           [--through-model] [--augs 0] [--cfg 8] [--steps 15] [--out DEMO/guidance]
-                                          [--guide-encoder FOLDER] [--start T] [--best-of N]
+                                          [--guide-encoder FOLDER] [--start T] [--guide-others] [--best-of N]
 
 The support encoder knows every class (SigLIP2 knows ImageNet's; the unaligned demo's stand-in was trained on its
 own renderings of all of them), while the DiT has learned only what its training classes taught it. At each Euler
@@ -22,7 +22,8 @@ towards its own embedding of the decoded supports, while the model stays conditi
 the rows then carry each sample's distance to its nearest support, to set beside real images'. `--best-of N` draws N
 candidates an episode and keeps the one whose encoder embedding is nearest the supports' mean (leaving out the
 support it started from, so that a near copy of it is not what wins): reranking by the conditioning encoder, as
-DALL-E reranks by CLIP; the encoder chooses, the judge reads.
+DALL-E reranks by CLIP; the encoder chooses, the judge reads. `--guide-others` guides each sample from a support
+towards the mean of the other supports only.
 """
 import argparse, json, sys, time
 from functools import partial
@@ -92,6 +93,15 @@ def guided_sampler(run, vae: SDVAE, enc: GlyphEncoder, steps: int, cfg: float, i
     return run_sampler
 
 
+def class_target(e, offset: int = 0, leave_start: bool = False):
+    """Unit (n, E): each episode's supports' mean embedding, e (n, K, E); with `leave_start`, episode j's mean leaves
+    out the support it starts from, (offset + j) mod K."""
+    e = np.asarray(e, np.float32)
+    keep = np.ones(e.shape[:2], bool)
+    if leave_start: keep[np.arange(len(e)), (offset + np.arange(len(e))) % e.shape[1]] = False
+    return l2_normalize(jnp.asarray((e * keep[..., None]).sum(1)), eps=1e-6)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('demo')
@@ -110,6 +120,8 @@ def main(argv=None):
     ap.add_argument('--start', type=float, default=0.0,
                     help='SDEdit: start at this t from one of the supports, noised (0: from pure noise)')
     ap.add_argument('--guide-encoder', default=None, help='guide by this glyph encoder folder instead of the store\'s')
+    ap.add_argument('--guide-others', action='store_true',
+                    help='with --start: guide towards the mean of the supports other than the one it starts from')
     ap.add_argument('--best-of', type=int, default=1,
                     help='draw this many candidates an episode and keep the one the encoder puts nearest the class '
                          '(the mean embedding of the supports other than the one it started from)')
@@ -132,11 +144,11 @@ def main(argv=None):
                 b = {'support_embeds': emb[i:i + 64], 'support_latents': lat[i:i + 64]}
                 n = len(b['support_latents'])
                 cond = condition({k: jnp.asarray(v) for k, v in b.items()}, mc, scaling)
-                if genc is enc: proto = l2_normalize(jnp.asarray(b['support_embeds']).mean(1), eps=1e-6)
+                if genc is enc: e = b['support_embeds']
                 else:                                  # the guide's own embedding of the supports, as decoded
                     sl = np.asarray(b['support_latents'])
                     e = np.asarray(genc.embed(decode(sl.reshape(-1, *sl.shape[2:])))).reshape(n, sl.shape[1], -1)
-                    proto = l2_normalize(jnp.asarray(e).mean(1), eps=1e-6)
+                proto = class_target(e, i, a.start > 0 and a.guide_others)
                 x0 = _noise(jax.random.PRNGKey(seed), i, n, shape)
                 init = None
                 if a.start:                            # episode j starts from its support j mod K, noised
@@ -148,11 +160,7 @@ def main(argv=None):
 
         def best_of(emb, lat, cfg, seed, gen=gen):     # candidate j from seed + 7919 j; candidate 0 is the plain draw
             cands = [gen(emb, lat, cfg, seed + 7919 * j) for j in range(a.best_of)]
-            n, k = len(lat), lat.shape[1]
-            e = np.asarray(emb, np.float32)
-            keep = np.ones((n, k), bool)
-            if a.start: keep[np.arange(n), np.arange(n) % k] = False      # leave out the support it started from
-            proto = np.asarray(l2_normalize(jnp.asarray((e * keep[..., None]).sum(1)), eps=1e-6))
+            n, proto = len(lat), np.asarray(class_target(emb, 0, a.start > 0))   # leave out the support it started from
             score = np.stack([(np.asarray(enc.embed(decode(c))) * proto).sum(-1) for c in cands])   # (N, n)
             return np.stack(cands)[score.argmax(0), np.arange(n)]
 
@@ -167,7 +175,7 @@ def main(argv=None):
                        **{k: r.get(k) for k in ('judge_acc', 'glyph_fd', 'glyph_kid', 'proto_acc', 'diversity_judge',
                                                 'nn_support_judge')},
                        'seconds': round(time.time() - t0)}
-                row.update(best_of=a.best_of, start=a.start, steps=a.steps, through_model=a.through_model, cfg=a.cfg, augs=a.augs, guide_encoder=a.guide_encoder); rows.append(row); print(json.dumps(row), flush=True)
+                row.update(best_of=a.best_of, guide_others=a.guide_others, start=a.start, steps=a.steps, through_model=a.through_model, cfg=a.cfg, augs=a.augs, guide_encoder=a.guide_encoder); rows.append(row); print(json.dumps(row), flush=True)
             # a grid of the first 8 classes: supports | samples
             k = run.tc.shots
             idx = [np.flatnonzero(cs.labels == c) for c in range(min(8, cs.n_classes))]
@@ -176,7 +184,7 @@ def main(argv=None):
             px = to_uint8(np.asarray(decode(lat))).reshape(len(idx), 8, *to_uint8(np.asarray(decode(lat[:1]))).shape[1:])
             sp = to_uint8(np.asarray(decode(cs.latents[sup.reshape(-1)]))).reshape(len(idx), k, *px.shape[2:])
             save_png(class_rows_grid(list(sp), list(px), scale=4, titles=(f'{k} supports', f'8 samples, guidance {gs:g}')),
-                     out / f'grid_{name}_{gs:g}{f"_start{a.start:g}" if a.start else ""}{f"_best{a.best_of}" if a.best_of > 1 else ""}.png')
+                     out / f'grid_{name}_{gs:g}{f"_start{a.start:g}" if a.start else ""}{f"_best{a.best_of}" if a.best_of > 1 else ""}{"_others" if a.guide_others else ""}.png')
     (out / 'guidance.json').write_text(json.dumps(rows, indent=1))
     return 0
 
