@@ -106,6 +106,26 @@ def test_t_shift_moves_training_times_toward_the_noise():
         train_config('test', t_shift=0.0)
 
 
+def test_self_cond_gives_a_share_of_episodes_their_own_embedding():
+    "TrainConfig.self_cond: about that share of the training episodes is conditioned on the target's own embedding, none at evaluation."
+    from fsdit.config import train_config
+    from fsdit.flow import model_inputs, example_keys
+    from fsdit.testing import synthetic_batch
+    from fsdit.utils import LatentScaling
+    mc = model_config('mu', input_size=8, in_channels=4, support_dim=16)
+    batch, keys = synthetic_batch(256, mc), example_keys(jax.random.PRNGKey(0), 3, 256)
+    batch['target_embeds'] = np.random.default_rng(0).normal(size=(256, 16)).astype(np.float32)
+    mean = batch['support_embeds'].astype(np.float32).mean(1)
+    cond = lambda tc, train=True: np.asarray(model_inputs(batch, keys, mc, tc, LatentScaling(1.0), train)[4]['support_embed'])
+    own = np.isclose(cond(train_config('test', self_cond=0.3)), batch['target_embeds'].astype(batch['support_embeds'].dtype), atol=1e-6).all(1)
+    assert 0.2 < own.mean() < 0.4, own.mean()
+    np.testing.assert_allclose(cond(train_config('test', self_cond=0.3))[~own], mean[~own], atol=1e-6)
+    np.testing.assert_allclose(cond(train_config('test', self_cond=0.3), train=False), mean, atol=1e-6)
+    np.testing.assert_allclose(cond(train_config('test')), mean, atol=1e-6)
+    with pytest.raises(ValueError, match='self_cond'):
+        train_config('test', self_cond=1.0)
+
+
 def test_flow_loss_true_velocity_and_bins():
     x1 = jax.random.normal(jax.random.PRNGKey(0), (64, 4, 4, 2))
     eps = jax.random.normal(jax.random.PRNGKey(1), x1.shape)

@@ -186,6 +186,7 @@ class TrainConfig:
     t_sampling: str = 'logit_normal'  # t = sigmoid(N(0,1)), or 'uniform'
     t_shift: float = 1.0         # training times moved toward the noise, t -> t / (t + S (1 - t)) (SD3's resolution shift); 1: off
     align_weight: float = 0.0    # weight of the representation loss (REPA-style, on the pooled target embedding); 0: off
+    self_cond: float = 0.0       # share of training episodes whose support embeddings are all the target's own (0: off)
     mirror: bool = True          # the seed's random horizontal flip of the target; off where a mirror image is another class
     fsdp: bool = False           # shard parameters, EMA and optimizer state over the devices (ZeRO-3); default: replicated
     fsdp_min_size: int = 16384   # FSDP: tensors with fewer elements stay replicated
@@ -283,6 +284,7 @@ def validate_train(c: TrainConfig):
     except ValueError as e: raise ValueError(f"from_support: {e}") from None
     _require(c.t_sampling in T_SAMPLING, f"t_sampling must be one of {T_SAMPLING}, got {c.t_sampling!r}")
     _require(math.isfinite(c.align_weight) and c.align_weight >= 0, f"align_weight must be >= 0 (0: off), got {c.align_weight}")
+    _require(0 <= c.self_cond < 1, f"self_cond is a share of episodes in [0, 1) (0: off), got {c.self_cond}")
     _require(c.t_shift > 0, f"t_shift must be positive (1 is no shift; more than 1 moves training times toward the noise), got {c.t_shift}")
     _require(c.episodes in EPISODES, f"episodes must be one of {EPISODES}, got {c.episodes!r}")
     _require(c.wandb_mode in WANDB_MODES, f"wandb_mode must be one of {WANDB_MODES}, got {c.wandb_mode!r}")
@@ -312,6 +314,7 @@ test_fail(lambda: TrainConfig(from_support=1.0), contains='from_support')
 check_batch(128, 8, 2)
 test_fail(lambda: check_batch(100, 8), contains='not divisible by the 8 devices')
 test_fail(lambda: TrainConfig(align_weight=-1), contains='align_weight')
+test_fail(lambda: TrainConfig(self_cond=1.0), contains='self_cond')
 test_fail(lambda: ModelConfig(depth=4, align_depth=5), contains='align_depth')
 check_align(ModelConfig(depth=4, align_depth=2), TrainConfig(align_weight=0.5)); check_align(ModelConfig(), TrainConfig())
 test_fail(lambda: check_align(ModelConfig(depth=4), TrainConfig(align_weight=0.5)), contains='model.align_depth')

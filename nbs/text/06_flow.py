@@ -246,7 +246,18 @@ def model_inputs(batch: dict, keys: jax.Array, mc: ModelConfig, tc: TrainConfig,
         drop = jax.random.bernoulli(kdrop, mc.cfg_drop) & train
         return x1, sample_t(kt, (), tc.t_sampling, tc.t_shift), jax.random.normal(keps, mean.shape), drop
     x1, t, eps, drop = jax.vmap(one)(keys, batch['moments'])
+    if train and tc.self_cond: batch = self_conditioned(batch, keys, tc.self_cond)
     return x1, t, eps, drop, condition(batch, mc, scaling)
+
+
+def self_conditioned(batch: dict, keys: jax.Array, share: float) -> dict:
+    """The batch with the support embeddings of a `share` of its episodes (each drawn from its own key) replaced by
+    the target's own embedding, K times: those episodes teach the model what an embedding says about the image it
+    came from. The supports' latents are left as they are."""
+    own = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), share))(keys)       # (B,)
+    se = batch['support_embeds']
+    mine = jnp.broadcast_to(batch['target_embeds'][:, None].astype(se.dtype), se.shape)
+    return {**batch, 'support_embeds': jnp.where(own[:, None, None], mine, se)}
 
 
 # %%
@@ -268,6 +279,16 @@ assert np.all(np.isclose(x1p, pb['moments'][:, :, 0].astype(np.float32), atol=1e
 # without the mirror augmentation (glyphs: a mirrored character is another character) the target is never flipped
 x1u = np.asarray(inputs(pb, keys, mc, train_config('test', mirror=False), LatentScaling())[0])
 test_close(x1u, pb['moments'][:, 0, 0].astype(np.float32), eps=1e-5)
+# self-conditioning: a share of the episodes see the target's own embedding as every support's; none at evaluation
+sb = {**b, 'target_embeds': np.random.default_rng(1).normal(size=(4, 768)).astype(np.float32)}
+k64 = example_keys(jax.random.PRNGKey(0), 3, 64)
+sb64 = {k: np.concatenate([v] * 16) for k, v in sb.items()}
+half = self_conditioned(sb64, k64, 0.5)['support_embeds']
+own = np.all(np.asarray(half) == sb64['target_embeds'].astype(half.dtype)[:, None], axis=(1, 2))   # in the store's dtype
+kept = np.all(np.asarray(half) == sb64['support_embeds'], axis=(1, 2))
+assert (own | kept).all() and 16 < own.sum() < 48, own.sum()
+tc_s = train_config('test', self_cond=0.5)
+test_close(model_inputs(sb, keys, mc, tc_s, LatentScaling(0.18215), train=False)[4]['support_embed'], c_in['support_embed'])
 
 
 # %% [markdown]
