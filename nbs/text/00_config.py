@@ -63,6 +63,8 @@ class ModelConfig:
                                  # embedding, a head after the readout); 0: the seed's linear embedding and readout
     align_depth: int = 0         # after this many blocks, an MLP head maps the mean target token to the support
                                  # embedding's space, for the representation loss (`TrainConfig.align_weight`); 0: no head
+    support_rms: bool = False    # scale the mean support embedding to unit RMS before its MLP; off: the seed's unit-norm
+                                 # vector, whose entries (RMS 1 / sqrt(support_dim)) reach adaLN far weaker than t's
 
     def __post_init__(self): validate_model(self)
 

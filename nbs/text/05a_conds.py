@@ -91,6 +91,7 @@ class Conditioning:
         "`y (B, D)`, added to the timestep embedding: the MLP of the support embedding, zeros where `drop` (the seed's null)."
         dt = jnp.dtype(cfg.dtype)
         s = jnp.where(drop[:, None], 0.0, cond['support_embed'].astype(jnp.float32))
+        if cfg.support_rms: s = s / jnp.sqrt(jnp.mean(s * s, -1, keepdims=True) + 1e-12)   # the null stays 0
         return SupportProjector(cfg.hidden, dt, name='y_embed')(s.astype(dt))
 
     def tokens(self, cfg: ModelConfig, tok, cond: dict, drop):
@@ -117,6 +118,23 @@ test_close(c['support_embed'], batch['support_embeds'].astype(np.float32).mean(1
 test_eq(jax.tree_util.tree_map(jnp.shape, sup.null(cfg, 3)), jax.tree_util.tree_map(jnp.shape, sup.example(cfg, 3)))
 test_close(np.linalg.norm(sup.example(cfg, 3)['support_embed'], axis=-1), np.ones(3), eps=1e-5)
 sup.check_shots(1); test_fail(lambda: sup.check_shots(0), contains='at least one support')
+
+# %% [markdown]
+# The seed feeds the mean embedding to its MLP as it is: a unit-norm vector of `support_dim` entries, each about
+# 1 / sqrt(support_dim), against the timestep's sinusoid of entries near 1, so the class enters adaLN far weaker than
+# t. `support_rms=True` scales it to unit RMS first: then only its direction counts, and the null stays zero.
+
+# %%
+from fsdit.dit import DiT, init_params
+from fsdit.testing import perturb
+emb3 = jnp.asarray(l2_normalize(r.normal(size=(3, cfg.support_dim))), jnp.float32)
+x3, t3, keep = jnp.asarray(r.normal(size=(3, 28, 28, 4)), jnp.float32), jnp.full((3,), 0.5), jnp.zeros(3, bool)
+for rms in (False, True):
+    mc_r = model_config('mu', support_rms=rms)
+    p_r = perturb(init_params(mc_r, jax.random.PRNGKey(0)))
+    v = lambda e, d=keep: np.asarray(DiT(mc_r).apply({'params': p_r}, x3, t3, {'support_embed': e}, d))
+    assert np.allclose(v(emb3), v(3 * emb3), atol=1e-5) == rms      # with it only the direction counts
+    test_close(v(emb3, ~keep), v(jnp.zeros_like(emb3), keep), eps=1e-5)   # the null condition is still zero
 
 
 # %% [markdown]
