@@ -126,6 +126,18 @@ def test_self_cond_gives_a_share_of_episodes_their_own_embedding():
         train_config('test', self_cond=1.0)
 
 
+def test_support_rms_reads_only_the_direction_of_the_embedding():
+    "ModelConfig.support_rms: the mean support embedding is scaled to unit RMS, so 3e conditions as e does; the null stays zero."
+    x, t = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4)), jnp.full((2,), 0.4)
+    e = jax.random.normal(jax.random.PRNGKey(2), (2, 16))
+    for rms in (False, True):
+        mc = model_config('mu', input_size=8, support_dim=16, support_rms=rms)
+        p = perturb(init_params(mc, jax.random.PRNGKey(0)))
+        v = lambda c, d=jnp.zeros(2, bool): np.asarray(DiT(mc).apply({'params': p}, x, t, {'support_embed': c}, d))
+        assert np.allclose(v(e), v(3 * e), atol=1e-5) == rms
+        np.testing.assert_allclose(v(e, jnp.ones(2, bool)), v(jnp.zeros_like(e)), atol=1e-5)
+
+
 def test_flow_loss_true_velocity_and_bins():
     x1 = jax.random.normal(jax.random.PRNGKey(0), (64, 4, 4, 2))
     eps = jax.random.normal(jax.random.PRNGKey(1), x1.shape)
