@@ -73,25 +73,25 @@
 # `nbs/images/demo_heldout_seed_cond.png`, BENCHMARKS.md §9).
 
 # %% [markdown]
-# **When the supports do not line up.** `fsdit demo --data unaligned --out demo_u` draws each character at a
-# random place, size, angle and colour (RGB, 24 px), so the supports' per-pixel mean is a blur, as it is for
-# photographs. It adds a stand-in encoder trained on its own renderings (5-shot nearest-prototype accuracy on 200
-# held-out classes: 70.7%) and, as SD-VAE does for photographs, a small VAE trained on its own renderings
-# (`fsdit.glyph.vae`, a diffusers `AutoencoderKL` folder that `fsdit precompute --vae` loads), so the DiT models
-# 12x12x4 latents rather than pixels. From pixels, nothing tried drew a character: every conditioning stayed under
-# 1% judge consistency against 70.6% for real images, and the model could not draw even 12 classes it trained on
-# (`python bench/unaligned_factors.py demo_u OUT`: it is the three colour channels, random ink and paper, that stop
-# it). In the VAE's latents the same model, given the class by label, draws those 12 classes — whole characters in one
-# ink colour on flat paper, anywhere in the frame — at 43% against 56% for the VAE's reconstructions
-# (`nbs/images/unaligned_vae_class_8k.png`, `bench/class_curve.py`). Few-shot, at the demo's budget (4,400 steps, 10
-# minutes of training; the whole unaligned demo took about 37 minutes unguided, the VAE 16 of them), the DiT alone draws its
-# class's texture, not its shape (0.7% on 200 held-out classes). The encoder knows the shapes, so the demo samples with
-# **encoder guidance** (`fsdit sample --guide 1`): at each step for t <= 0.7 the model's estimate of the clean image is
-# decoded and embedded by the frozen encoder (trained on adversarial examples), and the gradient of its similarity to the
+# **When the supports do not line up.** `fsdit demo --data unaligned --out demo_u` draws each character at a random
+# place, size, angle and colour (RGB, 24 px), so the supports' per-pixel mean is a blur, as it is for photographs. It
+# adds a stand-in encoder trained on its own renderings (5-shot nearest-prototype accuracy on 200 held-out classes:
+# 70.7%) and, as SD-VAE does for photographs, a small VAE trained on its own renderings (`fsdit.glyph.vae`, a diffusers
+# `AutoencoderKL` folder that `fsdit precompute --vae` loads), so the DiT models 12x12x4 latents rather than pixels.
+# From pixels, nothing tried drew a character: every conditioning stayed under 1% judge consistency against 70.6% for
+# real images, and the model could not draw even 12 classes it trained on (`python bench/unaligned_factors.py demo_u
+# OUT`: it is the three colour channels, random ink and paper, that stop it). In the VAE's latents the same model, given
+# the class by label, draws those 12 classes — whole characters in one ink colour on flat paper, anywhere in the frame —
+# at 43% against 56% for the VAE's reconstructions (`nbs/images/unaligned_vae_class_8k.png`, `bench/class_curve.py`).
+# Few-shot, at the demo's budget (4,400 steps, 10 minutes of training, each class seen ~200 times; the whole demo 37
+# minutes), the DiT alone draws its class's texture, not its shape (0.7% on 200 held-out classes; 0.5% given one image's
+# own embedding: it does not yet read that vector). The encoder knows the shapes, so the demo samples with **encoder
+# guidance** (`fsdit sample --guide 1`): at each step for t <= 0.7 the model's estimate of the clean image is decoded
+# and embedded by the frozen encoder (trained on adversarial examples), and the gradient of its similarity to the
 # supports' embedding steers it. And each sample **starts from one of its supports** (`--from-support 0.3`, SDEdit):
 # noised to t = 0.3, the support keeps its place, size and colours, and the model redraws the character (20 Euler steps,
-# CFG 4). Held out, 200 classes: **32.5% consistency (57% of real), glyph-FD 17.4 (3.1x the floor)**; its characters
-# sit as far from their nearest support's as unseen real images' do (1.12 against 1.09 in the judge's features), but in
+# CFG 4). Held out, 200 classes: **32.5% consistency (57% of real), glyph-FD 17.4 (3.1x the floor)**; its characters sit
+# as far from their nearest support's as unseen real images' do (1.12 against 1.09 in the judge's features), but in
 # pixels each sample is twice as near its support (0.29 against 0.52): it keeps the support's composition. From noise
 # 18.1% (4.0x), unguided 0.7%; seen classes 34.1%. Enlarged (`nbs/images/unaligned_fromsupport_heldout.png`): C's and
 # brackets in every cell, rings in most of the circled-dot row, Braille dots (some run into dashes), forks for 'x', '$'
