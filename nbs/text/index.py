@@ -83,12 +83,12 @@
 # OUT`: it is the three colour channels, random ink and paper, that stop it). In the VAE's latents the same model, given
 # the class by label, draws those 12 classes — whole characters in one ink colour on flat paper, anywhere in the frame —
 # at 43% against 56% for the VAE's reconstructions (`nbs/images/unaligned_vae_class_8k.png`, `bench/class_curve.py`).
-# Few-shot, at the demo's budget (4,400 steps, 10 minutes of training, each class seen ~200 times; the whole demo 37
-# minutes), the DiT alone draws its class's texture, not its shape (0.7% on 200 held-out classes; 0.5% given one image's
-# own embedding: it does not yet read that vector). The encoder knows the shapes, so the demo samples with **encoder
-# guidance** (`fsdit sample --guide 1`): at each step for t <= 0.7 the model's estimate of the clean image is decoded
-# and embedded by the frozen encoder (trained on adversarial examples), and the gradient of its similarity to the
-# supports' embedding steers it. And each sample **starts from one of its supports** (`--from-support 0.3`, SDEdit):
+# Few-shot, at the demo's budget (4,400 steps, 10 minutes of training, each class seen ~200 times; 37 minutes in all,
+# unguided), the DiT alone draws its class's texture, not its shape (0.7% on 200 held-out classes; 0.5% given one
+# image's own embedding: it does not yet read that vector). The encoder knows the shapes, so the demo samples with
+# **encoder guidance** (`fsdit sample --guide 1`): at each step for t <= 0.7 the model's estimate of the clean image is
+# decoded and embedded by the frozen encoder (trained on adversarial examples), and the gradient of its similarity to
+# the supports' embedding steers it. And each sample **starts from one of its supports** (`--from-support 0.3`, SDEdit):
 # noised to t = 0.3, the support keeps its place, size and colours, and the model redraws the character (20 Euler steps,
 # CFG 4). Held out, 200 classes: **32.5% consistency (57% of real), glyph-FD 17.4 (3.1x the floor)**; its characters sit
 # as far from their nearest support's as unseen real images' do (1.12 against 1.09 in the judge's features), but in
