@@ -29,13 +29,14 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, default=20)
     a = ap.parse_args(argv)
     d, t0 = Path(a.demo), time.time()
-    run, store, judge = load_run(Path(a.run or d / 'run')), open_store(d / 'feats'), load_judge(d / 'judge')
+    run_dir = Path(a.run or d / 'run')
+    run, store, judge = load_run(run_dir), open_store(d / 'feats'), load_judge(d / 'judge')
     vae = SDVAE.from_pretrained(store.meta['vae'])
     cs = class_set(store, a.split, None, a.classes, seed=0)
     k = run.tc.shots
     sup, held, lab = draw_episodes(cs.labels, a.n, k, 0)          # held: one real image per episode, not a support
     own = np.repeat(cs.embeds[held][:, None], k, 1)                # its embedding as every support's
-    row = {'run': str(run.path) if hasattr(run, 'path') else a.run, 'split': a.split, 'classes': a.classes, 'n': a.n,
+    row = {'run': str(run_dir), 'split': a.split, 'classes': a.classes, 'n': a.n,
            'cfg': a.cfg, 'steps': a.steps, 'self_cond': run.tc.self_cond}
     jl = np.asarray(judge.index(cs.names))
     for name, emb in (('own', own), ('supports', cs.embeds[sup])):
