@@ -15,7 +15,7 @@ import numpy as np
 
 from fsdit.eval import class_set, draw_episodes
 from fsdit.features import open_store
-from fsdit.glyph.judge import load_judge
+from fsdit.glyph.judge import judge_accuracy, load_judge
 from fsdit.run import load_run
 from fsdit.sampler import generate
 from fsdit.vae import SDVAE
@@ -38,14 +38,12 @@ def main(argv=None):
     own = np.repeat(cs.embeds[held][:, None], k, 1)                # its embedding as every support's
     row = {'run': str(run_dir), 'split': a.split, 'classes': a.classes, 'n': a.n,
            'cfg': a.cfg, 'steps': a.steps, 'self_cond': run.tc.self_cond}
-    jl = np.asarray(judge.index(cs.names))
+    labels = np.asarray(judge.index(cs.names))[lab]
+    read = lambda z: judge_accuracy(judge(np.clip(np.asarray(vae.decode(z)), -1, 1))[0], labels)   # as the episodes' class
     for name, emb in (('own', own), ('supports', cs.embeds[sup])):
-        z = generate(run.params, run.mc, emb, cs.latents[sup], scaling=run.scaling, seed=0, steps=a.steps,
-                     cfg_scale=a.cfg, cfg_interval=run.tc.cfg_interval)
-        logits, _ = judge(np.clip(np.asarray(vae.decode(z)), -1, 1))
-        row[f'judge_acc_{name}'] = float((np.asarray(logits).argmax(1) == jl[lab]).mean())
-    logits, _ = judge(np.clip(np.asarray(vae.decode(cs.latents[held])), -1, 1))
-    row['judge_acc_real'] = float((np.asarray(logits).argmax(1) == jl[lab]).mean())
+        row[f'judge_acc_{name}'] = read(generate(run.params, run.mc, emb, cs.latents[sup], scaling=run.scaling, seed=0,
+                                                 steps=a.steps, cfg_scale=a.cfg, cfg_interval=run.tc.cfg_interval))
+    row['judge_acc_real'] = read(cs.latents[held])
     row['seconds'] = round(time.time() - t0)
     print(json.dumps(row), flush=True)
     return 0
