@@ -85,17 +85,17 @@
 # at 43% against 56% for the VAE's reconstructions (`nbs/images/unaligned_vae_class_8k.png`, `bench/class_curve.py`).
 # Few-shot, at the demo's budget (4,400 steps, 10 minutes of training, each class seen ~200 times; 37 minutes in all,
 # unguided), the DiT alone draws its class's texture, not its shape (0.7% on 200 held-out classes; 0.5% given one
-# image's own embedding: it does not yet read that vector). The encoder knows the shapes, so the demo samples with
-# **encoder guidance** (`fsdit sample --guide 1`): at each step for t <= 0.7 the model's estimate of the clean image is
-# decoded and embedded by the frozen encoder (trained on adversarial examples), and the gradient of its similarity to
-# the supports' embedding steers it. And each sample **starts from one of its supports** (`--from-support 0.3`, SDEdit):
-# noised to t = 0.3, the support keeps its place, size and colours, and the model redraws the character (20 Euler steps,
-# CFG 4). Held out, 200 classes: **32.5% consistency (57% of real), glyph-FD 17.4 (3.1x the floor)**; its characters sit
-# as far from their nearest support's as unseen real images' do (1.12 against 1.09 in the judge's features), but in
-# pixels each sample is twice as near its support (0.29 against 0.52): it keeps the support's composition. From noise
-# 18.1% (4.0x), unguided 0.7%; seen classes 34.1%. Enlarged (`nbs/images/unaligned_fromsupport_heldout.png`): C's and
-# brackets in every cell, rings in most of the circled-dot row, Braille dots (some run into dashes), forks for 'x', '$'
-# a tangle, on flat paper. Short of the targets (70% of real, 3x); BENCHMARKS.md §8 has the tables, curves and grids.
+# image's own embedding: it does not yet read that vector; on 50 classes it does once each is seen ~5,000 times).
+# The encoder knows the shapes, so the demo samples with **encoder guidance** (`fsdit sample --guide 1`): at each step
+# for t <= 0.7 the model's clean-image estimate is decoded and embedded by the frozen encoder (trained on adversarial
+# examples), and the gradient of its similarity to the supports' embedding steers it. And each sample **starts from one
+# of its supports** (`--from-support 0.3`, SDEdit): noised to t = 0.3, the support keeps its place, size and colours,
+# and the model redraws the character (20 Euler steps, CFG 4). Held out, 200 classes: **32.5% consistency (57% of real),
+# glyph-FD 17.4 (3.1x the floor)**; its characters sit as far from their nearest support as unseen real images do (1.12
+# against 1.09 in the judge's features), but in pixels each sample is twice as near its support (0.29 against 0.52).
+# From noise 18.1% (4.0x), unguided 0.7%; seen classes 34.1%. Enlarged (`nbs/images/unaligned_fromsupport_heldout.png`):
+# C's and brackets in every cell, rings in most of the circled-dot row, Braille dots, forks for 'x', '$' a tangle, on
+# flat paper. Short of the targets (70% of real, 3x): tables, curves and grids in BENCHMARKS.md §8.
 #
 # **A real colour data set, through the CLI alone.** `bench/emoji_set.py` builds 323 classes of vendors' emoji (from
 # the npm registry; six skin tones a drawing, 32 px), and `bench/emoji_cli.sh` runs `fsdit prepare`, `precompute`,
