@@ -25,7 +25,7 @@ fsdit train      --feats "$out/feats" --out "$out/run" --model mu --preset short
                  --eval-every "$every" --sample-every "$steps" --fewshot-every 0 --wandb-mode disabled
 ln -sfn "$demo/judge" "$out/judge"
 for s in $(ls "$out/run/checkpoints" | sort -n); do
-  [ $(( s % every )) -eq 0 ] || continue
+  [[ $s =~ ^[0-9]+$ ]] && [ $(( s % every )) -eq 0 ] || continue
   at="$out/at/$s"; mkdir -p "$at/checkpoints"
   for f in "$out"/run/*.json*; do ln -sfn "$f" "$at/$(basename "$f")"; done
   ln -sfn "$out/run/checkpoints/$s" "$at/checkpoints/$s"
