@@ -172,11 +172,16 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict):
 @contextlib.contextmanager
 def quiet_orbax():
     "Silence orbax's log while it writes: a failed write (a full disk) is logged with a traceback by each of its threads."
-    # the error still reaches the caller, which reports it once, in one line
+    # the error still reaches the caller, which reports it once, in one line. After a failed write the loggers stay
+    # quiet: a write thread that fails after the one that raised logs through absl later, and the abandoned write tasks
+    # print their tracebacks through asyncio at exit
     log = logging.getLogger('absl'); level = log.level
     log.setLevel(logging.CRITICAL)
     try: yield
-    finally: log.setLevel(level)
+    except BaseException:
+        logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+        raise
+    log.setLevel(level)
 
 
 def ignore_closed_loops(hook=None):

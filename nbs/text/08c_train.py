@@ -9,7 +9,7 @@
 # %%
 #| export
 from __future__ import annotations
-import logging, signal, sys, threading, time
+import signal, sys, threading, time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -360,9 +360,6 @@ def save(self):
     if before == self.step: return
     try: save_checkpoint(self.ckpt, self.state, {'data': self.position, 'loss_ema': self.loss_ema})
     except Exception as e:   # a full disk: orbax keeps the earlier checkpoints, its half-written one is not taken
-        # its abandoned write tasks would print tracebacks at exit, and a write thread that fails after the one that
-        # raised here logs its own through absl once `quiet_orbax` has restored the level: the error is reported once, below
-        for name in ('asyncio', 'absl'): logging.getLogger(name).setLevel(logging.CRITICAL)
         raise CheckpointError(f"checkpoint {self.step} could not be written ({os_reason(e)}); the earlier ones are intact: "
                               f"make room and run the same command again (it resumes from step {before or 0})") from e
 
